@@ -1,0 +1,477 @@
+"""Typed settings, one object per stage. The only module that reads environment variables.
+
+Precedence, highest first: command-line flag > environment variable (REAP_*) > .env file
+(python-dotenv; another file with REAP_ENV_FILE) > default. Every REAP_* key found in the
+environment or the .env file must belong to a settings class below; an unknown key is an
+error that names the closest valid one. `.env.example` and the README's configuration table
+are generated from these classes (`python -m reap_vlm.settings env-example | readme-table`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import math
+import os
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from .errors import SettingsError
+
+PREFIX = "REAP_"
+ENV_FILE_KEY = "REAP_ENV_FILE"
+
+SCORING_MODES = ("full", "routed", "router")
+CRITERIA = (
+    "reap",
+    "reap_sum",
+    "soft_reap",
+    "ean_sum",
+    "ean_mean",
+    "frequency",
+    "weighted_frequency",
+    "max_activation",
+)
+MODALITY_POLICIES = ("joint", "text", "image", "either")
+DEVICES_HELP = "auto (all visible GPUs via accelerate, else CPU), cpu, cuda, cuda:N"
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+def opt(default: Any, help: str, *, choices: tuple | None = None, env: str | None = None, group: str = ""):
+    """A settings field. `help` becomes --help and the .env.example comment."""
+    meta = {"help": help, "choices": choices, "env": env, "group": group}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class Settings:
+    """Base: keys shared by every stage."""
+
+    stage: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+
+    model_path: Path | None = opt(None, "Model directory (Hugging Face layout: config.json + safetensors).")
+    output_path: Path = opt(Path("outputs"), "Root folder for reap_metadata.json, the pruned model and reports.")
+    device: str = opt("auto", f"Device: {DEVICES_HELP}.")
+    dtype: str = opt("auto", "Weights dtype when the model is loaded.", choices=DTYPES)
+    trust_remote_code: bool = opt(False, "Allow custom modelling code shipped with the checkpoint. Off unless you trust it.")
+    attn_implementation: str = opt("", "Attention kernel (sdpa, eager, flash_attention_2); empty = the model's default.")
+    seed: int = opt(42, "Random seed for data order and any sampling.")
+
+    # ---- derived paths --------------------------------------------------------------------
+    @property
+    def metadata_file(self) -> Path:
+        path = getattr(self, "metadata_path", None)
+        return Path(path) if path else Path(self.output_path) / "reap_metadata.json"
+
+    @property
+    def pruned_dir(self) -> Path:
+        path = getattr(self, "pruned_model_path", None)
+        return Path(path) if path else Path(self.output_path) / "pruned"
+
+    def validate(self) -> None:
+        """Cross-field checks that need no I/O beyond existence of inputs."""
+        if self.seed < 0:
+            raise SettingsError("REAP_SEED must be >= 0", f"got {self.seed}", "Set a non-negative integer")
+        if self.device not in ("auto", "cpu", "cuda") and not _is_cuda_index(self.device):
+            raise SettingsError(
+                f"REAP_DEVICE={self.device!r} is not a device", f"expected {DEVICES_HELP}", "Fix REAP_DEVICE"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = str(value) if isinstance(value, Path) else value
+        return out
+
+
+def _is_cuda_index(device: str) -> bool:
+    return device.startswith("cuda:") and device[5:].isdigit()
+
+
+def _check_ratio(name: str, value: float | None, *, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if value is None or math.isnan(value) or not 0.0 < value < 1.0:
+        raise SettingsError(
+            f"{name}={value} is out of range",
+            "the fraction of experts to remove must be strictly between 0 and 1",
+            f"Set {name} to a value such as 0.5",
+        )
+
+
+@dataclass
+class ReapSettings(Settings):
+    stage: ClassVar[str] = "reap"
+    description: ClassVar[str] = (
+        "Score every expert of every MoE layer on calibration data through the model's own forward, "
+        "and write reap_metadata.json (raw sums, scores, keep plan)."
+    )
+
+    scoring_mode: str = opt(
+        "full",
+        "full: every expert on every token (all criteria incl. soft_reap); routed: only the experts the model "
+        "picked (exact REAP, about one extra forward); router: routing statistics only.",
+        choices=SCORING_MODES,
+    )
+    calibration: str = opt(
+        "combined",
+        "Calibration source: a built-in set (general, code, math, writing, vision, combined), a JSONL file, "
+        "an image folder, or a mix 'name:count,name:count'.",
+    )
+    max_samples: int = opt(64, "Calibration samples to score (a mix divides them in proportion).")
+    max_seq_len: int = opt(512, "Maximum tokens per sample; longer samples are truncated.")
+    batch_size: int = opt(4, "Samples per forward pass.")
+    image_share: float = opt(0.3, "Share of image+text samples in the 'combined' set (0..1).")
+    min_pixels: int = opt(3136, "Smallest image area (pixels) given to the processor.")
+    max_pixels: int = opt(401408, "Largest image area (pixels) given to the processor; bounds calibration memory.")
+    shuffle: bool = opt(True, "Shuffle calibration samples (with REAP_SEED).")
+    packing: bool = opt(False, "Pack text samples into full-length sequences instead of padding.")
+    prune_ratio: float = opt(0.5, "Fraction of experts to remove in every MoE layer (0 < r < 1).")
+    num_keep: int = opt(0, "Experts to keep per layer; overrides REAP_PRUNE_RATIO when > 0.")
+    criterion: str = opt(
+        "auto",
+        "Saliency criterion for the keep plan; auto = lowest held-out loss among the candidates "
+        "(router mode: weighted_frequency).",
+        choices=("auto", *CRITERIA),
+    )
+    modality: str = opt(
+        "joint",
+        "Which tokens rank experts in a VLM: joint, text, image, or either (keep experts ranked high by either).",
+        choices=MODALITY_POLICIES,
+    )
+    round_to: int = opt(1, "Round the kept count per layer down to a multiple of this (kernel-friendly sizes).")
+    protect_super_experts: bool = opt(True, "Never remove super experts (outlier max activation).")
+    super_expert_factor: float = opt(
+        10.0, "An expert is 'super' when its max |activation| exceeds this multiple of the layer's median."
+    )
+    chunk_memory_mb: int = opt(1024, "Extra memory budget (MiB) for the all-expert computation in full mode.")
+    checkpoint_every: int = opt(0, "Save the accumulators every N batches for --resume (0 = off).")
+    resume: bool = opt(False, "Resume from the accumulator checkpoint in the output folder.")
+    metadata_path: Path | None = opt(None, "Where to write reap_metadata.json (default: <output>/reap_metadata.json).")
+    eval_samples: int = opt(16, "Held-out samples used to measure candidate plans (0 = skip the measurement).")
+    eval_ratios: str = opt("0.25,0.5,0.75", "Extra prune ratios measured for every criterion (comma-separated).")
+    plots: bool = opt(True, "Write heatmap and candidate-plan PNGs next to the metadata.")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.num_keep < 0:
+            raise SettingsError("REAP_NUM_KEEP must be >= 0", f"got {self.num_keep}", "Use 0 to prune by ratio")
+        if self.num_keep == 0:
+            _check_ratio("REAP_PRUNE_RATIO", self.prune_ratio)
+        for name in ("max_samples", "max_seq_len", "batch_size", "round_to", "chunk_memory_mb"):
+            if getattr(self, name) <= 0:
+                key = PREFIX + name.upper()
+                raise SettingsError(f"{key} must be > 0", f"got {getattr(self, name)}", f"Set {key} to a positive integer")
+        if not 0.0 <= self.image_share <= 1.0:
+            raise SettingsError("REAP_IMAGE_SHARE must be within [0, 1]", f"got {self.image_share}", "Set e.g. 0.3")
+        if self.min_pixels > self.max_pixels:
+            raise SettingsError("REAP_MIN_PIXELS exceeds REAP_MAX_PIXELS", "", "Raise REAP_MAX_PIXELS")
+        for r in self.candidate_ratios:
+            _check_ratio("REAP_EVAL_RATIOS", r)
+
+    @property
+    def candidate_ratios(self) -> list[float]:
+        try:
+            return [float(x) for x in self.eval_ratios.split(",") if x.strip()]
+        except ValueError:
+            raise SettingsError(
+                f"REAP_EVAL_RATIOS={self.eval_ratios!r} is not a list of numbers", "", "Use e.g. 0.25,0.5,0.75"
+            ) from None
+
+
+@dataclass
+class PruneSettings(Settings):
+    stage: ClassVar[str] = "prune"
+    description: ClassVar[str] = (
+        "Rewrite config.json and the safetensors shards from reap_metadata.json without loading the model; "
+        "write the pruned checkpoint atomically."
+    )
+
+    metadata_path: Path | None = opt(None, "reap_metadata.json to prune from (default: <output>/reap_metadata.json).")
+    pruned_model_path: Path | None = opt(None, "Where to write the pruned checkpoint (default: <output>/pruned).")
+    prune_ratio: float | None = opt(
+        None, "Re-cut the plan at this ratio from the metadata's raw sums (empty = the metadata's plan)."
+    )
+    num_keep: int = opt(0, "Re-cut to keep this many experts per layer (0 = by ratio / the metadata's plan).")
+    criterion: str = opt("auto", "Criterion for a re-cut; auto = the one the metadata chose.", choices=("auto", *CRITERIA))
+    modality: str = opt("", "Modality policy for a re-cut; empty = the metadata's.", choices=("", *MODALITY_POLICIES))
+    round_to: int = opt(0, "Round the kept count for a re-cut (0 = the metadata's).")
+    overwrite: bool = opt(False, "Replace an existing non-empty output directory.")
+    dry_run: bool = opt(False, "Print the layout, the plan and the output size; write nothing.")
+    max_shard_size: str = opt("", "Re-balance shards to at most this size (e.g. 5GB); empty = keep the source shards.")
+    collapse_groups: bool = opt(
+        False, "For group-routed models with an unbalanced plan: set n_group = topk_group = 1 (routing changes)."
+    )
+    hash_check_mb: int = opt(256, "Hash-compare every copied non-expert tensor up to this size (MiB) after writing.")
+    hash_check_all: bool = opt(False, "Hash-compare every copied tensor whatever its size.")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.num_keep < 0:
+            raise SettingsError("REAP_NUM_KEEP must be >= 0", f"got {self.num_keep}", "Use 0 to prune by ratio")
+        _check_ratio("REAP_PRUNE_RATIO", self.prune_ratio, allow_none=True)
+        if self.round_to < 0 or self.hash_check_mb < 0:
+            raise SettingsError("REAP_ROUND_TO and REAP_HASH_CHECK_MB must be >= 0", "", "Fix the value")
+
+
+@dataclass
+class TestSettings(Settings):
+    __test__: ClassVar[bool] = False  # not a pytest test class
+    stage: ClassVar[str] = "test"
+    description: ClassVar[str] = (
+        "Load the pruned model, generate on held-out text and image prompts, detect degenerate output, "
+        "compare with the original, and write a report with a pass/fail verdict."
+    )
+
+    pruned_model_path: Path | None = opt(None, "Pruned checkpoint to test (default: <output>/pruned).")
+    original_model_path: Path | None = opt(None, "Original checkpoint to compare against (default: REAP_MODEL_PATH).")
+    metadata_path: Path | None = opt(None, "reap_metadata.json of the run (default: <output>/reap_metadata.json).")
+    eval_data: str = opt("builtin", "Held-out prompts: 'builtin' (evaluation split of the built-in sets) or a JSONL file.")
+    eval_samples: int = opt(24, "Held-out samples for agreement, KL and perplexity.")
+    max_seq_len: int = opt(512, "Maximum tokens per held-out sample.")
+    batch_size: int = opt(4, "Samples per forward pass.")
+    max_new_tokens: int = opt(32, "Tokens generated per prompt (greedy).")
+    report_path: Path | None = opt(None, "Folder for report.json / report.md / PNGs (default: <output>/report).")
+    min_agreement: float = opt(0.5, "Fail when next-token top-1 agreement with the original is below this.")
+    max_kl: float = opt(2.0, "Fail when mean KL(original || pruned) in nats exceeds this.")
+    max_ppl_ratio: float = opt(2.0, "Fail when pruned perplexity / original perplexity exceeds this.")
+    max_repeat_ratio: float = opt(0.6, "Flag a generation as degenerate when its repeated 4-gram ratio exceeds this.")
+    max_degenerate_share: float = opt(0.5, "Fail when more than this share of generations is degenerate.")
+
+    @property
+    def report_dir(self) -> Path:
+        return Path(self.report_path) if self.report_path else Path(self.output_path) / "report"
+
+    def validate(self) -> None:
+        super().validate()
+        if self.max_new_tokens <= 0 or self.eval_samples < 0:
+            raise SettingsError("REAP_MAX_NEW_TOKENS must be > 0 and REAP_EVAL_SAMPLES >= 0", "", "Fix the value")
+
+
+@dataclass
+class RunnerSettings:
+    """Keys read by run.sh (documented here so they are known and listed in .env.example)."""
+
+    runtime: str = opt("auto", "run.sh: auto (docker when `docker info` works, else local), docker, or local.",
+                       choices=("auto", "docker", "local"))
+    venv: str = opt(".venv", "run.sh local mode: virtual environment folder.")
+    gpus: str = opt("all", "run.sh docker mode: GPUs to reserve (all, or a count).")
+    image: str = opt("reap-vlm:latest", "run.sh docker mode: image name to build and run.")
+    env_file: str = opt(".env", "The .env file to read (only from the environment or run.sh --env-file).")
+
+
+STAGES: dict[str, type[Settings]] = {"reap": ReapSettings, "prune": PruneSettings, "test": TestSettings}
+SCHEMAS: tuple[type, ...] = (ReapSettings, PruneSettings, TestSettings, RunnerSettings)
+
+
+def env_key(name: str) -> str:
+    return PREFIX + name.upper()
+
+
+def known_keys() -> dict[str, dataclasses.Field]:
+    """Every REAP_* key of every schema -> its (first) field."""
+    keys: dict[str, dataclasses.Field] = {}
+    for schema in SCHEMAS:
+        for f in dataclasses.fields(schema):
+            keys.setdefault(env_key(f.name), f)
+    return keys
+
+
+# ---- parsing -------------------------------------------------------------------------------
+
+def _field_type(cls: type, f: dataclasses.Field) -> tuple[type, bool]:
+    """(base type, optional?) from the annotation."""
+    hint = typing.get_type_hints(cls)[f.name]
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    base = next((a for a in args if a is not type(None)), hint) if args else hint
+    return base, optional
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _convert(key: str, raw: str, base: type, optional: bool, choices: tuple | None) -> Any:
+    text = raw.strip()
+    if optional and text == "":
+        return None
+    try:
+        if base is bool:
+            low = text.lower()
+            if low not in _TRUE | _FALSE:
+                raise ValueError
+            value: Any = low in _TRUE
+        elif base is int:
+            value = int(text)
+        elif base is float:
+            value = float(text)
+        elif base is Path:
+            value = Path(text).expanduser()
+        else:
+            value = text
+    except ValueError:
+        kind = {bool: "true/false", int: "an integer", float: "a number"}.get(base, base.__name__)
+        raise SettingsError(f"{key}={raw!r} is not {kind}", "", f"Set {key} to {kind}") from None
+    if choices and value not in choices:
+        raise SettingsError(
+            f"{key}={raw!r} is not a valid choice",
+            "expected one of " + ", ".join(repr(c) for c in choices),
+            f"Set {key} to one of them",
+        )
+    return value
+
+
+def _closest(key: str) -> str:
+    match = difflib.get_close_matches(key, list(known_keys()), n=1, cutoff=0.0)
+    return match[0] if match else ""
+
+
+def _check_known(source: str, mapping: dict[str, str]) -> None:
+    known = known_keys()
+    for key in mapping:
+        if key.startswith(PREFIX) and key not in known:
+            raise SettingsError(
+                f"unknown setting {key} in {source}",
+                f"did you mean {_closest(key)}?",
+                "Fix the name, or see .env.example for every valid key",
+            )
+
+
+def read_env_file(environ: dict[str, str]) -> tuple[Path | None, dict[str, str]]:
+    """The .env file named by REAP_ENV_FILE (default ./.env), parsed with python-dotenv."""
+    from dotenv import dotenv_values
+
+    named = environ.get(ENV_FILE_KEY)
+    path = Path(named) if named else Path(".env")
+    if not path.is_file():
+        if named:
+            raise SettingsError(f"{ENV_FILE_KEY}={named} does not exist", "", "Point it at an existing .env file")
+        return None, {}
+    values = {k: (v if v is not None else "") for k, v in dotenv_values(path).items()}
+    return path, values
+
+
+def build_parser(cls: type[Settings], prog: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog or f"{cls.stage}",
+        description=cls.description
+        + " Every option can also be set as an environment variable or in .env (shown in brackets); "
+        "command-line flags win over the environment, which wins over .env.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for f in dataclasses.fields(cls):
+        base, _ = _field_type(cls, f)
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata['help']} [{env_key(f.name)}]"
+        if base is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            parser.add_argument(flag, default=None, metavar=f.name.upper(), help=help_text,
+                                choices=None)  # choices are validated with our own message
+    return parser
+
+
+def load(cls: type[Settings], argv: list[str] | None = None, environ: dict[str, str] | None = None,
+         *, prog: str | None = None) -> Settings:
+    """Resolve a stage's settings: defaults < .env < environment < CLI. Validates everything."""
+    environ = dict(os.environ if environ is None else environ)
+    _check_known("the environment", environ)
+    env_path, file_values = read_env_file(environ)
+    _check_known(str(env_path), file_values)
+
+    parser = build_parser(cls, prog)
+    args = parser.parse_args(argv if argv is not None else sys.argv[1:])
+
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        base, optional = _field_type(cls, f)
+        key = env_key(f.name)
+        cli_value = getattr(args, f.name)
+        if cli_value is not None:
+            source_value = cli_value if base is not bool else ("true" if cli_value else "false")
+        elif key in environ:
+            source_value = environ[key]
+        elif key in file_values:
+            source_value = file_values[key]
+        else:
+            continue
+        values[f.name] = _convert(key if cli_value is None else "--" + f.name.replace("_", "-"),
+                                  str(source_value), base, optional, f.metadata["choices"])
+    settings = cls(**values)
+    settings.validate()
+    return settings
+
+
+# ---- generated documentation ---------------------------------------------------------------
+
+def _default_text(f: dataclasses.Field) -> str:
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    if default is None:
+        return ""
+    if isinstance(default, bool):
+        return "true" if default else "false"
+    return str(default)
+
+
+def schema_rows() -> list[tuple[str, str, str, str]]:
+    """(key, default, stages, help) for every key, in schema order."""
+    rows: dict[str, list] = {}
+    for schema in SCHEMAS:
+        stage = getattr(schema, "stage", "") or "run.sh"
+        for f in dataclasses.fields(schema):
+            key = env_key(f.name)
+            if key in rows:
+                rows[key][2].append(stage)
+                continue
+            rows[key] = [key, _default_text(f), [stage], f.metadata["help"]]
+    return [(k, d, ", ".join(s), h) for k, d, s, h in rows.values()]
+
+
+def env_example() -> str:
+    lines = [
+        "# REAP-VLM configuration. Copy to .env and edit; command-line flags override these values,",
+        "# and so do environment variables. Generated from reap_vlm/settings.py",
+        "# (python -m reap_vlm.settings env-example); a test keeps the two in sync.",
+        "",
+    ]
+    for key, default, stages, help_text in schema_rows():
+        lines.append(f"# {help_text} (stages: {stages})")
+        lines.append(f"{key}={default}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def readme_table() -> str:
+    out = ["| key | default | stages | meaning |", "|---|---|---|---|"]
+    for key, default, stages, help_text in schema_rows():
+        out.append(f"| `{key}` | `{default}` | {stages} | {help_text.replace('|', '/')} |")
+    return "\n".join(out)
+
+
+def dump(settings: Settings, path: Path) -> None:
+    """Write the resolved settings and package versions next to an output."""
+    from .provenance import versions
+
+    payload = {"stage": settings.stage, "settings": settings.to_dict(), "versions": versions()}
+    path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+
+if __name__ == "__main__":
+    what = sys.argv[1] if len(sys.argv) > 1 else ""
+    if what == "env-example":
+        print(env_example(), end="")
+    elif what == "readme-table":
+        print(readme_table())
+    else:
+        print("usage: python -m reap_vlm.settings env-example|readme-table", file=sys.stderr)
+        sys.exit(2)
