@@ -1,0 +1,126 @@
+"""Find the MoE blocks of a loaded model from its module tree.
+
+Structure, not names: a MoE block is a module with a child `experts` that holds expert-indexed
+3-D parameters (dim 0 = E), next to a router child (`gate` or `router`) whose weight has E rows
+(or E columns: some routers store [H, E]). The decoder layer index comes from the module path.
+Top-k and routing groups come from the router's attributes, else from the config keys that
+families use for them.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from ..errors import UnsupportedModelError
+from .spec import MoEBlock
+
+LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)(?:\.|$)")
+ROUTER_ATTRS = ("gate", "router")
+EXPERT_PARAMS = ("gate_up_proj", "up_proj", "down_proj")
+TOP_K_KEYS = ("num_experts_per_tok", "moe_k", "moe_topk", "top_k_experts", "num_experts_per_token", "top_k")
+SUPPORT_DOC = "docs/adding-a-model.md"
+
+
+def get_module(model: torch.nn.Module, path: str) -> torch.nn.Module:
+    return model.get_submodule(path)
+
+
+def config_value(config, keys: tuple[str, ...], default=None):
+    """First of `keys` found on the config or its text_config."""
+    for cfg in (getattr(config, "text_config", None), config):
+        if cfg is None:
+            continue
+        for key in keys:
+            value = getattr(cfg, key, None)
+            if value is not None:
+                return value
+    return default
+
+
+def _num_experts(experts: torch.nn.Module) -> int | None:
+    sizes = {
+        p.shape[0]
+        for name, p in experts.named_parameters(recurse=False)
+        if name in EXPERT_PARAMS and p.dim() == 3
+    }
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def _router(block: torch.nn.Module, num_experts: int) -> tuple[str, torch.nn.Module] | None:
+    for attr in ROUTER_ATTRS:
+        router = getattr(block, attr, None)
+        weight = getattr(router, "weight", None)
+        if isinstance(router, torch.nn.Module) and isinstance(weight, torch.Tensor) and weight.dim() == 2 \
+                and num_experts in weight.shape:
+            return attr, router
+    return None
+
+
+def _expert_set(block_path: str) -> str:
+    leaf = block_path.rsplit(".", 1)[-1]
+    if leaf.endswith("_moe") and leaf != "moe":
+        return leaf[: -len("_moe")]  # ernie4_5_vl_moe: text_moe / vision_moe
+    return "experts"
+
+
+def _score_fn(router: torch.nn.Module, config) -> str:
+    if hasattr(router, "e_score_correction_bias") or config_value(config, ("scoring_func",)) == "sigmoid":
+        return "sigmoid"
+    return "softmax"
+
+
+def find_moe_blocks(model: torch.nn.Module) -> list[MoEBlock]:
+    """Every routed-expert block of `model`, in module order. Raises UnsupportedModelError if none."""
+    config = getattr(model, "config", None)
+    blocks = []
+    for path, module in model.named_modules():
+        experts = getattr(module, "experts", None)
+        if not isinstance(experts, torch.nn.Module):
+            continue
+        num_experts = _num_experts(experts)
+        if num_experts is None:
+            continue
+        found = _router(module, num_experts)
+        if found is None:
+            continue
+        router_attr, router = found
+        match = None
+        for match in LAYER_RE.finditer(path):
+            pass
+        if match is None:
+            raise UnsupportedModelError(
+                f"found experts at {path} but no decoder layer index in the path",
+                "the layer index joins the scores with the checkpoint's tensor names",
+                f"See {SUPPORT_DOC} to describe this family",
+            )
+        top_k = getattr(router, "top_k", None) or config_value(config, TOP_K_KEYS)
+        if top_k is None:
+            raise UnsupportedModelError(
+                f"no top-k found for the MoE block at {path}", f"looked for {', '.join(TOP_K_KEYS)}",
+                f"See {SUPPORT_DOC}",
+            )
+        prefix = f"{path}." if path else ""
+        blocks.append(
+            MoEBlock(
+                layer=int(match.group(1)),
+                expert_set=_expert_set(path),
+                block=path,
+                router=prefix + router_attr,
+                experts=prefix + "experts",
+                num_experts=num_experts,
+                top_k=int(top_k),
+                n_group=int(getattr(router, "n_group", None) or config_value(config, ("n_group",), 1) or 1),
+                topk_group=int(getattr(router, "topk_group", None) or config_value(config, ("topk_group",), 1) or 1),
+                score_fn=_score_fn(router, config),
+            )
+        )
+    if not blocks:
+        name = type(model).__name__
+        raise UnsupportedModelError(
+            f"no MoE layers found in {name}",
+            "no module has an `experts` child with expert-indexed 3-D weights next to a gate/router",
+            f"If this is a MoE model, see {SUPPORT_DOC}; dense models cannot be expert-pruned",
+        )
+    return blocks

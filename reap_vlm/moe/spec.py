@@ -1,0 +1,117 @@
+"""The description of one MoE block, and the canonical view of its expert weights.
+
+Every family stores its experts differently (fused [E, 2I, H], transposed [E, H, 2I], interleaved
+gate/up columns, biases). Scoring wants one shape: for expert j, gate/up weights [I, H] and down
+[H, I] in nn.Linear convention, plus the activation that combines gate and up. `expert_weights`
+returns that view (no copies) from the flags transformers' `@use_experts_implementation` decorator
+sets on the experts module (`is_transposed`, `is_concatenated`, `has_gate`, `has_bias`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class MoEBlock:
+    layer: int  # decoder layer index: the join key between memory and disk
+    expert_set: str  # "experts"; ernie4_5_vl_moe: "text" / "vision"
+    block: str  # module path of the MoE block
+    router: str  # module path of the router module
+    experts: str  # module path of the experts module
+    num_experts: int
+    top_k: int
+    n_group: int = 1
+    topk_group: int = 1
+    score_fn: str = "softmax"  # how router logits become probabilities p(x): softmax or sigmoid
+
+    @property
+    def key(self) -> str:
+        return f"{self.layer}.{self.expert_set}"
+
+
+@dataclass
+class ExpertWeights:
+    """Views of the expert tensors in nn.Linear convention, expert axis first."""
+
+    gate: torch.Tensor | None  # [E, I, H] (None: no gate, e.g. nemotron_h)
+    up: torch.Tensor  # [E, I, H]
+    down: torch.Tensor  # [E, H, I]
+    gate_bias: torch.Tensor | None  # [E, I]
+    up_bias: torch.Tensor | None  # [E, I]
+    down_bias: torch.Tensor | None  # [E, H]
+    combine: Callable[[torch.Tensor | None, torch.Tensor], torch.Tensor]  # (gate_out, up_out) -> hidden
+
+    @property
+    def num_experts(self) -> int:
+        return self.up.shape[0]
+
+
+def _glu(act: Callable) -> Callable:
+    def combine(gate, up):
+        return act(gate) * up
+
+    return combine
+
+
+def _gpt_oss_combine(alpha: float, limit: float) -> Callable:
+    # gpt-oss clamps both halves and uses a sigmoid-weighted GLU with an offset on `up`.
+    def combine(gate, up):
+        gate = gate.clamp(max=limit)
+        up = up.clamp(min=-limit, max=limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
+    return combine
+
+
+def expert_weights(experts: torch.nn.Module) -> ExpertWeights:
+    """Canonical views of a fused experts module's weights (see module docstring)."""
+    transposed = bool(getattr(experts, "is_transposed", False))
+    has_gate = bool(getattr(experts, "has_gate", True))
+    interleaved = hasattr(experts, "alpha") and hasattr(experts, "limit")  # gpt-oss layout
+
+    def oriented(t: torch.Tensor) -> torch.Tensor:
+        return t.transpose(1, 2) if transposed else t
+
+    down = oriented(experts.down_proj)
+    gate_bias = up_bias = None
+    down_bias = getattr(experts, "down_proj_bias", None)
+    if has_gate:
+        gate_up = oriented(experts.gate_up_proj)  # [E, 2I, H]
+        bias = getattr(experts, "gate_up_proj_bias", None)
+        if interleaved:
+            gate, up = gate_up[:, 0::2], gate_up[:, 1::2]
+            if bias is not None:
+                gate_bias, up_bias = bias[:, 0::2], bias[:, 1::2]
+        else:
+            half = gate_up.shape[1] // 2
+            gate, up = gate_up[:, :half], gate_up[:, half:]
+            if bias is not None:
+                gate_bias, up_bias = bias[:, :half], bias[:, half:]
+    else:
+        gate, up = None, oriented(experts.up_proj)
+        up_bias = getattr(experts, "up_proj_bias", None)
+
+    if interleaved:
+        combine = _gpt_oss_combine(float(experts.alpha), float(experts.limit))
+    elif gate is None:
+        act = experts.act_fn
+
+        def combine(_gate, up_out):
+            return act(up_out)
+    else:
+        combine = _glu(experts.act_fn)
+    return ExpertWeights(gate, up, down, gate_bias, up_bias, down_bias, combine)
+
+
+def expert_output(w: ExpertWeights, j: int, x: torch.Tensor) -> torch.Tensor:
+    """f_j(x) for tokens x [T, H]: the unweighted output of expert j (reference path, one expert)."""
+    up = torch.nn.functional.linear(x, w.up[j], None if w.up_bias is None else w.up_bias[j])
+    gate = None
+    if w.gate is not None:
+        gate = torch.nn.functional.linear(x, w.gate[j], None if w.gate_bias is None else w.gate_bias[j])
+    h = w.combine(gate, up)
+    return torch.nn.functional.linear(h, w.down[j], None if w.down_bias is None else w.down_bias[j])

@@ -1,0 +1,199 @@
+"""Tiny checkpoints of real transformers MoE classes, for the demo and the tests.
+
+`make_tiny(family, out_dir)` writes a random-weight model in several safetensors shards with an
+index, plus a processor that loads offline: a small byte-level BPE tokenizer trained here on
+Python standard-library docstrings (no download), a chat template, and for vision-language
+models a real image processor. The weights are random but drawn wide enough that routing is
+decisive: experts differ, and different tokens pick different experts.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .errors import SettingsError
+
+HIDDEN = 64
+HEAD_DIM = 16
+NUM_EXPERTS = 8
+TOP_K = 2
+MOE_INTERMEDIATE = 32
+VOCAB = 1024
+INIT_STD = 0.08  # wider than the usual 0.02 so that router logits separate experts
+
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+
+# A Qwen-style chat template: images become <|vision_start|><|image_pad|><|vision_end|>, which the
+# processor then expands to one pad token per merged image patch.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "<|im_start|>{{ message['role'] + '\\n' }}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'image' -%}<|vision_start|><|image_pad|><|vision_end|>"
+    "{%- elif item['type'] == 'video' -%}<|vision_start|><|video_pad|><|vision_end|>"
+    "{%- elif item['type'] == 'text' -%}{{ item['text'] }}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}{{ '<|im_end|>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+)
+
+
+def _corpus() -> list[str]:
+    """Docstrings of a few stable standard-library modules: real English and code words, offline."""
+    import collections
+    import json as json_mod
+    import pathlib
+    import string
+    import textwrap
+
+    texts = []
+    for mod in (collections, json_mod, pathlib, string, textwrap):
+        for _name, obj in inspect.getmembers(mod):
+            doc = inspect.getdoc(obj)
+            if doc:
+                texts.append(doc)
+    texts.append("def f(x):\n    return x * 2 + 1\n\nThe quick brown fox jumps over the lazy dog. 3 + 4 = 7.")
+    return texts
+
+
+def make_tokenizer(vocab_size: int = VOCAB):
+    """A byte-level BPE tokenizer (Qwen2 style) trained on stdlib docstrings, as a fast HF tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                              "vision_bos_token": "<|vision_start|>", "vision_eos_token": "<|vision_end|>"},
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def _ids(tokenizer) -> dict[str, int]:
+    return {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+
+
+def _text_kwargs(vocab_size: int, ids: dict[str, int], num_layers: int) -> dict:
+    return dict(
+        vocab_size=vocab_size,
+        hidden_size=HIDDEN,
+        intermediate_size=2 * HIDDEN,
+        moe_intermediate_size=MOE_INTERMEDIATE,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=HEAD_DIM,
+        num_experts=NUM_EXPERTS,
+        num_experts_per_tok=TOP_K,
+        max_position_embeddings=4096,
+        initializer_range=INIT_STD,
+        tie_word_embeddings=False,
+        pad_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        bos_token_id=None,
+    )
+
+
+def _qwen3_vl_moe(tokenizer, num_layers: int):
+    from transformers import (
+        Qwen2VLImageProcessor,
+        Qwen3VLMoeConfig,
+        Qwen3VLMoeForConditionalGeneration,
+        Qwen3VLProcessor,
+        Qwen3VLVideoProcessor,
+    )
+
+    ids = _ids(tokenizer)
+    text = _text_kwargs(len(tokenizer), ids, num_layers)
+    # M-RoPE splits head_dim/2 = 8 rotary frequencies over (time, height, width).
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2],
+                               "mrope_interleaved": True}
+    config = Qwen3VLMoeConfig(
+        text_config=text,
+        vision_config=dict(
+            depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16, spatial_merge_size=2,
+            temporal_patch_size=2, out_hidden_size=HIDDEN, num_position_embeddings=256,
+            deepstack_visual_indexes=[0], initializer_range=INIT_STD,
+        ),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+    model = Qwen3VLMoeForConditionalGeneration(config)
+    size = {"shortest_edge": 32 * 32, "longest_edge": 256 * 256}
+    processor = Qwen3VLProcessor(
+        image_processor=Qwen2VLImageProcessor(patch_size=16, temporal_patch_size=2, merge_size=2, size=size),
+        tokenizer=tokenizer,
+        video_processor=Qwen3VLVideoProcessor(patch_size=16, temporal_patch_size=2, merge_size=2),
+        chat_template=CHAT_TEMPLATE,
+    )
+    return model, processor
+
+
+def _qwen3_moe(tokenizer, num_layers: int):
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    kwargs = _text_kwargs(len(tokenizer), _ids(tokenizer), num_layers)
+    config = Qwen3MoeConfig(norm_topk_prob=True, **kwargs)
+    return Qwen3MoeForCausalLM(config), tokenizer
+
+
+# family name -> builder(tokenizer, num_layers) -> (model, processor-or-tokenizer)
+FAMILIES: dict[str, Callable] = {"qwen3_vl_moe": _qwen3_vl_moe, "qwen3_moe": _qwen3_moe}
+DEFAULT_LAYERS = {"qwen3_vl_moe": 3, "qwen3_moe": 4}
+
+
+def build(family: str, *, seed: int = 0, num_layers: int | None = None):
+    """(model, processor) in memory, fp32, eval mode, weights drawn from `seed`."""
+    if family not in FAMILIES:
+        raise SettingsError(f"unknown tiny family {family!r}", "known: " + ", ".join(sorted(FAMILIES)),
+                            "Pick one of them")
+    torch.manual_seed(seed)
+    tokenizer = make_tokenizer()
+    model, processor = FAMILIES[family](tokenizer, num_layers or DEFAULT_LAYERS.get(family, 4))
+    return model.eval(), processor
+
+
+def make_tiny(family: str, out_dir: Path, *, seed: int = 0, num_layers: int | None = None,
+              max_shard_size: str = "300KB", save_original_format: bool = True) -> Path:
+    """Write a tiny random-weight checkpoint of `family` to `out_dir` (several shards + index + processor)."""
+    out_dir = Path(out_dir)
+    model, processor = build(family, seed=seed, num_layers=num_layers)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, max_shard_size=max_shard_size, save_original_format=save_original_format)
+    processor.save_pretrained(out_dir)
+    # Record how the checkpoint was made, for humans; loaders ignore this file.
+    (out_dir / "tiny_checkpoint.json").write_text(
+        json.dumps({"family": family, "seed": seed, "generator": "reap_vlm.tiny.make_tiny"}, indent=1) + "\n"
+    )
+    return out_dir
