@@ -1,0 +1,93 @@
+"""Load a model and its processor the way a user would: from a directory, with the right Auto class."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .errors import CheckpointError, DeviceError, InputNotFoundError
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def read_config(model_dir: Path) -> dict:
+    """config.json of a model directory, with a clear error when it is missing or corrupt."""
+    model_dir = Path(model_dir)
+    if not model_dir.exists():
+        raise InputNotFoundError(f"model path {model_dir} does not exist", "", "Check REAP_MODEL_PATH / --model-path")
+    if not model_dir.is_dir():
+        raise InputNotFoundError(f"model path {model_dir} is not a directory", "", "Point it at the checkpoint folder")
+    path = model_dir / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{model_dir} has no config.json", "it is not a Hugging Face checkpoint folder",
+                              "Point --model-path at the folder that holds config.json and the safetensors files")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path} is not valid JSON", str(err), "Restore the file from the original") from None
+
+
+def is_vision_language(config: dict) -> bool:
+    return "vision_config" in config or any(
+        a.endswith("ForConditionalGeneration") for a in config.get("architectures") or []
+    )
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> 'auto' when CUDA is present (accelerate device_map), else 'cpu'. Validates cuda requests."""
+    if device == "auto":
+        return "auto" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise DeviceError(f"REAP_DEVICE={device} but no CUDA GPU is visible", "torch.cuda.is_available() is False",
+                              "Use REAP_DEVICE=cpu or auto, or run in the GPU container (./run.sh with docker)")
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if index >= torch.cuda.device_count():
+            raise DeviceError(f"REAP_DEVICE={device} does not exist", f"{torch.cuda.device_count()} GPU(s) visible",
+                              "Pick an index below that count")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype | str:
+    if dtype == "auto":
+        # The checkpoint's own dtype on GPU; fp32 on CPU, where bf16 matmuls are slow and fp16 unsupported.
+        return "auto" if device != "cpu" else torch.float32
+    if device == "cpu" and dtype == "float16":
+        raise DeviceError("REAP_DTYPE=float16 is not supported on the CPU", "half-precision matmuls need a GPU",
+                          "Use bfloat16 or float32 on the CPU")
+    return DTYPES[dtype]
+
+
+def load_model(model_dir: Path, *, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False,
+               attn_implementation: str = "", experts_implementation: str | None = None):
+    """(model, processor, config dict). The model is in eval mode; the processor is the checkpoint's own
+    (a tokenizer for text-only models)."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+
+    config = read_config(model_dir)
+    device = resolve_device(device)
+    kwargs: dict = {"dtype": resolve_dtype(dtype, device), "trust_remote_code": trust_remote_code}
+    kwargs["device_map"] = device
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if experts_implementation:
+        kwargs["experts_implementation"] = experts_implementation
+    auto = AutoModelForImageTextToText if is_vision_language(config) else AutoModelForCausalLM
+    try:
+        model = auto.from_pretrained(str(model_dir), **kwargs)
+    except (OSError, ValueError, KeyError) as err:
+        raise CheckpointError(f"transformers could not load {model_dir}", str(err).splitlines()[0],
+                              "Check that the folder is a complete checkpoint (./run.sh verify shows its layout)") from None
+    model.eval()
+    try:
+        processor = AutoProcessor.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError):
+        processor = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    return model, processor, config
+
+
+def input_device(model: torch.nn.Module) -> torch.device:
+    """Where the inputs go: the embedding's device (first GPU under a device_map)."""
+    return model.get_input_embeddings().weight.device
