@@ -22,10 +22,11 @@ class ReapError(Exception):
         super().__init__(self.line())
 
     def line(self) -> str:
-        parts = [self.what.rstrip(".")]
+        line = self.what.rstrip(".")
         if self.why:
-            parts.append(self.why.rstrip("."))
-        line = ": ".join(parts) + "."
+            line += ": " + self.why.rstrip(".")
+        if not line.endswith(("?", "!")):
+            line += "."
         if self.fix:
             line += " " + self.fix.rstrip(".") + "."
         return line
