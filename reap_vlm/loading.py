@@ -21,8 +21,11 @@ def read_config(model_dir: Path) -> dict:
         raise InputNotFoundError(f"model path {model_dir} is not a directory", "", "Point it at the checkpoint folder")
     path = model_dir / "config.json"
     if not path.is_file():
-        raise CheckpointError(f"{model_dir} has no config.json", "it is not a Hugging Face checkpoint folder",
-                              "Point --model-path at the folder that holds config.json and the safetensors files")
+        raise CheckpointError(
+            f"{model_dir} has no config.json",
+            "it is not a Hugging Face checkpoint folder",
+            "Point --model-path at the folder that holds config.json and the safetensors files",
+        )
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -41,12 +44,18 @@ def resolve_device(device: str) -> str:
         return "auto" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise DeviceError(f"REAP_DEVICE={device} but no CUDA GPU is visible", "torch.cuda.is_available() is False",
-                              "Use REAP_DEVICE=cpu or auto, or run in the GPU container (./run.sh with docker)")
+            raise DeviceError(
+                f"REAP_DEVICE={device} but no CUDA GPU is visible",
+                "torch.cuda.is_available() is False",
+                "Use REAP_DEVICE=cpu or auto, or run in the GPU container (./run.sh with docker)",
+            )
         index = int(device.split(":")[1]) if ":" in device else 0
         if index >= torch.cuda.device_count():
-            raise DeviceError(f"REAP_DEVICE={device} does not exist", f"{torch.cuda.device_count()} GPU(s) visible",
-                              "Pick an index below that count")
+            raise DeviceError(
+                f"REAP_DEVICE={device} does not exist",
+                f"{torch.cuda.device_count()} GPU(s) visible",
+                "Pick an index below that count",
+            )
     return device
 
 
@@ -55,13 +64,23 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype | str:
         # The checkpoint's own dtype on GPU; fp32 on CPU, where bf16 matmuls are slow and fp16 unsupported.
         return "auto" if device != "cpu" else torch.float32
     if device == "cpu" and dtype == "float16":
-        raise DeviceError("REAP_DTYPE=float16 is not supported on the CPU", "half-precision matmuls need a GPU",
-                          "Use bfloat16 or float32 on the CPU")
+        raise DeviceError(
+            "REAP_DTYPE=float16 is not supported on the CPU",
+            "half-precision matmuls need a GPU",
+            "Use bfloat16 or float32 on the CPU",
+        )
     return DTYPES[dtype]
 
 
-def load_model(model_dir: Path, *, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False,
-               attn_implementation: str = "", experts_implementation: str | None = None):
+def load_model(
+    model_dir: Path,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    attn_implementation: str = "",
+    experts_implementation: str | None = None,
+):
     """(model, processor, config dict). The model is in eval mode; the processor is the checkpoint's own
     (a tokenizer for text-only models)."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
@@ -78,8 +97,11 @@ def load_model(model_dir: Path, *, device: str = "auto", dtype: str = "auto", tr
     try:
         model = auto.from_pretrained(str(model_dir), **kwargs)
     except (OSError, ValueError, KeyError) as err:
-        raise CheckpointError(f"transformers could not load {model_dir}", str(err).splitlines()[0],
-                              "Check that the folder is a complete checkpoint (./run.sh verify shows its layout)") from None
+        raise CheckpointError(
+            f"transformers could not load {model_dir}",
+            str(err).splitlines()[0],
+            "Check that the folder is a complete checkpoint (./run.sh verify shows its layout)",
+        ) from None
     model.eval()
     try:
         processor = AutoProcessor.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)

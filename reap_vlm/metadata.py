@@ -19,16 +19,23 @@ MAX_BYTES = 512 * 1024 * 1024  # a metadata file of a 1000-layer, 1000-expert mo
 MODALITIES = ("all", "text", "image")
 STAT_FIELDS = ("count", "gate_sum", "gate_norm_sum", "norm_sum", "max_abs", "prob_sum", "soft_norm_sum")
 # Keys that differ between a model and its quantized sibling; not part of the structural fingerprint.
-_VOLATILE_CONFIG_KEYS = ("quantization_config", "transformers_version", "torch_dtype", "dtype", "_name_or_path",
-                         "reap_pruning")
+_VOLATILE_CONFIG_KEYS = (
+    "quantization_config",
+    "transformers_version",
+    "torch_dtype",
+    "dtype",
+    "_name_or_path",
+    "reap_pruning",
+)
 
 
 def config_hash(config: dict) -> str:
     return sha256_json({k: v for k, v in config.items() if k not in _VOLATILE_CONFIG_KEYS})
 
 
-def model_fingerprint(config: dict, blocks: list, expert_shapes: dict[str, dict[str, list[int]]],
-                      path: str = "") -> dict:
+def model_fingerprint(
+    config: dict, blocks: list, expert_shapes: dict[str, dict[str, list[int]]], path: str = ""
+) -> dict:
     """Architecture, config hash and per-block expert counts and shapes."""
     return {
         "path": path,
@@ -37,9 +44,16 @@ def model_fingerprint(config: dict, blocks: list, expert_shapes: dict[str, dict[
         "config_sha256": config_hash(config),
         "blocks": [
             {
-                "key": b.key, "layer": b.layer, "expert_set": b.expert_set, "num_experts": b.num_experts,
-                "top_k": b.top_k, "n_group": b.n_group, "topk_group": b.topk_group, "block": b.block,
-                "score_fn": b.score_fn, "expert_shapes": expert_shapes.get(b.key, {}),
+                "key": b.key,
+                "layer": b.layer,
+                "expert_set": b.expert_set,
+                "num_experts": b.num_experts,
+                "top_k": b.top_k,
+                "n_group": b.n_group,
+                "topk_group": b.topk_group,
+                "block": b.block,
+                "score_fn": b.score_fn,
+                "expert_shapes": expert_shapes.get(b.key, {}),
             }
             for b in blocks
         ],
@@ -80,11 +94,17 @@ def write(path: Path, meta: dict) -> None:
 def read(path: Path) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise MetadataError(f"metadata file {path} does not exist", "",
-                            "Run ./run.sh reap first, or point --metadata-path at reap_metadata.json")
+        raise MetadataError(
+            f"metadata file {path} does not exist",
+            "",
+            "Run ./run.sh reap first, or point --metadata-path at reap_metadata.json",
+        )
     if path.stat().st_size > MAX_BYTES:
-        raise MetadataError(f"{path} is larger than {MAX_BYTES >> 20} MiB", "it cannot be a reap_metadata.json",
-                            "Point --metadata-path at the file written by reap.py")
+        raise MetadataError(
+            f"{path} is larger than {MAX_BYTES >> 20} MiB",
+            "it cannot be a reap_metadata.json",
+            "Point --metadata-path at the file written by reap.py",
+        )
     try:
         meta = json.loads(path.read_text(), parse_constant=_reject_constant)
     except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as err:
@@ -99,6 +119,7 @@ def _reject_constant(name: str):
 
 def validate(meta: Any, source: str = "metadata") -> None:
     """Structure and internal consistency; raises MetadataError with what is wrong."""
+
     def bad(what: str, fix: str = "Re-run ./run.sh reap to write it again"):
         raise MetadataError(f"{source}: {what}", "", fix)
 
@@ -108,8 +129,11 @@ def validate(meta: Any, source: str = "metadata") -> None:
     if not isinstance(version, int):
         bad("schema_version is missing")
     if version > SCHEMA_VERSION:
-        raise MetadataError(f"{source} has schema version {version}",
-                            f"this reap-vlm reads up to version {SCHEMA_VERSION}", "Upgrade reap-vlm")
+        raise MetadataError(
+            f"{source} has schema version {version}",
+            f"this reap-vlm reads up to version {SCHEMA_VERSION}",
+            "Upgrade reap-vlm",
+        )
     if version < 1:
         bad(f"schema_version {version} is invalid")
     for key in ("model", "scoring", "calibration", "layers", "plan"):
@@ -148,32 +172,47 @@ def keep_plan(meta: dict) -> dict[tuple[int, str], list[int]]:
     for block in meta["model"]["blocks"]:
         kept = meta["layers"].get(block["key"], {}).get("kept")
         if kept is None:
-            raise MetadataError(f"metadata has no keep plan for block {block['key']}", "",
-                                "Re-cut it: prune_model.py --prune-ratio R (or re-run ./run.sh reap)")
+            raise MetadataError(
+                f"metadata has no keep plan for block {block['key']}",
+                "",
+                "Re-cut it: prune_model.py --prune-ratio R (or re-run ./run.sh reap)",
+            )
         plan[(block["layer"], block["expert_set"])] = sorted(kept)
     return plan
 
 
-def check_against(meta: dict, config: dict, counts: dict[tuple[int, str], int], source: str = "checkpoint") -> list[str]:
+def check_against(
+    meta: dict, config: dict, counts: dict[tuple[int, str], int], source: str = "checkpoint"
+) -> list[str]:
     """Refuse metadata of another model. A quantized sibling (same architecture and expert counts, other
     dtypes or quantization_config) is accepted. Returns warnings (e.g. config hash differs)."""
     model = meta["model"]
     arch = (config.get("architectures") or [""])[0]
     if model.get("architecture") and arch and model["architecture"] != arch:
         raise MetadataError(
-            f"the metadata was made for {model['architecture']}, but {source} is {arch}", "",
-            "Use the metadata of this model, or re-run ./run.sh reap on it")
+            f"the metadata was made for {model['architecture']}, but {source} is {arch}",
+            "",
+            "Use the metadata of this model, or re-run ./run.sh reap on it",
+        )
     expected = {(b["layer"], b["expert_set"]): b["num_experts"] for b in model["blocks"]}
     if expected != counts:
         missing = sorted(set(expected) ^ set(counts))
         differing = sorted(k for k in set(expected) & set(counts) if expected[k] != counts[k])
-        detail = f"MoE layers differ: {missing[:4]}" if missing else \
-            f"expert counts differ at {differing[:4]} ({[expected[k] for k in differing[:4]]} vs " \
+        detail = (
+            f"MoE layers differ: {missing[:4]}"
+            if missing
+            else f"expert counts differ at {differing[:4]} ({[expected[k] for k in differing[:4]]} vs "
             f"{[counts[k] for k in differing[:4]]})"
-        raise MetadataError(f"the metadata does not match {source}", detail,
-                            "Use the metadata written for this model (was it already pruned?)")
+        )
+        raise MetadataError(
+            f"the metadata does not match {source}",
+            detail,
+            "Use the metadata written for this model (was it already pruned?)",
+        )
     warnings = []
     if model.get("config_sha256") and model["config_sha256"] != config_hash(config):
-        warnings.append("config.json differs from the scored model's (other than quantization); "
-                        "the expert structure matches, so the plan applies")
+        warnings.append(
+            "config.json differs from the scored model's (other than quantization); "
+            "the expert structure matches, so the plan applies"
+        )
     return warnings

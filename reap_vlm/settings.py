@@ -61,8 +61,12 @@ class Settings:
     output_path: Path = opt(Path("outputs"), "Root folder for reap_metadata.json, the pruned model and reports.")
     device: str = opt("auto", f"Device: {DEVICES_HELP}.")
     dtype: str = opt("auto", "Weights dtype when the model is loaded.", choices=DTYPES)
-    trust_remote_code: bool = opt(False, "Allow custom modelling code shipped with the checkpoint. Off unless you trust it.")
-    attn_implementation: str = opt("", "Attention kernel (sdpa, eager, flash_attention_2); empty = the model's default.")
+    trust_remote_code: bool = opt(
+        False, "Allow custom modelling code shipped with the checkpoint. Off unless you trust it."
+    )
+    attn_implementation: str = opt(
+        "", "Attention kernel (sdpa, eager, flash_attention_2); empty = the model's default."
+    )
     seed: int = opt(42, "Random seed for data order and any sampling.")
 
     # ---- derived paths --------------------------------------------------------------------
@@ -170,7 +174,9 @@ class ReapSettings(Settings):
         for name in ("max_samples", "max_seq_len", "batch_size", "round_to", "chunk_memory_mb"):
             if getattr(self, name) <= 0:
                 key = PREFIX + name.upper()
-                raise SettingsError(f"{key} must be > 0", f"got {getattr(self, name)}", f"Set {key} to a positive integer")
+                raise SettingsError(
+                    f"{key} must be > 0", f"got {getattr(self, name)}", f"Set {key} to a positive integer"
+                )
         if not 0.0 <= self.image_share <= 1.0:
             raise SettingsError("REAP_IMAGE_SHARE must be within [0, 1]", f"got {self.image_share}", "Set e.g. 0.3")
         if self.min_pixels > self.max_pixels:
@@ -202,7 +208,9 @@ class PruneSettings(Settings):
         None, "Re-cut the plan at this ratio from the metadata's raw sums (empty = the metadata's plan)."
     )
     num_keep: int = opt(0, "Re-cut to keep this many experts per layer (0 = by ratio / the metadata's plan).")
-    criterion: str = opt("auto", "Criterion for a re-cut; auto = the one the metadata chose.", choices=("auto", *CRITERIA))
+    criterion: str = opt(
+        "auto", "Criterion for a re-cut; auto = the one the metadata chose.", choices=("auto", *CRITERIA)
+    )
     modality: str = opt("", "Modality policy for a re-cut; empty = the metadata's.", choices=("", *MODALITY_POLICIES))
     round_to: int = opt(0, "Round the kept count for a re-cut (0 = the metadata's).")
     overwrite: bool = opt(False, "Replace an existing non-empty output directory.")
@@ -235,7 +243,9 @@ class TestSettings(Settings):
     pruned_model_path: Path | None = opt(None, "Pruned checkpoint to test (default: <output>/pruned).")
     original_model_path: Path | None = opt(None, "Original checkpoint to compare against (default: REAP_MODEL_PATH).")
     metadata_path: Path | None = opt(None, "reap_metadata.json of the run (default: <output>/reap_metadata.json).")
-    eval_data: str = opt("builtin", "Held-out prompts: 'builtin' (evaluation split of the built-in sets) or a JSONL file.")
+    eval_data: str = opt(
+        "builtin", "Held-out prompts: 'builtin' (evaluation split of the built-in sets) or a JSONL file."
+    )
     eval_samples: int = opt(24, "Held-out samples for agreement, KL and perplexity.")
     max_seq_len: int = opt(512, "Maximum tokens per held-out sample.")
     batch_size: int = opt(4, "Samples per forward pass.")
@@ -261,8 +271,11 @@ class TestSettings(Settings):
 class RunnerSettings:
     """Keys read by run.sh (documented here so they are known and listed in .env.example)."""
 
-    runtime: str = opt("auto", "run.sh: auto (docker when `docker info` works, else local), docker, or local.",
-                       choices=("auto", "docker", "local"))
+    runtime: str = opt(
+        "auto",
+        "run.sh: auto (docker when `docker info` works, else local), docker, or local.",
+        choices=("auto", "docker", "local"),
+    )
     venv: str = opt(".venv", "run.sh local mode: virtual environment folder.")
     gpus: str = opt("all", "run.sh docker mode: GPUs to reserve (all, or a count).")
     image: str = opt("reap-vlm:latest", "run.sh docker mode: image name to build and run.")
@@ -287,6 +300,7 @@ def known_keys() -> dict[str, dataclasses.Field]:
 
 
 # ---- parsing -------------------------------------------------------------------------------
+
 
 def _field_type(cls: type, f: dataclasses.Field) -> tuple[type, bool]:
     """(base type, optional?) from the annotation."""
@@ -376,13 +390,19 @@ def build_parser(cls: type[Settings], prog: str | None = None) -> argparse.Argum
         if base is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
-            parser.add_argument(flag, default=None, metavar=f.name.upper(), help=help_text,
-                                choices=None)  # choices are validated with our own message
+            parser.add_argument(
+                flag, default=None, metavar=f.name.upper(), help=help_text, choices=None
+            )  # choices are validated with our own message
     return parser
 
 
-def load(cls: type[Settings], argv: list[str] | None = None, environ: dict[str, str] | None = None,
-         *, prog: str | None = None) -> Settings:
+def load(
+    cls: type[Settings],
+    argv: list[str] | None = None,
+    environ: dict[str, str] | None = None,
+    *,
+    prog: str | None = None,
+) -> Settings:
     """Resolve a stage's settings: defaults < .env < environment < CLI. Validates everything."""
     environ = dict(os.environ if environ is None else environ)
     _check_known("the environment", environ)
@@ -405,14 +425,20 @@ def load(cls: type[Settings], argv: list[str] | None = None, environ: dict[str, 
             source_value = file_values[key]
         else:
             continue
-        values[f.name] = _convert(key if cli_value is None else "--" + f.name.replace("_", "-"),
-                                  str(source_value), base, optional, f.metadata["choices"])
+        values[f.name] = _convert(
+            key if cli_value is None else "--" + f.name.replace("_", "-"),
+            str(source_value),
+            base,
+            optional,
+            f.metadata["choices"],
+        )
     settings = cls(**values)
     settings.validate()
     return settings
 
 
 # ---- generated documentation ---------------------------------------------------------------
+
 
 def _default_text(f: dataclasses.Field) -> str:
     default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
@@ -441,7 +467,7 @@ def env_example() -> str:
     lines = [
         "# REAP-VLM configuration. Copy to .env and edit; command-line flags override these values,",
         "# and so do environment variables. Generated from reap_vlm/settings.py",
-        "# (python -m reap_vlm.settings env-example); a test keeps the two in sync.",
+        "# (python -m reap_vlm.settings sync-docs); a test keeps the two in sync.",
         "",
     ]
     for key, default, stages, help_text in schema_rows():
@@ -466,12 +492,27 @@ def dump(settings: Settings, path: Path) -> None:
     path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
+TABLE_START, TABLE_END = "<!-- settings-table:start -->", "<!-- settings-table:end -->"
+
+
+def sync_docs(root: Path) -> None:
+    """Rewrite .env.example and the README's table (between the markers) from the schema."""
+    (root / ".env.example").write_text(env_example())
+    readme = root / "README.md"
+    text = readme.read_text()
+    head, rest = text.split(TABLE_START, 1)
+    _, tail = rest.split(TABLE_END, 1)
+    readme.write_text(f"{head}{TABLE_START}\n{readme_table()}\n{TABLE_END}{tail}")
+
+
 if __name__ == "__main__":
     what = sys.argv[1] if len(sys.argv) > 1 else ""
     if what == "env-example":
         print(env_example(), end="")
     elif what == "readme-table":
         print(readme_table())
+    elif what == "sync-docs":
+        sync_docs(Path(__file__).resolve().parents[1])
     else:
-        print("usage: python -m reap_vlm.settings env-example|readme-table", file=sys.stderr)
+        print("usage: python -m reap_vlm.settings env-example|readme-table|sync-docs", file=sys.stderr)
         sys.exit(2)

@@ -90,8 +90,12 @@ def make_tokenizer(vocab_size: int = VOCAB):
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         unk_token=None,
-        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
-                              "vision_bos_token": "<|vision_start|>", "vision_eos_token": "<|vision_end|>"},
+        extra_special_tokens={
+            "image_token": "<|image_pad|>",
+            "video_token": "<|video_pad|>",
+            "vision_bos_token": "<|vision_start|>",
+            "vision_eos_token": "<|vision_end|>",
+        },
     )
     fast.chat_template = CHAT_TEMPLATE
     return fast
@@ -134,14 +138,26 @@ def _qwen3_vl_moe(tokenizer, num_layers: int):
     ids = _ids(tokenizer)
     text = _text_kwargs(len(tokenizer), ids, num_layers)
     # M-RoPE splits head_dim/2 = 8 rotary frequencies over (time, height, width).
-    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2],
-                               "mrope_interleaved": True}
+    text["rope_parameters"] = {
+        "rope_type": "default",
+        "rope_theta": 10000.0,
+        "mrope_section": [4, 2, 2],
+        "mrope_interleaved": True,
+    }
     config = Qwen3VLMoeConfig(
         text_config=text,
         vision_config=dict(
-            depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16, spatial_merge_size=2,
-            temporal_patch_size=2, out_hidden_size=HIDDEN, num_position_embeddings=256,
-            deepstack_visual_indexes=[0], initializer_range=INIT_STD,
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            patch_size=16,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            out_hidden_size=HIDDEN,
+            num_position_embeddings=256,
+            deepstack_visual_indexes=[0],
+            initializer_range=INIT_STD,
         ),
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
@@ -176,16 +192,24 @@ DEFAULT_LAYERS = {"qwen3_vl_moe": 3, "qwen3_moe": 4}
 def build(family: str, *, seed: int = 0, num_layers: int | None = None):
     """(model, processor) in memory, fp32, eval mode, weights drawn from `seed`."""
     if family not in FAMILIES:
-        raise SettingsError(f"unknown tiny family {family!r}", "known: " + ", ".join(sorted(FAMILIES)),
-                            "Pick one of them")
+        raise SettingsError(
+            f"unknown tiny family {family!r}", "known: " + ", ".join(sorted(FAMILIES)), "Pick one of them"
+        )
     torch.manual_seed(seed)
     tokenizer = make_tokenizer()
     model, processor = FAMILIES[family](tokenizer, num_layers or DEFAULT_LAYERS.get(family, 4))
     return model.eval(), processor
 
 
-def make_tiny(family: str, out_dir: Path, *, seed: int = 0, num_layers: int | None = None,
-              max_shard_size: str = "300KB", save_original_format: bool = True) -> Path:
+def make_tiny(
+    family: str,
+    out_dir: Path,
+    *,
+    seed: int = 0,
+    num_layers: int | None = None,
+    max_shard_size: str = "300KB",
+    save_original_format: bool = True,
+) -> Path:
     """Write a tiny random-weight checkpoint of `family` to `out_dir` (several shards + index + processor)."""
     out_dir = Path(out_dir)
     model, processor = build(family, seed=seed, num_layers=num_layers)

@@ -41,9 +41,7 @@ def config_value(config, keys: tuple[str, ...], default=None):
 
 def _num_experts(experts: torch.nn.Module) -> int | None:
     sizes = {
-        p.shape[0]
-        for name, p in experts.named_parameters(recurse=False)
-        if name in EXPERT_PARAMS and p.dim() == 3
+        p.shape[0] for name, p in experts.named_parameters(recurse=False) if name in EXPERT_PARAMS and p.dim() == 3
     }
     return sizes.pop() if len(sizes) == 1 else None
 
@@ -52,8 +50,12 @@ def _router(block: torch.nn.Module, num_experts: int) -> tuple[str, torch.nn.Mod
     for attr in ROUTER_ATTRS:
         router = getattr(block, attr, None)
         weight = getattr(router, "weight", None)
-        if isinstance(router, torch.nn.Module) and isinstance(weight, torch.Tensor) and weight.dim() == 2 \
-                and num_experts in weight.shape:
+        if (
+            isinstance(router, torch.nn.Module)
+            and isinstance(weight, torch.Tensor)
+            and weight.dim() == 2
+            and num_experts in weight.shape
+        ):
             return attr, router
     return None
 
@@ -86,10 +88,8 @@ def find_moe_blocks(model: torch.nn.Module) -> list[MoEBlock]:
         if found is None:
             continue
         router_attr, router = found
-        match = None
-        for match in LAYER_RE.finditer(path):
-            pass
-        if match is None:
+        layer_numbers = LAYER_RE.findall(path)  # the innermost "layers.N" is the decoder layer
+        if not layer_numbers:
             raise UnsupportedModelError(
                 f"found experts at {path} but no decoder layer index in the path",
                 "the layer index joins the scores with the checkpoint's tensor names",
@@ -98,13 +98,14 @@ def find_moe_blocks(model: torch.nn.Module) -> list[MoEBlock]:
         top_k = getattr(router, "top_k", None) or config_value(config, TOP_K_KEYS)
         if top_k is None:
             raise UnsupportedModelError(
-                f"no top-k found for the MoE block at {path}", f"looked for {', '.join(TOP_K_KEYS)}",
+                f"no top-k found for the MoE block at {path}",
+                f"looked for {', '.join(TOP_K_KEYS)}",
                 f"See {SUPPORT_DOC}",
             )
         prefix = f"{path}." if path else ""
         blocks.append(
             MoEBlock(
-                layer=int(match.group(1)),
+                layer=int(layer_numbers[-1]),
                 expert_set=_expert_set(path),
                 block=path,
                 router=prefix + router_attr,
