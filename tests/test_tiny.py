@@ -61,7 +61,8 @@ def test_vl_forward_with_image_and_routing_differs_by_input(tiny_vl_dir):
     other = processor(text=["def f(x):\n    return x * 2 + 1"], return_tensors="pt")
     _, picked_other = _routing(model, other)
     histograms = [
-        (torch.bincount(a, minlength=8), torch.bincount(b, minlength=8)) for a, b in zip(picked, picked_other, strict=True)
+        (torch.bincount(a, minlength=8), torch.bincount(b, minlength=8))
+        for a, b in zip(picked, picked_other, strict=True)
     ]
     assert any(not torch.equal(a / a.sum(), b / b.sum()) for a, b in histograms)
 
