@@ -1,0 +1,489 @@
+"""Calibration and evaluation data: sources → samples → model inputs through the model's own processor.
+
+Sources (a spec string): a built-in set (general, code, math, writing, vision, combined), a JSONL
+file, an image folder (`folder:PATH` or a directory), a Hugging Face dataset (`hf:NAME[:SPLIT[:FIELD]]`,
+needs the optional `datasets` package and a network), or a mix `name:count,name:count`.
+
+Built-in sets ship a calibration and an evaluation file that never overlap. Sources without a
+split (JSONL, folders) are split by a content hash: a sample whose SHA-256 ends in 0-50 (1 in 5)
+belongs to the evaluation split, every other to calibration — stable, disjoint, and independent
+of order and seed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import random
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .errors import CalibrationError
+
+CALIBRATION_DIR = Path(__file__).resolve().parents[1] / "calibration"
+TEXT_SETS = ("general", "code", "math", "writing")
+BUILTIN = (*TEXT_SETS, "vision", "combined")
+SPLITS = {"calibration": "calib", "evaluation": "eval"}
+MAX_JSONL_BYTES = 256 * 1024 * 1024
+MAX_LINE_BYTES = 4 * 1024 * 1024
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+FOLDER_PROMPT = "Describe this image in detail."
+
+
+@dataclass
+class Sample:
+    id: str
+    source: str
+    messages: list[dict]
+    answer: str = ""  # a reference answer where the data has one (vision prompts)
+
+    @property
+    def kind(self) -> str:
+        return "image" if self.images else "text"
+
+    @property
+    def images(self) -> list[Image.Image]:
+        return [
+            item["image"]
+            for m in self.messages
+            if isinstance(m.get("content"), list)
+            for item in m["content"]
+            if item.get("type") == "image"
+        ]
+
+    @property
+    def text(self) -> str:
+        parts = []
+        for m in self.messages:
+            content = m.get("content")
+            if isinstance(content, str):
+                parts.append(content)
+            else:
+                parts.extend(item.get("text", "") for item in content if item.get("type") == "text")
+        return "\n".join(parts)
+
+
+class SampleList(list):
+    """A list of samples that also says what was skipped (undecodable images) per source."""
+
+    def __init__(self, items=(), skipped: dict[str, int] | None = None):
+        super().__init__(items)
+        self.skipped: dict[str, int] = dict(skipped or {})
+
+
+@dataclass
+class Batch:
+    inputs: dict[str, torch.Tensor]
+    modality: torch.Tensor  # [B, S]: 0 text, 1 image, -1 padding
+    sources: list[str]
+    sample_ids: list[str]
+    samples: list[Sample] = field(default_factory=list, repr=False)
+
+
+# ---- sources --------------------------------------------------------------------------------
+
+
+def _is_eval(key: str) -> bool:
+    return int(hashlib.sha256(key.encode()).hexdigest(), 16) % 5 == 0
+
+
+def _user_message(content: list[dict] | str) -> list[dict]:
+    return [{"role": "user", "content": content}]
+
+
+def _open_image(path: Path) -> Image.Image:
+    with Image.open(path) as img:
+        return img.convert("RGB")
+
+
+def _confined(base: Path, rel: str, source: str) -> Path:
+    path = (base / rel).resolve()
+    if not path.is_relative_to(base.resolve()):
+        raise CalibrationError(
+            f"{source}: image path {rel!r} leaves the folder of the JSONL file",
+            "image paths must stay inside that folder",
+            "Move the image next to the JSONL file and use a relative path",
+        )
+    return path
+
+
+def _parse_row(row: dict, base: Path, source: str, where: str) -> tuple[list[dict], str]:
+    """JSONL row -> (messages with PIL images, reference answer). Raises OSError for bad images."""
+    if isinstance(row.get("text"), str):
+        return _user_message([{"type": "text", "text": row["text"]}]), ""
+    messages = row.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise CalibrationError(
+            f"{where}: expected a 'text' string or a 'messages' list",
+            "",
+            'Write one JSON object per line: {"text": ...} or {"messages": [...]}',
+        )
+    out = []
+    for m in messages:
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, str):
+            out.append({"role": m.get("role", "user"), "content": content})
+            continue
+        if not isinstance(content, list):
+            raise CalibrationError(f"{where}: a message has no 'content'", "", "Give each message a content list")
+        items = []
+        for item in content:
+            if item.get("type") == "image":
+                ref = item.get("image") or item.get("path")
+                if not isinstance(ref, str):
+                    raise CalibrationError(
+                        f"{where}: image item without a path", "", 'Use {"type": "image", "image": "x.png"}'
+                    )
+                items.append({"type": "image", "image": _open_image(_confined(base, ref, source))})
+            elif item.get("type") == "text":
+                items.append({"type": "text", "text": str(item.get("text", ""))})
+        out.append({"role": m.get("role", "user"), "content": items})
+    return out, str(row.get("answer", ""))
+
+
+def _read_jsonl(path: Path, source: str, split: str | None) -> SampleList:
+    """Rows of a JSONL file; `split` None = all rows (built-in split files), else the hash split."""
+    if not path.is_file():
+        raise CalibrationError(f"calibration file {path} does not exist", "", "Check REAP_CALIBRATION")
+    if path.stat().st_size > MAX_JSONL_BYTES:
+        raise CalibrationError(
+            f"{path} is larger than {MAX_JSONL_BYTES >> 20} MiB",
+            "",
+            "Split it, or sample it down; calibration needs hundreds of samples, not millions",
+        )
+    samples, skipped = [], 0
+    with open(path, "rb") as fh:
+        for number, raw in enumerate(fh, 1):
+            where = f"{path.name} line {number}"
+            if len(raw) > MAX_LINE_BYTES:
+                raise CalibrationError(f"{where} is longer than {MAX_LINE_BYTES >> 20} MiB", "", "Shorten the sample")
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw, parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))
+            except (ValueError, UnicodeDecodeError) as err:
+                raise CalibrationError(f"{where} is not valid JSON", str(err), "Fix or remove that line") from None
+            if not isinstance(row, dict):
+                raise CalibrationError(f"{where} is not a JSON object", "", "Write one object per line")
+            if split is not None and _is_eval(raw.decode("utf-8", "replace").strip()) != (split == "evaluation"):
+                continue
+            try:
+                messages, answer = _parse_row(row, path.parent, source, where)
+            except (OSError, UnidentifiedImageError, ValueError) as err:
+                if isinstance(err, CalibrationError):
+                    raise
+                skipped += 1
+                print(f"warning: {where}: image skipped ({type(err).__name__}: {err})")
+                continue
+            samples.append(Sample(f"{source}/{number:05d}", source, messages, answer))
+    return SampleList(samples, {source: skipped} if skipped else {})
+
+
+def _read_folder(folder: Path, split: str, prompt: str = FOLDER_PROMPT) -> SampleList:
+    if not folder.is_dir():
+        raise CalibrationError(f"image folder {folder} does not exist", "", "Check REAP_CALIBRATION")
+    samples, skipped = [], 0
+    for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+        if _is_eval(path.name) != (split == "evaluation"):
+            continue
+        try:
+            image = _open_image(path)
+        except (OSError, UnidentifiedImageError) as err:
+            skipped += 1
+            print(f"warning: {path.name}: image skipped ({err})")
+            continue
+        content = [{"type": "image", "image": image}, {"type": "text", "text": prompt}]
+        samples.append(Sample(f"{folder.name}/{path.name}", str(folder), _user_message(content)))
+    return SampleList(samples, {str(folder): skipped} if skipped else {})
+
+
+def _read_hf(spec: str, split: str) -> SampleList:
+    parts = spec.split(":")
+    name, hf_split, column = (
+        parts[1],
+        (parts[2] if len(parts) > 2 else "train"),
+        (parts[3] if len(parts) > 3 else "text"),
+    )
+    try:
+        import datasets
+    except ImportError:
+        raise CalibrationError(
+            f"{spec} needs the optional 'datasets' package",
+            "it is not installed",
+            "pip install datasets (online), or use a built-in set, a JSONL file or an image folder",
+        ) from None
+    try:
+        rows = datasets.load_dataset(name, split=hf_split)
+    except Exception as err:  # offline, unknown name, ...: the datasets library raises many kinds
+        raise CalibrationError(
+            f"could not load the dataset {name}",
+            str(err).splitlines()[0],
+            "Offline? Use a built-in set (general, code, math, writing, vision, combined), "
+            "a JSONL file or an image folder",
+        ) from None
+    samples = [
+        Sample(f"{name}/{i}", spec, _user_message([{"type": "text", "text": str(r[column])}]))
+        for i, r in enumerate(rows)
+        if _is_eval(str(r[column])) == (split == "evaluation")
+    ]
+    return SampleList(samples)
+
+
+def read_source(name: str, split: str) -> SampleList:
+    """Every sample of one source in one split (before counting and shuffling)."""
+    if split not in SPLITS:
+        raise CalibrationError(f"unknown split {split!r}", "", "Use calibration or evaluation")
+    if name in BUILTIN and name != "combined":
+        return _read_jsonl(CALIBRATION_DIR / name / f"{SPLITS[split]}.jsonl", name, None)
+    if name.startswith("hf:"):
+        return _read_hf(name, split)
+    if name.startswith("folder:"):
+        return _read_folder(Path(name[len("folder:") :]), split)
+    path = Path(name)
+    if path.is_dir():
+        return _read_folder(path, split)
+    if path.suffix == ".jsonl" or path.exists():
+        return _read_jsonl(path, name, split)
+    close = difflib.get_close_matches(name, BUILTIN, n=1)
+    raise CalibrationError(
+        f"unknown calibration source {name!r}",
+        f"did you mean {close[0]}?" if close else "not a built-in set, file or folder",
+        "Use one of " + ", ".join(BUILTIN) + ", a JSONL file, an image folder, or hf:NAME",
+    )
+
+
+def parse_spec(spec: str) -> list[tuple[str, int | None]]:
+    """'code:20,vision:10' -> [("code", 20), ("vision", 10)]. A part without a count gets None."""
+    parts = []
+    for raw in spec.split(","):
+        raw = raw.strip()
+        if not raw:
+            continue
+        head, sep, tail = raw.rpartition(":")
+        if sep and tail.isdigit() and head:
+            parts.append((head, int(tail)))
+        else:
+            parts.append((raw, None))
+    if not parts:
+        raise CalibrationError("the calibration spec is empty", "", "Set REAP_CALIBRATION, e.g. combined")
+    for _, count in parts:
+        if count is not None and count <= 0:
+            raise CalibrationError(
+                f"calibration counts must be positive in {spec!r}", "", "Use name:count with count > 0"
+            )
+    return parts
+
+
+def _apportion(total: int, weights: list[float]) -> list[int]:
+    """Split `total` in proportion to `weights` (largest-remainder rounding: the parts add up exactly)."""
+    wsum = sum(weights) or 1.0
+    exact = [total * w / wsum for w in weights]
+    counts = [int(x) for x in exact]
+    for i in sorted(range(len(exact)), key=lambda i: exact[i] - counts[i], reverse=True)[: total - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def _expand(name: str, count: int | None, image_share: float) -> list[tuple[str, int | None, float]]:
+    """'combined' -> vision at image_share plus the text sets evenly; weights are relative shares."""
+    if name != "combined":
+        return [(name, count, 1.0)]
+    weights = [image_share] + [(1 - image_share) / len(TEXT_SETS)] * len(TEXT_SETS)
+    counts = _apportion(count, weights) if count is not None else [None] * len(weights)
+    return list(zip(("vision", *TEXT_SETS), counts, weights, strict=True))
+
+
+def _counts(parts: list[tuple[str, int | None]], max_samples: int, image_share: float) -> list[tuple[str, int]]:
+    expanded = [e for name, count in parts for e in _expand(name, count, image_share)]
+    budget = max(max_samples - sum(c for _, c, _ in expanded if c is not None), 0)
+    free = [i for i, (_, c, _) in enumerate(expanded) if c is None]
+    shares = _apportion(budget, [expanded[i][2] for i in free])
+    counts = [c for _, c, _ in expanded]
+    for i, share in zip(free, shares, strict=True):
+        counts[i] = share
+    merged: dict[str, int] = {}  # a name listed twice draws once, with the summed count
+    for (name, _, _), c in zip(expanded, counts, strict=True):
+        merged[name] = merged.get(name, 0) + c
+    return [(name, c) for name, c in merged.items() if c > 0]
+
+
+def load_samples(
+    spec: str,
+    split: str = "calibration",
+    *,
+    max_samples: int,
+    seed: int,
+    image_share: float = 0.3,
+    shuffle: bool = True,
+) -> SampleList:
+    """Samples for `spec`, `split`; every part of a mix contributes its share (see module docstring)."""
+    samples, skipped = [], {}
+    for name, count in _counts(parse_spec(spec), max_samples, image_share):
+        pool = read_source(name, split)
+        skipped.update(pool.skipped)
+        if not pool:
+            why = "every image failed to decode" if pool.skipped else f"the {split} split has no samples"
+            raise CalibrationError(
+                f"calibration source {name!r} is empty", why, "Check the data, or pick another source"
+            )
+        order = list(pool)
+        if shuffle:
+            random.Random(f"{seed}:{name}").shuffle(order)
+        samples.extend(order[:count])
+    if shuffle:
+        random.Random(seed).shuffle(samples)
+    return SampleList(samples, skipped)
+
+
+# ---- model inputs ---------------------------------------------------------------------------
+
+
+def _template(processor, messages: list[dict]) -> str:
+    has_template = getattr(processor, "chat_template", None) or getattr(
+        getattr(processor, "tokenizer", None), "chat_template", None
+    )
+    if has_template:
+        return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+    if any(item.get("type") == "image" for m in messages if isinstance(m["content"], list) for item in m["content"]):
+        raise CalibrationError(
+            "the model's processor has no chat template",
+            "image samples need one to place image tokens",
+            "Use a checkpoint with chat_template.jinja, or text-only calibration",
+        )
+    # plain fallback for text models without a template
+    return "\n".join(
+        m["content"] if isinstance(m["content"], str) else "".join(i.get("text", "") for i in m["content"])
+        for m in messages
+    )
+
+
+def _tokenizer(processor):
+    return getattr(processor, "tokenizer", processor)
+
+
+def image_token_id(processor) -> int | None:
+    tok = _tokenizer(processor)
+    token = getattr(processor, "image_token", None) or getattr(tok, "image_token", None)
+    return tok.convert_tokens_to_ids(token) if token else None
+
+
+def _encode(sample: Sample, processor, max_seq_len: int, min_pixels: int, max_pixels: int) -> dict | None:
+    text = _template(processor, sample.messages)
+    images = sample.images
+    if images:
+        enc = processor(
+            text=[text],
+            images=images,
+            return_tensors="pt",
+            images_kwargs={"size": {"shortest_edge": min_pixels, "longest_edge": max_pixels}},
+        )
+    else:
+        enc = _tokenizer(processor)(text, return_tensors="pt")
+    enc = dict(enc)
+    length = enc["input_ids"].shape[1]
+    if length > max_seq_len:
+        if images:
+            image_id = image_token_id(processor)
+            last_image = int((enc["input_ids"][0] == image_id).nonzero().max()) if image_id is not None else length
+            if last_image >= max_seq_len:
+                return None  # the image alone does not fit: never cut through image tokens
+        for key in ("input_ids", "attention_mask", "mm_token_type_ids"):
+            if key in enc:
+                enc[key] = enc[key][:, :max_seq_len]
+    return enc
+
+
+def _collate(encoded: list[dict], pad_id: int, image_id: int | None) -> tuple[dict, torch.Tensor]:
+    width = max(e["input_ids"].shape[1] for e in encoded)
+    ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    mm = torch.zeros((len(encoded), width), dtype=torch.long)
+    for row, e in enumerate(encoded):
+        n = e["input_ids"].shape[1]
+        ids[row, :n] = e["input_ids"][0]
+        mask[row, :n] = e["attention_mask"][0] if "attention_mask" in e else 1
+        if "mm_token_type_ids" in e:
+            mm[row, :n] = e["mm_token_type_ids"][0]
+        elif image_id is not None:
+            mm[row, :n] = (e["input_ids"][0] == image_id).long()
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    with_images = [e for e in encoded if "pixel_values" in e]
+    if with_images:
+        inputs["pixel_values"] = torch.cat([e["pixel_values"] for e in with_images])
+        inputs["image_grid_thw"] = torch.cat([e["image_grid_thw"] for e in with_images])
+        inputs["mm_token_type_ids"] = mm
+    elif any("mm_token_type_ids" in e for e in encoded):
+        inputs["mm_token_type_ids"] = mm
+    modality = torch.where(mask.bool(), (mm == 1).long(), torch.full_like(mm, -1))
+    return inputs, modality
+
+
+def make_batches(
+    samples: Iterable[Sample],
+    processor,
+    *,
+    max_seq_len: int,
+    batch_size: int,
+    min_pixels: int = 3136,
+    max_pixels: int = 401408,
+    packing: bool = False,
+) -> Iterator[Batch]:
+    """Encode samples with the model's processor and chat template; right-padded batches.
+
+    Image samples whose image tokens alone exceed max_seq_len are skipped with a warning (lower
+    REAP_MAX_PIXELS); text is cut at max_seq_len. With packing, text samples of one source are joined
+    (EOS-separated) into full-length rows."""
+    tok = _tokenizer(processor)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    image_id = image_token_id(processor)
+    samples = list(samples)
+    rows: list[tuple[dict, Sample]] = []
+    if packing:
+        by_source: dict[str, list[Sample]] = {}
+        for s in samples:
+            if s.kind == "text":
+                by_source.setdefault(s.source, []).append(s)
+        for source, group in by_source.items():
+            stream: list[int] = []
+            for s in group:
+                stream.extend(tok(_template(processor, s.messages))["input_ids"] + [tok.eos_token_id or pad_id])
+            for start in range(0, len(stream), max_seq_len):
+                chunk = torch.tensor([stream[start : start + max_seq_len]])
+                rows.append(
+                    (
+                        {"input_ids": chunk, "attention_mask": torch.ones_like(chunk)},
+                        Sample(f"{source}/packed{start // max_seq_len}", source, []),
+                    )
+                )
+        samples = [s for s in samples if s.kind == "image"]
+    for s in samples:
+        enc = _encode(s, processor, max_seq_len, min_pixels, max_pixels)
+        if enc is None:
+            print(
+                f"warning: {s.id}: the image needs more than {max_seq_len} tokens; skipped "
+                "(lower REAP_MAX_PIXELS or raise REAP_MAX_SEQ_LEN)"
+            )
+            continue
+        rows.append((enc, s))
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        inputs, modality = _collate([e for e, _ in chunk], pad_id, image_id)
+        yield Batch(inputs, modality, [s.source for _, s in chunk], [s.id for _, s in chunk], [s for _, s in chunk])
+
+
+def token_budget(batches: Iterable[Batch]) -> dict:
+    """Samples and tokens per source and modality (padding excluded)."""
+    sources: dict[str, dict[str, int]] = {}
+    for batch in batches:
+        for row, source in enumerate(batch.sources):
+            entry = sources.setdefault(source, {"samples": 0, "text": 0, "image": 0})
+            entry["samples"] += 1
+            entry["text"] += int((batch.modality[row] == 0).sum())
+            entry["image"] += int((batch.modality[row] == 1).sum())
+    total = {k: sum(e[k] for e in sources.values()) for k in ("samples", "text", "image")}
+    return {"sources": sources, "total": total}

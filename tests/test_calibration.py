@@ -1,0 +1,224 @@
+"""Calibration data: sources, mixes, determinism, split disjointness, encoding, bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from reap_vlm.calibration import (
+    BUILTIN,
+    CALIBRATION_DIR,
+    TEXT_SETS,
+    load_samples,
+    make_batches,
+    read_source,
+    token_budget,
+)
+from reap_vlm.errors import CalibrationError
+
+
+def _key(sample) -> str:
+    if sample.images:
+        return sample.text + "|" + hashlib.sha256(sample.images[0].tobytes()).hexdigest()
+    return sample.text
+
+
+@pytest.mark.parametrize("name", [*TEXT_SETS, "vision"])
+def test_builtin_splits_never_overlap(name):
+    calib = {_key(s) for s in read_source(name, "calibration")}
+    held_out = {_key(s) for s in read_source(name, "evaluation")}
+    assert len(calib) >= 40 and len(held_out) >= 10
+    assert not calib & held_out
+
+
+def test_vision_set_has_every_task_and_real_photos():
+    rows = [json.loads(line) for line in (CALIBRATION_DIR / "vision" / "calib.jsonl").read_text().splitlines()]
+    rows += [json.loads(line) for line in (CALIBRATION_DIR / "vision" / "eval.jsonl").read_text().splitlines()]
+    assert {r["task"] for r in rows} >= {"describe", "scene", "count", "ocr", "chart"}
+    assert sum(r["messages"][0]["content"][0]["image"].startswith("photos/") for r in rows) >= 30
+
+
+def test_licenses_cover_every_file():
+    listed = (CALIBRATION_DIR / "LICENSES").read_text()
+    for path in CALIBRATION_DIR.rglob("*"):
+        if path.is_file() and path.name not in ("LICENSES", "README.md"):
+            rel = path.relative_to(CALIBRATION_DIR).as_posix()
+            folder_rule = f"{rel.split('/')[0]}/*.jsonl"
+            assert rel in listed or (path.suffix == ".jsonl" and folder_rule in listed), rel
+
+
+def test_combined_mixes_text_and_images_in_proportion():
+    samples = load_samples("combined", max_samples=40, seed=0, image_share=0.25)
+    by_source = {}
+    for s in samples:
+        by_source[s.source] = by_source.get(s.source, 0) + 1
+    assert by_source == {"vision": 10, "general": 8, "code": 8, "math": 7, "writing": 7}
+    assert sum(s.kind == "image" for s in samples) == 10
+
+
+def test_composite_counts_every_part():
+    samples = load_samples("code:5,math:3,vision:2", max_samples=99, seed=0)
+    assert sorted(s.source for s in samples) == ["code"] * 5 + ["math"] * 3 + ["vision"] * 2
+
+
+def test_composite_without_counts_splits_max_samples():
+    samples = load_samples("code,writing", max_samples=9, seed=0)
+    assert {s.source for s in samples} == {"code", "writing"} and len(samples) == 9
+
+
+def test_seed_determinism():
+    a = [s.id for s in load_samples("combined", max_samples=20, seed=3)]
+    b = [s.id for s in load_samples("combined", max_samples=20, seed=3)]
+    c = [s.id for s in load_samples("combined", max_samples=20, seed=4)]
+    assert a == b and a != c
+    ordered = [s.id for s in load_samples("code", max_samples=5, seed=3, shuffle=False)]
+    assert ordered == [f"code/{i:05d}" for i in range(1, 6)]
+
+
+@pytest.fixture
+def user_data(tmp_path):
+    img_dir = tmp_path / "imgs"
+    img_dir.mkdir()
+    for i in range(12):
+        Image.new("RGB", (40 + i, 30), (i * 20, 100, 50)).save(img_dir / f"im{i}.png")
+    lines = [json.dumps({"text": f"sentence number {i} about rivers and mountains"}) for i in range(20)]
+    lines += [
+        json.dumps(
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "image", "image": f"imgs/im{i}.png"},
+                            {"type": "text", "text": f"what is {i}?"},
+                        ],
+                    }
+                ]
+            }
+        )
+        for i in range(10)
+    ]
+    (tmp_path / "data.jsonl").write_text("\n".join(lines) + "\n")
+    return tmp_path
+
+
+def test_jsonl_source_splits_by_hash_and_reads_images(user_data):
+    path = str(user_data / "data.jsonl")
+    calib, held_out = read_source(path, "calibration"), read_source(path, "evaluation")
+    assert len(calib) + len(held_out) == 30 and held_out
+    assert not {s.text for s in calib} & {s.text for s in held_out}
+    images = [s for s in calib + held_out if s.kind == "image"]
+    assert len(images) == 10 and images[0].images[0].mode == "RGB"
+
+
+def test_image_folder_source(user_data):
+    calib = read_source(f"folder:{user_data / 'imgs'}", "calibration")
+    held_out = read_source(str(user_data / "imgs"), "evaluation")
+    assert len(calib) + len(held_out) == 12
+    assert all(s.kind == "image" and "Describe" in s.text for s in calib)
+
+
+def test_hf_source_without_datasets_names_alternatives(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_datasets(name, *args, **kwargs):
+        if name == "datasets":
+            raise ImportError("no datasets")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_datasets)
+    with pytest.raises(CalibrationError, match=r"needs the optional 'datasets' package.*built-in set"):
+        load_samples("hf:wikitext", max_samples=4, seed=0)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("", "is empty"),
+        ('{"text": "ok"}\n{broken\n', "line 2 is not valid JSON"),
+        ('["a list"]\n', "line 1 is not a JSON object"),
+        (
+            '{"messages": [{"role": "user", "content": [{"type": "image", "image": "../../etc/passwd"}]}]}\n',
+            "leaves the folder of the JSONL file",
+        ),
+        ('{"foo": 1}\n', "expected a 'text' string or a 'messages' list"),
+    ],
+)
+def test_bad_jsonl(tmp_path, content, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content)
+    # line 1 of some files may hash into the evaluation split: read both splits
+    with pytest.raises(CalibrationError, match=message):
+        for split in ("calibration", "evaluation"):
+            load_samples(str(path), split, max_samples=4, seed=0)
+
+
+def test_all_images_undecodable(tmp_path):
+    for i in range(10):
+        (tmp_path / f"x{i}.png").write_bytes(b"not an image")
+    with pytest.raises(CalibrationError, match="every image failed to decode"):
+        load_samples(str(tmp_path), max_samples=4, seed=0)
+
+
+def test_some_images_undecodable_are_skipped_and_counted(tmp_path):
+    for i in range(10):
+        Image.new("RGB", (20, 20)).save(tmp_path / f"ok{i}.png")
+        (tmp_path / f"bad{i}.png").write_bytes(b"garbage")
+    pool = read_source(str(tmp_path), "calibration")
+    assert pool and sum(pool.skipped.values()) >= 1
+
+
+def test_unknown_and_missing_sources():
+    with pytest.raises(CalibrationError, match="did you mean general"):
+        load_samples("generl", max_samples=4, seed=0)
+    with pytest.raises(CalibrationError, match="does not exist"):
+        load_samples("missing.jsonl", max_samples=4, seed=0)
+    with pytest.raises(CalibrationError, match="counts must be positive"):
+        load_samples("code:0", max_samples=4, seed=0)
+    assert set(BUILTIN) == {"general", "code", "math", "writing", "vision", "combined"}
+
+
+def test_encoding_through_the_model_processor(tiny_vl_dir):
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(tiny_vl_dir)
+    samples = load_samples("code:3,vision:3", max_samples=6, seed=0)
+    batches = list(make_batches(samples, processor, max_seq_len=200, batch_size=4, min_pixels=1024, max_pixels=16384))
+    assert sum(len(b.sources) for b in batches) == 6
+    for batch in batches:
+        ids, modality = batch.inputs["input_ids"], batch.modality
+        assert ids.shape == modality.shape and ids.shape[1] <= 200
+        pad = batch.inputs["attention_mask"] == 0
+        assert torch.equal(modality == -1, pad)
+        if "pixel_values" in batch.inputs:
+            image_tokens = int((modality == 1).sum())
+            assert image_tokens == int(batch.inputs["image_grid_thw"].prod(dim=1).sum()) // 4
+            assert torch.equal(modality == 1, batch.inputs["mm_token_type_ids"] == 1)
+    budget = token_budget(batches)
+    assert budget["total"]["samples"] == 6 and budget["sources"]["vision"]["image"] > 0
+    assert budget["sources"]["code"]["image"] == 0 and budget["total"]["text"] > 0
+
+
+def test_images_that_do_not_fit_are_skipped_not_cut(tiny_vl_dir):
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(tiny_vl_dir)
+    samples = load_samples("vision:2", max_samples=2, seed=0)
+    assert list(make_batches(samples, processor, max_seq_len=8, batch_size=2)) == []
+
+
+def test_packing_fills_rows(tiny_text_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_text_dir)
+    samples = load_samples("writing:4", max_samples=4, seed=0)
+    batches = list(make_batches(samples, tok, max_seq_len=64, batch_size=8, packing=True))
+    rows = [row for b in batches for row in b.modality]
+    assert len(rows) > 1
+    assert all(len(row) == 64 and (row == 0).all() for row in rows[:-1])  # full rows of real tokens

