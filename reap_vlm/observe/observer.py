@@ -1,0 +1,199 @@
+"""Hooks on the model's own routers and experts; no routing is recomputed here.
+
+- A forward hook on each router keeps its logits ([T, E], output 0) → probabilities p with the
+  block's score function (softmax, or sigmoid for bias-corrected routers).
+- full / router modes: a forward pre-hook on the experts module sees the model's exact decision
+  (`top_k_index`, `top_k_weights`) and the hidden states; full mode computes every expert there.
+- routed mode: the experts implementation is swapped (transformers' ExpertsInterface) for one that
+  runs the model's own kernel once per selected (token, expert) pair with unit weights, records
+  each ‖f‖, then applies the routing weights and sums exactly as the model does. The statistics
+  cost one forward; the model's output is unchanged. Experts without that interface fall back to
+  recomputing the selected pairs in the pre-hook.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import BugError
+from ..moe.spec import MoEBlock, expert_output, expert_weights
+from .kernel import all_expert_norms
+from .stats import BlockStats
+
+ROUTED_IMPL = "reap_routed"
+_ACTIVE: dict[int, Observer] = {}  # id(experts module) -> observer, for the routed implementation
+
+
+def _routed_experts_forward(self, hidden_states, top_k_index, top_k_weights):
+    observer = _ACTIVE.get(id(self))
+    base = observer.base_forward(self)
+    T, K = top_k_index.shape
+    pairs = base(
+        self,
+        hidden_states.repeat_interleave(K, dim=0),
+        top_k_index.reshape(-1, 1),
+        torch.ones_like(top_k_weights).reshape(-1, 1),
+    )  # [T*K, H]: unweighted f per pair
+    pairs = pairs.view(T, K, -1)
+    observer.record_pairs(self, hidden_states, top_k_index, top_k_weights, pairs)
+    return (pairs * top_k_weights.unsqueeze(-1)).sum(dim=1).to(hidden_states.dtype)
+
+
+def _register_routed() -> bool:
+    try:
+        from transformers.integrations.moe import ExpertsInterface
+    except ImportError:
+        return False
+    ExpertsInterface.register(ROUTED_IMPL, _routed_experts_forward)
+    return True
+
+
+class Observer:
+    """Context manager: while active, every forward of `model` adds to the per-block statistics."""
+
+    def __init__(self, model: torch.nn.Module, blocks: list[MoEBlock], mode: str, budget_mb: int = 1024):
+        if mode not in ("full", "routed", "router"):
+            raise BugError(f"unknown scoring mode {mode!r}")
+        self.model, self.blocks, self.mode, self.budget_mb = model, blocks, mode, budget_mb
+        self.stats: dict[str, BlockStats] = {}
+        self._modality: torch.Tensor | None = None
+        self._by_device: dict[torch.device, torch.Tensor] = {}
+        self._probs: dict[str, torch.Tensor] = {}
+        self._handles: list = []
+        self._restore: list = []
+        self._block_of: dict[int, MoEBlock] = {}
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def __enter__(self) -> Observer:
+        for b in self.blocks:
+            experts = self.model.get_submodule(b.experts)
+            router = self.model.get_submodule(b.router)
+            device = next(experts.parameters()).device
+            self.stats.setdefault(b.key, BlockStats(b.num_experts, device, soft=self.mode == "full"))
+            self._block_of[id(experts)] = b
+            self._handles.append(router.register_forward_hook(self._router_hook(b)))
+            if self.mode == "routed" and self._use_interface(experts):
+                continue
+            self._handles.append(experts.register_forward_pre_hook(self._experts_hook(b), with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        for config, value in self._restore:
+            config._experts_implementation = value
+        for b in self.blocks:
+            _ACTIVE.pop(id(self.model.get_submodule(b.experts)), None)
+        self._handles, self._restore = [], []
+
+    def _use_interface(self, experts: torch.nn.Module) -> bool:
+        config = getattr(experts, "config", None)
+        if config is None or not hasattr(config, "_experts_implementation") or not _register_routed():
+            return False
+        # one config is shared by all experts modules of a (sub)model: swap it once, remember the base
+        if not any(c is config for c, _ in self._restore):
+            if config._experts_implementation == ROUTED_IMPL:
+                raise BugError("the routed-mode experts implementation is already active on this model")
+            self._restore.append((config, config._experts_implementation))
+            config._experts_implementation = ROUTED_IMPL
+        experts._reap_base_impl = next(value for c, value in self._restore if c is config)
+        _ACTIVE[id(experts)] = self
+        return True
+
+    def base_forward(self, experts: torch.nn.Module):
+        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+        original = type(experts).forward.__wrapped__  # the class' own (eager) forward
+        name = experts._reap_base_impl
+        return original if name in (None, "eager") else ALL_EXPERTS_FUNCTIONS.get_interface(name, original)
+
+    # ---- per batch -------------------------------------------------------------------------
+    def set_modality(self, modality: torch.Tensor) -> None:
+        """[B, S] with 0 text, 1 image, -1 padding; flattened like the blocks flatten hidden states."""
+        self._modality = modality.reshape(-1)
+        self._by_device = {}
+
+    def _mask(self, device: torch.device, rows: int) -> torch.Tensor:
+        if self._modality is None:
+            raise BugError("Observer.set_modality was not called before the forward")
+        if rows != self._modality.numel():
+            raise BugError(f"a MoE block saw {rows} token rows but the batch has {self._modality.numel()} tokens")
+        if device not in self._by_device:
+            self._by_device[device] = self._modality.to(device)
+        return self._by_device[device]
+
+    # ---- hooks -----------------------------------------------------------------------------
+    def _router_hook(self, block: MoEBlock):
+        def hook(_module, _args, output):
+            logits = output[0] if isinstance(output, tuple) else output
+            logits = logits.float()
+            self._probs[block.key] = torch.sigmoid(logits) if block.score_fn == "sigmoid" else logits.softmax(-1)
+
+        return hook
+
+    def _experts_hook(self, block: MoEBlock):
+        def hook(module, args, kwargs):
+            hidden, top_k_index, top_k_weights = (list(args) + [None] * 3)[:3]
+            hidden = kwargs.get("hidden_states", hidden)
+            top_k_index = kwargs.get("top_k_index", top_k_index)
+            top_k_weights = kwargs.get("top_k_weights", top_k_weights)
+            modality = self._mask(hidden.device, hidden.shape[0])
+            probs = self._probs.pop(block.key, None)
+            stats = self.stats[block.key]
+            if self.mode == "router":
+                stats.add(modality, top_k_index, top_k_weights, probs, None, None)
+                return None
+            w = expert_weights(module)
+            if self.mode == "full":
+                keep = modality >= 0  # padding is never computed
+                norms = torch.zeros((hidden.shape[0], block.num_experts), device=hidden.device)
+                peaks = torch.zeros_like(norms)
+                norms[keep], peaks[keep] = all_expert_norms(w, hidden[keep], self.budget_mb)
+                safe = top_k_index.clamp(0, block.num_experts - 1)
+                stats.add(
+                    modality,
+                    top_k_index,
+                    top_k_weights,
+                    probs,
+                    norms.gather(1, safe),
+                    peaks.gather(1, safe),
+                    all_norms=norms,
+                )
+                return None
+            pair_norms, pair_max = self._recompute_pairs(w, hidden, top_k_index, modality, block.num_experts)
+            stats.add(modality, top_k_index, top_k_weights, probs, pair_norms, pair_max)
+            return None
+
+        return hook
+
+    @staticmethod
+    def _recompute_pairs(w, hidden, top_k_index, modality, num_experts):
+        """‖f‖ and max|f| of each selected (token, expert) pair, grouped by expert."""
+        pair_norms = torch.zeros(top_k_index.shape, dtype=torch.float32, device=hidden.device)
+        pair_max = torch.zeros_like(pair_norms)
+        valid = (modality >= 0).unsqueeze(1) & (top_k_index >= 0) & (top_k_index < num_experts)
+        for e in torch.unique(top_k_index[valid]).tolist():
+            tok, k = torch.nonzero(valid & (top_k_index == e), as_tuple=True)
+            f = expert_output(w, e, hidden[tok].to(w.up.dtype))
+            pair_norms[tok, k] = torch.linalg.vector_norm(f, dim=-1, dtype=torch.float32)
+            pair_max[tok, k] = f.abs().amax(dim=-1).float()
+        return pair_norms, pair_max
+
+    def record_pairs(self, experts, hidden, top_k_index, top_k_weights, pairs: torch.Tensor) -> None:
+        """Routed mode through the experts interface: pairs [T, K, H] are the model's own f per pair."""
+        block = self._block_of[id(experts)]
+        modality = self._mask(hidden.device, hidden.shape[0])
+        norms = torch.linalg.vector_norm(pairs, dim=-1, dtype=torch.float32)
+        peaks = pairs.abs().amax(dim=-1).float()
+        self.stats[block.key].add(modality, top_k_index, top_k_weights, self._probs.pop(block.key, None), norms, peaks)
+
+    # ---- results ---------------------------------------------------------------------------
+    def export(self) -> dict[str, dict]:
+        return {key: s.export(self.mode) for key, s in self.stats.items()}
+
+    def state(self) -> dict:
+        return {key: s.state() for key, s in self.stats.items()}
+
+    def load(self, state: dict) -> None:
+        for key, s in state.items():
+            self.stats[key].load(s)

@@ -1,0 +1,327 @@
+"""The scoring stage: model + calibration → per-expert statistics → keep plan → reap_metadata.json."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from . import metadata, scoring
+from .calibration import load_samples, make_batches, token_budget
+from .errors import OutputError, SettingsError
+from .loading import input_device, load_model, read_config
+from .moe import find_moe_blocks
+from .observe import Observer
+from .settings import ReapSettings, dump
+
+CHECKPOINT_NAME = ".reap_accumulators.pt"
+GATE_DEFINITION = (
+    "g = top_k_weights and top-k sets as passed by the model to its experts module (forward pre-hook / "
+    "experts interface); p = {fn} of the router module's logits (output 0)"
+)
+
+
+def _check_paths(settings: ReapSettings) -> Path:
+    if settings.model_path is None:
+        raise SettingsError(
+            "REAP_MODEL_PATH is not set",
+            "the reap stage needs a model to score",
+            "Set REAP_MODEL_PATH in .env or pass --model-path",
+        )
+    model_dir = Path(settings.model_path).resolve()
+    out = settings.metadata_file.resolve()
+    if out.is_relative_to(model_dir):
+        raise OutputError(
+            f"the metadata path {out} is inside the model directory",
+            "reap never writes into the model",
+            "Set REAP_OUTPUT_PATH (or --metadata-path) to a folder outside the model",
+        )
+    return out
+
+
+def _expert_shapes(model, blocks) -> dict:
+    shapes = {}
+    for b in blocks:
+        experts = model.get_submodule(b.experts)
+        shapes[b.key] = {n: list(p.shape) for n, p in experts.named_parameters(recurse=False)}
+    return shapes
+
+
+def _settings_hash(settings: ReapSettings) -> str:
+    # Everything that changes the statistics; not the plan (ratio, criterion) nor the resume flags.
+    keys = (
+        "model_path",
+        "scoring_mode",
+        "calibration",
+        "max_samples",
+        "max_seq_len",
+        "batch_size",
+        "image_share",
+        "min_pixels",
+        "max_pixels",
+        "shuffle",
+        "packing",
+        "seed",
+        "dtype",
+    )
+    return hashlib.sha256(json.dumps({k: str(getattr(settings, k)) for k in keys}).encode()).hexdigest()
+
+
+def _save_checkpoint(path: Path, payload: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def _progress():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("[bold]scoring"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[tps]:>8.0f} tok/s"),
+        TimeRemainingColumn(),
+        transient=False,
+    )
+
+
+def _print_budget(budget: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="calibration tokens (padding excluded)")
+    for col in ("source", "samples", "text tokens", "image tokens"):
+        table.add_column(col, justify="right" if col != "source" else "left")
+    for name, e in sorted(budget["sources"].items()):
+        table.add_row(name, str(e["samples"]), str(e["text"]), str(e["image"]))
+    t = budget["total"]
+    table.add_row("total", str(t["samples"]), str(t["text"]), str(t["image"]), style="bold")
+    Console().print(table)
+
+
+def _print_plan(meta: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    crit = meta["plan"]["criterion"]
+    table = Table(title=f"keep plan: {crit}, ratio {meta['plan']['ratio']}, modality {meta['plan']['modality']}")
+    for col in ("block", "experts", "kept", "removed", "score min / median / max (kept)", "protected"):
+        table.add_column(col)
+    import numpy as np
+
+    for block in meta["model"]["blocks"]:
+        layer = meta["layers"][block["key"]]
+        scores = np.array([np.nan if v is None else v for v in (layer["scores"].get(crit) or [])], dtype=float)
+        kept = layer["kept"]
+        spread = ""
+        if scores.size:
+            ks = scores[kept]
+            ks = ks[np.isfinite(ks)]
+            spread = f"{ks.min():.3g} / {np.median(ks):.3g} / {ks.max():.3g}" if ks.size else "-"
+        table.add_row(
+            block["key"],
+            str(block["num_experts"]),
+            str(len(kept)),
+            str(block["num_experts"] - len(kept)),
+            spread,
+            str(len(layer.get("protected", {}))),
+        )
+    Console().print(table)
+
+
+def accumulate(
+    settings: ReapSettings, model, blocks, batches, out_dir: Path, on_batch: Callable[[int], None] | None = None
+) -> tuple[dict, bool, float]:
+    """Run the calibration batches through the model with the observer. Returns (stats, resumed, seconds)."""
+    checkpoint = out_dir / CHECKPOINT_NAME
+    observer = Observer(model, blocks, settings.scoring_mode, settings.chunk_memory_mb)
+    start_batch, resumed = 0, False
+    fingerprint = _settings_hash(settings)
+    device = input_device(model)
+    started = time.perf_counter()
+    with observer, torch.inference_mode():
+        if settings.resume and checkpoint.is_file():
+            saved = torch.load(checkpoint, weights_only=True)
+            if saved.get("settings_hash") != fingerprint:
+                raise SettingsError(
+                    f"the accumulator checkpoint {checkpoint} was made with other settings",
+                    "resuming would mix statistics of different runs",
+                    "Run without --resume (the checkpoint is then replaced)",
+                )
+            observer.load(saved["state"])
+            start_batch, resumed = saved["batch"], True
+            print(f"resuming after batch {start_batch} of {len(batches)} from {checkpoint}")
+        tokens_done = 0
+        with _progress() as bar:
+            task = bar.add_task("scoring", total=len(batches), completed=start_batch, tps=0.0)
+            for i in range(start_batch, len(batches)):
+                batch = batches[i]
+                observer.set_modality(batch.modality)
+                inputs = {k: v.to(device) for k, v in batch.inputs.items()}
+                if "pixel_values" in inputs:
+                    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+                model(**inputs, use_cache=False)
+                tokens_done += int((batch.modality >= 0).sum())
+                elapsed = max(time.perf_counter() - started, 1e-9)
+                bar.update(task, advance=1, tps=tokens_done / elapsed)
+                if settings.checkpoint_every and (i + 1) % settings.checkpoint_every == 0 and i + 1 < len(batches):
+                    _save_checkpoint(
+                        checkpoint, {"batch": i + 1, "state": observer.state(), "settings_hash": fingerprint}
+                    )
+                if on_batch is not None:
+                    on_batch(i + 1)
+    return observer.export(), resumed, time.perf_counter() - started
+
+
+def choose_plan(settings: ReapSettings, model, blocks, meta: dict, eval_batches: list | None) -> None:
+    """Fill meta['plan'], meta['candidates'] and every layer's kept / protected."""
+    blocks_meta = meta["model"]["blocks"]
+    mode = settings.scoring_mode
+    criterion, chosen_by = settings.criterion, "fixed by REAP_CRITERION"
+    if criterion != "auto" and criterion not in scoring.available_criteria(mode):
+        raise SettingsError(
+            f"criterion {criterion} needs expert outputs, which {mode} mode does not record",
+            "",
+            "Use REAP_SCORING_MODE=full or routed, or a routing criterion (frequency, weighted_frequency)",
+        )
+    if eval_batches:
+        from .candidates import measure_and_choose
+
+        criterion, chosen_by, table = measure_and_choose(model, blocks, meta, eval_batches, settings)
+        meta["candidates"] = table
+    elif criterion == "auto":
+        criterion = "weighted_frequency" if mode == "router" else "reap"
+        chosen_by = "default for this mode (plan measurement off: REAP_EVAL_SAMPLES=0)"
+    ratio = None if settings.num_keep else settings.prune_ratio
+    plans = scoring.plan(
+        meta["layers"],
+        blocks_meta,
+        criterion=criterion,
+        ratio=ratio,
+        num_keep=settings.num_keep,
+        modality=settings.modality,
+        round_to=settings.round_to,
+        protect_super=settings.protect_super_experts,
+        super_factor=settings.super_expert_factor,
+    )
+    for key, p in plans.items():
+        meta["layers"][key].update(p)
+    meta["plan"] = {
+        "criterion": criterion,
+        "ratio": ratio,
+        "num_keep": settings.num_keep or None,
+        "kept_per_block": {k: len(p["kept"]) for k, p in plans.items()},
+        "modality": settings.modality,
+        "round_to": settings.round_to,
+        "protect_super_experts": settings.protect_super_experts,
+        "super_expert_factor": settings.super_expert_factor,
+        "chosen_by": chosen_by,
+    }
+
+
+def score(settings: ReapSettings, on_batch: Callable[[int], None] | None = None) -> dict:
+    """The whole stage; returns the metadata it wrote."""
+    meta_path = _check_paths(settings)
+    config = read_config(settings.model_path)
+    model, processor, _ = load_model(
+        settings.model_path,
+        device=settings.device,
+        dtype=settings.dtype,
+        trust_remote_code=settings.trust_remote_code,
+        attn_implementation=settings.attn_implementation,
+    )
+    blocks = find_moe_blocks(model)
+    ratio = None if settings.num_keep else settings.prune_ratio
+    for b in blocks:  # fail before the expensive part
+        scoring.n_keep_for(
+            b.num_experts,
+            ratio=ratio,
+            num_keep=settings.num_keep,
+            top_k=b.top_k,
+            round_to=settings.round_to,
+            n_group=b.n_group,
+        )
+
+    samples = load_samples(
+        settings.calibration,
+        "calibration",
+        max_samples=settings.max_samples,
+        seed=settings.seed,
+        image_share=settings.image_share,
+        shuffle=settings.shuffle,
+    )
+    batch_args = dict(
+        max_seq_len=settings.max_seq_len,
+        batch_size=settings.batch_size,
+        min_pixels=settings.min_pixels,
+        max_pixels=settings.max_pixels,
+    )
+    batches = list(make_batches(samples, processor, packing=settings.packing, **batch_args))
+    budget = token_budget(batches)
+    _print_budget(budget)
+    eval_batches = None
+    if settings.eval_samples > 0:
+        from .candidates import heldout_samples
+
+        eval_batches = list(make_batches(heldout_samples(settings), processor, **batch_args))
+
+    out_dir = meta_path.parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stats, resumed, seconds = accumulate(settings, model, blocks, batches, out_dir, on_batch)
+
+    fingerprint = metadata.model_fingerprint(config, blocks, _expert_shapes(model, blocks), str(settings.model_path))
+    score_fn = sorted({b.score_fn for b in blocks})
+    meta = metadata.new(
+        model=fingerprint,
+        scoring={
+            "mode": settings.scoring_mode,
+            "gate": GATE_DEFINITION.format(fn="/".join(score_fn)),
+            "resumed": resumed,
+            "seconds": round(seconds, 3),
+            "batches": len(batches),
+        },
+        calibration={
+            "spec": settings.calibration,
+            "samples": len(samples),
+            "seed": settings.seed,
+            "max_seq_len": settings.max_seq_len,
+            "batch_size": settings.batch_size,
+            "image_share": settings.image_share,
+            "packing": settings.packing,
+            "skipped_images": samples.skipped,
+            "tokens": {"text": budget["total"]["text"], "image": budget["total"]["image"]},
+            "sources": budget["sources"],
+        },
+        settings=settings.to_dict(),
+    )
+    for b in blocks:
+        meta["layers"][b.key] = {
+            "stats": stats[b.key],
+            "scores": scoring.all_scores(stats[b.key], settings.scoring_mode),
+        }
+    choose_plan(settings, model, blocks, meta, eval_batches)
+    metadata.write(meta_path, meta)
+    (out_dir / CHECKPOINT_NAME).unlink(missing_ok=True)
+    dump(settings, out_dir / "reap_settings.json")
+    if settings.plots:
+        from .report import candidates_png, heatmap_png, modality_png
+
+        heatmap_png(meta, out_dir / "reap_heatmap.png", meta["plan"]["criterion"])
+        if any(stats[b.key]["image"]["tokens"] for b in blocks):
+            modality_png(meta, out_dir / "reap_modality.png")
+        if meta.get("candidates", {}).get("rows"):
+            candidates_png(meta["candidates"], out_dir / "reap_candidates.png")
+    _print_plan(meta)
+    print(f"metadata written to {meta_path}")
+    return meta
+
+
+def run(settings: ReapSettings) -> int:
+    score(settings)
+    return 0
