@@ -1,0 +1,408 @@
+"""Plan and write a pruned checkpoint by streaming bytes; the model is never loaded.
+
+Every output tensor is described as a list of byte ranges of the source files (untouched tensors:
+one range; kept experts of a fused tensor or router rows: one range per kept expert, since the
+expert axis is the outermost) or, for the rare slice along an inner axis (a transposed router),
+a small gathered array. The writer streams those pieces into new safetensors files in a temporary
+folder beside the target, writes config.json and the index last, verifies, then renames the
+folder into place. Memory stays at one copy buffer plus the small gathered arrays.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import shutil
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import BugError, OutputError, PlanError
+from .layout import COUNT_KEYS, DTYPE_BYTES, Layout, read_header
+
+CHUNK = 16 << 20
+TMP_TAG = ".reap-tmp-"
+SKIP_FILES = {"model.safetensors.index.json", "config.json"}
+
+
+@dataclass
+class OutTensor:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    pieces: list[tuple[str, int, int] | bytes]  # (shard, start, end) byte ranges of the source, or raw bytes
+    shard: str = ""  # the source shard the tensor came from
+
+    @property
+    def nbytes(self) -> int:
+        return sum(len(p) if isinstance(p, bytes) else p[2] - p[1] for p in self.pieces)
+
+
+@dataclass
+class PrunePlan:
+    layout: Layout
+    keep: dict[tuple[int, str], list[int]]
+    shards: dict[str, list[OutTensor]]  # output shard name -> tensors in order
+    config: dict
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for ts in self.shards.values() for t in ts)
+
+
+def _parse_size(text: str) -> int:
+    text = text.strip().upper()
+    for unit, mult in (
+        ("GIB", 1 << 30),
+        ("MIB", 1 << 20),
+        ("KIB", 1 << 10),
+        ("GB", 10**9),
+        ("MB", 10**6),
+        ("KB", 10**3),
+        ("B", 1),
+    ):
+        if text.endswith(unit):
+            return int(float(text[: -len(unit)]) * mult)
+    return int(text)
+
+
+def _slice_rows(info, kept: list[int], num: int) -> list[tuple[str, int, int]]:
+    row = info.nbytes // num
+    pieces: list[tuple[str, int, int]] = []
+    for j in kept:  # merge contiguous runs into one range
+        start = info.start + j * row
+        if pieces and pieces[-1][2] == start:
+            pieces[-1] = (pieces[-1][0], pieces[-1][1], start + row)
+        else:
+            pieces.append((info.shard, start, start + row))
+    return pieces
+
+
+def _gather(layout: Layout, info, axis: int, kept: list[int]) -> bytes:
+    with open(layout.src / info.shard, "rb") as fh:
+        fh.seek(info.start)
+        raw = fh.read(info.nbytes)
+    width = DTYPE_BYTES[info.dtype]
+    arr = np.frombuffer(raw, dtype=np.dtype(f"V{width}")).reshape(info.shape)
+    return np.ascontiguousarray(np.take(arr, kept, axis=axis)).tobytes()
+
+
+def _rewrite_config(config: dict, old: int, new: int, collapse: bool) -> dict:
+    """Every expert-count key (and alias) that holds the old count, at any nesting level."""
+    out = copy.deepcopy(config)
+
+    def visit(node):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key in COUNT_KEYS and value == old:
+                    node[key] = new
+                elif collapse and key in ("n_group", "topk_group") and isinstance(value, int):
+                    node[key] = 1
+                else:
+                    visit(value)
+
+    visit(out)
+    return out
+
+
+def plan_prune(
+    layout: Layout, keep: dict[tuple[int, str], list[int]], *, collapse_groups: bool = False, max_shard_size: str = ""
+) -> PrunePlan:
+    """Validate the keep plan against the checkpoint and describe every output tensor. Writes nothing."""
+    counts = layout.counts()
+    missing = sorted(set(counts) - set(keep))
+    extra = sorted(set(keep) - set(counts))
+    if missing or extra:
+        raise PlanError(
+            f"the keep plan does not cover the checkpoint's MoE blocks (missing {missing[:4]}, unknown {extra[:4]})",
+            "",
+            "Use the metadata written for this model",
+        )
+    sizes = {len(v) for v in keep.values()}
+    if len(sizes) != 1:
+        raise PlanError(
+            "the plan keeps different numbers of experts in different layers",
+            "config.json holds one expert count for all layers",
+            "Re-cut with a uniform ratio",
+        )
+    n_keep = sizes.pop()
+    notes = []
+    for key, kept in keep.items():
+        E = counts[key]
+        if len(set(kept)) != len(kept) or any(not 0 <= j < E for j in kept):
+            raise PlanError(f"the plan for block {key} has duplicate or out-of-range experts", "", "Re-run reap")
+        if n_keep < layout.top_k:
+            raise PlanError(
+                f"the plan keeps {n_keep} experts, fewer than top_k={layout.top_k}",
+                "",
+                "Keep at least top_k experts per layer",
+            )
+        if layout.n_group > 1 and not collapse_groups:
+            size = E // layout.n_group
+            per_group = [sum(1 for j in kept if j // size == g) for g in range(layout.n_group)]
+            if len(set(per_group)) != 1:
+                raise PlanError(
+                    f"block {key} keeps {per_group} experts in its {layout.n_group} routing groups",
+                    "group-limited routing needs the same number in every group, or the groups change",
+                    "Re-cut the plan (reap balances groups), or pass --collapse-groups "
+                    "(sets n_group = topk_group = 1: routing changes)",
+                )
+    if layout.n_group > 1 and collapse_groups:
+        notes.append(
+            "n_group and topk_group set to 1: group-limited routing is off, so routing differs from the original model"
+        )
+    keep = {k: sorted(v) for k, v in keep.items()}
+    out: list[OutTensor] = []
+    for name, info in layout.tensors.items():
+        role = layout.roles[name]
+        if role.kind == "copy":
+            out.append(OutTensor(name, info.dtype, info.shape, [(info.shard, info.start, info.end)], info.shard))
+            continue
+        block = layout.blocks[role.block]
+        kept = keep[block.key]
+        if role.kind == "expert":
+            if role.expert in kept:
+                new_name = role.pattern.format(j=kept.index(role.expert))
+                out.append(
+                    OutTensor(new_name, info.dtype, info.shape, [(info.shard, info.start, info.end)], info.shard)
+                )
+            continue
+        shape = list(info.shape)
+        shape[role.axis] = len(kept)
+        if role.axis == 0:
+            pieces = _slice_rows(info, kept, block.num_experts)
+        else:
+            pieces = [_gather(layout, info, role.axis, kept)]
+        out.append(OutTensor(name, info.dtype, tuple(shape), pieces, info.shard))
+
+    by_name = {t.name: t for t in out}
+    if len(by_name) != len(out):
+        raise BugError("two output tensors have the same name")
+    if max_shard_size:
+        limit = _parse_size(max_shard_size)
+        groups: list[list[OutTensor]] = [[]]
+        for t in out:
+            if groups[-1] and sum(x.nbytes for x in groups[-1]) + t.nbytes > limit:
+                groups.append([])
+            groups[-1].append(t)
+        n = len(groups)
+        names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        shards = dict(zip(names, groups, strict=True))
+    else:
+        shards = {s: [] for s in layout.shards}
+        for t in out:  # every tensor stays in the shard its source lived in
+            shards[t.shard].append(t)
+        shards = {s: ts for s, ts in shards.items() if ts}  # a shard of removed experts only disappears
+    config = _rewrite_config(layout.config, layout.num_experts, n_keep, collapse_groups)
+    return PrunePlan(layout, keep, shards, config, notes)
+
+
+# ---- writing --------------------------------------------------------------------------------
+
+
+def _copy_range(src_fh, dst_fh, start: int, end: int) -> None:
+    src_fh.seek(start)
+    remaining = end - start
+    while remaining:
+        buf = src_fh.read(min(CHUNK, remaining))
+        if not buf:
+            raise OutputError(
+                "a source shard ended early while copying", "the file changed or is truncated", "Re-copy the checkpoint"
+            )
+        dst_fh.write(buf)
+        remaining -= len(buf)
+
+
+def _write_shard(path: Path, tensors: list[OutTensor], meta: dict, src: Path, progress) -> None:
+    header: dict = {"__metadata__": meta} if meta else {}
+    offset = 0
+    for t in tensors:
+        header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # safetensors aligns the data to 8 bytes
+    handles: dict[str, object] = {}
+    try:
+        with open(path, "wb") as out:
+            out.write(struct.pack("<Q", len(blob)) + blob)
+            for t in tensors:
+                for piece in t.pieces:
+                    if isinstance(piece, bytes):
+                        out.write(piece)
+                        continue
+                    shard, start, end = piece
+                    if shard not in handles:
+                        handles[shard] = open(src / shard, "rb")
+                    _copy_range(handles[shard], out, start, end)
+                if progress:
+                    progress(t.name, t.nbytes)
+            out.flush()
+            os.fsync(out.fileno())
+    finally:
+        for fh in handles.values():
+            fh.close()
+
+
+def _hash_range(path: Path, start: int, end: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        fh.seek(start)
+        remaining = end - start
+        while remaining:
+            buf = fh.read(min(CHUNK, remaining))
+            h.update(buf)
+            remaining -= len(buf)
+    return h.hexdigest()
+
+
+def verify(plan: PrunePlan, dst: Path, *, hash_check_mb: int = 256, hash_check_all: bool = False) -> dict:
+    """End-of-run invariants; a failure is a bug. Returns what was checked."""
+    layout, keep = plan.layout, plan.keep
+    seen: dict[str, str] = {}
+    hashed = 0
+    limit = hash_check_mb << 20
+    for shard, tensors in plan.shards.items():
+        header, data_start = read_header(dst / shard)
+        names = [n for n in header if n != "__metadata__"]
+        if sorted(names) != sorted(t.name for t in tensors):
+            raise BugError(f"{shard} does not hold exactly the planned tensors")
+        for t in tensors:
+            if t.name in seen:
+                raise BugError(f"{t.name} written twice ({seen[t.name]}, {shard})")
+            seen[t.name] = shard
+            begin, end = header[t.name]["data_offsets"]
+            if tuple(header[t.name]["shape"]) != t.shape or end - begin != t.nbytes:
+                raise BugError(f"{t.name} was written with the wrong shape or size")
+            if hash_check_all or t.nbytes <= limit:
+                src_hash = hashlib.sha256()
+                for piece in t.pieces:
+                    if isinstance(piece, bytes):
+                        src_hash.update(piece)
+                    else:
+                        with open(layout.src / piece[0], "rb") as fh:
+                            fh.seek(piece[1])
+                            src_hash.update(fh.read(piece[2] - piece[1]))
+                if _hash_range(dst / shard, data_start + begin, data_start + end) != src_hash.hexdigest():
+                    raise BugError(f"{t.name} differs from its source bytes after writing")
+                hashed += 1
+    # expert axes, router rows and renumbering
+    n_keep = len(next(iter(keep.values())))
+    per_block: dict[str, set[int]] = {}
+    for name, role in layout.roles.items():
+        if role.kind == "expert":
+            per_block.setdefault(role.pattern, set())
+        elif role.kind in ("fused", "router", "buffer"):
+            shape = next(t.shape for ts in plan.shards.values() for t in ts if t.name == name)
+            if shape[role.axis] != n_keep:
+                raise BugError(f"{name} has {shape[role.axis]} rows on its expert axis, expected {n_keep}")
+    for pattern in per_block:
+        present = sorted(j for j in range(layout.num_experts) if pattern.format(j=j) in seen)
+        if present != list(range(n_keep)):
+            raise BugError(f"{pattern} was renumbered to {present}, expected 0..{n_keep - 1}")
+    return {"tensors": len(seen), "hashed": hashed}
+
+
+def _stale_temps(dst: Path) -> None:
+    for old in dst.parent.glob(f".{dst.name}{TMP_TAG}*"):
+        pid = old.name.rsplit("-", 1)[-1]
+        alive = pid.isdigit() and Path(f"/proc/{pid}").exists() and int(pid) != os.getpid()
+        if not alive:
+            print(f"removing the unfinished output of an earlier run: {old}")
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def check_target(src: Path, dst: Path, overwrite: bool) -> None:
+    s, d = src.resolve(), dst.resolve()
+    if d == s or d.is_relative_to(s) or s.is_relative_to(d):
+        raise OutputError(
+            f"the output {dst} overlaps the input {src}",
+            "the source checkpoint must never change",
+            "Choose an output folder outside the model folder",
+        )
+    if d.exists() and (not d.is_dir() or any(d.iterdir())) and not overwrite:
+        raise OutputError(
+            f"the output {dst} already exists and is not empty", "", "Choose another folder or pass --overwrite"
+        )
+
+
+def write_pruned(
+    plan: PrunePlan,
+    dst: Path,
+    *,
+    overwrite: bool = False,
+    provenance: dict | None = None,
+    model_card: str = "",
+    hash_check_mb: int = 256,
+    hash_check_all: bool = False,
+    progress: Callable[[str, int], None] | None = None,
+) -> dict:
+    """Write the pruned checkpoint to `dst` atomically (temporary folder beside it, then rename)."""
+    layout = plan.layout
+    dst = Path(dst)
+    check_target(layout.src, dst, overwrite)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    _stale_temps(dst)
+    free = shutil.disk_usage(dst.parent).free
+    if free < plan.total_bytes * 1.02 + (64 << 20):
+        raise OutputError(
+            f"not enough disk space in {dst.parent}",
+            f"{plan.total_bytes / 2**30:.2f} GiB needed, {free / 2**30:.2f} GiB free",
+            "Free space or choose another output folder",
+        )
+    tmp = dst.parent / f".{dst.name}{TMP_TAG}{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        for item in sorted(layout.src.iterdir()):  # tokenizer, processor, chat template, custom code: verbatim
+            if item.name in SKIP_FILES or item.name.endswith(".safetensors"):
+                continue
+            if item.is_dir():
+                shutil.copytree(item, tmp / item.name)
+            else:
+                shutil.copy2(item, tmp / item.name)
+        for shard, tensors in plan.shards.items():
+            _write_shard(tmp / shard, tensors, layout.shard_meta.get(shard, {}), layout.src, progress)
+        config = dict(plan.config)
+        if provenance is not None:
+            config["reap_pruning"] = provenance
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=False) + "\n")
+        if model_card:
+            original = (layout.src / "README.md").read_text() if (layout.src / "README.md").is_file() else ""
+            (tmp / "README.md").write_text(model_card + ("\n\n---\n\n" + original if original else ""))
+        if len(plan.shards) > 1 or layout.index is not None:
+            weight_map = {t.name: shard for shard, ts in plan.shards.items() for t in ts}
+            meta = dict((layout.index or {}).get("metadata") or {})
+            meta["total_size"] = plan.total_bytes
+            if "total_parameters" in meta:
+                meta["total_parameters"] = sum(math.prod(t.shape) for ts in plan.shards.values() for t in ts)
+            index = {"metadata": meta, "weight_map": dict(sorted(weight_map.items()))}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        checked = verify(plan, tmp, hash_check_mb=hash_check_mb, hash_check_all=hash_check_all)
+        if dst.exists():
+            old = dst.parent / f".{dst.name}.reap-old-{os.getpid()}"
+            os.replace(dst, old)
+            os.replace(tmp, dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dst)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OutputError):
+            raise
+        raise OutputError(
+            f"writing {dst} failed",
+            f"{type(err).__name__}: {err.strerror or err}",
+            "Check free space and permissions of the output folder; nothing was left at the target",
+        ) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"bytes": plan.total_bytes, "shards": len(plan.shards), **checked}

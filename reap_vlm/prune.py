@@ -1,0 +1,141 @@
+"""The prune stage: reap_metadata.json + checkpoint → pruned checkpoint, by shard surgery."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import metadata, scoring
+from .checkpoint import check_target, inspect_checkpoint, plan_prune, write_pruned
+from .errors import SettingsError
+from .provenance import tool_version
+from .settings import PruneSettings, dump
+
+
+def _recut(settings: PruneSettings, meta: dict) -> tuple[dict[tuple[int, str], list[int]], dict]:
+    """The metadata's plan, or a new one from its raw sums when ratio / criterion / modality change."""
+    plan = dict(meta["plan"])
+    wanted = {
+        "criterion": plan.get("criterion") if settings.criterion == "auto" else settings.criterion,
+        "ratio": settings.prune_ratio if settings.prune_ratio is not None else plan.get("ratio"),
+        "num_keep": settings.num_keep or (None if settings.prune_ratio is not None else plan.get("num_keep")),
+        "modality": settings.modality or plan.get("modality", "joint"),
+        "round_to": settings.round_to or plan.get("round_to", 1),
+    }
+    if all(wanted[k] == plan.get(k) for k in wanted):
+        return metadata.keep_plan(meta), {**plan, "recut": False}
+    mode = meta["scoring"]["mode"]
+    if wanted["criterion"] not in scoring.available_criteria(mode):
+        raise SettingsError(
+            f"criterion {wanted['criterion']} is not available from {mode}-mode metadata",
+            "",
+            "Pick one of " + ", ".join(scoring.available_criteria(mode)),
+        )
+    plans = scoring.plan(
+        meta["layers"],
+        meta["model"]["blocks"],
+        criterion=wanted["criterion"],
+        ratio=wanted["ratio"],
+        num_keep=wanted["num_keep"] or 0,
+        modality=wanted["modality"],
+        round_to=wanted["round_to"],
+        protect_super=plan.get("protect_super_experts", True),
+        super_factor=plan.get("super_expert_factor", 10.0),
+    )
+    by_key = {b["key"]: (b["layer"], b["expert_set"]) for b in meta["model"]["blocks"]}
+    keep = {by_key[k]: p["kept"] for k, p in plans.items()}
+    print(
+        f"re-cut from the raw sums: criterion {wanted['criterion']}, ratio {wanted['ratio']}, "
+        f"modality {wanted['modality']}"
+    )
+    return keep, {**plan, **wanted, "recut": True, "chosen_by": "re-cut by prune_model.py"}
+
+
+def model_card(provenance: dict, layout, n_keep: int) -> str:
+    lines = [
+        "# Pruned with REAP-VLM",
+        "",
+        f"This checkpoint is `{provenance['source']['architecture']}` with {layout.num_experts - n_keep} of "
+        f"{layout.num_experts} routed experts removed in each of {len(layout.blocks)} MoE layers "
+        f"({n_keep} kept), chosen by the `{provenance['criterion']}` criterion on calibration data "
+        f"(`{provenance['calibration']}`, {provenance['scoring_mode']} scoring).",
+        "",
+        "Everything outside the MoE expert tensors (attention, embeddings, the vision tower, shared experts) is "
+        "byte-identical to the source. The router rows of removed experts are gone, so the model routes exactly "
+        "as the original would with those experts' router logits set to -inf.",
+        "",
+        f"Kept expert indices per layer are in `config.json` under `reap_pruning`. Tool: reap-vlm {tool_version()}.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def run(settings: PruneSettings) -> int:
+    if settings.model_path is None:
+        raise SettingsError(
+            "REAP_MODEL_PATH is not set",
+            "the prune stage needs the source checkpoint",
+            "Set REAP_MODEL_PATH in .env or pass --model-path",
+        )
+    src, dst = Path(settings.model_path), settings.pruned_dir
+    layout = inspect_checkpoint(src)
+    meta = metadata.read(settings.metadata_file)
+    for warning in metadata.check_against(meta, layout.config, layout.counts(), source=str(src)):
+        print(f"note: {warning}")
+    keep, plan_info = _recut(settings, meta)
+    plan = plan_prune(layout, keep, collapse_groups=settings.collapse_groups, max_shard_size=settings.max_shard_size)
+    n_keep = len(next(iter(keep.values())))
+    for note in plan.notes:
+        print(f"note: {note}")
+    print(
+        f"{src}: {len(layout.blocks)} MoE blocks, {layout.num_experts} experts each, top_k {layout.top_k}, "
+        f"layout {sorted(set().union(*(b.layout for b in layout.blocks.values())))}"
+    )
+    source_bytes = sum(t.nbytes for t in layout.tensors.values())
+    print(
+        f"plan: keep {n_keep} of {layout.num_experts} experts per block ({plan_info['criterion']}); "
+        f"{source_bytes / 2**30:.3f} GiB -> {plan.total_bytes / 2**30:.3f} GiB in {len(plan.shards)} shard(s)"
+    )
+    if settings.dry_run:
+        for key in sorted(keep):
+            removed = sorted(set(range(layout.counts()[key])) - set(keep[key]))
+            print(f"  layer {key[0]} ({key[1]}): remove {removed}")
+        print("dry run: nothing written")
+        return 0
+    check_target(src, dst, settings.overwrite)
+    provenance = {
+        "tool": f"reap-vlm {tool_version()}",
+        "source": {
+            "path": str(src),
+            "architecture": meta["model"]["architecture"],
+            "config_sha256": meta["model"]["config_sha256"],
+            "num_experts": layout.num_experts,
+        },
+        "criterion": plan_info["criterion"],
+        "ratio": plan_info.get("ratio"),
+        "num_keep": n_keep,
+        "modality": plan_info.get("modality"),
+        "scoring_mode": meta["scoring"]["mode"],
+        "calibration": meta["calibration"].get("spec"),
+        "recut": plan_info.get("recut", False),
+        "kept": {f"{layer}.{expert_set}": kept for (layer, expert_set), kept in sorted(keep.items())},
+    }
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+    with Progress(TextColumn("[bold]writing"), BarColumn(), DownloadColumn(), TransferSpeedColumn()) as bar:
+        task = bar.add_task("writing", total=plan.total_bytes)
+        summary = write_pruned(
+            plan,
+            dst,
+            overwrite=settings.overwrite,
+            provenance=provenance,
+            model_card=model_card(provenance, layout, n_keep),
+            hash_check_mb=settings.hash_check_mb,
+            hash_check_all=settings.hash_check_all,
+            progress=lambda _name, n: bar.update(task, advance=n),
+        )
+    Path(settings.output_path).mkdir(parents=True, exist_ok=True)
+    dump(settings, Path(settings.output_path) / "prune_settings.json")
+    print(
+        f"pruned checkpoint written to {dst}: {summary['shards']} shard(s), {summary['tensors']} tensors "
+        f"({summary['hashed']} hash-verified against the source), {summary['bytes'] / 2**30:.3f} GiB"
+    )
+    return 0
