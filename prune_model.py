@@ -5,9 +5,8 @@ Usage: python prune_model.py --model-path MODEL [--metadata-path M] [--pruned-mo
 
 import sys
 
-from reap_vlm.prune import run
-
 from reap_vlm.cli import main
+from reap_vlm.prune import run
 
 if __name__ == "__main__":
     sys.exit(main("prune", run, prog="prune_model.py"))

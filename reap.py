@@ -5,9 +5,8 @@ Usage: python reap.py --model-path MODEL [--scoring-mode full|routed|router] [..
 
 import sys
 
-from reap_vlm.reap import run
-
 from reap_vlm.cli import main
+from reap_vlm.reap import run
 
 if __name__ == "__main__":
     sys.exit(main("reap", run, prog="reap.py"))

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--family", default="qwen3_vl_moe", help="Tiny family to generate (qwen3_vl_moe, qwen3_moe).")
     parser.add_argument("--scoring-mode", default="full", choices=("full", "routed", "router"))
     parser.add_argument("--prune-ratio", default="0.5")
-    parser.add_argument("--max-samples", default="32")
+    parser.add_argument("--max-samples", default="64")
     args = parser.parse_args(argv)
 
     from . import evaluate, prune, reap
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         (
             "test",
             evaluate.run,
-            [*common, "--original-model-path", str(model_dir), "--eval-samples", "8", "--max-new-tokens", "12"],
+            [*common, "--original-model-path", str(model_dir), "--eval-samples", "16", "--max-new-tokens", "12"],
         ),
     ]
     for name, run, stage_argv in stages:

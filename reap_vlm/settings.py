@@ -255,7 +255,11 @@ class TestSettings(Settings):
     max_kl: float = opt(2.0, "Fail when mean KL(original || pruned) in nats exceeds this.")
     max_ppl_ratio: float = opt(2.0, "Fail when pruned perplexity / original perplexity exceeds this.")
     max_repeat_ratio: float = opt(0.6, "Flag a generation as degenerate when its repeated 4-gram ratio exceeds this.")
-    max_degenerate_share: float = opt(0.5, "Fail when more than this share of generations is degenerate.")
+    max_degenerate_share: float = opt(
+        0.25,
+        "Fail when more than this share of generations is degenerate (with the original: degenerate for the "
+        "pruned model but not for the original).",
+    )
 
     @property
     def report_dir(self) -> Path:

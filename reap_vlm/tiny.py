@@ -198,7 +198,24 @@ def build(family: str, *, seed: int = 0, num_layers: int | None = None):
     torch.manual_seed(seed)
     tokenizer = make_tokenizer()
     model, processor = FAMILIES[family](tokenizer, num_layers or DEFAULT_LAYERS.get(family, 4))
+    _spread_expert_scales(model, seed)
     return model.eval(), processor
+
+
+def _spread_expert_scales(model: torch.nn.Module, seed: int) -> None:
+    """Give experts different output scales (x1/16 .. x1, shuffled per layer), as trained experts have:
+    with identical random experts every plan would look alike and saliency would have nothing to find."""
+    from .moe import expert_weights, find_moe_blocks
+
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for block in find_moe_blocks(model):
+            experts = model.get_submodule(block.experts)
+            scales = torch.logspace(-2, 0, block.num_experts, base=4.0)[
+                torch.randperm(block.num_experts, generator=generator)
+            ]
+            down = expert_weights(experts).down  # a view: scaling it scales the parameter
+            down.mul_(scales.to(down.dtype).view(-1, 1, 1))
 
 
 def make_tiny(

@@ -3,8 +3,8 @@
 Names are matched by shape of the name, not by family:
   per-expert        <block>.experts.<j>.<proj>.<suffix>     (Qwen/DeepSeek/Mixtral w1-w3, AWQ, GPTQ, compressed-tensors)
   ModelOpt order    <block>.experts.<proj>.<j>.<suffix>
-  fused             <block>.experts.<param>                  (gate_up_proj / down_proj / up_proj [+ _bias]; expert axis 0)
-  router            <block>.gate.<x> or <block>.router.<x>   (weight rows = experts, or [H, E]; bias; correction bias)
+  per-expert        <block>.experts.<j>.<proj>.<suffix>     (Qwen, DeepSeek, Mixtral w1-w3, AWQ, GPTQ, ...)
+  router            <block>.gate.<x> or <block>.router.<x>   (rows = experts, or [H, E]; bias; correction bias)
   block buffer      <block>.e_score_correction_bias, <block>.moe_statics.*
   shared experts    <block>.shared_expert(s).*, shared_expert_gate.*, shared_mlp.*   (untouched)
 Any other tensor under a MoE block is an error that names it: never a silent copy.
