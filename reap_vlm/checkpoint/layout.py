@@ -1,9 +1,9 @@
 """Read a checkpoint's structure from config.json and the safetensors headers alone, and classify every tensor.
 
 Names are matched by shape of the name, not by family:
-  per-expert        <block>.experts.<j>.<proj>.<suffix>     (Qwen/DeepSeek/Mixtral w1-w3, AWQ, GPTQ, compressed-tensors)
-  ModelOpt order    <block>.experts.<proj>.<j>.<suffix>
   per-expert        <block>.experts.<j>.<proj>.<suffix>     (Qwen, DeepSeek, Mixtral w1-w3, AWQ, GPTQ, ...)
+  ModelOpt order    <block>.experts.<proj>.<j>.<suffix>
+  fused             <block>.experts.<param>                  (gate_up_proj / down_proj / up_proj [+ _bias]; axis 0)
   router            <block>.gate.<x> or <block>.router.<x>   (rows = experts, or [H, E]; bias; correction bias)
   block buffer      <block>.e_score_correction_bias, <block>.moe_statics.*
   shared experts    <block>.shared_expert(s).*, shared_expert_gate.*, shared_mlp.*   (untouched)
