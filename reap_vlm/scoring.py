@@ -98,12 +98,11 @@ def n_keep_for(
 
 
 def _normalised(scores: np.ndarray) -> np.ndarray:
+    """Scores divided by the layer's best (all criteria are >= 0): 1 = the top expert of that modality.
+    Experts the modality never routed to get -1."""
     finite = np.isfinite(scores)
-    if not finite.any():
-        return np.zeros_like(scores)
-    lo, hi = scores[finite].min(), scores[finite].max()
-    out = np.where(finite, (scores - lo) / (hi - lo) if hi > lo else 1.0, -1.0)
-    return out
+    top = scores[finite].max() if finite.any() else 0.0
+    return np.where(finite, scores / top if top > 0 else 0.0, -1.0)
 
 
 def modality_scores(layer_stats: dict, criterion: str, modality: str) -> np.ndarray:
