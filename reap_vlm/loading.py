@@ -2,34 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from .errors import CheckpointError, DeviceError, InputNotFoundError
+from .checkpoint.layout import read_config
+from .errors import CheckpointError, DeviceError
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-def read_config(model_dir: Path) -> dict:
-    """config.json of a model directory, with a clear error when it is missing or corrupt."""
-    model_dir = Path(model_dir)
-    if not model_dir.exists():
-        raise InputNotFoundError(f"model path {model_dir} does not exist", "", "Check REAP_MODEL_PATH / --model-path")
-    if not model_dir.is_dir():
-        raise InputNotFoundError(f"model path {model_dir} is not a directory", "", "Point it at the checkpoint folder")
-    path = model_dir / "config.json"
-    if not path.is_file():
-        raise CheckpointError(
-            f"{model_dir} has no config.json",
-            "it is not a Hugging Face checkpoint folder",
-            "Point --model-path at the folder that holds config.json and the safetensors files",
-        )
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path} is not valid JSON", str(err), "Restore the file from the original") from None
 
 
 def is_vision_language(config: dict) -> bool:

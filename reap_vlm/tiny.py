@@ -184,9 +184,62 @@ def _qwen3_moe(tokenizer, num_layers: int):
     return Qwen3MoeForCausalLM(config), tokenizer
 
 
+# Text MoE families built from their config class with tiny sizes; values override _text_kwargs.
+TEXT_FAMILIES: dict[str, dict] = {
+    "mixtral": {"num_local_experts": NUM_EXPERTS},
+    "qwen2_moe": {"shared_expert_intermediate_size": 48},
+    "olmoe": {},
+    "deepseek_v3": {  # group-limited routing: 2 groups of 4, sigmoid scores with a correction bias
+        "n_routed_experts": NUM_EXPERTS,
+        "n_group": 2,
+        "topk_group": 1,
+        "n_shared_experts": 1,
+        "first_k_dense_replace": 0,
+        "kv_lora_rank": 16,
+        "q_lora_rank": 32,
+        "qk_rope_head_dim": 8,
+        "qk_nope_head_dim": 8,
+        "v_head_dim": 16,
+        "head_dim": 8,
+        "routed_scaling_factor": 1.0,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+    },
+    "glm4_moe": {
+        "n_routed_experts": NUM_EXPERTS,
+        "n_shared_experts": 1,
+        "first_k_dense_replace": 0,
+        "n_group": 1,
+        "topk_group": 1,
+    },
+    "gpt_oss": {
+        "num_local_experts": NUM_EXPERTS,
+        "intermediate_size": MOE_INTERMEDIATE,
+        "layer_types": ["sliding_attention", "full_attention"],
+        "sliding_window": 16,
+    },
+}
+
+
+def _text_family(model_type: str):
+    def builder(tokenizer, num_layers: int):
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        kwargs = {**_text_kwargs(len(tokenizer), _ids(tokenizer), num_layers), **TEXT_FAMILIES[model_type]}
+        if model_type == "gpt_oss":
+            kwargs["layer_types"] = kwargs["layer_types"][:1] * num_layers
+        config = AutoConfig.for_model(model_type, **kwargs)
+        return AutoModelForCausalLM.from_config(config), tokenizer
+
+    return builder
+
+
 # family name -> builder(tokenizer, num_layers) -> (model, processor-or-tokenizer)
-FAMILIES: dict[str, Callable] = {"qwen3_vl_moe": _qwen3_vl_moe, "qwen3_moe": _qwen3_moe}
-DEFAULT_LAYERS = {"qwen3_vl_moe": 3, "qwen3_moe": 4}
+FAMILIES: dict[str, Callable] = {
+    "qwen3_vl_moe": _qwen3_vl_moe,
+    "qwen3_moe": _qwen3_moe,
+    **{name: _text_family(name) for name in TEXT_FAMILIES},
+}
+DEFAULT_LAYERS = {"qwen3_vl_moe": 3, "qwen3_moe": 4}  # others: 2
 
 
 def build(family: str, *, seed: int = 0, num_layers: int | None = None):
@@ -197,7 +250,7 @@ def build(family: str, *, seed: int = 0, num_layers: int | None = None):
         )
     torch.manual_seed(seed)
     tokenizer = make_tokenizer()
-    model, processor = FAMILIES[family](tokenizer, num_layers or DEFAULT_LAYERS.get(family, 4))
+    model, processor = FAMILIES[family](tokenizer, num_layers or DEFAULT_LAYERS.get(family, 2))
     _spread_expert_scales(model, seed)
     return model.eval(), processor
 

@@ -18,7 +18,7 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import CheckpointError, UnsupportedModelError
+from ..errors import CheckpointError, InputNotFoundError, UnsupportedModelError
 
 DTYPE_BYTES = {
     "F64": 8,
@@ -107,6 +107,26 @@ class Layout:
 
     def block_by_key(self, key: tuple[int, str]) -> Block:
         return next(b for b in self.blocks.values() if b.key == key)
+
+
+def read_config(model_dir: Path) -> dict:
+    """config.json of a model directory, with a clear error when it is missing or corrupt."""
+    model_dir = Path(model_dir)
+    if not model_dir.exists():
+        raise InputNotFoundError(f"model path {model_dir} does not exist", "", "Check REAP_MODEL_PATH / --model-path")
+    if not model_dir.is_dir():
+        raise InputNotFoundError(f"model path {model_dir} is not a directory", "", "Point it at the checkpoint folder")
+    path = model_dir / "config.json"
+    if not path.is_file():
+        raise CheckpointError(
+            f"{model_dir} has no config.json",
+            "it is not a Hugging Face checkpoint folder",
+            "Point --model-path at the folder that holds config.json and the safetensors files",
+        )
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path} is not valid JSON", str(err), "Restore the file from the original") from None
 
 
 def read_header(path: Path) -> tuple[dict, int]:
@@ -245,8 +265,6 @@ def _block_member(name: str, prefix: str, info: TensorInfo, block: Block) -> Rol
 
 def inspect_checkpoint(src: Path) -> Layout:
     """Structure of a checkpoint from config.json + headers; no tensor is read."""
-    from ..loading import read_config
-
     src = Path(src)
     config = read_config(src)
     shards, index = _shards(src)
