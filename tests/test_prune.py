@@ -97,7 +97,7 @@ def test_pruned_checkpoint_equals_masked_original(family, fused, tmp_path):
     dst = tmp_path / "pruned"
     write_pruned(plan_prune(layout, keep), dst)
     original, _, _ = load_model(src, device="cpu", dtype="float32")
-    pruned, _, config = load_model(dst, device="cpu", dtype="float32")
+    pruned, _, _ = load_model(dst, device="cpu", dtype="float32")
     blocks = find_moe_blocks(original)
     kept_by_key = {f"{layer}.{s}": v for (layer, s), v in keep.items()}
     for batch in _inputs(src, with_image=family == "qwen3_vl_moe"):
@@ -179,7 +179,7 @@ def test_output_refusals(tmp_path):
         write_pruned(plan, src / "inside")
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "x").write_text("keep me")
-    with pytest.raises(OutputError, match="already exists and is not empty.*--overwrite"):
+    with pytest.raises(OutputError, match=r"already exists and is not empty.*--overwrite"):
         write_pruned(plan, tmp_path / "busy")
     assert (tmp_path / "busy" / "x").read_text() == "keep me"
     write_pruned(plan, tmp_path / "busy", overwrite=True)
@@ -345,7 +345,7 @@ def test_corrupt_inputs_are_clear_errors(tmp_path):
     src = make_tiny("qwen3_moe", tmp_path / "src")
     shard = sorted(src.glob("model-*.safetensors"))[0]
     shard.write_bytes(shard.read_bytes()[:20])
-    with pytest.raises(CheckpointError, match="is not a readable safetensors file|corrupt header|beyond the file"):
+    with pytest.raises(CheckpointError, match=r"is not a readable safetensors file|corrupt header|beyond the file"):
         inspect_checkpoint(src)
     src2 = make_tiny("qwen3_moe", tmp_path / "src2")
     sorted(src2.glob("model-*.safetensors"))[-1].unlink()
