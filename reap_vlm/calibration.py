@@ -372,16 +372,14 @@ def image_token_id(processor) -> int | None:
     return tok.convert_tokens_to_ids(token) if token else None
 
 
-def _encode(sample: Sample, processor, max_seq_len: int, min_pixels: int, max_pixels: int) -> dict | None:
+def _encode(sample: Sample, processor, max_seq_len: int, min_pixels: int | None, max_pixels: int | None) -> dict | None:
     text = _template(processor, sample.messages)
     images = sample.images
     if images:
-        enc = processor(
-            text=[text],
-            images=images,
-            return_tensors="pt",
-            images_kwargs={"size": {"shortest_edge": min_pixels, "longest_edge": max_pixels}},
-        )
+        kwargs = {}  # None: the checkpoint's own image-processor limits
+        if min_pixels is not None and max_pixels is not None:
+            kwargs["images_kwargs"] = {"size": {"shortest_edge": min_pixels, "longest_edge": max_pixels}}
+        enc = processor(text=[text], images=images, return_tensors="pt", **kwargs)
     else:
         enc = _tokenizer(processor)(text, return_tensors="pt")
     enc = dict(enc)
@@ -429,8 +427,8 @@ def make_batches(
     *,
     max_seq_len: int,
     batch_size: int,
-    min_pixels: int = 3136,
-    max_pixels: int = 401408,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
     packing: bool = False,
 ) -> Iterator[Batch]:
     """Encode samples with the model's processor and chat template; right-padded batches.

@@ -90,9 +90,8 @@ def generate(model, processor, samples, max_new_tokens: int, settings: TestSetti
     for s in samples:
         messages = _prompt_messages(s)
         text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        if s.images:
-            size = {"shortest_edge": 3136, "longest_edge": 200704}
-            inputs = processor(text=[text], images=s.images, return_tensors="pt", images_kwargs={"size": size})
+        if s.images:  # the checkpoint's own image-processor limits
+            inputs = processor(text=[text], images=s.images, return_tensors="pt")
         else:
             inputs = tok(text, return_tensors="pt")
         inputs = {k: v.to(device) for k, v in dict(inputs).items()}
