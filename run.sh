@@ -49,10 +49,10 @@ ENV_FILE="${REAP_ENV_FILE:-.env}"
 [[ -n "${REAP_ENV_FILE:-}" && ! -f "$ENV_FILE" ]] && die "REAP_ENV_FILE=$ENV_FILE does not exist: point it at an existing .env file."
 RUNTIME="$(setting REAP_RUNTIME auto)"
 VENV="$(setting REAP_VENV .venv)"
-export REAP_GPUS REAP_IMAGE REAP_ENV_FILE
+# compose reads these (REAP_ENV_FILE only when the user named one: compose defaults to .env itself)
+export REAP_GPUS REAP_IMAGE
 REAP_GPUS="$(setting REAP_GPUS all)"
 REAP_IMAGE="$(setting REAP_IMAGE reap-vlm:latest)"
-REAP_ENV_FILE="$ENV_FILE"
 
 docker_ok() { command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1 && docker compose version >/dev/null 2>&1; }
 

@@ -1,0 +1,70 @@
+"""What users touch: every script's --help, one-line errors with exit code 2, and the demo end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(args, cwd, **env):
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+    )
+
+
+@pytest.mark.parametrize("script", ["reap.py", "prune_model.py", "test_pruned_model.py"])
+def test_help_explains_every_option(script, tmp_path):
+    result = _run([str(ROOT / script), "--help"], tmp_path)
+    assert result.returncode == 0 and "[REAP_MODEL_PATH]" in result.stdout and "--output-path" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "env", "message"),
+    [
+        ("reap.py", [], {"REAP_PRUNE_RATO": "0.5"}, "did you mean REAP_PRUNE_RATIO?"),
+        ("reap.py", ["--prune-ratio", "1.5"], {}, "REAP_PRUNE_RATIO=1.5 is out of range"),
+        ("reap.py", [], {}, "REAP_MODEL_PATH is not set"),
+        ("reap.py", ["--model-path", "nowhere"], {}, "model path nowhere does not exist"),
+        ("prune_model.py", ["--model-path", "."], {}, "has no config.json"),
+        ("test_pruned_model.py", ["--pruned-model-path", "nope"], {}, "pruned model nope does not exist"),
+    ],
+)
+def test_user_errors_are_one_line_with_exit_2(script, args, env, message, tmp_path):
+    result = _run([str(ROOT / script), *args], tmp_path, **env)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_demo_runs_every_stage_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    result = _run(["-m", "reap_vlm.demo", "--output-path", str(out)], tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Demo finished" in result.stdout and "PASS" in result.stdout
+    meta = json.loads((out / "reap_metadata.json").read_text())
+    assert meta["scoring"]["mode"] == "full" and meta["calibration"]["tokens"]["image"] > 0
+    config = json.loads((out / "pruned" / "config.json").read_text())
+    assert config["text_config"]["num_local_experts"] == 4 and "reap_pruning" in config
+    report = json.loads((out / "report" / "report.json").read_text())
+    assert report["passed"] and report["metrics"]["overall"]["agreement"] > 0.5
+    for name in (
+        "reap_heatmap.png",
+        "reap_modality.png",
+        "reap_candidates.png",
+        "reap_settings.json",
+        "prune_settings.json",
+    ):
+        assert (out / name).is_file(), name
