@@ -50,7 +50,7 @@ exit "${{DOCKER_RC:-0}}"
         f"""
 if [[ "$1 $2" == "-m venv" ]]; then
   mkdir -p "$3/bin"
-  printf '#!/usr/bin/env bash\\n{{ echo venv-python; printf "%%s\\\\n" "$@"; echo --end--; }} >> "{log}"\\nexit ${{PY_RC:-0}}\\n' > "$3/bin/python"
+  printf '#!/usr/bin/env bash\\n{{ echo venv-python; printf "%%s\\\\n" "$@"; echo --end--; }} >> "{log}"\\nexit ${{PY_RC:-0}}\\n' > "$3/bin/python"  # noqa: E501
   chmod +x "$3/bin/python"; exit 0
 fi
 exec {sys.executable} "$@"
