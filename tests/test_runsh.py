@@ -45,14 +45,14 @@ exit "${{DOCKER_RC:-0}}"
 """,
     )
     # python3 -m venv DIR: create DIR/bin/python that logs its arguments (pip installs included)
+    stub = _exe(
+        tmp_path / "venv-python",
+        f'{{ echo venv-python; printf "%s\\n" "$@"; echo --end--; }} >> "{log}"\nexit "${{PY_RC:-0}}"\n',
+    )
     _exe(
         bin_dir / "python3",
         f"""
-if [[ "$1 $2" == "-m venv" ]]; then
-  mkdir -p "$3/bin"
-  printf '#!/usr/bin/env bash\\n{{ echo venv-python; printf "%%s\\\\n" "$@"; echo --end--; }} >> "{log}"\\nexit ${{PY_RC:-0}}\\n' > "$3/bin/python"  # noqa: E501
-  chmod +x "$3/bin/python"; exit 0
-fi
+if [[ "$1 $2" == "-m venv" ]]; then mkdir -p "$3/bin"; cp "{stub}" "$3/bin/python"; exit 0; fi
 exec {sys.executable} "$@"
 """,
     )
