@@ -44,6 +44,7 @@ class ExpertWeights:
     up_bias: torch.Tensor | None  # [E, I]
     down_bias: torch.Tensor | None  # [E, H]
     combine: Callable[[torch.Tensor | None, torch.Tensor], torch.Tensor]  # (gate_out, up_out) -> hidden
+    gate_up: torch.Tensor | None = None  # [E, 2I, H] when gate rows [:I] and up rows [I:] are one tensor
 
     @property
     def num_experts(self) -> int:
@@ -54,6 +55,7 @@ def _glu(act: Callable) -> Callable:
     def combine(gate, up):
         return act(gate) * up
 
+    combine.act = act  # lets kernels recognise SiLU and fuse it
     return combine
 
 
@@ -79,6 +81,7 @@ def expert_weights(experts: torch.nn.Module) -> ExpertWeights:
     down = oriented(experts.down_proj)
     gate_bias = up_bias = None
     down_bias = getattr(experts, "down_proj_bias", None)
+    gate_up = None
     if has_gate:
         gate_up = oriented(experts.gate_up_proj)  # [E, 2I, H]
         bias = getattr(experts, "gate_up_proj_bias", None)
@@ -104,7 +107,8 @@ def expert_weights(experts: torch.nn.Module) -> ExpertWeights:
             return act(up_out)
     else:
         combine = _glu(experts.act_fn)
-    return ExpertWeights(gate, up, down, gate_bias, up_bias, down_bias, combine)
+    fused = gate_up if has_gate and not interleaved and not transposed else None
+    return ExpertWeights(gate, up, down, gate_bias, up_bias, down_bias, combine, fused)
 
 
 def expert_output(w: ExpertWeights, j: int, x: torch.Tensor) -> torch.Tensor:

@@ -17,15 +17,58 @@ import torch
 
 from ..errors import BugError
 from ..moe.spec import MoEBlock, expert_output, expert_weights
-from .kernel import all_expert_norms
+from .kernel import all_expert_norms, row_stats
 from .stats import BlockStats
 
 ROUTED_IMPL = "reap_routed"
 _ACTIVE: dict[int, Observer] = {}  # id(experts module) -> observer, for the routed implementation
 
 
+def _grouped_routed(self, observer, hidden_states, top_k_index, top_k_weights):
+    """transformers' grouped_mm experts forward, step for step, with the per-pair outputs' norms taken
+    before the routing weights are applied. Same kernels, same output; None if the internals differ."""
+    try:
+        from transformers.integrations.moe import _grouped_linear
+    except ImportError:
+        return None
+    if getattr(self, "_is_expert_parallel", False) or getattr(self, "has_post_expert_norm", False):
+        return None
+    T, K = top_k_index.shape
+    expert_ids, perm = torch.sort(top_k_index.reshape(-1))
+    hidden_g = hidden_states[perm // K]
+    weights_g = top_k_weights.reshape(-1)[perm]
+    device = hidden_states.device
+    histc_input = expert_ids.float() if device.type in ("cpu", "mps") else expert_ids.int()
+    counts = torch.histc(histc_input, bins=self.num_experts, min=0, max=self.num_experts - 1)
+    offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
+    has_bias = getattr(self, "has_bias", False)
+    if self.has_gate:
+        bias = self.gate_up_proj_bias[expert_ids] if has_bias else None
+        proj = _grouped_linear(hidden_g, self.gate_up_proj, offsets, bias=bias, is_transposed=self.is_transposed)
+        proj = self._apply_gate(proj)
+    else:
+        bias = self.up_proj_bias[expert_ids] if has_bias else None
+        proj = self.act_fn(
+            _grouped_linear(hidden_g, self.up_proj, offsets, bias=bias, is_transposed=self.is_transposed)
+        )
+    bias = self.down_proj_bias[expert_ids] if has_bias else None
+    proj = _grouped_linear(proj, self.down_proj, offsets, bias=bias, is_transposed=self.is_transposed)
+    inv_perm = torch.empty_like(perm)
+    inv_perm[perm] = torch.arange(perm.size(0), device=device)
+    norms, peaks = row_stats(proj)
+    observer.record_pair_stats(
+        self, hidden_states, top_k_index, top_k_weights, norms[inv_perm].view(T, K), peaks[inv_perm].view(T, K)
+    )
+    weighted = (proj * weights_g.unsqueeze(-1))[inv_perm]
+    return weighted.view(T, K, -1).sum(dim=1).to(hidden_states.dtype)
+
+
 def _routed_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     observer = _ACTIVE.get(id(self))
+    if self._reap_base_impl == "grouped_mm":
+        out = _grouped_routed(self, observer, hidden_states, top_k_index, top_k_weights)
+        if out is not None:
+            return out
     base = observer.base_forward(self)
     T, K = top_k_index.shape
     pairs = base(
@@ -181,10 +224,12 @@ class Observer:
 
     def record_pairs(self, experts, hidden, top_k_index, top_k_weights, pairs: torch.Tensor) -> None:
         """Routed mode through the experts interface: pairs [T, K, H] are the model's own f per pair."""
+        norms, peaks = row_stats(pairs)
+        self.record_pair_stats(experts, hidden, top_k_index, top_k_weights, norms, peaks)
+
+    def record_pair_stats(self, experts, hidden, top_k_index, top_k_weights, norms, peaks) -> None:
         block = self._block_of[id(experts)]
         modality = self._mask(hidden.device, hidden.shape[0])
-        norms = torch.linalg.vector_norm(pairs, dim=-1, dtype=torch.float32)
-        peaks = pairs.abs().amax(dim=-1).float()
         self.stats[block.key].add(modality, top_k_index, top_k_weights, self._probs.pop(block.key, None), norms, peaks)
 
     # ---- results ---------------------------------------------------------------------------

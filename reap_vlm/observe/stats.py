@@ -17,7 +17,7 @@ class BlockStats:
             for m in MODALITY_IDS
         }
         self.max_abs = {m: torch.zeros(num_experts, dtype=torch.float64, device=device) for m in MODALITY_IDS}
-        self.tokens = {m: 0 for m in MODALITY_IDS}
+        self._tokens = torch.zeros(2, dtype=torch.int64, device=device)  # text, image
 
     def add(
         self,
@@ -31,43 +31,58 @@ class BlockStats:
     ) -> None:
         """One forward's worth of a block. modality [T] (0 text, 1 image, -1 padding); top_k_* [T, K];
         probs [T, E]; pair_norms / pair_max [T, K] (‖f‖ and max|f| of each selected expert);
-        all_norms [T, E] (full mode: ‖f_j‖ for every expert)."""
+        all_norms [T, E] (full mode: ‖f_j‖ for every expert).
+
+        Both modalities are accumulated in one pass over bins (modality, expert), and masks multiply
+        instead of selecting rows, so nothing here waits for the GPU. Per-batch partial sums are
+        float64 like the running totals."""
         E = self.num_experts
-        for name, mid in MODALITY_IDS.items():
-            rows = modality == mid
-            n = int(rows.sum())
-            if n == 0:
-                continue
-            self.tokens[name] += n
-            idx = top_k_index[rows].reshape(-1)
-            valid = (idx >= 0) & (idx < E)  # some families append sentinel / zero experts
-            idx = idx[valid]
-            s = self.sums[name]
-            s["count"].index_add_(0, idx, torch.ones_like(idx, dtype=torch.float64))
-            g = top_k_weights[rows].reshape(-1)[valid].double()
-            s["gate_sum"].index_add_(0, idx, g)
-            if probs is not None:
-                s["prob_sum"] += probs[rows].double().sum(0)
-            if pair_norms is not None:
-                norms = pair_norms[rows].reshape(-1)[valid].double()
-                s["norm_sum"].index_add_(0, idx, norms)
-                s["gate_norm_sum"].index_add_(0, idx, g * norms)
-                peaks = pair_max[rows].reshape(-1)[valid].double()
-                self.max_abs[name].scatter_reduce_(0, idx, peaks, reduce="amax")
-            if all_norms is not None and probs is not None:
-                s["soft_norm_sum"] += (probs[rows].double() * all_norms[rows].double()).sum(0)
+        real = modality >= 0
+        bins = modality.clamp(min=0)[:, None] * E + top_k_index.clamp(0, E - 1)  # [T, K] in [0, 2E)
+        valid = (real[:, None] & (top_k_index >= 0) & (top_k_index < E)).reshape(-1).double()
+        bins = bins.reshape(-1)
+        g = top_k_weights.reshape(-1).double() * valid
+        per_bin = {"count": valid, "gate_sum": g}
+        if pair_norms is not None:
+            norms = pair_norms.reshape(-1).double()
+            per_bin["norm_sum"] = norms * valid
+            per_bin["gate_norm_sum"] = g * norms
+        for name, values in per_bin.items():
+            total = torch.zeros(2 * E, dtype=torch.float64, device=values.device).index_add_(0, bins, values)
+            self._add_pair(name, total)
+        onehot = torch.stack([modality == 0, modality == 1], dim=1).double()  # [T, 2]; padding rows are 0
+        self._tokens += onehot.sum(0).to(torch.int64)
+        if probs is not None:
+            self._add_pair("prob_sum", (onehot.T @ probs.double()).reshape(-1))
+            if all_norms is not None:
+                self._add_pair("soft_norm_sum", (onehot.T @ (probs.double() * all_norms.double())).reshape(-1))
+        if pair_max is not None:
+            peak = torch.zeros(2 * E, dtype=torch.float64, device=bins.device)
+            peak.scatter_reduce_(0, bins, pair_max.reshape(-1).double() * valid, reduce="amax")  # values >= 0
+            for i, name in enumerate(MODALITY_IDS):
+                torch.maximum(self.max_abs[name], peak[i * E : (i + 1) * E], out=self.max_abs[name])
+
+    def _add_pair(self, field: str, total: torch.Tensor) -> None:
+        E = self.num_experts
+        self.sums["text"][field] += total[:E]
+        self.sums["image"][field] += total[E:]
+
+    @property
+    def tokens(self) -> dict[str, int]:
+        counts = self._tokens.tolist()
+        return {m: counts[i] for i, m in enumerate(MODALITY_IDS)}
 
     def export(self, mode: str) -> dict:
         """JSON-ready sums per modality and 'all' (the metadata's raw sums)."""
-        out = {}
-        for name in MODALITY_IDS:
-            out[name] = self._one(self.sums[name], self.max_abs[name], self.tokens[name], mode)
+        tokens = self.tokens
+        out = {name: self._one(self.sums[name], self.max_abs[name], tokens[name], mode) for name in MODALITY_IDS}
         both = {f: self.sums["text"][f] + self.sums["image"][f] for f in SUM_FIELDS}
         peak = torch.maximum(self.max_abs["text"], self.max_abs["image"])
-        out["all"] = self._one(both, peak, self.tokens["text"] + self.tokens["image"], mode)
+        out["all"] = self._one(both, peak, tokens["text"] + tokens["image"], mode)
         return out
 
-    def _one(self, sums: dict, peak: torch.Tensor, tokens: int, mode: str) -> dict:
+    @staticmethod
+    def _one(sums: dict, peak: torch.Tensor, tokens: int, mode: str) -> dict:
         entry = {"tokens": tokens}
         for f in SUM_FIELDS:
             entry[f] = sums[f].cpu().tolist()
@@ -81,7 +96,7 @@ class BlockStats:
         return {
             "sums": {m: {f: t.cpu() for f, t in s.items()} for m, s in self.sums.items()},
             "max_abs": {m: t.cpu() for m, t in self.max_abs.items()},
-            "tokens": dict(self.tokens),
+            "tokens": self.tokens,
         }
 
     def load(self, state: dict) -> None:
@@ -90,4 +105,4 @@ class BlockStats:
                 self.sums[m][f].copy_(t)
         for m, t in state["max_abs"].items():
             self.max_abs[m].copy_(t)
-        self.tokens = dict(state["tokens"])
+        self._tokens.copy_(torch.tensor([state["tokens"][m] for m in MODALITY_IDS]))

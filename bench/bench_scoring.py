@@ -1,0 +1,209 @@
+"""Scoring cost at Qwen3-VL-30B-A3B widths (E=128, H=2048, I=768, top-8, bf16), one MoE layer.
+
+Measures in one run, on one device:
+  peak      a large bf16 matmul (the throughput reference of this GPU)
+  full      the all-expert statistics of full mode (reap_vlm.observe.kernel.all_expert_norms) — TFLOP/s, % of peak
+  dense     the naive baseline: a dense fp32 (E, T, H) activation tensor filled expert by expert, then norms
+  routed    the block forward with the routed-mode observer vs the same forward without hooks
+  router    the block forward with the router-mode observer vs without hooks
+  memory    peak GPU memory of full-mode scoring over many batches, minus the weights
+
+Usage:  python bench/bench_scoring.py [--tokens 16384] [--batches 8] [--out result.json]
+        python bench/bench_scoring.py --small      # CPU smoke test (tiny sizes)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from reap_vlm.moe import expert_weights, find_moe_blocks
+from reap_vlm.observe import Observer
+from reap_vlm.observe.kernel import all_expert_norms
+
+
+def timed(fn, device, repeat: int = 5, warmup: int = 2) -> float:
+    """Median seconds of fn()."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+class Layer(torch.nn.Module):
+    """A decoder-layer stand-in so that module paths look like a model's: layers.0.mlp.{gate,experts}."""
+
+    def __init__(self, block, config):
+        super().__init__()
+        self.layers = torch.nn.ModuleList([torch.nn.Module()])
+        self.layers[0].mlp = block
+        self.config = config
+
+    def forward(self, x):
+        return self.layers[0].mlp(x)
+
+
+def build(E, H, I, K, dtype, device):
+    from transformers import Qwen3VLMoeTextConfig
+    from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeTextSparseMoeBlock
+
+    config = Qwen3VLMoeTextConfig(hidden_size=H, moe_intermediate_size=I, num_experts=E, num_experts_per_tok=K)
+    config._experts_implementation = "grouped_mm"
+    block = Qwen3VLMoeTextSparseMoeBlock(config)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.02)
+    block.experts.config = config
+    return Layer(block, config).to(device=device, dtype=dtype).eval()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--batches", type=int, default=8, help="batches for the peak-memory measurement")
+    parser.add_argument("--memory-tokens", type=int, default=4096, help="tokens per batch for the memory measurement")
+    parser.add_argument("--budget-mb", type=int, default=1024)
+    parser.add_argument("--small", action="store_true", help="tiny sizes for a CPU smoke test")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.small else "cpu")
+    E, H, I, K = (8, 64, 32, 2) if args.small else (128, 2048, 768, 8)
+    T = 256 if args.small else args.tokens
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    result = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "E": E,
+        "H": H,
+        "I": I,
+        "top_k": K,
+        "tokens": T,
+        "dtype": str(dtype),
+    }
+
+    # peak: a large square matmul in the same dtype
+    n = 512 if args.small else 8192
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    seconds = timed(lambda: a @ b, device)
+    result["peak_tflops"] = 2 * n**3 / seconds / 1e12
+    del a, b
+
+    model = build(E, H, I, K, dtype, device)
+    block = model.layers[0].mlp
+    weights = expert_weights(block.experts)
+    x = torch.randn(T, H, device=device, dtype=dtype)
+    flops = 6 * T * E * H * I  # gate, up, down for every (token, expert)
+
+    with torch.inference_mode():
+        seconds = timed(lambda: all_expert_norms(weights, x, args.budget_mb), device, repeat=5)
+    result["full_seconds"] = seconds
+    result["full_tflops"] = flops / seconds / 1e12
+    result["full_pct_of_peak"] = 100 * result["full_tflops"] / result["peak_tflops"]
+
+    def dense():
+        acts = torch.empty((E, T, H), device=device, dtype=torch.float32)
+        for j in range(E):
+            h = torch.nn.functional.silu(x @ weights.gate[j].T) * (x @ weights.up[j].T)
+            acts[j] = (h @ weights.down[j].T).float()
+        return acts.norm(dim=-1)
+
+    with torch.inference_mode():
+        result["dense_seconds"] = timed(dense, device, repeat=3, warmup=1)
+    result["full_speedup_vs_dense"] = result["dense_seconds"] / result["full_seconds"]
+
+    blocks = find_moe_blocks(model)
+    modality = torch.zeros(T, dtype=torch.long, device=device)
+    xin = x.view(1, T, H)
+    with torch.inference_mode():
+        plain = timed(lambda: model(xin), device, repeat=10)
+        result["plain_forward_seconds"] = plain
+        for mode in ("routed", "router"):
+            with Observer(model, blocks, mode, args.budget_mb) as obs:
+                obs.set_modality(modality)
+                observed = timed(lambda: model(xin), device, repeat=10)
+            result[f"{mode}_seconds"] = observed
+            result[f"{mode}_over_plain"] = observed / plain
+
+    if device.type == "cuda":
+        weights_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        tm = args.memory_tokens
+        batches = [torch.randn(1, tm, H, device=device, dtype=dtype) for _ in range(args.batches)]
+        mod = torch.zeros(tm, dtype=torch.long, device=device)
+        del x, xin
+        peaks = {}
+        for label in ("plain", "full"):
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()  # weights + the batches themselves
+            with torch.inference_mode():
+                if label == "plain":
+                    for b in batches:
+                        model(b)
+                else:
+                    with Observer(model, blocks, "full", args.budget_mb) as obs:
+                        per_batch = []
+                        for b in batches:
+                            obs.set_modality(mod)
+                            model(b)
+                            per_batch.append(torch.cuda.max_memory_allocated() - base)
+                        result["full_peak_extra_per_batch_gib"] = [round(v / 2**30, 3) for v in per_batch]
+            peaks[label] = (torch.cuda.max_memory_allocated() - base) / 2**30
+        result["weights_gib"] = weights_bytes / 2**30
+        result["memory_tokens_per_batch"] = tm
+        result["plain_forward_extra_gib"] = peaks["plain"]
+        result["full_peak_extra_gib"] = peaks["full"]
+        result["memory_batches"] = args.batches
+
+    print(json.dumps(result, indent=1))
+    rows = [
+        ("bf16 matmul reference", f"{result['peak_tflops']:.0f} TFLOP/s", ""),
+        (
+            "full mode all-expert statistics",
+            f"{result['full_tflops']:.0f} TFLOP/s",
+            f"{result['full_pct_of_peak']:.0f} % of the reference (target >= 60 %)",
+        ),
+        (
+            "dense fp32 (E,T,H) baseline",
+            f"{result['dense_seconds'] * 1e3:.1f} ms",
+            f"full mode is {result['full_speedup_vs_dense']:.1f}x faster (target >= 2x)",
+        ),
+        ("routed mode / plain forward", f"{result['routed_over_plain']:.3f}x", "target <= 1.3x"),
+        ("router mode / plain forward", f"{result['router_over_plain']:.3f}x", "target <= 1.05x"),
+    ]
+    if "full_peak_extra_gib" in result:
+        rows.append(
+            (
+                "full mode peak memory",
+                f"weights {result['weights_gib']:.2f} GiB + "
+                f"{result['full_peak_extra_gib']:.2f} GiB over {args.batches} batches of "
+                f"{result['memory_tokens_per_batch']} tokens (plain forward: "
+                f"+{result['plain_forward_extra_gib']:.2f} GiB)",
+                "target <= +1 GiB",
+            )
+        )
+    print("\n| measurement | value | note |\n|---|---|---|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    print(f"\ncommand: python {' '.join(sys.argv)}")
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
