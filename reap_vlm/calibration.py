@@ -15,6 +15,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import logging
 import random
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .errors import CalibrationError
 
+log = logging.getLogger(__name__)
 CALIBRATION_DIR = Path(__file__).resolve().parents[1] / "calibration"
 TEXT_SETS = ("general", "code", "math", "writing")
 BUILTIN = (*TEXT_SETS, "vision", "combined")
@@ -33,6 +35,7 @@ MAX_JSONL_BYTES = 256 * 1024 * 1024
 MAX_LINE_BYTES = 4 * 1024 * 1024
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 FOLDER_PROMPT = "Describe this image in detail."
+MAX_HF_ROWS = 20000  # rows read from a Hugging Face dataset (its first ones), before the split
 
 
 @dataclass
@@ -178,15 +181,20 @@ def _read_jsonl(path: Path, source: str, split: str | None) -> SampleList:
                 if isinstance(err, CalibrationError):
                     raise
                 skipped += 1
-                print(f"warning: {where}: image skipped ({type(err).__name__}: {err})")
+                log.warning("%s: image skipped (%s: %s)", where, type(err).__name__, err)
                 continue
             samples.append(Sample(f"{source}/{number:05d}", source, messages, answer))
     return SampleList(samples, {source: skipped} if skipped else {})
 
 
-def _read_folder(folder: Path, split: str, prompt: str = FOLDER_PROMPT) -> SampleList:
+def _read_folder(folder: Path, split: str) -> SampleList:
+    """Every image of a folder with one prompt: the folder's prompt.txt if it has one, else FOLDER_PROMPT."""
     if not folder.is_dir():
         raise CalibrationError(f"image folder {folder} does not exist", "", "Check REAP_CALIBRATION")
+    prompt_file = folder / "prompt.txt"
+    prompt = prompt_file.read_text(encoding="utf-8").strip() if prompt_file.is_file() else FOLDER_PROMPT
+    if not prompt:
+        raise CalibrationError(f"{prompt_file} is empty", "", "Write the prompt into it, or delete it")
     samples, skipped = [], 0
     for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
         if _is_eval(path.name) != (split == "evaluation"):
@@ -195,7 +203,7 @@ def _read_folder(folder: Path, split: str, prompt: str = FOLDER_PROMPT) -> Sampl
             image = _open_image(path)
         except (OSError, UnidentifiedImageError) as err:
             skipped += 1
-            print(f"warning: {path.name}: image skipped ({err})")
+            log.warning("%s: image skipped (%s)", path.name, err)
             continue
         content = [{"type": "image", "image": image}, {"type": "text", "text": prompt}]
         samples.append(Sample(f"{folder.name}/{path.name}", str(folder), _user_message(content)))
@@ -222,15 +230,27 @@ def _read_hf(spec: str, split: str) -> SampleList:
     except Exception as err:  # offline, unknown name, ...: the datasets library raises many kinds
         raise CalibrationError(
             f"could not load the dataset {name}",
-            str(err).splitlines()[0],
+            (str(err).splitlines() or [type(err).__name__])[0],
             "Offline? Use a built-in set (general, code, math, writing, vision, combined), "
             "a JSONL file or an image folder",
         ) from None
-    samples = [
-        Sample(f"{name}/{i}", spec, _user_message([{"type": "text", "text": str(r[column])}]))
-        for i, r in enumerate(rows)
-        if _is_eval(str(r[column])) == (split == "evaluation")
-    ]
+    if len(rows) and column not in rows[0]:
+        raise CalibrationError(
+            f"{spec}: the dataset has no field {column!r}",
+            "fields: " + ", ".join(sorted(rows[0])),
+            f"Name the text field: hf:{name}:{hf_split}:FIELD",
+        )
+    samples = []
+    for i in range(min(len(rows), MAX_HF_ROWS)):  # calibration needs hundreds: never decode a whole corpus
+        value = rows[i][column]
+        if isinstance(value, Image.Image):  # an image column: the image with the folder prompt
+            key = hashlib.sha256(value.tobytes()).hexdigest()
+            content = [{"type": "image", "image": value.convert("RGB")}, {"type": "text", "text": FOLDER_PROMPT}]
+        else:
+            key = str(value)
+            content = [{"type": "text", "text": key}]
+        if _is_eval(key) == (split == "evaluation"):
+            samples.append(Sample(f"{name}/{i}", spec, _user_message(content)))
     return SampleList(samples)
 
 
@@ -331,6 +351,8 @@ def load_samples(
             raise CalibrationError(
                 f"calibration source {name!r} is empty", why, "Check the data, or pick another source"
             )
+        if count > len(pool):
+            log.warning("%s: %d samples asked, its %s split has %d; using all of them", name, count, split, len(pool))
         order = list(pool)
         if shuffle:
             random.Random(f"{seed}:{name}").shuffle(order)
@@ -343,12 +365,13 @@ def load_samples(
 # ---- model inputs ---------------------------------------------------------------------------
 
 
-def _template(processor, messages: list[dict]) -> str:
+def _template(processor, messages: list[dict]) -> tuple[str, bool]:
+    """(text, True) through the checkpoint's chat template; (plain text, False) when it has none."""
     has_template = getattr(processor, "chat_template", None) or getattr(
         getattr(processor, "tokenizer", None), "chat_template", None
     )
     if has_template:
-        return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+        return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=False), True
     if any(item.get("type") == "image" for m in messages if isinstance(m["content"], list) for item in m["content"]):
         raise CalibrationError(
             "the model's processor has no chat template",
@@ -356,10 +379,11 @@ def _template(processor, messages: list[dict]) -> str:
             "Use a checkpoint with chat_template.jinja, or text-only calibration",
         )
     # plain fallback for text models without a template
-    return "\n".join(
+    text = "\n".join(
         m["content"] if isinstance(m["content"], str) else "".join(i.get("text", "") for i in m["content"])
         for m in messages
     )
+    return text, False
 
 
 def _tokenizer(processor):
@@ -372,28 +396,71 @@ def image_token_id(processor) -> int | None:
     return tok.convert_tokens_to_ids(token) if token else None
 
 
-def _encode(sample: Sample, processor, max_seq_len: int, min_pixels: int | None, max_pixels: int | None) -> dict | None:
-    text = _template(processor, sample.messages)
-    images = sample.images
-    if images:
-        kwargs = {}  # None: the checkpoint's own image-processor limits
-        if min_pixels is not None and max_pixels is not None:
-            kwargs["images_kwargs"] = {"size": {"shortest_edge": min_pixels, "longest_edge": max_pixels}}
-        enc = processor(text=[text], images=images, return_tensors="pt", **kwargs)
-    else:
-        enc = _tokenizer(processor)(text, return_tensors="pt")
-    enc = dict(enc)
-    length = enc["input_ids"].shape[1]
-    if length > max_seq_len:
-        if images:
-            image_id = image_token_id(processor)
-            last_image = int((enc["input_ids"][0] == image_id).nonzero().max()) if image_id is not None else length
-            if last_image >= max_seq_len:
-                return None  # the image alone does not fit: never cut through image tokens
-        for key in ("input_ids", "attention_mask", "mm_token_type_ids"):
-            if key in enc:
-                enc[key] = enc[key][:, :max_seq_len]
+def _size_field(size, key: str):
+    return size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+
+
+def _pixel_limits(processor, min_pixels: int | None, max_pixels: int | None) -> tuple[int, int] | None:
+    """(min, max) image area for processors that take it (Qwen2-VL style: size = {shortest_edge,
+    longest_edge} in pixels), filled from the checkpoint's own limits where a setting is None.
+    None for other image processors: they keep the checkpoint's resolution."""
+    size = getattr(getattr(processor, "image_processor", None), "size", None)
+    lo, hi = _size_field(size, "shortest_edge"), _size_field(size, "longest_edge")
+    if size is None or lo is None or hi is None:
+        return None
+    return (min_pixels if min_pixels is not None else lo), (max_pixels if max_pixels is not None else hi)
+
+
+def _cut(enc: dict, max_seq_len: int) -> dict:
+    for key in ("input_ids", "attention_mask", "mm_token_type_ids"):
+        if key in enc:
+            enc[key] = enc[key][:, :max_seq_len]
     return enc
+
+
+def _encode(sample: Sample, processor, max_seq_len: int, min_pixels: int | None, max_pixels: int | None) -> dict | None:
+    """One sample -> processor outputs (batch of 1), at most max_seq_len tokens, image tokens never cut.
+
+    Too long with an image: text after the last image is dropped; if the image tokens themselves do
+    not fit, the image is encoded again at a smaller pixel budget (down to min_pixels); None if even
+    that does not fit."""
+    text, templated = _template(processor, sample.messages)
+    images = sample.images
+    tok = _tokenizer(processor)
+    if not images:
+        # the template already holds the special tokens (as tokenizer.apply_chat_template(tokenize=True) does)
+        return _cut(dict(tok(text, return_tensors="pt", add_special_tokens=not templated)), max_seq_len)
+    text_kwargs = {"add_special_tokens": False} if tok.bos_token and text.startswith(tok.bos_token) else {}
+    limits = _pixel_limits(processor, min_pixels, max_pixels)
+    image_id = image_token_id(processor)
+    for _ in range(6):
+        kwargs = dict(text_kwargs)
+        if limits is not None:
+            kwargs["images_kwargs"] = {"size": {"shortest_edge": limits[0], "longest_edge": limits[1]}}
+        enc = dict(processor(text=[text], images=images, return_tensors="pt", **kwargs))
+        length = enc["input_ids"].shape[1]
+        if length <= max_seq_len:
+            return enc
+        if "mm_token_type_ids" in enc:
+            is_image = enc["mm_token_type_ids"][0] == 1
+        elif image_id is not None:
+            is_image = enc["input_ids"][0] == image_id
+        else:
+            return None  # cannot tell where the image tokens are, so cannot cut safely
+        last = int(is_image.nonzero().max()) if is_image.any() else -1
+        if last < max_seq_len:
+            return _cut(enc, max_seq_len)
+        if limits is None:
+            return None
+        # image tokens grow with the pixel area: shrink the area to what the room left over allows
+        n_image = int(is_image.sum())
+        room = max_seq_len - (length - n_image)
+        largest = max(img.width * img.height for img in images)
+        smaller = int(min(limits[1], largest) * room / n_image * 0.9)
+        if room <= 0 or smaller < limits[0]:
+            return None
+        limits = (limits[0], smaller)
+    return None
 
 
 def _collate(encoded: list[dict], pad_id: int, image_id: int | None) -> tuple[dict, torch.Tensor]:
@@ -421,6 +488,25 @@ def _collate(encoded: list[dict], pad_id: int, image_id: int | None) -> tuple[di
     return inputs, modality
 
 
+def _packed_rows(samples: list[Sample], processor, max_seq_len: int, eos_id: int) -> list[tuple[dict, Sample]]:
+    """Text samples of one source joined (EOS between them) and cut into rows of max_seq_len tokens."""
+    tok = _tokenizer(processor)
+    by_source: dict[str, list[Sample]] = {}
+    for s in samples:
+        by_source.setdefault(s.source, []).append(s)
+    rows = []
+    for source, group in by_source.items():
+        stream: list[int] = []
+        for s in group:
+            text, templated = _template(processor, s.messages)
+            stream.extend(tok(text, add_special_tokens=not templated)["input_ids"] + [eos_id])
+        for start in range(0, len(stream), max_seq_len):
+            chunk = torch.tensor([stream[start : start + max_seq_len]])
+            enc = {"input_ids": chunk, "attention_mask": torch.ones_like(chunk)}
+            rows.append((enc, Sample(f"{source}/packed{start // max_seq_len}", source, [])))
+    return rows
+
+
 def make_batches(
     samples: Iterable[Sample],
     processor,
@@ -433,38 +519,32 @@ def make_batches(
 ) -> Iterator[Batch]:
     """Encode samples with the model's processor and chat template; right-padded batches.
 
-    Image samples whose image tokens alone exceed max_seq_len are skipped with a warning (lower
-    REAP_MAX_PIXELS); text is cut at max_seq_len. With packing, text samples of one source are joined
-    (EOS-separated) into full-length rows."""
+    `processor` is the checkpoint's processor, or its bare tokenizer for text-only models.
+    min_pixels / max_pixels bound each image's area (None: the checkpoint's own limits). Text is cut
+    at max_seq_len; an image sample never loses image tokens (see _encode) and is skipped with a
+    warning if its image cannot fit. With packing, text samples of one source are joined
+    (EOS-separated) into full-length rows; image samples stay one per row."""
+    if max_seq_len < 1 or batch_size < 1:
+        raise CalibrationError(
+            "max_seq_len and batch_size must be positive", f"got {max_seq_len} and {batch_size}", "Raise them"
+        )
     tok = _tokenizer(processor)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    pad_id = next((t for t in (tok.pad_token_id, tok.eos_token_id) if t is not None), 0)
+    eos_id = tok.eos_token_id if tok.eos_token_id is not None else pad_id
     image_id = image_token_id(processor)
     samples = list(samples)
     rows: list[tuple[dict, Sample]] = []
     if packing:
-        by_source: dict[str, list[Sample]] = {}
-        for s in samples:
-            if s.kind == "text":
-                by_source.setdefault(s.source, []).append(s)
-        for source, group in by_source.items():
-            stream: list[int] = []
-            for s in group:
-                stream.extend(tok(_template(processor, s.messages))["input_ids"] + [tok.eos_token_id or pad_id])
-            for start in range(0, len(stream), max_seq_len):
-                chunk = torch.tensor([stream[start : start + max_seq_len]])
-                rows.append(
-                    (
-                        {"input_ids": chunk, "attention_mask": torch.ones_like(chunk)},
-                        Sample(f"{source}/packed{start // max_seq_len}", source, []),
-                    )
-                )
+        rows = _packed_rows([s for s in samples if s.kind == "text"], processor, max_seq_len, eos_id)
         samples = [s for s in samples if s.kind == "image"]
     for s in samples:
         enc = _encode(s, processor, max_seq_len, min_pixels, max_pixels)
         if enc is None:
-            print(
-                f"warning: {s.id}: the image needs more than {max_seq_len} tokens; skipped "
-                "(lower REAP_MAX_PIXELS or raise REAP_MAX_SEQ_LEN)"
+            log.warning(
+                "%s: the image does not fit in %d tokens even at REAP_MIN_PIXELS; skipped "
+                "(raise REAP_MAX_SEQ_LEN or lower REAP_MIN_PIXELS)",
+                s.id,
+                max_seq_len,
             )
             continue
         rows.append((enc, s))

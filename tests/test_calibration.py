@@ -13,6 +13,8 @@ from reap_vlm.calibration import (
     BUILTIN,
     CALIBRATION_DIR,
     TEXT_SETS,
+    Sample,
+    _is_eval,
     load_samples,
     make_batches,
     read_source,
@@ -222,3 +224,116 @@ def test_packing_fills_rows(tiny_text_dir):
     rows = [row for b in batches for row in b.modality]
     assert len(rows) > 1
     assert all(len(row) == 64 and (row == 0).all() for row in rows[:-1])  # full rows of real tokens
+
+
+def _image_sample(text_after: str = "", size=(448, 448)) -> Sample:
+    content = [{"type": "image", "image": Image.new("RGB", size, (90, 140, 30))}, {"type": "text", "text": "Describe."}]
+    if text_after:
+        content.append({"type": "text", "text": text_after})
+    return Sample("mine/0", "mine", [{"role": "user", "content": content}])
+
+
+def _image_tokens_match_grid(batch, merge: int = 2) -> bool:
+    grid_tokens = int(batch.inputs["image_grid_thw"].prod(dim=1).sum()) // merge**2
+    return int((batch.modality == 1).sum()) == grid_tokens == int((batch.inputs["mm_token_type_ids"] == 1).sum())
+
+
+def test_pixel_limits_reach_the_image_processor(tiny_vl_dir):
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(tiny_vl_dir)
+    sample = _image_sample()
+    small, large = (
+        next(make_batches([sample], processor, max_seq_len=4096, batch_size=1, min_pixels=1024, max_pixels=px))
+        for px in (16384, 65536)
+    )
+    # 448x448 at 16x16 patches: 128x128 px -> 8x8 patches, 256x256 px -> 16x16 patches
+    assert small.inputs["image_grid_thw"].tolist() == [[1, 8, 8]]
+    assert large.inputs["image_grid_thw"].tolist() == [[1, 16, 16]]
+    assert _image_tokens_match_grid(small) and _image_tokens_match_grid(large)
+
+
+def test_long_image_sample_loses_text_after_the_image_not_image_tokens(tiny_vl_dir):
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(tiny_vl_dir)
+    sample = _image_sample(text_after=" ".join(["river"] * 400))
+    [batch] = make_batches([sample], processor, max_seq_len=120, batch_size=1, min_pixels=1024, max_pixels=16384)
+    assert batch.inputs["input_ids"].shape[1] == 120 and _image_tokens_match_grid(batch)
+    assert int((batch.modality == 1).sum()) == 16 and (batch.modality[0, -10:] == 0).all()
+
+
+def test_image_too_large_for_the_sequence_is_encoded_smaller(tiny_vl_dir, caplog):
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(tiny_vl_dir)
+    sample = _image_sample()
+    # at 65536 px the image alone needs 64 tokens; 60 tokens leave room for about 40
+    [batch] = make_batches([sample], processor, max_seq_len=60, batch_size=1, min_pixels=1024, max_pixels=65536)
+    assert batch.inputs["input_ids"].shape[1] <= 60 and _image_tokens_match_grid(batch)
+    assert 0 < int((batch.modality == 1).sum()) < 64
+    # below min_pixels it cannot shrink: skipped with a warning, never cut
+    assert list(make_batches([sample], processor, max_seq_len=60, batch_size=1, min_pixels=65536)) == []
+    assert "does not fit in 60 tokens" in caplog.text
+
+
+def test_forward_of_a_tiny_moe_vlm_on_a_batch():
+    from reap_vlm.tiny import build
+
+    model, processor = build("qwen3_vl_moe", seed=0)
+    samples = load_samples("code:2,vision:2", max_samples=4, seed=0)
+    [batch] = make_batches(samples, processor, max_seq_len=128, batch_size=4, min_pixels=1024, max_pixels=16384)
+    assert (batch.modality == 1).any() and (batch.modality == -1).any()
+    with torch.inference_mode():
+        out = model(**batch.inputs)
+    assert out.logits.shape[:2] == batch.inputs["input_ids"].shape and torch.isfinite(out.logits).all()
+
+
+def test_packing_separates_samples_with_eos(tiny_text_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_text_dir)
+    samples = load_samples("code:3", max_samples=3, seed=0)
+    batches = list(make_batches(samples, tok, max_seq_len=10_000, batch_size=8, packing=True))
+    [row] = [r for b in batches for r in b.inputs["input_ids"]]
+    assert int((row == tok.eos_token_id).sum()) >= 3 and int(row[-1]) == tok.eos_token_id
+
+
+def test_hf_source_through_the_datasets_package(monkeypatch):
+    import sys
+    import types
+
+    rows = [{"text": f"passage {i} on tides and weather", "label": i} for i in range(40)]
+    rows += [{"text": Image.new("RGB", (24, 24), (i, 0, 0)), "label": i} for i in range(10)]
+    fake = types.ModuleType("datasets")
+    fake.load_dataset = lambda name, split: rows
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    calib, held_out = read_source("hf:tides:train", "calibration"), read_source("hf:tides:train", "evaluation")
+    assert len(calib) + len(held_out) == 50 and held_out
+    assert {s.kind for s in calib + held_out} == {"text", "image"}
+    with pytest.raises(CalibrationError, match=r"has no field 'body'.*fields: label, text"):
+        read_source("hf:tides:train:body", "calibration")
+
+    def offline(name, split):
+        raise ConnectionError("Couldn't reach the Hub")
+
+    fake.load_dataset = offline
+    with pytest.raises(CalibrationError, match=r"could not load the dataset tides.*built-in set"):
+        read_source("hf:tides", "calibration")
+
+
+def test_image_folder_prompt_file(user_data):
+    (user_data / "imgs" / "prompt.txt").write_text("How many colours are there?\n")
+    samples = read_source(str(user_data / "imgs"), "calibration") + read_source(str(user_data / "imgs"), "evaluation")
+    assert len(samples) == 12 and all(s.text == "How many colours are there?" for s in samples)
+
+
+def test_warnings_for_skipped_images_and_short_sources(tmp_path, caplog):
+    for i in range(10):
+        Image.new("RGB", (20, 20)).save(tmp_path / f"ok{i}.png")
+    (tmp_path / "bad.png").write_bytes(b"garbage")
+    read_source(str(tmp_path), "calibration" if not _is_eval("bad.png") else "evaluation")
+    assert "bad.png: image skipped" in caplog.text
+    samples = load_samples("math:500", max_samples=500, seed=0)
+    assert len(samples) == len(read_source("math", "calibration"))
+    assert "500 samples asked" in caplog.text
