@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from reap_vlm.moe import expert_weights, find_moe_blocks
 from reap_vlm.observe import Observer
 from reap_vlm.observe.kernel import all_expert_norms
+from reap_vlm.settings import ReapSettings
 
 
 def timed(fn, device, repeat: int = 5, warmup: int = 2) -> float:
@@ -77,7 +78,13 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--batches", type=int, default=8, help="batches for the peak-memory measurement")
     parser.add_argument("--memory-tokens", type=int, default=4096, help="tokens per batch for the memory measurement")
-    parser.add_argument("--budget-mb", type=int, default=1024)
+    parser.add_argument(
+        "--budget-mb",
+        type=int,
+        default=ReapSettings.chunk_memory_mb,
+        help="full-mode chunk budget (default: REAP_CHUNK_MEMORY_MB's default)",
+    )
+    parser.add_argument("--sweep", default="512,1024,2048", help="other budgets whose full-mode speed is also timed")
     parser.add_argument("--small", action="store_true", help="tiny sizes for a CPU smoke test")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -99,10 +106,10 @@ def main() -> None:
 
     # peak: a large square matmul in the same dtype
     n = 512 if args.small else 8192
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    seconds = timed(lambda: a @ b, device)
+    square = [torch.randn(n, n, device=device, dtype=dtype) for _ in range(2)]
+    seconds = timed(lambda: torch.mm(*square), device)
     result["peak_tflops"] = 2 * n**3 / seconds / 1e12
-    del a, b
+    square.clear()
 
     model = build(E, H, I, K, dtype, device)
     block = model.layers[0].mlp
@@ -115,6 +122,12 @@ def main() -> None:
     result["full_seconds"] = seconds
     result["full_tflops"] = flops / seconds / 1e12
     result["full_pct_of_peak"] = 100 * result["full_tflops"] / result["peak_tflops"]
+    result["budget_mb"] = args.budget_mb
+    result["sweep_pct_of_peak"] = {}
+    for budget in [int(b) for b in args.sweep.split(",") if b]:
+        with torch.inference_mode():
+            sec = timed(lambda b=budget: all_expert_norms(weights, x, b), device, repeat=3)
+        result["sweep_pct_of_peak"][budget] = round(100 * flops / sec / 1e12 / result["peak_tflops"], 1)
 
     def dense():
         acts = torch.empty((E, T, H), device=device, dtype=torch.float32)

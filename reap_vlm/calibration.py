@@ -149,8 +149,9 @@ def _parse_row(row: dict, base: Path, source: str, where: str) -> tuple[list[dic
     return out, str(row.get("answer", ""))
 
 
-def _read_jsonl(path: Path, source: str, split: str | None) -> SampleList:
-    """Rows of a JSONL file; `split` None = all rows (built-in split files), else the hash split."""
+def _read_jsonl(path: Path, source: str, split: str | None, id_prefix: str = "") -> SampleList:
+    """Rows of a JSONL file; `split` None = all rows (built-in split files), else the hash split.
+    Ids are source/prefix+line number, so they are unique across both splits."""
     if not path.is_file():
         raise CalibrationError(f"calibration file {path} does not exist", "", "Check REAP_CALIBRATION")
     if path.stat().st_size > MAX_JSONL_BYTES:
@@ -183,7 +184,7 @@ def _read_jsonl(path: Path, source: str, split: str | None) -> SampleList:
                 skipped += 1
                 log.warning("%s: image skipped (%s: %s)", where, type(err).__name__, err)
                 continue
-            samples.append(Sample(f"{source}/{number:05d}", source, messages, answer))
+            samples.append(Sample(f"{source}/{id_prefix}{number:05d}", source, messages, answer))
     return SampleList(samples, {source: skipped} if skipped else {})
 
 
@@ -259,7 +260,8 @@ def read_source(name: str, split: str) -> SampleList:
     if split not in SPLITS:
         raise CalibrationError(f"unknown split {split!r}", "", "Use calibration or evaluation")
     if name in BUILTIN and name != "combined":
-        return _read_jsonl(CALIBRATION_DIR / name / f"{SPLITS[split]}.jsonl", name, None)
+        prefix = "eval/" if split == "evaluation" else ""  # the two files both start at line 1
+        return _read_jsonl(CALIBRATION_DIR / name / f"{SPLITS[split]}.jsonl", name, None, prefix)
     if name.startswith("hf:"):
         return _read_hf(name, split)
     if name.startswith("folder:"):

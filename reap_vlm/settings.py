@@ -157,7 +157,7 @@ class ReapSettings(Settings):
     super_expert_factor: float = opt(
         10.0, "An expert is 'super' when its max |activation| exceeds this multiple of the layer's median."
     )
-    chunk_memory_mb: int = opt(1024, "Extra memory budget (MiB) for the all-expert computation in full mode.")
+    chunk_memory_mb: int = opt(768, "Extra memory budget (MiB) for the all-expert computation in full mode.")
     checkpoint_every: int = opt(0, "Save the accumulators every N batches for --resume (0 = off).")
     resume: bool = opt(False, "Resume from the accumulator checkpoint in the output folder.")
     metadata_path: Path | None = opt(None, "Where to write reap_metadata.json (default: <output>/reap_metadata.json).")

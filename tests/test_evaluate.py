@@ -84,12 +84,19 @@ def test_reap_plan_beats_a_random_plan(tmp_path):
     src = make_tiny("qwen3_moe", tmp_path / "src")
     from safetensors.torch import load_file, save_file
 
-    # make the experts' importance unmistakable: experts 1, 3, 4, 6 of every layer become near-silent
+    # make the experts' importance unmistakable: experts 1, 3, 4, 6 of every layer are rarely routed and
+    # near-silent; experts 0, 2, 5, 7 do the work
     for shard in src.glob("model-*.safetensors"):
         tensors = load_file(str(shard))
         for name in tensors:
             if any(f".experts.{j}.down_proj" in name for j in (1, 3, 4, 6)):
                 tensors[name] = tensors[name] * 0.01
+            if any(f".experts.{j}.down_proj" in name for j in (0, 2, 5, 7)):
+                tensors[name] = tensors[name] * 4.0
+            if name.endswith("mlp.gate.weight"):
+                w = tensors[name].clone()
+                w[[1, 3, 4, 6]] *= 0.1
+                tensors[name] = w
         save_file(tensors, str(shard), metadata={"format": "pt"})
     settings = load(
         ReapSettings,
@@ -118,6 +125,7 @@ def test_reap_plan_beats_a_random_plan(tmp_path):
     reap_keep = {(b["layer"], b["expert_set"]): meta["layers"][b["key"]]["kept"] for b in meta["model"]["blocks"]}
     rng = np.random.default_rng(1)
     random_keep = {k: sorted(rng.choice(8, 4, replace=False).tolist()) for k in reap_keep}
+    assert all(v == [0, 2, 5, 7] for v in reap_keep.values())  # REAP finds the experts that do the work
     assert random_keep != reap_keep
     _, with_reap = _test(_prune(src, tmp_path / "reap", reap_keep), src, tmp_path / "r1")
     _, with_random = _test(_prune(src, tmp_path / "random", random_keep), src, tmp_path / "r2")

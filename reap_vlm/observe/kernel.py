@@ -59,7 +59,7 @@ def _chunk_sizes(
     return tokens, experts
 
 
-def all_expert_norms(w: ExpertWeights, x: torch.Tensor, budget_mb: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+def all_expert_norms(w: ExpertWeights, x: torch.Tensor, budget_mb: int = 768) -> tuple[torch.Tensor, torch.Tensor]:
     """(norms [T, E] fp32, max_abs [T, E] fp32) of every expert's unweighted output on tokens x [T, H].
 
     Every expert sees the same tokens, so the up projection of a chunk of experts is one GEMM

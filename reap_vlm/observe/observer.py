@@ -94,7 +94,7 @@ def _register_routed() -> bool:
 class Observer:
     """Context manager: while active, every forward of `model` adds to the per-block statistics."""
 
-    def __init__(self, model: torch.nn.Module, blocks: list[MoEBlock], mode: str, budget_mb: int = 1024):
+    def __init__(self, model: torch.nn.Module, blocks: list[MoEBlock], mode: str, budget_mb: int = 768):
         if mode not in ("full", "routed", "router"):
             raise BugError(f"unknown scoring mode {mode!r}")
         self.model, self.blocks, self.mode, self.budget_mb = model, blocks, mode, budget_mb
