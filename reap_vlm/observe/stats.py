@@ -44,8 +44,8 @@ class BlockStats:
         if pair_norms is not None:
             norms = pair_norms.reshape(-1).float()
             columns += [norms * valid, g * norms]
-        # bincount privatises its few bins (shared memory on CUDA): much faster than global atomic index_add_
-        partial = torch.stack([torch.bincount(bins, weights=c, minlength=2 * E) for c in columns], dim=1)
+        partial = torch.zeros((2 * E, len(columns)), dtype=torch.float32, device=bins.device)
+        partial.index_add_(0, bins, torch.stack(columns, dim=1))
         self.acc[:, :, : len(columns)] += partial.view(2, E, -1)
         onehot = torch.stack([modality == 0, modality == 1], dim=1).float()  # [T, 2]
         self._tokens += onehot.sum(0).to(torch.int64)
