@@ -9,7 +9,7 @@ import signal
 import sys
 from collections.abc import Callable
 
-from .errors import EXIT_INTERRUPTED, EXIT_OK, Interrupted, ReapError
+from .errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, ReapError
 from .settings import STAGES, Settings, load
 
 
@@ -27,12 +27,16 @@ def main(stage: str, run: Callable[[Settings], int], argv: list[str] | None = No
     except ReapError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
+    except OSError as err:  # the file system said no: full disk, read-only folder, missing permission
+        where = f" {err.filename}" if err.filename else ""
+        print(f"error: {stage} could not read or write{where}: {err.strerror or err}. Check the path, free space "
+              "and permissions; nothing partial was left at the target path.", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt as err:
         reason = str(err) or "SIGINT"
         print(
-            f"error: {stage} interrupted ({reason}): nothing partial was left at the target path. "
-            + Interrupted("").fix
-            + "Run the same command again (reap: add --resume to continue from the last accumulator checkpoint).",
+            f"error: {stage} interrupted ({reason}): nothing partial was left at the target path. Run the same "
+            "command again (reap: add --resume to continue from the last accumulator checkpoint).",
             file=sys.stderr,
         )
         return EXIT_INTERRUPTED

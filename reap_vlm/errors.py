@@ -68,12 +68,6 @@ class DeviceError(ReapError, RuntimeError):
     """The requested device or dtype is not available on this machine."""
 
 
-class Interrupted(ReapError, KeyboardInterrupt):
-    """The run was interrupted by a signal; nothing partial was left at the target."""
-
-    exit_code = EXIT_INTERRUPTED
-
-
 class BugError(RuntimeError):
     """An invariant of this tool broke. Not the user's fault: report it with the traceback."""
 
