@@ -29,8 +29,11 @@ def main(stage: str, run: Callable[[Settings], int], argv: list[str] | None = No
         return err.exit_code
     except OSError as err:  # the file system said no: full disk, read-only folder, missing permission
         where = f" {err.filename}" if err.filename else ""
-        print(f"error: {stage} could not read or write{where}: {err.strerror or err}. Check the path, free space "
-              "and permissions; nothing partial was left at the target path.", file=sys.stderr)
+        print(
+            f"error: {stage} could not read or write{where}: {err.strerror or err}. Check the path, free space "
+            "and permissions; nothing partial was left at the target path.",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     except KeyboardInterrupt as err:
         reason = str(err) or "SIGINT"

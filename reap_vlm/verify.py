@@ -32,7 +32,9 @@ def _meta_blocks(model_dir: Path, config: dict):
     with torch.device("meta"):
         model = auto.from_config(cfg)
     blocks = find_moe_blocks(model)
-    shared = sorted({name.split(".")[-1] for name, _ in model.named_modules() if "shared_expert" in name.split(".")[-1]})
+    shared = sorted(
+        {name.split(".")[-1] for name, _ in model.named_modules() if "shared_expert" in name.split(".")[-1]}
+    )
     return blocks, shared
 
 
@@ -40,17 +42,23 @@ def describe(model_dir: Path, ratio: float | None) -> dict:
     layout = inspect_checkpoint(model_dir)
     config = layout.config
     info: dict = {
-        "model": str(model_dir), "architecture": (config.get("architectures") or ["?"])[0],
-        "model_type": config.get("model_type"), "moe_blocks": len(layout.blocks), "experts": layout.num_experts,
-        "top_k": layout.top_k, "n_group": layout.n_group, "topk_group": layout.topk_group,
+        "model": str(model_dir),
+        "architecture": (config.get("architectures") or ["?"])[0],
+        "model_type": config.get("model_type"),
+        "moe_blocks": len(layout.blocks),
+        "experts": layout.num_experts,
+        "top_k": layout.top_k,
+        "n_group": layout.n_group,
+        "topk_group": layout.topk_group,
         "layout": sorted(set().union(*(b.layout for b in layout.blocks.values()))),
         "shards": len(layout.shards),
         "quantization": (config.get("quantization_config") or {}).get("quant_method"),
     }
     try:
         blocks, shared = _meta_blocks(model_dir, config)
-        info["routing"] = sorted({f"{b.score_fn} top-{b.top_k}" + (f", {b.n_group} groups" if b.n_group > 1 else "")
-                                  for b in blocks})
+        info["routing"] = sorted(
+            {f"{b.score_fn} top-{b.top_k}" + (f", {b.n_group} groups" if b.n_group > 1 else "") for b in blocks}
+        )
         info["shared_experts"] = shared
     except Exception as err:  # custom code, quantized configs transformers cannot build offline, ...
         info["routing"] = f"not derived ({type(err).__name__}: {str(err).splitlines()[0][:120]})"
@@ -58,7 +66,8 @@ def describe(model_dir: Path, ratio: float | None) -> dict:
     counts = {"expert": 0, "router": 0, "other": 0}
     for name, t in layout.tensors.items():
         kind = {"expert": "expert", "fused": "expert", "router": "router", "buffer": "router"}.get(
-            layout.roles[name].kind, "other")
+            layout.roles[name].kind, "other"
+        )
         sizes[kind] += t.nbytes
         counts[kind] += math.prod(t.shape)
     info["bytes"] = sizes
@@ -66,9 +75,12 @@ def describe(model_dir: Path, ratio: float | None) -> dict:
     if ratio is not None:
         keep = layout.num_experts - int(layout.num_experts * ratio)
         frac = keep / layout.num_experts
-        info["after"] = {"ratio": ratio, "experts_kept": keep,
-                         "parameters": int(counts["other"] + (counts["expert"] + counts["router"]) * frac),
-                         "bytes": int(sizes["other"] + (sizes["expert"] + sizes["router"]) * frac)}
+        info["after"] = {
+            "ratio": ratio,
+            "experts_kept": keep,
+            "parameters": int(counts["other"] + (counts["expert"] + counts["router"]) * frac),
+            "bytes": int(sizes["other"] + (sizes["expert"] + sizes["router"]) * frac),
+        }
     weights = sum(sizes.values())
     # Scoring memory: the weights, plus per mode what the observer adds per MoE block for a batch of
     # T tokens (T = 4 x 512 here): routed keeps T*K pair outputs [T*K, H] as the model does anyway;

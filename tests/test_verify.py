@@ -28,9 +28,17 @@ def test_verify_checks_metadata_and_reports_bad_input(tmp_path, capsys):
     assert main([str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
     src = make_tiny("qwen3_moe", tmp_path / "m")
-    meta = {"schema_version": 1, "model": {"architecture": "MixtralForCausalLM", "blocks": [
-        {"key": "0.experts", "layer": 0, "expert_set": "experts", "num_experts": 8, "top_k": 2}]},
-            "scoring": {}, "calibration": {}, "layers": {}, "plan": {}}
+    meta = {
+        "schema_version": 1,
+        "model": {
+            "architecture": "MixtralForCausalLM",
+            "blocks": [{"key": "0.experts", "layer": 0, "expert_set": "experts", "num_experts": 8, "top_k": 2}],
+        },
+        "scoring": {},
+        "calibration": {},
+        "layers": {},
+        "plan": {},
+    }
     (tmp_path / "meta.json").write_text(json.dumps(meta))
     assert main([str(src), "--metadata-path", str(tmp_path / "meta.json")]) == 2
     assert "made for MixtralForCausalLM" in capsys.readouterr().err
