@@ -227,6 +227,8 @@ def choose_plan(settings: ReapSettings, model, blocks, meta: dict, eval_batches:
 
 def score(settings: ReapSettings, on_batch: Callable[[int], None] | None = None) -> dict:
     """The whole stage; returns the metadata it wrote."""
+    if settings.model_path is not None:
+        read_config(settings.model_path)  # a missing or broken model is the first thing to say
     meta_path = _check_paths(settings)
     config = read_config(settings.model_path)
     model, processor, _ = load_model(

@@ -191,6 +191,13 @@ def _shards(src: Path) -> tuple[list[str], dict | None]:
         except (ValueError, KeyError, AssertionError, UnicodeDecodeError):
             raise CheckpointError(f"{index_path} is corrupt", "no valid weight_map", "Re-copy the index file") from None
         shards = list(dict.fromkeys(weight_map.values()))
+        orphans = sorted(p.name for p in src.glob("model*.safetensors") if p.name not in shards)
+        if orphans:
+            raise CheckpointError(
+                f"shard {orphans[0]} is in {src} but the index does not list it or its tensors",
+                "index and shards disagree: its tensors would be lost",
+                "Re-copy the checkpoint",
+            )
         for shard in shards:
             if "/" in shard or shard.startswith(".") or not (src / shard).is_file():
                 raise CheckpointError(
