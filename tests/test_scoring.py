@@ -87,7 +87,7 @@ def _brute_force(model, batches):
                         a["gate_sum"][j] += g
                         a["gate_norm_sum"][j] += g * norm
                         a["norm_sum"][j] += norm
-                        a["max_abs"][j] = max(a["max_abs"][j], float(f.abs().max()))
+                        a["max_abs"][j] = max(a["max_abs"][j], float(f.detach().abs().max()))
         both = {
             k: [x + y for x, y in zip(acc["text"][k], acc["image"][k], strict=True)]
             for k in acc["text"]
