@@ -1,11 +1,17 @@
-"""run.sh: dispatch in docker and local runtimes, passthrough, exit codes, venv stamps, errors."""
+"""run.sh: runtime selection, the compose invocation, passthrough, exit codes, venv stamps, .env parsing, errors.
+
+No Docker engine is needed: a stand-in `docker` (first on PATH) answers `docker info` / `docker compose version`
+as each test decides and logs every other call, one JSON line per call. A stand-in `python3` creates stand-in
+virtual environments whose python/ruff/hadolint/shellcheck log their calls the same way. The last tests run the
+real run.sh on the real stage scripts with this interpreter as the venv's python.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
-import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -13,212 +19,371 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+SERVICE = "reap-vlm"
+RUN = ["compose", "run", "--rm", "--build", "--user", f"{os.getuid()}:{os.getgid()}"]
+COMMANDS = ("build", "reap", "prune", "test", "all", "demo", "verify", "selftest", "shell", "help")
+RUNNER_KEYS = ("REAP_RUNTIME", "REAP_VENV", "REAP_GPUS", "REAP_IMAGE", "REAP_ENV_FILE")
+
+# One program, installed under several names: its name says what it stands in for.
+STAND_IN = """#!{python}
+import json, os, shlex, shutil, sys
+
+name, args = os.path.basename(sys.argv[0]), sys.argv[1:]
+if name == "python3":  # the system python: creates a stand-in venv, runs anything else for real
+    if args[:2] != ["-m", "venv"]:
+        os.execv(sys.executable, [sys.executable, *args])
+    os.makedirs(os.path.join(args[2], "bin"))
+    for tool in ("python", "ruff", "hadolint", "shellcheck"):
+        shutil.copy(__file__, os.path.join(args[2], "bin", tool))
+    with open(os.path.join(args[2], "bin", "activate"), "w") as f:
+        f.write("export VIRTUAL_ENV=" + shlex.quote(os.path.abspath(args[2])) + "\\n")
+    sys.exit(0)
+if name == "docker" and args[:1] == ["info"]:
+    sys.exit(int(os.environ.get("DOCKER_INFO_RC", "0")))
+if name == "docker" and args[:2] == ["compose", "version"]:
+    version = os.environ.get("COMPOSE_VERSION", "2.29.1")
+    print(version)
+    sys.exit(0 if version else 1)
+if name == "python" and args[:1] == ["-m"] and args[1] in ("pip", "pytest"):
+    name = args[1]
+env = {{k: v for k, v in os.environ.items() if k.startswith("REAP_")}}
+with open(os.environ["CALLS"], "a") as log:
+    log.write(json.dumps({{"prog": name, "argv": args, "env": env}}) + "\\n")
+code = int(os.environ.get("RC_" + name, "0"))
+for rule in filter(None, os.environ.get("FAIL_ON", "").split(",")):  # FAIL_ON=prune_model.py=3
+    word, rc = rule.rsplit("=", 1)
+    code = int(rc) if word in args else code
+sys.exit(code)
+"""
 
 
-def _exe(path: Path, body: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("#!/usr/bin/env bash\n" + body)
-    path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
-    return path
+class Sandbox:
+    """A copy of run.sh in a tmp repo, the stand-ins on PATH, and a log of their calls."""
+
+    def __init__(self, tmp_path: Path):
+        self.repo = tmp_path / "repo"
+        self.repo.mkdir()
+        shutil.copy(ROOT / "run.sh", self.repo / "run.sh")
+        (self.repo / "requirements.txt").write_text("torch==2.14.1\n")
+        (self.repo / "requirements-dev.txt").write_text("-r requirements.txt\npytest\n")
+        self.bin = tmp_path / "bin"
+        self.bin.mkdir()
+        for name in ("docker", "python3"):
+            (self.bin / name).write_text(STAND_IN.format(python=sys.executable))
+            (self.bin / name).chmod(0o755)
+        self.log = tmp_path / "calls.jsonl"
+        self.env = {
+            "PATH": f"{self.bin}:/usr/bin:/bin",
+            "HOME": str(tmp_path),
+            "LANG": "C.UTF-8",
+            "CALLS": str(self.log),
+        }
+
+    def run(self, *args: str, stdin: str = "", **env: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(self.repo / "run.sh"), *args],
+            env={**self.env, **env},
+            input=stdin,
+            capture_output=True,
+            text=True,
+            cwd=self.repo,
+            timeout=60,
+        )
+
+    def calls(self, prog: str | None = None) -> list[dict]:
+        lines = self.log.read_text().splitlines() if self.log.exists() else []
+        self.log.unlink(missing_ok=True)  # each check sees the calls since the previous one
+        records = [json.loads(line) for line in lines]
+        return [r for r in records if prog is None or r["prog"] == prog]
+
+    def without_docker(self) -> None:
+        (self.bin / "docker").unlink()
 
 
 @pytest.fixture
-def sandbox(tmp_path):
-    """A copy of run.sh with stand-in stage scripts, a stand-in docker and a stand-in python3 on PATH."""
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    shutil.copy(ROOT / "run.sh", repo / "run.sh")
-    (repo / "requirements.txt").write_text("torch==0\n")
-    (repo / "requirements-dev.txt").write_text("-r requirements.txt\npytest==0\n")
-    for script in ("reap.py", "prune_model.py", "test_pruned_model.py"):
-        (repo / script).write_text("")
-    bin_dir = tmp_path / "bin"
-    log = tmp_path / "calls.log"
-    # docker: `info` / `compose version` succeed unless DOCKER_BROKEN is set; every call is logged one arg per line
-    _exe(
-        bin_dir / "docker",
-        f"""
-if [[ "$1" == info ]]; then [[ -z "${{DOCKER_BROKEN:-}}" ]]; exit $?; fi
-if [[ "$1 $2" == "compose version" ]]; then exit 0; fi
-{{ echo "docker"; printf '%s\\n' "$@"; echo "--end--"; }} >> "{log}"
-exit "${{DOCKER_RC:-0}}"
-""",
-    )
-    # python3 -m venv DIR: create DIR/bin/python that logs its arguments (pip installs included)
-    stub = _exe(
-        tmp_path / "venv-python",
-        f'{{ echo venv-python; printf "%s\\n" "$@"; echo --end--; }} >> "{log}"\nexit "${{PY_RC:-0}}"\n',
-    )
-    _exe(
-        bin_dir / "python3",
-        f"""
-if [[ "$1 $2" == "-m venv" ]]; then mkdir -p "$3/bin"; cp "{stub}" "$3/bin/python"; exit 0; fi
-exec {sys.executable} "$@"
-""",
-    )
-    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path), "LANG": "C.UTF-8"}
-    return repo, env, log
+def box(tmp_path) -> Sandbox:
+    return Sandbox(tmp_path)
 
 
-def _run(repo, env, *args, **extra):
-    return subprocess.run(
-        [str(repo / "run.sh"), *args], env={**env, **extra}, capture_output=True, text=True, cwd=repo, timeout=60
-    )
+def _stamp(path: Path) -> str:
+    """The stamp format run.sh documents: the `sha256sum` line of the requirements file."""
+    return f"{hashlib.sha256(path.read_bytes()).hexdigest()}  {path.name}\n"
 
 
-def _calls(log: Path) -> list[list[str]]:
-    if not log.exists():
-        return []
-    calls, current = [], []
-    for line in log.read_text().splitlines():
-        if line == "--end--":
-            calls.append(current)
-            current = []
-        else:
-            current.append(line)
-    return calls
+# ---- docker runtime ------------------------------------------------------------------------------------------
 
 
-def test_docker_runtime_invocation_and_passthrough(sandbox):
-    repo, env, log = sandbox
-    result = _run(repo, env, "reap", "--model-path", "/models/my model", "--prune-ratio", "0.3", REAP_RUNTIME="docker")
+def test_docker_runtime_passes_arguments_verbatim(box):
+    args = ["--model-path", "/models/my model", "--calibration", """say "hi", it's $HOME `x`""", "--seed=7", ""]
+    result = box.run("reap", *args, REAP_RUNTIME="docker")
     assert result.returncode == 0, result.stderr
-    assert _calls(log) == [
-        [
-            "docker",
-            "compose",
-            "run",
-            "--rm",
-            "reap-vlm",
-            "reap.py",
-            "--model-path",
-            "/models/my model",
-            "--prune-ratio",
-            "0.3",
-        ]
-    ]
-
-
-def test_auto_uses_docker_when_the_engine_answers(sandbox):
-    repo, env, log = sandbox
-    assert _run(repo, env, "demo", "--max-samples", "8").returncode == 0
-    assert _calls(log) == [
-        ["docker", "compose", "run", "--rm", "reap-vlm", "-m", "reap_vlm.demo", "--max-samples", "8"]
-    ]
-
-
-def test_exit_codes_propagate(sandbox):
-    repo, env, _ = sandbox
-    assert _run(repo, env, "test", REAP_RUNTIME="docker", DOCKER_RC="1").returncode == 1
-    assert _run(repo, env, "prune", REAP_RUNTIME="docker", DOCKER_RC="2").returncode == 2
-
-
-def test_compose_file_gets_the_env_file_and_gpus(sandbox):
-    repo, env, log = sandbox
-    _exe(
-        repo.parent / "bin" / "docker",
-        f"""
-if [[ "$1" == info || "$1 $2" == "compose version" ]]; then exit 0; fi
-echo "REAP_ENV_FILE=${{REAP_ENV_FILE:-}} REAP_GPUS=$REAP_GPUS REAP_IMAGE=$REAP_IMAGE" >> "{log}"
-""",
-    )
-    (repo / "custom.env").write_text("REAP_GPUS=2\nREAP_IMAGE=me/reap:1\n")
-    assert _run(repo, env, "reap", REAP_ENV_FILE="custom.env").returncode == 0
-    assert log.read_text().strip() == "REAP_ENV_FILE=custom.env REAP_GPUS=2 REAP_IMAGE=me/reap:1"
-
-
-def test_auto_falls_back_to_local_and_installs_once(sandbox):
-    repo, env, log = sandbox
-    first = _run(repo, env, "reap", "--help", DOCKER_BROKEN="1")
-    assert first.returncode == 0, first.stderr
-    calls = _calls(log)
-    assert calls[0][:5] == ["venv-python", "-m", "pip", "install", "--quiet"] and calls[0][-1] == "requirements.txt"
-    assert calls[1] == ["venv-python", "reap.py", "--help"]
-    assert (repo / ".venv" / ".reap-requirements").is_file()
-    log.unlink()
-    assert _run(repo, env, "prune", DOCKER_BROKEN="1").returncode == 0
-    assert _calls(log) == [["venv-python", "prune_model.py"]]  # no reinstall: requirements unchanged
-    log.unlink()
-    (repo / "requirements.txt").write_text("torch==1\n")
-    assert _run(repo, env, "prune", REAP_RUNTIME="local").returncode == 0
-    assert [c[:4] for c in _calls(log)] == [["venv-python", "-m", "pip", "install"], ["venv-python", "prune_model.py"]]
-
-
-def test_local_runtime_from_dotenv_and_custom_venv(sandbox):
-    repo, env, log = sandbox
-    (repo / ".env").write_text('REAP_RUNTIME="local"\nREAP_VENV=envs/x\n')
-    assert _run(repo, env, "test", "--eval-samples", "4").returncode == 0
-    assert _calls(log)[-1] == ["venv-python", "test_pruned_model.py", "--eval-samples", "4"]
-    assert (repo / "envs" / "x" / "bin" / "python").exists()
-
-
-def test_dotenv_is_never_executed(sandbox, tmp_path):
-    repo, env, _ = sandbox
-    marker = tmp_path / "pwned"
-    (repo / ".env").write_text(f"REAP_RUNTIME=local\n$(touch {marker})\nREAP_SEED=`touch {marker}`\n")
-    _run(repo, env, "prune")
-    assert not marker.exists()
-
-
-def test_selftest_is_always_local(sandbox):
-    repo, env, log = sandbox
-    _run(repo, env, "selftest", "-k", "settings", REAP_RUNTIME="docker")
-    calls = _calls(log)
-    assert all(c[0] != "docker" for c in calls)
-    assert calls[0][-1] == "requirements-dev.txt"
+    assert [c["argv"] for c in box.calls("docker")] == [[*RUN, SERVICE, "reap.py", *args]]
+    assert result.stderr == ""  # an explicit runtime needs no note
+    assert (box.repo / "models").is_dir() and (box.repo / "outputs").is_dir()  # created as the user, not by root
 
 
 @pytest.mark.parametrize(
-    ("args", "extra", "message"),
+    ("command", "expected"),
     [
-        (["frobnicate"], {}, "unknown command 'frobnicate'"),
-        (["reap"], {"REAP_RUNTIME": "kubernetes"}, "REAP_RUNTIME=kubernetes is not valid"),
-        (["reap"], {"REAP_ENV_FILE": "missing.env"}, "REAP_ENV_FILE=missing.env does not exist"),
+        (["demo", "--max-samples", "8"], ["-m", "reap_vlm.demo", "--max-samples", "8"]),
+        (["verify", "/models/m", "--json"], ["-m", "reap_vlm.verify", "/models/m", "--json"]),
+        (["prune", "--dry-run"], ["prune_model.py", "--dry-run"]),
+        (["test", "--min-agreement", "0.9"], ["test_pruned_model.py", "--min-agreement", "0.9"]),
     ],
 )
-def test_bad_input_is_one_line_and_exit_2(sandbox, args, extra, message):
-    repo, env, log = sandbox
-    result = _run(repo, env, *args, **extra)
-    assert result.returncode == 2
-    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
-    assert not _calls(log)
+def test_auto_with_a_working_engine_runs_in_the_container(box, command, expected):
+    result = box.run(*command)
+    assert result.returncode == 0, result.stderr
+    assert [c["argv"] for c in box.calls()] == [[*RUN, SERVICE, *expected]]
+    assert "REAP_RUNTIME=auto: running in docker" in result.stderr
 
 
-def test_help_lists_every_command(sandbox):
-    repo, env, _ = sandbox
-    out = _run(repo, env, "help").stdout
-    for command in ("build", "reap", "prune", "test", "all", "demo", "verify", "selftest", "shell", "help"):
-        assert f"  {command}" in out
-    for key in ("REAP_RUNTIME", "REAP_VENV", "REAP_GPUS", "REAP_IMAGE", "REAP_ENV_FILE"):
-        assert key in out
-    assert _run(repo, env).stdout == out
+@pytest.mark.parametrize("code", [1, 2, 3, 130])
+def test_the_container_exit_code_is_returned(box, code):
+    assert box.run("test", REAP_RUNTIME="docker", RC_docker=str(code)).returncode == code
 
 
-def test_all_stops_at_the_first_failure(sandbox):
-    repo, env, log = sandbox
-    _exe(
-        repo.parent / "bin" / "docker",
-        f"""
-if [[ "$1" == info || "$1 $2" == "compose version" ]]; then exit 0; fi
-echo "$5" >> "{log}"
-[[ "$5" == prune_model.py ]] && exit 1
-exit 0
-""",
+def test_settings_reach_compose_and_the_container(box):
+    (box.repo / "gpu.env").write_text("REAP_GPUS=2\nREAP_IMAGE=me/reap:1\nREAP_SEED=1\n")
+    result = box.run("--env-file", "gpu.env", "reap", REAP_RUNTIME="docker", REAP_SEED="7", REAP_MAX_SAMPLES="8")
+    assert result.returncode == 0, result.stderr
+    (call,) = box.calls("docker")
+    # compose interpolates these (image, GPU count, the env_file it passes to the container)
+    assert {k: call["env"][k] for k in ("REAP_GPUS", "REAP_IMAGE", "REAP_ENV_FILE")} == {
+        "REAP_GPUS": "2",
+        "REAP_IMAGE": "me/reap:1",
+        "REAP_ENV_FILE": "gpu.env",
+    }
+    # the caller's stage settings are passed in (they win over the file's, as in local mode); runner keys are not
+    passed = [call["argv"][i + 1] for i, a in enumerate(call["argv"]) if a == "-e"]
+    assert sorted(passed) == ["REAP_MAX_SAMPLES=8", "REAP_SEED=7"]
+    assert call["argv"][-2:] == [SERVICE, "reap.py"]
+
+
+def test_docker_required_but_not_usable_is_one_line(box):
+    for env in ({"DOCKER_INFO_RC": "1"}, {"COMPOSE_VERSION": "2.20.3"}, {"COMPOSE_VERSION": ""}):
+        result = box.run("reap", REAP_RUNTIME="docker", **env)
+        assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr
+        assert "REAP_RUNTIME=docker, but" in result.stderr
+    assert box.calls() == []
+
+
+def test_build_uses_compose(box):
+    (box.repo / ".env").write_text("REAP_IMAGE=me/reap:2\n")
+    assert box.run("build", "--no-cache").returncode == 0
+    (call,) = box.calls("docker")
+    assert call["argv"] == ["compose", "build", "--no-cache", SERVICE] and call["env"]["REAP_IMAGE"] == "me/reap:2"
+    box.without_docker()
+    result = box.run("build")
+    assert result.returncode == 2 and "build needs Docker" in result.stderr
+
+
+def test_shell_in_the_container(box):
+    assert box.run("shell", REAP_RUNTIME="docker").returncode == 0
+    assert [c["argv"] for c in box.calls()] == [[*RUN, "--entrypoint", "bash", SERVICE]]
+
+
+# ---- local runtime -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "no_docker",
+    [{"DOCKER_INFO_RC": "1"}, {"COMPOSE_VERSION": "2.23.0"}, {"COMPOSE_VERSION": ""}, "not installed"],
+    ids=["engine-down", "compose-too-old", "no-compose", "no-docker"],
+)
+def test_auto_without_docker_runs_locally(box, no_docker):
+    if no_docker == "not installed":
+        box.without_docker()
+        no_docker = {}
+    result = box.run("reap", "--model-path", "models/m", **no_docker)
+    assert result.returncode == 0, result.stderr
+    assert [(c["prog"], c["argv"]) for c in box.calls()] == [
+        ("pip", ["-m", "pip", "install", "--disable-pip-version-check", "-r", "requirements.txt"]),
+        ("python", ["reap.py", "--model-path", "models/m"]),
+    ]
+    assert "running in local" in result.stderr and "about 3-5 minutes" in result.stderr
+
+
+def test_venv_is_created_once_and_refreshed_when_requirements_change(box):
+    first = box.run("prune", "--dry-run", REAP_RUNTIME="local")
+    assert first.returncode == 0, first.stderr
+    assert [c["prog"] for c in box.calls()] == ["pip", "python"]
+    stamp = box.repo / ".venv" / ".reap-requirements.txt.sha256"
+    assert stamp.read_text() == _stamp(box.repo / "requirements.txt")
+    second = box.run("prune", "--dry-run", REAP_RUNTIME="local")
+    assert [c["prog"] for c in box.calls()] == ["python"] and second.stderr == ""
+    (box.repo / "requirements.txt").write_text("torch==2.14.1\nnumpy==2.4.6\n")
+    third = box.run("prune", REAP_RUNTIME="local")
+    assert [c["prog"] for c in box.calls()] == ["pip", "python"]
+    assert "requirements.txt new or changed" in third.stderr and "creating" not in third.stderr
+    assert stamp.read_text() == _stamp(box.repo / "requirements.txt")
+
+
+def test_failed_install_stops_and_is_retried(box):
+    result = box.run("reap", REAP_RUNTIME="local", RC_pip="1")
+    assert result.returncode == 1 and "pip could not install requirements.txt" in result.stderr
+    assert [c["prog"] for c in box.calls()] == ["pip"]  # the stage did not run
+    assert box.run("reap", REAP_RUNTIME="local").returncode == 0
+    assert [c["prog"] for c in box.calls()] == ["pip", "python"]  # no stamp was written: installed again
+
+
+def test_local_exit_code_is_returned(box):
+    assert box.run("test", REAP_RUNTIME="local", RC_python="1").returncode == 1
+
+
+def test_shell_with_the_venv_active(box):
+    result = box.run("shell", REAP_RUNTIME="local", stdin='echo "venv=$VIRTUAL_ENV"\n')
+    assert result.returncode == 0, result.stderr
+    assert f"venv={box.repo / '.venv'}" in result.stdout
+
+
+# ---- settings from .env --------------------------------------------------------------------------------------
+
+
+def test_dotenv_is_parsed_like_python_dotenv(box):
+    (box.repo / ".env").write_text(
+        "REAP_RUNTIME=docker\r\n"
+        'export REAP_RUNTIME="local"  # later lines win\r\n'
+        "REAP_VENV='envs/my venv' # quoted, with a comment\n"
+        "#REAP_VENV=commented-out\n"
+        "REAP_SEED=3"
     )
-    assert _run(repo, env, "all").returncode == 1
-    assert log.read_text().split() == ["reap.py", "prune_model.py"]
+    assert box.run("reap").returncode == 0
+    assert [c["prog"] for c in box.calls()] == ["pip", "python"]
+    assert (box.repo / "envs" / "my venv" / "bin" / "python").exists()
+    assert box.run("reap", REAP_RUNTIME="docker").returncode == 0  # the environment beats the file
+    assert [c["prog"] for c in box.calls()] == ["docker"]
 
 
-def test_local_mode_for_real(tmp_path):
-    """The real run.sh runs the real reap.py in a venv (a wrapper around this interpreter, stamp up to date)."""
+def test_dotenv_is_never_executed(box, tmp_path):
+    marker = tmp_path / "executed"
+    (box.repo / ".env").write_text(
+        f"REAP_RUNTIME=local\n$(touch {marker})\nREAP_VENV=$(touch {marker})\nREAP_SEED=`touch {marker}`\n"
+        f"touch {marker}\n"
+    )
+    assert box.run("reap").returncode == 0
+    assert not marker.exists()
+    assert (box.repo / f"$(touch {marker})" / "bin" / "python").exists()  # the value is taken literally
+
+
+# ---- all -----------------------------------------------------------------------------------------------------
+
+
+def test_all_gives_its_flags_to_every_stage(box):
+    result = box.run("all", "--model-path", "/models/m x", "--prune-ratio=0.3", "--no-plots", "--overwrite")
+    assert result.returncode == 0, result.stderr
+    calls = box.calls("docker")
+    assert [c["argv"][-1] for c in calls] == ["reap.py", "prune_model.py", "test_pruned_model.py"]
+    for call in calls:
+        passed = {call["argv"][i + 1] for i, a in enumerate(call["argv"]) if a == "-e"}
+        assert passed == {
+            "REAP_MODEL_PATH=/models/m x",
+            "REAP_PRUNE_RATIO=0.3",
+            "REAP_PLOTS=false",
+            "REAP_OVERWRITE=true",
+        }
+    assert result.stderr.count("running in docker") == 1  # the runtime is picked once
+
+
+def test_all_in_the_venv_and_first_failure_stops(box):
+    result = box.run("all", "--max-samples", "8", REAP_RUNTIME="local", FAIL_ON="prune_model.py=3")
+    assert result.returncode == 3
+    calls = box.calls("python")
+    assert [c["argv"] for c in calls] == [["reap.py"], ["prune_model.py"]]
+    assert all(c["env"]["REAP_MAX_SAMPLES"] == "8" for c in calls)
+
+
+# ---- selftest ------------------------------------------------------------------------------------------------
+
+
+def test_selftest_is_local_lints_then_runs_pytest(box):
+    result = box.run("selftest", "-k", "settings", "-q", REAP_RUNTIME="docker")
+    assert result.returncode == 0, result.stderr
+    assert [(c["prog"], c["argv"]) for c in box.calls()] == [
+        ("pip", ["-m", "pip", "install", "--disable-pip-version-check", "-r", "requirements-dev.txt"]),
+        ("ruff", ["check", "."]),
+        ("hadolint", ["Dockerfile"]),
+        ("shellcheck", ["run.sh", ".ci/run"]),
+        ("pytest", ["-m", "pytest", "-m", "not slow", "-k", "settings", "-q"]),
+    ]
+    assert box.run("selftest", "--all").returncode == 0
+    assert box.calls("pytest")[0]["argv"] == ["-m", "pytest", "-m", "slow or not slow"]
+    # the dev install covers requirements.txt: the stages run without installing again
+    assert box.run("reap", REAP_RUNTIME="local").returncode == 0
+    assert [c["prog"] for c in box.calls()] == ["python"]
+
+
+def test_selftest_failures(box):
+    assert box.run("selftest", RC_pytest="5").returncode == 5  # "no tests ran" reaches .ci/run, which fails on it
+    assert [c["prog"] for c in box.calls()] == ["pip", "ruff", "hadolint", "shellcheck", "pytest"]
+    assert box.run("selftest", RC_ruff="1").returncode == 1
+    assert [c["prog"] for c in box.calls()] == ["ruff"]  # a lint failure stops before pytest
+
+
+# ---- bad input and help --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (["frobnicate"], {}, "unknown command 'frobnicate': use one of build reap"),
+        (["reap"], {"REAP_RUNTIME": "kubernetes"}, "REAP_RUNTIME=kubernetes is not valid"),
+        (["reap"], {"REAP_ENV_FILE": "missing.env"}, "REAP_ENV_FILE=missing.env does not exist"),
+        (["--env-file", "missing.env", "reap"], {}, "REAP_ENV_FILE=missing.env does not exist"),
+        (["--env-file"], {}, "--env-file needs a file"),
+        (["reap"], {"REAP_RUNTIME": "docker", "REAP_GPUS": "two"}, "REAP_GPUS=two is not valid"),
+        (["all", "/models/m"], {}, "all takes --option [value] pairs"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(box, args, env, message):
+    result = box.run(*args, **env)
+    assert result.returncode == 2
+    assert result.stderr.startswith("run.sh: error: ") and message in result.stderr
+    assert len(result.stderr.splitlines()) == 1 and result.stdout == ""
+    assert box.calls() == []
+
+
+def test_runtime_from_dotenv_is_validated(box):
+    (box.repo / ".env").write_text("REAP_RUNTIME=podman\n")
+    result = box.run("demo")
+    assert result.returncode == 2 and "REAP_RUNTIME=podman is not valid" in result.stderr
+
+
+def test_help_lists_every_command_and_runner_key(box):
+    text = box.run("help").stdout
+    listed = [line.split()[0] for line in text.splitlines() if line.startswith("  ") and not line.startswith("   ")]
+    assert [w for w in listed if not w.startswith("REAP_")] == list(COMMANDS)
+    for key in RUNNER_KEYS:
+        assert f"  {key} " in text
+    for same in ([], ["-h"], ["--help"], ["all", "--help"]):
+        assert box.run(*same).stdout == text
+    assert box.calls() == []
+
+
+# ---- the real run.sh on the real stage scripts ---------------------------------------------------------------
+
+
+@pytest.fixture
+def this_python_as_venv(tmp_path) -> Path:
+    """A venv folder whose python is this interpreter, stamped as holding requirements.txt."""
     venv = tmp_path / "venv"
-    _exe(venv / "bin" / "python", f'exec "{sys.executable}" "$@"\n')
-    digest = hashlib.sha256((ROOT / "requirements.txt").read_bytes() * 2).hexdigest()
-    (venv / ".reap-requirements").write_text(f"{digest}-requirements.txt\n")
-    env = {**os.environ, "REAP_RUNTIME": "local", "REAP_VENV": str(venv)}
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").write_text(f'#!/usr/bin/env bash\nexec "{sys.executable}" "$@"\n')
+    (venv / "bin" / "python").chmod(0o755)
+    (venv / ".reap-requirements.txt.sha256").write_text(_stamp(ROOT / "requirements.txt"))
+    return venv
+
+
+@pytest.mark.parametrize(
+    ("command", "expected"),
+    [(["reap", "--help"], "[REAP_SCORING_MODE]"), (["verify", "--help"], "./run.sh verify")],
+)
+def test_local_mode_runs_the_real_stage(this_python_as_venv, tmp_path, command, expected):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REAP_")}
+    env.update(REAP_RUNTIME="local", REAP_VENV=str(this_python_as_venv))
     result = subprocess.run(
-        [str(ROOT / "run.sh"), "reap", "--help"], env=env, capture_output=True, text=True, timeout=120
+        [str(ROOT / "run.sh"), *command], env=env, capture_output=True, text=True, cwd=tmp_path, timeout=120
     )
     assert result.returncode == 0, result.stderr
-    assert "--scoring-mode" in result.stdout and "[REAP_SCORING_MODE]" in result.stdout
-    assert "installing" not in result.stderr
+    assert result.stdout.startswith("usage:") and expected in result.stdout
+    assert result.stderr == ""  # the stamp matched: nothing was installed
