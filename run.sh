@@ -2,16 +2,18 @@
 # REAP-VLM runner: ./run.sh [--env-file FILE] <command> [args...]   (./run.sh help lists the commands)
 set -euo pipefail
 
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-cd "$ROOT"  # paths in arguments and in .env are relative to the repository root, in both runtimes
+ROOT="$(cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")" && pwd)"
+cd "$ROOT" # paths in arguments and in .env are relative to the repository root, in both runtimes
 SERVICE=reap-vlm
+# What the Dockerfile copies: their hash, stored as an image label, tells whether the image holds this code.
+IMAGE_SOURCES=(Dockerfile requirements.txt reap.py prune_model.py test_pruned_model.py reap_vlm calibration)
 
 usage() {
   cat <<'EOF'
 Usage: ./run.sh [--env-file FILE] <command> [args...]
 
 Commands:
-  build      build the Docker image (docker compose build; extra args go to it, e.g. --no-cache)
+  build      build the Docker image (docker compose build [args], e.g. --no-cache)
   reap       score the experts          python reap.py [args]
   prune      write the pruned model     python prune_model.py [args]
   test       test the pruned model      python test_pruned_model.py [args]
@@ -20,11 +22,10 @@ Commands:
              takes the keys it knows, and a misspelt key stops the first stage at once.
   demo       the whole pipeline on a generated tiny Qwen3-VL-MoE (CPU, offline): python -m reap_vlm.demo
   verify     a checkpoint's MoE layout without loading weights: python -m reap_vlm.verify MODEL [args]
-  selftest   ruff, hadolint, shellcheck, then pytest [args]; always local (the venv gets requirements-dev.txt);
+  selftest   ruff, hadolint, shellcheck, then pytest [args]; always local, the venv gets requirements-dev.txt;
              selftest --all also runs the slow tests
   shell      a shell in the container (docker) or with the virtual environment active (local)
   help       this text (also -h, --help)
-
 Arguments after the command reach the stage unchanged; its exit code is run.sh's exit code.
 
 Runner settings (environment, else the .env file; the file is read, never executed):
@@ -35,20 +36,20 @@ Runner settings (environment, else the .env file; the file is read, never execut
   REAP_GPUS      GPUs reserved in docker mode: all (default) or a count
   REAP_IMAGE     image name (default reap-vlm:latest)
   REAP_ENV_FILE  the .env file (default .env; also --env-file FILE)
-Docker mode runs the container as your uid:gid, rebuilds the image from this checkout first (cached), passes
+Docker mode runs the container as your uid:gid, builds the image when this checkout's code changed, passes
 your REAP_* variables in, and sees ./models (as /models and models/), ./outputs and ./calibration only.
 Other paths, or Docker without the NVIDIA Container Toolkit: REAP_RUNTIME=local.
 EOF
 }
 
-die() { echo "run.sh: error: $1" >&2; exit 2; }
+die() { echo "run.sh: error: $1" >&2 && exit 2; }
 note() { echo "run.sh: $1" >&2; }
 
 # A runner key: the environment first, else the last `KEY=value` line of the env file (dotenv rules:
 # optional `export`, quotes, ` #` comments). The file is parsed here and never executed.
 setting() {
   local key="$1" default="$2" line value=""
-  if [[ -n "${!key:-}" ]]; then echo "${!key}"; return; fi
+  if [[ -n "${!key:-}" ]]; then echo "${!key}" && return; fi
   if [[ -f "$ENV_FILE" ]]; then
     while IFS= read -r line || [[ -n "$line" ]]; do
       line="${line%$'\r'}"
@@ -57,8 +58,7 @@ setting() {
       if [[ "$value" =~ ^\"([^\"]*)\" || "$value" =~ ^\'([^\']*)\' ]]; then
         value="${BASH_REMATCH[1]}"
       else
-        value="${value%%[[:space:]]#*}"
-        value="${value%"${value##*[![:space:]]}"}"
+        value="${value%%[[:space:]]#*}" && value="${value%"${value##*[![:space:]]}"}"
       fi
     done <"$ENV_FILE"
   fi
@@ -70,17 +70,17 @@ compose_ok() {
   local version major minor
   command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1 || return 1
   version="$(docker compose version --short 2>/dev/null)" || return 1
-  version="${version#v}"
-  major="${version%%.*}" && minor="${version#*.}" && minor="${minor%%.*}"
+  version="${version#v}" && major="${version%%.*}" && minor="${version#*.}" && minor="${minor%%.*}"
   [[ "$major" =~ ^[0-9]+$ && "$minor" =~ ^[0-9]+$ ]] && ((major > 2 || (major == 2 && minor >= 24)))
 }
 
-# Docker mode's compose settings; exported so that a key set only in the env file still reaches compose.
+# Compose's settings, exported so that a key set only in the env file still reaches its interpolation.
 docker_settings() {
-  REAP_GPUS="$(setting REAP_GPUS all)"
-  REAP_IMAGE="$(setting REAP_IMAGE reap-vlm:latest)"
+  REAP_GPUS="$(setting REAP_GPUS all)" && REAP_IMAGE="$(setting REAP_IMAGE reap-vlm:latest)"
   [[ "$REAP_GPUS" == all || "$REAP_GPUS" =~ ^[0-9]+$ ]] || die "REAP_GPUS=$REAP_GPUS is not valid: use all or a count."
   export REAP_GPUS REAP_IMAGE
+  REAPVLM_SOURCE="$(find "${IMAGE_SOURCES[@]}" -type f ! -name '*.pyc' -print0 | LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum)"
+  export REAPVLM_SOURCE="${REAPVLM_SOURCE%% *}" # the image label (not REAP_*: the settings would refuse it)
 }
 
 # Sets RUNTIME to docker or local, once per call of run.sh.
@@ -90,20 +90,18 @@ pick_runtime() {
   wanted="$(setting REAP_RUNTIME auto)"
   case "$wanted" in
     local) RUNTIME=local ;;
-    docker)
-      compose_ok || die "REAP_RUNTIME=docker, but \`docker info\` fails or Docker Compose is older than v2.24: start Docker, update Compose, or use REAP_RUNTIME=local."
+    docker) compose_ok || die "REAP_RUNTIME=docker, but \`docker info\` fails or Docker Compose is older than v2.24: start Docker, update Compose, or use REAP_RUNTIME=local."
       RUNTIME=docker ;;
-    auto)
-      if compose_ok; then RUNTIME=docker; else RUNTIME=local; fi
+    auto) if compose_ok; then RUNTIME=docker; else RUNTIME=local; fi
       note "REAP_RUNTIME=auto: running in $RUNTIME (set REAP_RUNTIME=docker or local to choose)" ;;
     *) die "REAP_RUNTIME=$wanted is not valid: use auto, docker or local." ;;
   esac
   if [[ "$RUNTIME" == docker ]]; then docker_settings; fi
 }
 
-# Create the venv on first use; install when a requirements file changed since its last install.
-# A stamp per file holds its `sha256sum` line; requirements-dev.txt includes requirements.txt, so its install
-# stamps both and a selftest venv runs the stages without reinstalling.
+# Create the venv on first use; install when a requirements file changed since its last install. A stamp
+# per file holds its `sha256sum` line; requirements-dev.txt includes requirements.txt, so its install stamps
+# both, and a selftest venv runs the stages without installing again.
 ensure_venv() {
   local file stale=()
   VENV="$(setting REAP_VENV .venv)"
@@ -116,22 +114,27 @@ ensure_venv() {
   for file in "$@"; do
     sha256sum --check --status "$VENV/.reap-$file.sha256" 2>/dev/null || stale+=("$file")
   done
-  if ((${#stale[@]})); then
-    note "installing $1 into $VENV (${stale[*]} new or changed)"
-    if ! "$VENV/bin/python" -m pip install --disable-pip-version-check -r "$1" >&2; then
-      note "pip could not install $1 into $VENV: see its message above, then run again."
-      exit 1
-    fi
-    for file in "$@"; do sha256sum "$file" >"$VENV/.reap-$file.sha256"; done
+  ((${#stale[@]})) || return 0
+  note "installing $1 into $VENV (${stale[*]} new or changed)"
+  if ! "$VENV/bin/python" -m pip install --disable-pip-version-check -r "$1" >&2; then
+    note "pip could not install $1 into $VENV: see its message above, then run again." && exit 1
   fi
+  for file in "$@"; do sha256sum "$file" >"$VENV/.reap-$file.sha256"; done
 }
 
 # Sets RUN to `docker compose run` as the calling user (files written to ./outputs are theirs), with the
-# stage settings of the environment passed in (flags > environment > .env as in local mode; runner keys stay
-# outside), the image rebuilt from this checkout first (cached), then the given arguments.
+# stage settings of the environment passed in (flags > environment > .env as in local mode), then the
+# arguments. The image is built first when missing or made from other code; else it runs as it is, with no
+# registry round trip, so an offline GPU node runs a built image.
 docker_run() {
-  local name
-  RUN=(docker compose run --rm --build --user "$(id -u):$(id -g)")
+  local name built
+  built="$(docker image inspect --format '{{ index .Config.Labels "reap-vlm.source" }}' "$REAP_IMAGE" 2>/dev/null)" || built=""
+  if [[ "$built" != "$REAPVLM_SOURCE" ]]; then
+    note "building $REAP_IMAGE from this checkout (first build: CUDA base and torch, several GB; later: seconds)"
+    docker compose build "$SERVICE" >&2
+  fi
+  mkdir -p models outputs # the engine would create them owned by root
+  RUN=(docker compose run --rm --user "$(id -u):$(id -g)")
   for name in $(compgen -e); do
     case "$name" in
       REAP_RUNTIME | REAP_VENV | REAP_GPUS | REAP_IMAGE | REAP_ENV_FILE) ;;
@@ -139,7 +142,6 @@ docker_run() {
     esac
   done
   RUN+=("$@")
-  mkdir -p models outputs # the engine would create them owned by root
 }
 
 # Run python with these arguments in the selected runtime. With `exec` first, run.sh becomes that process:
@@ -168,11 +170,11 @@ flags_to_settings() {
     elif (($#)) && [[ "$1" != --* ]]; then value="$1" && shift
     elif [[ "$flag" == no-* ]]; then value=false && flag="${flag#no-}"
     else value=true; fi
-    flag="${flag//-/_}"
-    export "REAP_${flag^^}=$value"
+    flag="${flag//-/_}" && export "REAP_${flag^^}=$value"
   done
 }
 
+step() { echo "== $*" && "$VENV/bin/$1" "${@:2}"; }
 selftest() {
   local marker=(-m "not slow")
   if [[ "${1:-}" == --all ]]; then marker=(-m "slow or not slow") && shift; fi
@@ -180,14 +182,15 @@ selftest() {
   step ruff check .
   step hadolint Dockerfile
   step shellcheck run.sh .ci/run
-  echo "== pytest ${marker[*]} $*"
-  exec "$VENV/bin/python" -m pytest "${marker[@]}" "$@"
+  echo "== pytest ${marker[*]} $*" && exec "$VENV/bin/python" -m pytest "${marker[@]}" "$@"
 }
-step() { echo "== $*" && "$VENV/bin/$1" "${@:2}"; }
 
 shell() {
   pick_runtime
-  if [[ "$RUNTIME" == docker ]]; then docker_run --entrypoint bash "$SERVICE" && exec "${RUN[@]}"; fi
+  if [[ "$RUNTIME" == docker ]]; then
+    docker_run --entrypoint bash "$SERVICE"
+    exec "${RUN[@]}"
+  fi
   ensure_venv requirements.txt
   note "a shell with $VENV active; exit to leave"
   exec bash --rcfile <(printf '[[ -f ~/.bashrc ]] && source ~/.bashrc\nsource %q\n' "$VENV/bin/activate") -i
@@ -211,8 +214,7 @@ if [[ -n "${REAP_ENV_FILE:-}" && ! -f "$ENV_FILE" ]]; then
 fi
 
 case "$cmd" in
-  build)
-    compose_ok || die "build needs Docker (\`docker info\` works) with Docker Compose v2.24+."
+  build) compose_ok || die "build needs Docker (\`docker info\` works) with Docker Compose v2.24+."
     docker_settings
     exec docker compose build "$@" "$SERVICE" ;;
   reap) stage exec reap.py "$@" ;;

@@ -158,7 +158,7 @@ def test_build_context_holds_what_the_image_copies_and_nothing_heavy_or_secret()
 
 def test_compose_service_runs_the_image_with_gpus_and_the_env_file():
     service = _service()
-    assert service["build"] == "."
+    assert service["build"]["context"] == "."
     assert _interpolation_default(service["image"], "REAP_IMAGE") == _runner_default("image")
     (env_file,) = service["env_file"]
     assert env_file["required"] is False  # a checkout without .env still runs
@@ -188,6 +188,17 @@ def test_compose_agrees_with_the_dockerfile_and_the_code():
     assert len(cache) == 1, cache
     name, target = cache[0].split(":")
     assert name in _compose()["volumes"] and _env()["HF_HOME"].startswith(target + "/")
+
+
+def test_image_label_covers_everything_the_image_copies():
+    """run.sh rebuilds the image when the hash of these files differs from the image's label."""
+    runsh = (ROOT / "run.sh").read_text()
+    listed = re.search(r"^IMAGE_SOURCES=\((.*)\)$", runsh, re.M).group(1).split()
+    copied = [src for op, args in _instructions() if op == "COPY" for src in args.split()[:-1]]
+    assert sorted(listed) == sorted(["Dockerfile", *copied])
+    (label,) = _service()["build"]["labels"]
+    assert _service()["build"]["labels"][label] == "${REAPVLM_SOURCE:-}"
+    assert f'.Config.Labels "{label}"' in runsh
 
 
 # ---- .ci/run -------------------------------------------------------------------------------------------------

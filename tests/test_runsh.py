@@ -20,7 +20,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVICE = "reap-vlm"
-RUN = ["compose", "run", "--rm", "--build", "--user", f"{os.getuid()}:{os.getgid()}"]
+RUN = ["compose", "run", "--rm", "--user", f"{os.getuid()}:{os.getgid()}"]
 COMMANDS = ("build", "reap", "prune", "test", "all", "demo", "verify", "selftest", "shell", "help")
 RUNNER_KEYS = ("REAP_RUNTIME", "REAP_VENV", "REAP_GPUS", "REAP_IMAGE", "REAP_ENV_FILE")
 
@@ -44,9 +44,22 @@ if name == "docker" and args[:2] == ["compose", "version"]:
     version = os.environ.get("COMPOSE_VERSION", "2.29.1")
     print(version)
     sys.exit(0 if version else 1)
+images = os.path.join(os.path.dirname(os.environ["CALLS"]), "images.json")  # the engine's image store
+if name == "docker" and args[:2] == ["image", "inspect"]:
+    labels = json.load(open(images)) if os.path.exists(images) else {{}}
+    if args[-1] not in labels:
+        sys.exit(1)
+    print(labels[args[-1]])
+    sys.exit(0)
+if name == "docker" and args[:2] == ["compose", "build"] and not os.environ.get("RC_build"):
+    labels = json.load(open(images)) if os.path.exists(images) else {{}}
+    labels[os.environ["REAP_IMAGE"]] = os.environ["REAPVLM_SOURCE"]
+    json.dump(labels, open(images, "w"))
+if name == "docker" and args[:2] == ["compose", "build"]:
+    name = "build"
 if name == "python" and args[:1] == ["-m"] and args[1] in ("pip", "pytest"):
     name = args[1]
-env = {{k: v for k, v in os.environ.items() if k.startswith("REAP_")}}
+env = {{k: v for k, v in os.environ.items() if k.startswith("REAP")}}
 with open(os.environ["CALLS"], "a") as log:
     log.write(json.dumps({{"prog": name, "argv": args, "env": env}}) + "\\n")
 code = int(os.environ.get("RC_" + name, "0"))
@@ -66,6 +79,16 @@ class Sandbox:
         shutil.copy(ROOT / "run.sh", self.repo / "run.sh")
         (self.repo / "requirements.txt").write_text("torch==2.14.1\n")
         (self.repo / "requirements-dev.txt").write_text("-r requirements.txt\npytest\n")
+        for source in (
+            "Dockerfile",
+            "reap.py",
+            "prune_model.py",
+            "test_pruned_model.py",
+            "reap_vlm/cli.py",
+            "calibration/a.txt",
+        ):
+            (self.repo / source).parent.mkdir(exist_ok=True)
+            (self.repo / source).write_text(f"{source}\n")
         self.bin = tmp_path / "bin"
         self.bin.mkdir()
         for name in ("docker", "python3"):
@@ -96,6 +119,10 @@ class Sandbox:
         records = [json.loads(line) for line in lines]
         return [r for r in records if prog is None or r["prog"] == prog]
 
+    def runs(self) -> list[list[str]]:
+        """The `docker compose run` calls since the last check (image builds left out)."""
+        return [c["argv"] for c in self.calls("docker") if c["argv"][:2] == ["compose", "run"]]
+
     def without_docker(self) -> None:
         (self.bin / "docker").unlink()
 
@@ -117,8 +144,8 @@ def test_docker_runtime_passes_arguments_verbatim(box):
     args = ["--model-path", "/models/my model", "--calibration", """say "hi", it's $HOME `x`""", "--seed=7", ""]
     result = box.run("reap", *args, REAP_RUNTIME="docker")
     assert result.returncode == 0, result.stderr
-    assert [c["argv"] for c in box.calls("docker")] == [[*RUN, SERVICE, "reap.py", *args]]
-    assert result.stderr == ""  # an explicit runtime needs no note
+    assert box.runs() == [[*RUN, SERVICE, "reap.py", *args]]
+    assert "running in" not in result.stderr  # an explicit runtime needs no note
     assert (box.repo / "models").is_dir() and (box.repo / "outputs").is_dir()  # created as the user, not by root
 
 
@@ -134,7 +161,7 @@ def test_docker_runtime_passes_arguments_verbatim(box):
 def test_auto_with_a_working_engine_runs_in_the_container(box, command, expected):
     result = box.run(*command)
     assert result.returncode == 0, result.stderr
-    assert [c["argv"] for c in box.calls()] == [[*RUN, SERVICE, *expected]]
+    assert box.runs() == [[*RUN, SERVICE, *expected]]
     assert "REAP_RUNTIME=auto: running in docker" in result.stderr
 
 
@@ -160,6 +187,27 @@ def test_settings_reach_compose_and_the_container(box):
     assert call["argv"][-2:] == [SERVICE, "reap.py"]
 
 
+def test_image_is_built_when_missing_or_made_from_other_code(box):
+    def builds_and_runs() -> list[str]:
+        return [c["prog"] for c in box.calls()]
+
+    first = box.run("reap", REAP_RUNTIME="docker")
+    assert builds_and_runs() == ["build", "docker"] and "building reap-vlm:latest" in first.stderr
+    box.run("prune", REAP_RUNTIME="docker")
+    assert builds_and_runs() == ["docker"]  # up to date: no build, no registry round trip
+    (box.repo / ".env").write_text("REAP_SEED=1\n")
+    (box.repo / "reap_vlm" / "cli.cpython-311.pyc").write_bytes(b"\0")
+    box.run("prune", REAP_RUNTIME="docker")
+    assert builds_and_runs() == ["docker"]  # neither settings nor bytecode are in the image
+    (box.repo / "reap_vlm" / "cli.py").write_text("changed\n")
+    box.run("prune", REAP_RUNTIME="docker")
+    assert builds_and_runs() == ["build", "docker"]
+    box.run("prune", REAP_RUNTIME="docker", REAP_IMAGE="me/other:1")
+    assert builds_and_runs() == ["build", "docker"]  # another image name: built as well
+    failed = box.run("prune", REAP_RUNTIME="docker", REAP_IMAGE="me/third:1", RC_build="17")
+    assert failed.returncode == 17 and builds_and_runs() == ["build"]  # no run on a failed build
+
+
 def test_docker_required_but_not_usable_is_one_line(box):
     for env in ({"DOCKER_INFO_RC": "1"}, {"COMPOSE_VERSION": "2.20.3"}, {"COMPOSE_VERSION": ""}):
         result = box.run("reap", REAP_RUNTIME="docker", **env)
@@ -171,8 +219,9 @@ def test_docker_required_but_not_usable_is_one_line(box):
 def test_build_uses_compose(box):
     (box.repo / ".env").write_text("REAP_IMAGE=me/reap:2\n")
     assert box.run("build", "--no-cache").returncode == 0
-    (call,) = box.calls("docker")
+    (call,) = box.calls()
     assert call["argv"] == ["compose", "build", "--no-cache", SERVICE] and call["env"]["REAP_IMAGE"] == "me/reap:2"
+    assert len(call["env"]["REAPVLM_SOURCE"]) == 64  # the label: a sha256 of the code the image copies
     box.without_docker()
     result = box.run("build")
     assert result.returncode == 2 and "build needs Docker" in result.stderr
@@ -180,7 +229,7 @@ def test_build_uses_compose(box):
 
 def test_shell_in_the_container(box):
     assert box.run("shell", REAP_RUNTIME="docker").returncode == 0
-    assert [c["argv"] for c in box.calls()] == [[*RUN, "--entrypoint", "bash", SERVICE]]
+    assert box.runs() == [[*RUN, "--entrypoint", "bash", SERVICE]]
 
 
 # ---- local runtime -------------------------------------------------------------------------------------------
@@ -252,7 +301,7 @@ def test_dotenv_is_parsed_like_python_dotenv(box):
     assert [c["prog"] for c in box.calls()] == ["pip", "python"]
     assert (box.repo / "envs" / "my venv" / "bin" / "python").exists()
     assert box.run("reap", REAP_RUNTIME="docker").returncode == 0  # the environment beats the file
-    assert [c["prog"] for c in box.calls()] == ["docker"]
+    assert [c["prog"] for c in box.calls()] == ["build", "docker"]
 
 
 def test_dotenv_is_never_executed(box, tmp_path):
