@@ -348,3 +348,46 @@ def test_stage_refuses_infeasible_plan_before_calibration(tiny_vl_dir, tmp_path)
     with pytest.raises(PlanError, match="fewer than the model's top_k=2"):
         score(_settings(tiny_vl_dir, tmp_path, num_keep=1))
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("score_fn, extra_columns", [("softmax", 0), ("softmax", 2), ("sigmoid", 1)])
+def test_block_stats_match_a_loop_over_pairs(score_fn, extra_columns):
+    """Padding rows, out-of-range expert ids (sentinels, zero experts) and logits with trailing
+    non-expert columns, against plain Python loops in float64."""
+    from reap_vlm.observe.stats import BlockStats, Rows
+
+    g = torch.Generator().manual_seed(0)
+    T, K, E = 40, 3, 6
+    modality = torch.randint(-1, 2, (T,), generator=g)
+    logits = torch.randn(T, E + extra_columns, generator=g)
+    idx = torch.rand(T, E + 2, generator=g).argsort(dim=1)[:, :K] - 1  # distinct per row, -1 .. E
+    weights, norms, peaks, all_norms = (torch.rand(T, n, generator=g) for n in (K, K, K, E))
+    stats = BlockStats(E, soft=True, score_fn=score_fn)
+    for half in (slice(0, 25), slice(25, T)):  # two batches
+        rows = Rows.of(modality[half])
+        stats.add(rows, idx[half], weights[half], logits[half], norms[half], peaks[half], all_norms[half])
+    if score_fn == "sigmoid":
+        probs = torch.sigmoid(logits.double())[:, :E]
+    else:
+        probs = torch.softmax(logits.double(), -1)[:, :E]
+    want = {m: {f: [0.0] * E for f in ("count", "gate_sum", "norm_sum", "gate_norm_sum")} for m in (0, 1)}
+    for m in (0, 1):
+        want[m]["max_abs"] = [0.0] * E
+        want[m]["prob_sum"] = probs[modality == m].sum(0).tolist()
+        want[m]["soft_norm_sum"] = (probs * all_norms.double())[modality == m].sum(0).tolist()
+    for t in range(T):
+        for k in range(K):
+            m, j = int(modality[t]), int(idx[t, k])
+            if m < 0 or not 0 <= j < E:
+                continue
+            w, n = float(weights[t, k]), float(norms[t, k])
+            for field, value in (("count", 1.0), ("gate_sum", w), ("norm_sum", n), ("gate_norm_sum", w * n)):
+                want[m][field][j] += value
+            want[m]["max_abs"][j] = max(want[m]["max_abs"][j], float(peaks[t, k]))
+    got = stats.export("full")
+    for name, m in (("text", 0), ("image", 1)):
+        assert got[name]["tokens"] == int((modality == m).sum())
+        assert got[name]["count"] == want[m]["count"]  # exact
+        assert got[name]["max_abs"] == want[m]["max_abs"]  # exact
+        for field in ("gate_sum", "norm_sum", "gate_norm_sum", "prob_sum", "soft_norm_sum"):
+            np.testing.assert_allclose(got[name][field], want[m][field], rtol=1e-6, atol=1e-7, err_msg=field)

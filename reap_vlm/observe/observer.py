@@ -1,9 +1,11 @@
 """Hooks on the model's own routers and experts; no routing is recomputed here.
 
-- A forward hook on each router keeps its logits ([T, E], output 0) → probabilities p with the
-  block's score function (softmax, or sigmoid for bias-corrected routers).
-- full / router modes: a forward pre-hook on the experts module sees the model's exact decision
-  (`top_k_index`, `top_k_weights`) and the hidden states; full mode computes every expert there.
+- A forward hook on each router keeps a reference to its logits ([T, E], output 0); they become
+  probabilities p (the block's score function: softmax, or sigmoid for bias-corrected routers) only
+  when the block's statistics are added.
+- full / router modes: a forward hook on the experts module sees the model's exact decision
+  (`top_k_index`, `top_k_weights`) and the hidden states; full mode computes every expert there. It runs
+  after the experts, so its small kernels queue behind the expert GEMMs instead of delaying their launch.
 - routed mode: the experts implementation is swapped (transformers' ExpertsInterface) for one that
   runs the model's own kernel once per selected (token, expert) pair with unit weights, records
   each ‖f‖, then applies the routing weights and sums exactly as the model does. The statistics
@@ -18,7 +20,7 @@ import torch
 from ..errors import BugError
 from ..moe.spec import MoEBlock, expert_output, expert_weights
 from .kernel import all_expert_norms, row_stats
-from .stats import BlockStats
+from .stats import BlockStats, Rows
 
 ROUTED_IMPL = "reap_routed"
 _ACTIVE: dict[int, Observer] = {}  # id(experts module) -> observer, for the routed implementation
@@ -100,8 +102,8 @@ class Observer:
         self.model, self.blocks, self.mode, self.budget_mb = model, blocks, mode, budget_mb
         self.stats: dict[str, BlockStats] = {}
         self._modality: torch.Tensor | None = None
-        self._by_device: dict[torch.device, torch.Tensor] = {}
-        self._probs: dict[str, torch.Tensor] = {}
+        self._by_device: dict[torch.device, Rows] = {}
+        self._logits: dict[str, torch.Tensor] = {}
         self._handles: list = []
         self._restore: list = []
         self._block_of: dict[int, MoEBlock] = {}
@@ -112,12 +114,12 @@ class Observer:
             experts = self.model.get_submodule(b.experts)
             router = self.model.get_submodule(b.router)
             device = next(experts.parameters()).device
-            self.stats.setdefault(b.key, BlockStats(b.num_experts, device, soft=self.mode == "full"))
+            self.stats.setdefault(b.key, BlockStats(b.num_experts, device, self.mode == "full", b.score_fn))
             self._block_of[id(experts)] = b
             self._handles.append(router.register_forward_hook(self._router_hook(b)))
             if self.mode == "routed" and self._use_interface(experts):
                 continue
-            self._handles.append(experts.register_forward_pre_hook(self._experts_hook(b), with_kwargs=True))
+            self._handles.append(experts.register_forward_hook(self._experts_hook(b), with_kwargs=True))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -156,55 +158,54 @@ class Observer:
         self._modality = modality.reshape(-1)
         self._by_device = {}
 
-    def _mask(self, device: torch.device, rows: int) -> torch.Tensor:
+    def _rows(self, device: torch.device, rows: int) -> Rows:
         if self._modality is None:
             raise BugError("Observer.set_modality was not called before the forward")
         if rows != self._modality.numel():
             raise BugError(f"a MoE block saw {rows} token rows but the batch has {self._modality.numel()} tokens")
-        if device not in self._by_device:
-            self._by_device[device] = self._modality.to(device)
+        if device not in self._by_device:  # once per batch and device, shared by every block there
+            self._by_device[device] = Rows.of(self._modality.to(device))
         return self._by_device[device]
 
     # ---- hooks -----------------------------------------------------------------------------
     def _router_hook(self, block: MoEBlock):
         def hook(_module, _args, output):
-            logits = output[0] if isinstance(output, tuple) else output
-            logits = logits.float()
-            self._probs[block.key] = torch.sigmoid(logits) if block.score_fn == "sigmoid" else logits.softmax(-1)
+            # no kernel here: anything launched now would delay the expert GEMMs that follow
+            self._logits[block.key] = output[0] if isinstance(output, tuple) else output
 
         return hook
 
     def _experts_hook(self, block: MoEBlock):
-        def hook(module, args, kwargs):
+        def hook(module, args, kwargs, _output):
             hidden, top_k_index, top_k_weights = (list(args) + [None] * 3)[:3]
             hidden = kwargs.get("hidden_states", hidden)
             top_k_index = kwargs.get("top_k_index", top_k_index)
             top_k_weights = kwargs.get("top_k_weights", top_k_weights)
-            modality = self._mask(hidden.device, hidden.shape[0])
-            probs = self._probs.pop(block.key, None)
+            rows = self._rows(hidden.device, hidden.shape[0])
+            logits = self._logits.pop(block.key, None)
             stats = self.stats[block.key]
             if self.mode == "router":
-                stats.add(modality, top_k_index, top_k_weights, probs, None, None)
+                stats.add(rows, top_k_index, top_k_weights, logits)
                 return None
             w = expert_weights(module)
             if self.mode == "full":
-                keep = modality >= 0  # padding is never computed
+                keep = rows.modality >= 0  # padding is never computed
                 norms = torch.zeros((hidden.shape[0], block.num_experts), device=hidden.device)
                 peaks = torch.zeros_like(norms)
                 norms[keep], peaks[keep] = all_expert_norms(w, hidden[keep], self.budget_mb)
                 safe = top_k_index.clamp(0, block.num_experts - 1)
                 stats.add(
-                    modality,
+                    rows,
                     top_k_index,
                     top_k_weights,
-                    probs,
+                    logits,
                     norms.gather(1, safe),
                     peaks.gather(1, safe),
                     all_norms=norms,
                 )
                 return None
-            pair_norms, pair_max = self._recompute_pairs(w, hidden, top_k_index, modality, block.num_experts)
-            stats.add(modality, top_k_index, top_k_weights, probs, pair_norms, pair_max)
+            pair_norms, pair_max = self._recompute_pairs(w, hidden, top_k_index, rows.modality, block.num_experts)
+            stats.add(rows, top_k_index, top_k_weights, logits, pair_norms, pair_max)
             return None
 
         return hook
@@ -229,8 +230,8 @@ class Observer:
 
     def record_pair_stats(self, experts, hidden, top_k_index, top_k_weights, norms, peaks) -> None:
         block = self._block_of[id(experts)]
-        modality = self._mask(hidden.device, hidden.shape[0])
-        self.stats[block.key].add(modality, top_k_index, top_k_weights, self._probs.pop(block.key, None), norms, peaks)
+        rows = self._rows(hidden.device, hidden.shape[0])
+        self.stats[block.key].add(rows, top_k_index, top_k_weights, self._logits.pop(block.key, None), norms, peaks)
 
     # ---- results ---------------------------------------------------------------------------
     def export(self) -> dict[str, dict]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 SUM_FIELDS = ("count", "gate_sum", "norm_sum", "gate_norm_sum", "prob_sum", "soft_norm_sum")
@@ -9,54 +11,97 @@ MODALITY_IDS = {"text": 0, "image": 1}
 _ROUTED = 4  # the first four fields are sums over routed (token, expert) pairs
 
 
+@dataclass(frozen=True)
+class Rows:
+    """A batch's token rows as every block on one device needs them; made once per batch and device.
+
+    modality [T]: 0 text, 1 image, -1 padding. onehot [2, T] fp32: text and image rows, all zero for
+    padding, so padding never counts. block [T, 1]: 0 text, 1 image, 2 padding (where a row's peaks
+    go). tokens [2] int64: text and image tokens."""
+
+    modality: torch.Tensor
+    onehot: torch.Tensor
+    block: torch.Tensor
+    tokens: torch.Tensor
+
+    @classmethod
+    def of(cls, modality: torch.Tensor) -> Rows:
+        mask = torch.stack([modality == 0, modality == 1])
+        return cls(modality, mask.float(), modality.remainder(3)[:, None], mask.sum(1))
+
+
 class BlockStats:
     """Totals live in one float64 tensor [modality, expert, field]. Each forward adds a float32 partial
-    sum (exact for counts, ~1e-7 relative for the rest), so a batch costs a handful of GPU kernels and no
-    host synchronisation."""
+    sum (exact for counts below 2^24 tokens per batch, ~1e-7 relative for the rest).
 
-    def __init__(self, num_experts: int, device: torch.device | str = "cpu", soft: bool = False):
+    No atomics over a few bins and no host synchronisation: each routed pair is scattered into its own
+    row of a dense [T, E+1] table per field (column E takes sentinel / out-of-range expert ids and is
+    never read), the router probabilities sit next to them, and ONE [2, T] x [T, width] matmul with the
+    modality one-hot gives every per-(modality, expert) sum. max|f| is an amax over rows of a
+    [T, 3·(E+1)] table whose text / image / padding blocks keep the modalities apart."""
+
+    def __init__(self, num_experts: int, device: torch.device | str = "cpu", soft: bool = False, score_fn="softmax"):
         self.num_experts = num_experts
         self.soft = soft
+        self.score_fn = score_fn
         self.acc = torch.zeros((2, num_experts, len(SUM_FIELDS)), dtype=torch.float64, device=device)
         self.peak = torch.zeros((2, num_experts), dtype=torch.float64, device=device)
         self._tokens = torch.zeros(2, dtype=torch.int64, device=device)  # text, image
+        self._fields = torch.arange(_ROUTED, device=device)
 
     def add(
         self,
-        modality: torch.Tensor,
+        rows: Rows,
         top_k_index: torch.Tensor,
         top_k_weights: torch.Tensor,
-        probs: torch.Tensor | None,
-        pair_norms: torch.Tensor | None,
-        pair_max: torch.Tensor | None,
+        logits: torch.Tensor | None,
+        pair_norms: torch.Tensor | None = None,
+        pair_max: torch.Tensor | None = None,
         all_norms: torch.Tensor | None = None,
     ) -> None:
-        """One forward's worth of a block. modality [T] (0 text, 1 image, -1 padding); top_k_* [T, K];
-        probs [T, E]; pair_norms / pair_max [T, K] (‖f‖ and max|f| of each selected expert);
-        all_norms [T, E] (full mode: ‖f_j‖ for every expert). Padding never counts."""
-        E = self.num_experts
-        real = modality >= 0
-        # bin = (modality, expert); pairs of padding tokens or sentinel experts get weight 0
-        bins = (modality.clamp(min=0)[:, None] * E + top_k_index.clamp(0, E - 1)).reshape(-1)
-        valid = (real[:, None] & (top_k_index >= 0) & (top_k_index < E)).reshape(-1).float()
-        g = top_k_weights.reshape(-1).float() * valid
-        columns = [valid, g]
+        """One forward's worth of a block. top_k_* [T, K]: the model's routing decision; logits [T, R]:
+        the router's output (R >= E: trailing non-expert columns take part in the softmax, then are
+        dropped); pair_norms / pair_max [T, K]: ‖f‖ and max|f| of each selected expert; all_norms
+        [T, E] (full mode): ‖f_j‖ for every expert."""
+        E, D = self.num_experts, self.num_experts + 1
+        T, K = top_k_index.shape
+        col = top_k_index.clamp(-1, E).remainder(D)  # ids outside [0, E) -> the dump column E
+        g = top_k_weights.float()
+        values = [g.new_ones(1).expand_as(g), g]
         if pair_norms is not None:
-            norms = pair_norms.reshape(-1).float()
-            columns += [norms * valid, g * norms]
-        partial = torch.zeros((2 * E, len(columns)), dtype=torch.float32, device=bins.device)
-        partial.index_add_(0, bins, torch.stack(columns, dim=1))
-        self.acc[:, :, : len(columns)] += partial.view(2, E, -1)
-        onehot = torch.stack([modality == 0, modality == 1], dim=1).float()  # [T, 2]
-        self._tokens += onehot.sum(0).to(torch.int64)
-        if probs is not None:
-            self.acc[:, :, _ROUTED] += onehot.T @ probs.float()
+            norms = pair_norms.float()
+            values += [norms, g * norms]
+        nf = len(values)  # count, gate_sum[, norm_sum, gate_norm_sum]: the order of SUM_FIELDS
+        dense = 0 if logits is None else 1 + (all_norms is not None)
+        table = torch.empty((T, nf * D + dense * E), dtype=torch.float32, device=col.device)
+        pairs = table[:, : nf * D]
+        pairs.zero_()
+        # per row the K experts are distinct: an add without contention (it also keeps duplicates right)
+        index = (col[:, :, None] * nf + self._fields[:nf]).view(T, K * nf)
+        pairs.scatter_add_(1, index, torch.stack(values, dim=-1).view(T, K * nf))
+        if dense:
+            probs = table[:, nf * D : nf * D + E]
+            self._probabilities(logits.reshape(T, -1), probs)
             if all_norms is not None:
-                self.acc[:, :, _ROUTED + 1] += onehot.T @ (probs.float() * all_norms.float())
+                torch.mul(probs, all_norms, out=table[:, nf * D + E :])
+        partial = rows.onehot @ table  # [2, width]: every sum of this batch
+        self.acc[:, :, :nf] += partial[:, : nf * D].view(2, D, nf)[:, :E]
+        if dense:
+            self.acc[:, :, _ROUTED : _ROUTED + dense] += partial[:, nf * D :].view(2, dense, E).transpose(1, 2)
+        self._tokens += rows.tokens
         if pair_max is not None:
-            peak = torch.zeros(2 * E, dtype=torch.float32, device=bins.device)
-            peak.scatter_reduce_(0, bins, pair_max.reshape(-1).float() * valid, reduce="amax")  # values >= 0
-            torch.maximum(self.peak, peak.view(2, E).double(), out=self.peak)
+            peak = torch.zeros((T, 3 * D), dtype=torch.float32, device=col.device)
+            peak.scatter_reduce_(1, col + rows.block * D, pair_max.float(), reduce="amax")  # values >= 0
+            torch.maximum(self.peak, peak.amax(0).view(3, D)[:2, :E], out=self.peak)
+
+    def _probabilities(self, logits: torch.Tensor, out: torch.Tensor) -> None:
+        """p = softmax / sigmoid of the router logits, in fp32, written into out [T, E]."""
+        if self.score_fn == "sigmoid":
+            torch.sigmoid(logits[:, : self.num_experts].float(), out=out)
+        elif logits.shape[1] == self.num_experts:
+            torch.softmax(logits, -1, dtype=torch.float32, out=out)
+        else:
+            out.copy_(torch.softmax(logits, -1, dtype=torch.float32)[:, : self.num_experts])
 
     @property
     def tokens(self) -> dict[str, int]:
