@@ -6,9 +6,11 @@ Measures in one run, on one device:
   dense     the naive baseline: a dense fp32 (E, T, H) activation tensor filled expert by expert, then norms
   routed    the block forward with the routed-mode observer vs the same forward without hooks
   router    the block forward with the router-mode observer vs without hooks
+            (plain, routed and router timed in turn over several rounds, so that drift hits all alike)
   memory    peak GPU memory of full-mode scoring over many batches, minus the weights
 
-Usage:  python bench/bench_scoring.py [--tokens 16384] [--batches 8] [--out result.json]
+Usage:  python bench/bench_scoring.py [--tokens 16384] [--batches 8] [--rounds 5] [--parts full,overhead,memory]
+                                     [--out result.json]
         python bench/bench_scoring.py --small      # CPU smoke test (tiny sizes)
 """
 
@@ -73,50 +75,19 @@ def build(E, H, I, K, dtype, device):
     return Layer(block, config).to(device=device, dtype=dtype).eval()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tokens", type=int, default=16384)
-    parser.add_argument("--batches", type=int, default=8, help="batches for the peak-memory measurement")
-    parser.add_argument("--memory-tokens", type=int, default=4096, help="tokens per batch for the memory measurement")
-    parser.add_argument(
-        "--budget-mb",
-        type=int,
-        default=ReapSettings.chunk_memory_mb,
-        help="full-mode chunk budget (default: REAP_CHUNK_MEMORY_MB's default)",
-    )
-    parser.add_argument("--sweep", default="512,1024,2048", help="other budgets whose full-mode speed is also timed")
-    parser.add_argument("--small", action="store_true", help="tiny sizes for a CPU smoke test")
-    parser.add_argument("--out", type=Path)
-    args = parser.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.small else "cpu")
-    E, H, I, K = (8, 64, 32, 2) if args.small else (128, 2048, 768, 8)
-    T = 256 if args.small else args.tokens
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    torch.manual_seed(0)
-    result = {
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "torch": torch.__version__,
-        "E": E,
-        "H": H,
-        "I": I,
-        "top_k": K,
-        "tokens": T,
-        "dtype": str(dtype),
-    }
+PARTS = ("full", "overhead", "memory")
 
-    # peak: a large square matmul in the same dtype
-    n = 512 if args.small else 8192
-    square = [torch.randn(n, n, device=device, dtype=dtype) for _ in range(2)]
-    seconds = timed(lambda: torch.mm(*square), device)
-    result["peak_tflops"] = 2 * n**3 / seconds / 1e12
+
+def measure_full(result, args, model, x, device) -> None:
+    """peak, full (with the budget sweep) and the dense baseline."""
+    E, H, I, T = result["E"], result["H"], result["I"], result["tokens"]
+    n = 512 if args.small else 8192  # a large square matmul in the same dtype
+    square = [torch.randn(n, n, device=device, dtype=x.dtype) for _ in range(2)]
+    result["peak_tflops"] = 2 * n**3 / timed(lambda: torch.mm(*square), device) / 1e12
     square.clear()
 
-    model = build(E, H, I, K, dtype, device)
-    block = model.layers[0].mlp
-    weights = expert_weights(block.experts)
-    x = torch.randn(T, H, device=device, dtype=dtype)
+    weights = expert_weights(model.layers[0].mlp.experts)
     flops = 6 * T * E * H * I  # gate, up, down for every (token, expert)
-
     with torch.inference_mode():
         seconds = timed(lambda: all_expert_norms(weights, x, args.budget_mb), device, repeat=5)
     result["full_seconds"] = seconds
@@ -140,78 +111,143 @@ def main() -> None:
         result["dense_seconds"] = timed(dense, device, repeat=3, warmup=1)
     result["full_speedup_vs_dense"] = result["dense_seconds"] / result["full_seconds"]
 
-    blocks = find_moe_blocks(model)
-    modality = torch.zeros(T, dtype=torch.long, device=device)
-    xin = x.view(1, T, H)
-    with torch.inference_mode():
-        plain = timed(lambda: model(xin), device, repeat=10)
-        result["plain_forward_seconds"] = plain
-        for mode in ("routed", "router"):
-            with Observer(model, blocks, mode, args.budget_mb) as obs:
-                obs.set_modality(modality)
-                observed = timed(lambda: model(xin), device, repeat=10)
-            result[f"{mode}_seconds"] = observed
-            result[f"{mode}_over_plain"] = observed / plain
 
-    if device.type == "cuda":
-        weights_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        tm = args.memory_tokens
-        batches = [torch.randn(1, tm, H, device=device, dtype=dtype) for _ in range(args.batches)]
-        mod = torch.zeros(tm, dtype=torch.long, device=device)
-        del x, xin
-        peaks = {}
-        for label in ("plain", "full"):
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()  # weights + the batches themselves
-            with torch.inference_mode():
-                if label == "plain":
+def measure_overhead(result, args, model, x, device) -> None:
+    """The block forward without hooks, with the routed- and with the router-mode observer, in turn."""
+    blocks = find_moe_blocks(model)
+    modality = torch.zeros(x.shape[0], dtype=torch.long, device=device)
+    xin = x.view(1, *x.shape)
+    rounds = {"plain": [], "routed": [], "router": []}
+    with torch.inference_mode():
+        for _ in range(args.rounds):
+            for mode, times in rounds.items():
+                if mode == "plain":
+                    times.append(timed(lambda: model(xin), device, repeat=10))
+                    continue
+                with Observer(model, blocks, mode, args.budget_mb) as obs:
+                    obs.set_modality(modality)
+                    times.append(timed(lambda: model(xin), device, repeat=10))
+    median = {mode: sorted(times)[len(times) // 2] for mode, times in rounds.items()}
+    result["plain_forward_seconds"] = median["plain"]
+    for mode in ("routed", "router"):
+        result[f"{mode}_seconds"] = median[mode]
+        result[f"{mode}_over_plain"] = median[mode] / median["plain"]
+    result["forward_seconds_per_round"] = rounds
+
+
+def measure_memory(result, args, model, device) -> None:
+    """Peak GPU memory of full-mode scoring over many batches, against plain forwards of the same batches."""
+    blocks = find_moe_blocks(model)
+    weights_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    tm, H = args.memory_tokens, result["H"]
+    batches = [torch.randn(1, tm, H, device=device, dtype=next(model.parameters()).dtype) for _ in range(args.batches)]
+    mod = torch.zeros(tm, dtype=torch.long, device=device)
+    peaks = {}
+    for label in ("plain", "full"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()  # weights + the batches themselves
+        with torch.inference_mode():
+            if label == "plain":
+                for b in batches:
+                    model(b)
+            else:
+                with Observer(model, blocks, "full", args.budget_mb) as obs:
+                    per_batch = []
                     for b in batches:
+                        obs.set_modality(mod)
                         model(b)
-                else:
-                    with Observer(model, blocks, "full", args.budget_mb) as obs:
-                        per_batch = []
-                        for b in batches:
-                            obs.set_modality(mod)
-                            model(b)
-                            per_batch.append(torch.cuda.max_memory_allocated() - base)
-                        result["full_peak_extra_per_batch_gib"] = [round(v / 2**30, 3) for v in per_batch]
-            peaks[label] = (torch.cuda.max_memory_allocated() - base) / 2**30
-        result["weights_gib"] = weights_bytes / 2**30
-        result["memory_tokens_per_batch"] = tm
-        result["plain_forward_extra_gib"] = peaks["plain"]
-        result["full_peak_extra_gib"] = peaks["full"]
-        result["memory_batches"] = args.batches
+                        per_batch.append(torch.cuda.max_memory_allocated() - base)
+                    result["full_peak_extra_per_batch_gib"] = [round(v / 2**30, 3) for v in per_batch]
+        peaks[label] = (torch.cuda.max_memory_allocated() - base) / 2**30
+    result["weights_gib"] = weights_bytes / 2**30
+    result["memory_tokens_per_batch"] = tm
+    result["plain_forward_extra_gib"] = peaks["plain"]
+    result["full_peak_extra_gib"] = peaks["full"]
+    result["memory_batches"] = args.batches
+
+
+def table(result) -> list[tuple[str, str, str]]:
+    rows = []
+    if "full_tflops" in result:
+        rows += [
+            ("bf16 matmul reference", f"{result['peak_tflops']:.0f} TFLOP/s", ""),
+            (
+                "full mode all-expert statistics",
+                f"{result['full_tflops']:.0f} TFLOP/s ({result['full_seconds'] * 1e3:.1f} ms)",
+                f"{result['full_pct_of_peak']:.1f} % of the reference (target >= 60 %)",
+            ),
+            (
+                "dense fp32 (E,T,H) baseline",
+                f"{result['dense_seconds'] * 1e3:.1f} ms",
+                f"full mode is {result['full_speedup_vs_dense']:.2f}x faster (target >= 2x)",
+            ),
+        ]
+    for mode, target in (("routed", "1.3x"), ("router", "1.05x")):
+        if f"{mode}_seconds" in result:
+            value = (
+                f"{result[f'{mode}_over_plain']:.3f}x ({result[f'{mode}_seconds'] * 1e3:.2f} ms vs "
+                f"{result['plain_forward_seconds'] * 1e3:.2f} ms)"
+            )
+            rows.append((f"{mode} mode / plain forward", value, f"target <= {target}"))
+    if "full_peak_extra_gib" in result:
+        value = (
+            f"weights {result['weights_gib']:.2f} GiB + {result['full_peak_extra_gib']:.2f} GiB over "
+            f"{result['memory_batches']} batches of {result['memory_tokens_per_batch']} tokens (plain forward: "
+            f"+{result['plain_forward_extra_gib']:.2f} GiB)"
+        )
+        rows.append(("full mode peak memory", value, "target <= +1 GiB"))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--batches", type=int, default=8, help="batches for the peak-memory measurement")
+    parser.add_argument("--memory-tokens", type=int, default=4096, help="tokens per batch for the memory measurement")
+    parser.add_argument(
+        "--budget-mb",
+        type=int,
+        default=ReapSettings.chunk_memory_mb,
+        help="full-mode chunk budget (default: REAP_CHUNK_MEMORY_MB's default)",
+    )
+    parser.add_argument("--sweep", default="512,1024,2048", help="other budgets whose full-mode speed is also timed")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of plain / routed / router forward timings")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"what to measure, a subset of {','.join(PARTS)}")
+    parser.add_argument("--small", action="store_true", help="tiny sizes for a CPU smoke test")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    parts = set(args.parts.split(","))
+    if not parts <= set(PARTS):
+        parser.error(f"--parts: unknown {sorted(parts - set(PARTS))}; choose from {','.join(PARTS)}")
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.small else "cpu")
+    E, H, I, K = (8, 64, 32, 2) if args.small else (128, 2048, 768, 8)
+    T = 256 if args.small else args.tokens
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    result = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "E": E,
+        "H": H,
+        "I": I,
+        "top_k": K,
+        "tokens": T,
+        "dtype": str(dtype),
+    }
+    model = build(E, H, I, K, dtype, device)
+    x = torch.randn(T, H, device=device, dtype=dtype)
+    if "full" in parts:
+        measure_full(result, args, model, x, device)
+    if "overhead" in parts:
+        measure_overhead(result, args, model, x, device)
+    del x
+    if "memory" in parts and device.type == "cuda":
+        measure_memory(result, args, model, device)
 
     print(json.dumps(result, indent=1))
-    rows = [
-        ("bf16 matmul reference", f"{result['peak_tflops']:.0f} TFLOP/s", ""),
-        (
-            "full mode all-expert statistics",
-            f"{result['full_tflops']:.0f} TFLOP/s",
-            f"{result['full_pct_of_peak']:.0f} % of the reference (target >= 60 %)",
-        ),
-        (
-            "dense fp32 (E,T,H) baseline",
-            f"{result['dense_seconds'] * 1e3:.1f} ms",
-            f"full mode is {result['full_speedup_vs_dense']:.1f}x faster (target >= 2x)",
-        ),
-        ("routed mode / plain forward", f"{result['routed_over_plain']:.3f}x", "target <= 1.3x"),
-        ("router mode / plain forward", f"{result['router_over_plain']:.3f}x", "target <= 1.05x"),
-    ]
-    if "full_peak_extra_gib" in result:
-        rows.append(
-            (
-                "full mode peak memory",
-                f"weights {result['weights_gib']:.2f} GiB + "
-                f"{result['full_peak_extra_gib']:.2f} GiB over {args.batches} batches of "
-                f"{result['memory_tokens_per_batch']} tokens (plain forward: "
-                f"+{result['plain_forward_extra_gib']:.2f} GiB)",
-                "target <= +1 GiB",
-            )
-        )
     print("\n| measurement | value | note |\n|---|---|---|")
-    for row in rows:
+    for row in table(result):
         print("| " + " | ".join(row) + " |")
     print(f"\ncommand: python {' '.join(sys.argv)}")
     if args.out:
