@@ -23,12 +23,17 @@ def _swiglu_eager(proj: torch.Tensor, inter: int) -> torch.Tensor:
 
 def _fused(name: str, eager, device: torch.device):
     """On CUDA, a torch.compile'd version of an elementwise/reduction epilogue: one read of the expert
-    outputs instead of one per statistic, and no fp32 copy. Eager elsewhere, or if compiling fails."""
+    outputs instead of one per statistic, and no fp32 copy. Eager elsewhere, or if compiling fails.
+
+    Automatic dynamic shapes, not dynamic=True: the first shape compiles static, a later one makes only
+    the dims that changed (tokens, experts per chunk) symbolic, so the hidden size stays a constant the
+    kernel is tuned for. With every dim symbolic the same epilogues ran 1.5-2x slower on an H200 (row
+    stats of [131072, 2048] bf16: 398 vs 265 us; SwiGLU of [3, 16384, 1536]: 151 vs 74 us)."""
     if device.type != "cuda":
         return eager
     if name not in _COMPILED:
         try:
-            _COMPILED[name] = torch.compile(eager, dynamic=True)
+            _COMPILED[name] = torch.compile(eager)
         except Exception:  # no compiler toolchain: the eager path gives the same numbers
             _COMPILED[name] = eager
     return _COMPILED[name]
