@@ -13,9 +13,10 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 
 def is_vision_language(config: dict) -> bool:
-    return "vision_config" in config or any(
-        a.endswith("ForConditionalGeneration") for a in config.get("architectures") or []
-    )
+    architectures = config.get("architectures") or []
+    if any(a.endswith("ForCausalLM") for a in architectures):
+        return False  # a text model whose config also describes a vision tower (Mistral 4)
+    return "vision_config" in config or any(a.endswith("ForConditionalGeneration") for a in architectures)
 
 
 def resolve_device(device: str) -> str:

@@ -30,17 +30,16 @@ def masked(model: torch.nn.Module, blocks: list[MoEBlock], removed: dict[str, li
         drop = removed.get(b.key) or []
         if not drop:
             continue
-        router = model.get_submodule(b.router)
-        weight = router.weight
-        if weight.shape[0] != b.num_experts:
-            raise BugError(f"router {b.router} weight {tuple(weight.shape)} is not [experts, hidden]")
-        mask = torch.zeros(b.num_experts, dtype=weight.dtype, device=weight.device)
+        weight = model.get_parameter(b.router_weight)
+        rows = b.router_rows or b.num_experts
+        if weight.shape[0] != rows:
+            raise BugError(f"router weight {b.router_weight} {tuple(weight.shape)} does not have {rows} rows")
+        mask = torch.zeros(rows, dtype=weight.dtype, device=weight.device)
         mask[drop] = float("-inf")
         masks[id(weight)] = mask
-        bias = getattr(router, "e_score_correction_bias", None)
-        if isinstance(bias, torch.Tensor):
+        for bias in _selection_biases(model, b, rows):
             biases.append((bias, drop, bias[..., drop].clone()))
-            bias[..., drop] = float("-inf")
+            bias.data[..., drop] = float("-inf")
     original = torch.nn.functional.linear
 
     def linear(input, weight, bias=None):
@@ -54,7 +53,23 @@ def masked(model: torch.nn.Module, blocks: list[MoEBlock], removed: dict[str, li
     finally:
         torch.nn.functional.linear = original
         for bias, drop, saved in biases:
-            bias[..., drop] = saved
+            bias.data[..., drop] = saved
+
+
+def _selection_biases(model: torch.nn.Module, block: MoEBlock, rows: int) -> list[torch.Tensor]:
+    """Per-expert biases that steer the selection (e_score_correction_bias, expert_bias, moe_statics,
+    balancing biases): tensors named *bias* in the router or directly on the block, one entry per logit
+    row. With the logit at -inf such a bias could still lift a removed expert into the top-k."""
+    found: dict[int, torch.Tensor] = {}
+    router = model.get_submodule(block.router)
+    moe = model.get_submodule(block.block)
+    members = [*router.named_parameters(), *router.named_buffers()]
+    members += [*moe.named_parameters(recurse=False), *moe.named_buffers(recurse=False)]
+    for name, t in members:
+        if "bias" in name:
+            if t.dim() in (1, 2) and t.shape[-1] == rows and t.is_floating_point():
+                found[id(t)] = t
+    return list(found.values())
 
 
 def removed_from_kept(blocks: list[MoEBlock], kept: dict[str, list[int]]) -> dict[str, list[int]]:

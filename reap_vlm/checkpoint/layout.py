@@ -42,13 +42,39 @@ DTYPE_BYTES = {
 COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 TOP_K_KEYS = ("num_experts_per_tok", "moe_k", "moe_topk", "top_k_experts", "num_experts_per_token")
 MAX_HEADER = 100 * 1024 * 1024
-FUSED_PARAMS = ("gate_up_proj", "down_proj", "up_proj", "gate_up_proj_bias", "down_proj_bias", "up_proj_bias")
+FUSED_PARAMS = (
+    "gate_up_proj",
+    "down_proj",
+    "up_proj",
+    "gate_up_proj_bias",
+    "down_proj_bias",
+    "up_proj_bias",
+    "fc1.weight",  # Aria
+    "fc2.weight",
+    "input_linear.weight",  # Granite-MoE
+    "output_linear.weight",
+    "w13_weight",  # Inkling-2 (gate/up interleaved on dim 1; the expert axis is still 0)
+    "w2_weight",
+)
+# Fused experts stored beside the router rather than under `experts.` (Granite-MoE's original names).
+FUSED_BESIDE_RE = re.compile(
+    r"^(?P<block>.+?\.block_sparse_moe)\.(?P<rest>input_linear\.weight|output_linear\.weight)$"
+)
+EXPERT_SETS = {"text_moe": "text", "vision_moe": "vision"}  # Ernie-4.5-VL: two expert sets per layer
+SPLIT_SETS = {"ernie4_5_vl_moe": ("text", "vision")}  # model types whose original files list both sets as one
+LAYER_BLOCK_RE = re.compile(r"(?:^|\.)layers\.\d+$")  # the MoE block is the decoder layer itself (Gemma 4)
+EXPERT_BUFFERS = ("e_score_correction_bias", "expert_bias")
+NORM_RE = re.compile(r"^\w*norm\w*\.(weight|bias)$")  # a norm layer inside the block: not expert-indexed
 SHARED = ("shared_expert.", "shared_experts.", "shared_expert_gate.", "shared_mlp.")
-LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
+LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)(?:\.|$)")  # as in moe.detect
 EXPERTS_RE = re.compile(r"^(?P<block>.+?)\.experts\.(?P<rest>.+)$")
 PER_EXPERT_RE = re.compile(r"^(?P<j>\d+)\.(?P<rest>.+)$")
 MODELOPT_RE = re.compile(r"^(?P<proj>[A-Za-z_][\w]*)\.(?P<j>\d+)\.(?P<rest>.+)$")
 SUPPORT_DOC = "docs/adding-a-model.md"
+ROUTER_PREFIXES = ("gate.", "router.")
+# Router rows / buffer entries after the E experts that are not prunable experts: LongCat's zero
+# (identity) experts, Inkling's shared-expert gates, Zaya's extra row. They are always kept.
+MAX_EXTRA_ROWS = 4
 
 
 @dataclass(frozen=True)
@@ -72,6 +98,8 @@ class Role:
     expert: int = -1  # per-expert tensors
     axis: int = 0  # expert axis for fused / router / buffer tensors
     pattern: str = ""  # per-expert: name with {j} in place of the index
+    expert_set: str = ""  # split blocks: the set a router tensor belongs to
+    row_sets: bool = False  # split blocks: row i of this buffer belongs to set i (moe_statics [2, E])
 
 
 @dataclass
@@ -81,10 +109,24 @@ class Block:
     expert_set: str = "experts"
     num_experts: int = 0
     layout: set[str] = field(default_factory=set)
+    # On-disk blocks that hold several in-memory expert sets in one list (Ernie-4.5-VL: text experts
+    # 0..E-1, vision experts E..2E-1, routers gate.weight / gate.weight_1): the sets, in that order.
+    sets: tuple[str, ...] = ()
 
     @property
     def key(self) -> tuple[int, str]:
         return (self.layer, self.expert_set)
+
+    @property
+    def keys(self) -> list[tuple[int, str]]:
+        return [(self.layer, s) for s in self.sets] if self.sets else [self.key]
+
+    def locate(self, j: int) -> tuple[tuple[int, str], int]:
+        """(plan key, index within its set) of on-disk expert j."""
+        if not self.sets:
+            return self.key, j
+        k, local = divmod(j, self.num_experts)
+        return (self.layer, self.sets[min(k, len(self.sets) - 1)]), local
 
 
 @dataclass
@@ -103,7 +145,7 @@ class Layout:
     topk_group: int
 
     def counts(self) -> dict[tuple[int, str], int]:
-        return {b.key: b.num_experts for b in self.blocks.values()}
+        return {key: b.num_experts for b in self.blocks.values() for key in b.keys}
 
     def block_by_key(self, key: tuple[int, str]) -> Block:
         return next(b for b in self.blocks.values() if b.key == key)
@@ -216,18 +258,26 @@ def _shards(src: Path) -> tuple[list[str], dict | None]:
     )
 
 
+def _experts_match(name: str):
+    return EXPERTS_RE.match(name) or FUSED_BESIDE_RE.match(name)
+
+
 def _classify(name: str, info: TensorInfo, blocks: dict[str, Block]) -> Role:
-    m = EXPERTS_RE.match(name)
+    m = _experts_match(name)
     if m is None:
         for prefix in blocks:
             if name.startswith(prefix + "."):
                 return _block_member(name, prefix, info, blocks[prefix])
-        return Role("copy")
+        return _router_bias_beside(name, info, blocks)
     prefix, rest = m.group("block"), m.group("rest")
     block = blocks[prefix]
     if rest in FUSED_PARAMS:
         block.layout.add("fused")
         return Role("fused", prefix, axis=0)
+    if rest in EXPERT_BUFFERS:  # a selection bias stored on the experts module (Laguna)
+        axes = _expert_axes(info.shape, block.num_experts)
+        if len(axes) == 1:
+            return Role("buffer", prefix, axis=axes[0])
     pe = PER_EXPERT_RE.match(rest)
     if pe:
         block.layout.add("per-expert")
@@ -248,21 +298,47 @@ def _classify(name: str, info: TensorInfo, blocks: dict[str, Block]) -> Role:
     )
 
 
+def _router_bias_beside(name: str, info: TensorInfo, blocks: dict[str, Block]) -> Role:
+    """A selection bias saved under another module name of the same decoder layer (Kolibri's
+    `layers.N.moe.router.expert_bias` beside `layers.N.mlp.experts`): expert-indexed, so sliced."""
+    parts = name.split(".")
+    if "bias" not in parts[-1] or not ({"router", "gate"} & set(parts)):
+        return Role("copy")
+    layer = LAYER_RE.search(name)
+    same_layer = [b for b in blocks.values() if layer and b.layer == int(layer.group(1))]
+    if layer is None or len(same_layer) != 1:
+        return Role("copy")
+    axes = _expert_axes(info.shape, same_layer[0].num_experts)
+    return Role("buffer", same_layer[0].prefix, axis=axes[0]) if len(axes) == 1 else Role("copy")
+
+
+def _expert_axes(shape: tuple[int, ...], E: int) -> list[int]:
+    """Axes that can index the experts: E entries, or E plus a few trailing non-prunable ones."""
+    return [i for i, n in enumerate(shape) if E <= n <= E + MAX_EXTRA_ROWS]
+
+
 def _block_member(name: str, prefix: str, info: TensorInfo, block: Block) -> Role:
     rest = name[len(prefix) + 1 :]
-    if rest.startswith(SHARED):
+    if rest.startswith(SHARED) or NORM_RE.match(rest):
         return Role("copy")
-    E = block.num_experts
-    if rest.startswith(("gate.", "router.")) or rest in ("e_score_correction_bias",) or rest.startswith("moe_statics."):
-        shape = info.shape
-        if len(shape) >= 1 and shape[0] == E and not (len(shape) == 2 and shape[1] == E and rest.endswith("_1")):
-            return Role("router" if rest.startswith(("gate.", "router.")) else "buffer", prefix, axis=0)
-        if len(shape) == 2 and shape[1] == E:
-            return Role("router" if rest.startswith(("gate.", "router.")) else "buffer", prefix, axis=1)
-        if shape and E in shape:
-            return Role("buffer", prefix, axis=list(shape).index(E))
-        if len(shape) <= 1 and (not shape or shape[0] == 1):
-            return Role("copy")  # a scalar gate (e.g. shared_expert_gate-like), not expert-indexed
+    if LAYER_BLOCK_RE.search(prefix) and not rest.startswith(ROUTER_PREFIXES) and "." in rest:
+        return Role("copy")  # attention, norms, the dense MLP of a decoder layer that is the MoE block
+    is_router = rest.startswith(ROUTER_PREFIXES)
+    if is_router or "." not in rest or rest.startswith("moe_statics."):
+        axes = _expert_axes(info.shape, block.num_experts)
+        kind = "router" if is_router else "buffer"
+        if len(axes) == 1 or (len(axes) > 1 and info.shape[0] == block.num_experts):
+            if not block.sets:
+                return Role(kind, prefix, axis=axes[0])
+            if kind == "router":  # gate.weight: the first set; gate.weight_1: the second
+                suffix = re.search(r"_(\d+)$", rest)
+                return Role(kind, prefix, axis=axes[0], expert_set=block.sets[int(suffix.group(1)) if suffix else 0])
+            if len(info.shape) == 2 and info.shape[0] == len(block.sets) and axes == [1]:
+                return Role(kind, prefix, axis=1, row_sets=True)
+        if not axes and is_router:
+            return Role("copy")  # router internals with no expert axis (a router MLP's hidden layer)
+        if not axes and "." not in rest:
+            return Role("copy")  # a block-level scalar or per-channel tensor: not expert-indexed
     raise CheckpointError(
         f"tensor {name} is inside the MoE block {prefix} but fits no known rule",
         "it is neither an expert, a router, an expert-indexed buffer nor a shared expert",
@@ -274,6 +350,13 @@ def inspect_checkpoint(src: Path) -> Layout:
     """Structure of a checkpoint from config.json + headers; no tensor is read."""
     src = Path(src)
     config = read_config(src)
+    from ..families import refusal
+
+    refused = refusal(config)
+    if refused:
+        raise UnsupportedModelError(
+            f"{refused[0]} models cannot be expert-pruned exactly", refused[1], "See docs/supported-models.md"
+        )
     shards, index = _shards(src)
     tensors: dict[str, TensorInfo] = {}
     shard_meta: dict[str, dict] = {}
@@ -309,14 +392,15 @@ def inspect_checkpoint(src: Path) -> Layout:
     num_experts = _count(config)
     blocks: dict[str, Block] = {}
     for name in tensors:
-        m = EXPERTS_RE.match(name)
+        m = _experts_match(name)
         if m and m.group("block") not in blocks:
             layers = LAYER_RE.findall(m.group("block"))
             if not layers:
                 raise UnsupportedModelError(
                     f"found experts under {m.group('block')} but no layer index", "", f"See {SUPPORT_DOC}"
                 )
-            blocks[m.group("block")] = Block(m.group("block"), int(layers[-1]), num_experts=num_experts)
+            expert_set = EXPERT_SETS.get(m.group("block").rsplit(".", 1)[-1], "experts")
+            blocks[m.group("block")] = Block(m.group("block"), int(layers[-1]), expert_set, num_experts)
     if not blocks:
         raise UnsupportedModelError(
             f"no MoE experts found in {src}",
@@ -327,6 +411,11 @@ def inspect_checkpoint(src: Path) -> Layout:
         raise UnsupportedModelError(
             f"config.json of {src} has no expert count", "looked for " + ", ".join(COUNT_KEYS), f"See {SUPPORT_DOC}"
         )
+    split = SPLIT_SETS.get(config.get("model_type", ""))
+    if split:
+        for b in blocks.values():
+            if b.expert_set == "experts":  # the original one-list layout (not the fused text_moe/vision_moe)
+                b.sets = split
     roles = {name: _classify(name, info, blocks) for name, info in tensors.items()}
     _check_counts(tensors, roles, blocks)
     return Layout(
@@ -350,7 +439,9 @@ def _check_counts(tensors, roles, blocks) -> None:
     for name, role in roles.items():
         if role.kind == "expert":
             seen.setdefault(role.block, {}).setdefault(role.pattern, set()).add(role.expert)
-        elif role.kind == "fused" and tensors[name].shape[0] != blocks[role.block].num_experts:
+        elif (
+            role.kind == "fused" and not 0 <= tensors[name].shape[0] - blocks[role.block].num_experts <= MAX_EXTRA_ROWS
+        ):
             raise CheckpointError(
                 f"{name} has {tensors[name].shape[0]} experts on axis 0 but config.json says "
                 f"{blocks[role.block].num_experts}",
@@ -358,9 +449,10 @@ def _check_counts(tensors, roles, blocks) -> None:
                 "Check that config.json belongs to these shards",
             )
     for prefix, patterns in seen.items():
-        expected = set(range(blocks[prefix].num_experts))
+        E = blocks[prefix].num_experts * max(1, len(blocks[prefix].sets))
         for pattern, indices in patterns.items():
-            if indices != expected:
+            # experts 0..E-1, maybe followed by a few non-prunable ones (LongCat's zero experts)
+            if indices != set(range(max(E, max(indices) + 1))) or max(indices) >= E + MAX_EXTRA_ROWS:
                 raise CheckpointError(
                     f"{pattern.format(j='J')} has experts {sorted(indices)[:6]}... but config.json "
                     f"says {blocks[prefix].num_experts}",

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BugError, OutputError, PlanError
-from .layout import COUNT_KEYS, DTYPE_BYTES, Layout, read_header
+from .layout import COUNT_KEYS, DTYPE_BYTES, MAX_EXTRA_ROWS, Layout, read_header
 
 CHUNK = 16 << 20
 TMP_TAG = ".reap-tmp-"
@@ -92,6 +92,15 @@ def _gather(layout: Layout, info, axis: int, kept: list[int]) -> bytes:
     width = DTYPE_BYTES[info.dtype]
     arr = np.frombuffer(raw, dtype=np.dtype(f"V{width}")).reshape(info.shape)
     return np.ascontiguousarray(np.take(arr, kept, axis=axis)).tobytes()
+
+
+def _gather_rows(layout: Layout, info, per_row: list[list[int]]) -> bytes:
+    """A [sets, E] buffer whose row i is sliced with its own keep list."""
+    with open(layout.src / info.shard, "rb") as fh:
+        fh.seek(info.start)
+        raw = fh.read(info.nbytes)
+    arr = np.frombuffer(raw, dtype=np.dtype(f"V{DTYPE_BYTES[info.dtype]}")).reshape(info.shape)
+    return np.ascontiguousarray(np.stack([arr[i, kept] for i, kept in enumerate(per_row)])).tobytes()
 
 
 def _rewrite_config(config: dict, old: int, new: int, collapse: bool) -> dict:
@@ -166,20 +175,32 @@ def plan_prune(
             out.append(OutTensor(name, info.dtype, info.shape, [(info.shard, info.start, info.end)], info.shard))
             continue
         block = layout.blocks[role.block]
-        kept = keep[block.key]
+        E = block.num_experts
         if role.kind == "expert":
-            if role.expert in kept:
-                new_name = role.pattern.format(j=kept.index(role.expert))
+            key, local = block.locate(role.expert)
+            kept = keep[key]
+            offset = block.sets.index(key[1]) * n_keep if block.sets else 0
+            if local in kept or (not block.sets and local >= E):  # trailing non-prunable experts stay
+                new_j = offset + (kept.index(local) if local < E else len(kept) + local - E)
+                new_name = role.pattern.format(j=new_j)
                 out.append(
                     OutTensor(new_name, info.dtype, info.shape, [(info.shard, info.start, info.end)], info.shard)
                 )
             continue
         shape = list(info.shape)
-        shape[role.axis] = len(kept)
+        if role.row_sets:  # row i keeps the experts of set i
+            per_row = [keep[(block.layer, s)] for s in block.sets]
+            pieces = [_gather_rows(layout, info, per_row)]
+            shape[1] = n_keep
+            out.append(OutTensor(name, info.dtype, tuple(shape), pieces, info.shard))
+            continue
+        kept = keep[(block.layer, role.expert_set)] if role.expert_set else keep[block.key]
+        rows = kept + list(range(E, shape[role.axis]))  # + trailing non-prunable rows
         if role.axis == 0:
-            pieces = _slice_rows(info, kept, block.num_experts)
+            pieces = _slice_rows(info, rows, shape[0])
         else:
-            pieces = [_gather(layout, info, role.axis, kept)]
+            pieces = [_gather(layout, info, role.axis, rows)]
+        shape[role.axis] = len(rows)
         out.append(OutTensor(name, info.dtype, tuple(shape), pieces, info.shard))
 
     by_name = {t.name: t for t in out}
@@ -294,18 +315,24 @@ def verify(plan: PrunePlan, dst: Path, *, hash_check_mb: int = 256, hash_check_a
                 hashed += 1
     # expert axes, router rows and renumbering
     n_keep = len(next(iter(keep.values())))
-    per_block: dict[str, set[int]] = {}
+    per_block: dict[str, int] = {}  # per-expert pattern -> number of expert sets in its block
     for name, role in layout.roles.items():
         if role.kind == "expert":
-            per_block.setdefault(role.pattern, set())
+            per_block[role.pattern] = max(1, len(layout.blocks[role.block].sets))
+        elif role.row_sets:
+            continue
         elif role.kind in ("fused", "router", "buffer"):
             shape = next(t.shape for ts in plan.shards.values() for t in ts if t.name == name)
-            if shape[role.axis] != n_keep:
-                raise BugError(f"{name} has {shape[role.axis]} rows on its expert axis, expected {n_keep}")
-    for pattern in per_block:
-        present = sorted(j for j in range(layout.num_experts) if pattern.format(j=j) in seen)
-        if present != list(range(n_keep)):
-            raise BugError(f"{pattern} was renumbered to {present}, expected 0..{n_keep - 1}")
+            expected = n_keep + layout.tensors[name].shape[role.axis] - layout.blocks[role.block].num_experts
+            if shape[role.axis] != expected:
+                raise BugError(f"{name} has {shape[role.axis]} rows on its expert axis, expected {expected}")
+    for pattern, sets in per_block.items():
+        total = layout.num_experts * sets + MAX_EXTRA_ROWS
+        source = sorted(j for j in range(total) if pattern.format(j=j) in layout.tensors)
+        extra = sum(1 for j in source if j >= layout.num_experts * sets)
+        present = sorted(j for j in range(total) if pattern.format(j=j) in seen)
+        if present != list(range(n_keep * sets + extra)):
+            raise BugError(f"{pattern} was renumbered to {present}, expected 0..{n_keep * sets + extra - 1}")
     return {"tensors": len(seen), "hashed": hashed}
 
 

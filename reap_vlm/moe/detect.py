@@ -21,6 +21,7 @@ ROUTER_ATTRS = ("gate", "router")
 EXPERT_PARAMS = ("gate_up_proj", "up_proj", "down_proj")
 TOP_K_KEYS = ("num_experts_per_tok", "moe_k", "moe_topk", "top_k_experts", "num_experts_per_token", "top_k")
 SUPPORT_DOC = "docs/adding-a-model.md"
+MAX_EXTRA_ROWS = 4  # router rows after the experts that are not experts (zero experts, shared gates)
 
 
 def get_module(model: torch.nn.Module, path: str) -> torch.nn.Module:
@@ -43,28 +44,39 @@ def _num_experts(experts: torch.nn.Module) -> int | None:
     sizes = {
         p.shape[0] for name, p in experts.named_parameters(recurse=False) if name in EXPERT_PARAMS and p.dim() == 3
     }
-    return sizes.pop() if len(sizes) == 1 else None
+    if not sizes or max(sizes) - min(sizes) > MAX_EXTRA_ROWS:
+        return None
+    return min(sizes)  # LongCat: gate_up_proj also holds the zero experts' rows, down_proj does not
 
 
-def _router(block: torch.nn.Module, num_experts: int) -> tuple[str, torch.nn.Module] | None:
+def _router(block: torch.nn.Module, num_experts: int) -> tuple[str, str, torch.nn.Module, int] | None:
+    """(attr, weight path inside the block, router module, logit rows) of the block's router.
+
+    The router is the block's `gate` / `router` child; its logits come from a 2-D weight with one row
+    per expert, sometimes followed by a few rows that are not prunable experts (LongCat's zero
+    experts, Zaya's extra row). That weight may sit on the router itself or on a linear layer
+    inside it (`router.gate`, `gate.wg`, `router.classifier`, ...): the last such weight in module
+    order is the one that makes the logits."""
     for attr in ROUTER_ATTRS:
         router = getattr(block, attr, None)
-        weight = getattr(router, "weight", None)
-        if (
-            isinstance(router, torch.nn.Module)
-            and isinstance(weight, torch.Tensor)
-            and weight.dim() == 2
-            and num_experts in weight.shape
-        ):
-            return attr, router
+        if not isinstance(router, torch.nn.Module):
+            continue
+        found = None
+        for name, p in router.named_parameters():
+            if p.dim() == 2 and num_experts <= p.shape[0] <= num_experts + MAX_EXTRA_ROWS:
+                found = (attr, f"{attr}.{name}", router, int(p.shape[0]))
+        if found is None:  # a router that stores [H, E]
+            weight = getattr(router, "weight", None)
+            if isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.shape[1] == num_experts:
+                found = (attr, f"{attr}.weight", router, num_experts)
+        if found is not None:
+            return found
     return None
 
 
 def _expert_set(block_path: str) -> str:
     leaf = block_path.rsplit(".", 1)[-1]
-    if leaf.endswith("_moe") and leaf != "moe":
-        return leaf[: -len("_moe")]  # ernie4_5_vl_moe: text_moe / vision_moe
-    return "experts"
+    return {"text_moe": "text", "vision_moe": "vision"}.get(leaf, "experts")  # Ernie-4.5-VL: two sets
 
 
 def _score_fn(router: torch.nn.Module, config) -> str:
@@ -73,9 +85,20 @@ def _score_fn(router: torch.nn.Module, config) -> str:
     return "softmax"
 
 
+def _refuse(config) -> None:
+    from ..families import refusal
+
+    refused = refusal(config) if config is not None else None
+    if refused:
+        raise UnsupportedModelError(
+            f"{refused[0]} models cannot be expert-pruned exactly", refused[1], "See docs/supported-models.md"
+        )
+
+
 def find_moe_blocks(model: torch.nn.Module) -> list[MoEBlock]:
     """Every routed-expert block of `model`, in module order. Raises UnsupportedModelError if none."""
     config = getattr(model, "config", None)
+    _refuse(config)
     blocks = []
     for path, module in model.named_modules():
         experts = getattr(module, "experts", None)
@@ -87,7 +110,7 @@ def find_moe_blocks(model: torch.nn.Module) -> list[MoEBlock]:
         found = _router(module, num_experts)
         if found is None:
             continue
-        router_attr, router = found
+        router_attr, weight_path, router, rows = found
         layer_numbers = LAYER_RE.findall(path)  # the innermost "layers.N" is the decoder layer
         if not layer_numbers:
             raise UnsupportedModelError(
@@ -115,6 +138,8 @@ def find_moe_blocks(model: torch.nn.Module) -> list[MoEBlock]:
                 n_group=int(getattr(router, "n_group", None) or config_value(config, ("n_group",), 1) or 1),
                 topk_group=int(getattr(router, "topk_group", None) or config_value(config, ("topk_group",), 1) or 1),
                 score_fn=_score_fn(router, config),
+                router_weight=prefix + weight_path,
+                router_rows=rows,
             )
         )
     if not blocks:

@@ -27,6 +27,8 @@ class MoEBlock:
     n_group: int = 1
     topk_group: int = 1
     score_fn: str = "softmax"  # how router logits become probabilities p(x): softmax or sigmoid
+    router_weight: str = ""  # parameter path of the [rows, H] weight that makes the router logits
+    router_rows: int = 0  # logit columns: num_experts, plus trailing non-prunable ones (zero experts, ...)
 
     @property
     def key(self) -> str:
@@ -83,7 +85,8 @@ def expert_weights(experts: torch.nn.Module) -> ExpertWeights:
     down_bias = getattr(experts, "down_proj_bias", None)
     gate_up = None
     if has_gate:
-        gate_up = oriented(experts.gate_up_proj)  # [E, 2I, H]
+        # [E, 2I, H]; LongCat also keeps its zero experts' rows here, after the E routed ones
+        gate_up = oriented(experts.gate_up_proj)[: down.shape[0]]
         bias = getattr(experts, "gate_up_proj_bias", None)
         if interleaved:
             gate, up = gate_up[:, 0::2], gate_up[:, 1::2]
@@ -100,6 +103,11 @@ def expert_weights(experts: torch.nn.Module) -> ExpertWeights:
 
     if interleaved:
         combine = _gpt_oss_combine(float(experts.alpha), float(experts.limit))
+    elif not hasattr(experts, "act_fn") and hasattr(experts, "_apply_gate"):
+        apply_gate = experts._apply_gate  # the family's own gate/up combination (clamped SwiGLU, ...)
+
+        def combine(gate_out, up_out):
+            return apply_gate(torch.cat([gate_out, up_out], dim=-1))
     elif gate is None:
         act = experts.act_fn
 
