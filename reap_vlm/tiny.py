@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import SettingsError
+from .errors import BugError, SettingsError
 
 HIDDEN = 64
 HEAD_DIM = 16
@@ -24,7 +24,8 @@ NUM_EXPERTS = 8
 TOP_K = 2
 MOE_INTERMEDIATE = 32
 VOCAB = 1024
-INIT_STD = 0.08  # wider than the usual 0.02 so that router logits separate experts
+INIT_STD = 0.08
+MAX_TINY_PARAMETERS = 20_000_000  # wider than the usual 0.02 so that router logits separate experts
 
 SPECIAL_TOKENS = [
     "<|endoftext|>",
@@ -233,6 +234,133 @@ def _text_family(model_type: str):
     return builder
 
 
+# Tiny sizes for any transformers MoE config, set on the class' own defaults where the attribute
+# (or an alias in its attribute_map) exists. Per-type fixes live in reap_vlm.families.
+GENERIC_SIZES = dict(
+    hidden_size=HIDDEN,
+    intermediate_size=96,
+    moe_intermediate_size=MOE_INTERMEDIATE,
+    shared_expert_intermediate_size=48,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=HEAD_DIM,
+    num_experts=NUM_EXPERTS,
+    num_local_experts=NUM_EXPERTS,
+    n_routed_experts=NUM_EXPERTS,
+    moe_num_experts=NUM_EXPERTS,
+    num_experts_per_tok=TOP_K,
+    moe_k=TOP_K,
+    moe_topk=TOP_K,
+    top_k_experts=TOP_K,
+    num_experts_per_token=TOP_K,
+    n_group=1,
+    topk_group=1,
+    first_k_dense_replace=0,
+    n_shared_experts=1,
+    kv_lora_rank=16,
+    q_lora_rank=32,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=8,
+    v_head_dim=16,
+    max_position_embeddings=4096,
+    initializer_range=INIT_STD,
+    tie_word_embeddings=False,
+    linear_key_head_dim=16,
+    linear_value_head_dim=16,
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+    index_head_dim=16,  # sparse-attention indexers (DeepSeek-V3.2, GLM-5)
+    index_n_heads=2,
+    projection_hidden_size=32,  # Kimi-K2.5's vision projector
+)
+# Vision / audio towers of composite configs: small but real (they are never pruned).
+TOWER_SIZES = dict(
+    depth=2,
+    num_hidden_layers=2,
+    hidden_size=32,
+    intermediate_size=64,
+    num_heads=2,
+    num_attention_heads=2,
+    out_hidden_size=HIDDEN,
+    initializer_range=INIT_STD,
+)
+TOWERS = ("vision_config", "audio_config")
+TOKEN_IDS = {  # special-token attributes of VLM configs -> tokens of the tiny tokenizer
+    "image_token_id": "<|image_pad|>",
+    "image_token_index": "<|image_pad|>",
+    "video_token_id": "<|video_pad|>",
+    "vision_start_token_id": "<|vision_start|>",
+    "image_start_token_id": "<|vision_start|>",
+    "vision_end_token_id": "<|vision_end|>",
+    "image_end_token_id": "<|vision_end|>",
+}
+
+
+def _fields(cls) -> set[str]:
+    """Constructor arguments of a config class, and the aliases of its attribute_map."""
+    return set(inspect.signature(cls.__init__).parameters) | set(getattr(cls, "attribute_map", {}))
+
+
+def _tiny_kwargs(cls, values: dict, num_layers: int) -> dict:
+    """Constructor kwargs that make `cls` tiny: the class derives everything else (per-layer lists,
+    MLA head sizes, ...) itself, as it does for a real checkpoint's config.json."""
+    fields = _fields(cls)
+    kwargs = {k: v for k, v in values.items() if k in fields and k not in TOWERS and k != "text_config"}
+    if "num_hidden_layers" in fields:
+        kwargs["num_hidden_layers"] = num_layers
+    if "kv_lora_rank" in fields:  # multi-head latent attention: the rotary part is the head size
+        kwargs["head_dim"] = values["qk_rope_head_dim"]
+    for key, token in TOKEN_IDS.items():
+        if key in fields:
+            kwargs[key] = values["token_ids"][token]
+    for key, spec in (getattr(cls, "sub_configs_defaults", None) or {}).items():
+        sub, sub_type = spec.config_class, getattr(spec, "model_type", None)
+        if sub_type and not getattr(sub, "model_type", ""):
+            from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+            sub = CONFIG_MAPPING[sub_type]  # an AutoConfig slot (Kimi-K2.5's DeepSeek-V3 text model)
+        if key in ("text_config", "language_config"):
+            kwargs[key] = {**_tiny_kwargs(sub, values, num_layers), **values.get("text_config", {})}
+            if sub_type:
+                kwargs[key]["model_type"] = sub_type
+        elif key in TOWERS:
+            tower = {**TOWER_SIZES, **values.get(key, {})}
+            kwargs[key] = {k: v for k, v in tower.items() if k in _fields(sub)}
+    return kwargs
+
+
+def _generic(model_type: str):
+    def builder(tokenizer, num_layers: int):
+        from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+        from transformers.models.auto import modeling_auto
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+        from .families import MATRIX
+
+        entry = MATRIX[model_type]
+        ids = _ids(tokenizer)
+        values = {
+            **GENERIC_SIZES,
+            "vocab_size": len(tokenizer),
+            "pad_token_id": ids["<|endoftext|>"],
+            "eos_token_id": ids["<|im_end|>"],
+            "bos_token_id": ids["<|im_start|>"],
+            "token_ids": ids,
+            **entry.sizes,
+        }
+        cls = CONFIG_MAPPING[model_type]
+        config = cls(**_tiny_kwargs(cls, values, entry.layers or num_layers))
+        causal = model_type in modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        auto = AutoModelForCausalLM if causal else AutoModelForImageTextToText
+        with torch.device("meta"):  # a size the generic values missed would allocate gigabytes
+            size = sum(p.numel() for p in auto.from_config(config).parameters())
+        if size > MAX_TINY_PARAMETERS:
+            raise BugError(f"tiny {model_type} would have {size:,} parameters: add its size keys in reap_vlm.families")
+        return auto.from_config(config), tokenizer
+
+    return builder
+
+
 # family name -> builder(tokenizer, num_layers) -> (model, processor-or-tokenizer)
 FAMILIES: dict[str, Callable] = {
     "qwen3_vl_moe": _qwen3_vl_moe,
@@ -242,15 +370,27 @@ FAMILIES: dict[str, Callable] = {
 DEFAULT_LAYERS = {"qwen3_vl_moe": 3, "qwen3_moe": 4}  # others: 2
 
 
+def _builder(family: str) -> Callable | None:
+    from .families import MATRIX
+
+    if family in FAMILIES:
+        return FAMILIES[family]
+    entry = MATRIX.get(family)
+    return _generic(family) if entry is not None and entry.status == "pass" else None
+
+
 def build(family: str, *, seed: int = 0, num_layers: int | None = None):
     """(model, processor) in memory, fp32, eval mode, weights drawn from `seed`."""
-    if family not in FAMILIES:
+    builder = _builder(family)
+    if builder is None:
         raise SettingsError(
-            f"unknown tiny family {family!r}", "known: " + ", ".join(sorted(FAMILIES)), "Pick one of them"
+            f"unknown tiny family {family!r}",
+            "known: the model types listed in docs/supported-models.md",
+            "Pick one of them",
         )
     torch.manual_seed(seed)
     tokenizer = make_tokenizer()
-    model, processor = FAMILIES[family](tokenizer, num_layers or DEFAULT_LAYERS.get(family, 2))
+    model, processor = builder(tokenizer, num_layers or DEFAULT_LAYERS.get(family, 2))
     _spread_expert_scales(model, seed)
     return model.eval(), processor
 
@@ -269,6 +409,9 @@ def _spread_expert_scales(model: torch.nn.Module, seed: int) -> None:
             ]
             down = expert_weights(experts).down  # a view: scaling it scales the parameter
             down.mul_(scales.to(down.dtype).view(-1, 1, 1))
+            router = model.get_parameter(block.router_weight)
+            if not router.any():  # some families initialise routers to zero: every expert would tie
+                router.normal_(0.0, INIT_STD, generator=generator)
 
 
 def make_tiny(

@@ -1,0 +1,119 @@
+"""The family matrix (reap_vlm.families.MATRIX) as tests: every `pass` type prunes, in its default on-disk
+format and in the fused format, to a checkpoint that equals the original with the removed experts masked,
+and `verify` describes it; every `refused` type is refused with its reason; every `failed` type still
+fails (so a fix is noticed); docs/supported-models.md is generated from the same table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from test_prune import _keep_plan  # the same balanced random plan as the per-format oracle test
+
+from reap_vlm.checkpoint import inspect_checkpoint, plan_prune, write_pruned
+from reap_vlm.errors import UnsupportedModelError
+from reap_vlm.families import MATRIX, render_doc
+from reap_vlm.loading import load_model
+from reap_vlm.masking import masked, removed_from_kept
+from reap_vlm.moe import find_moe_blocks
+from reap_vlm.tiny import make_tiny
+from reap_vlm.verify import describe
+
+ROOT = Path(__file__).resolve().parents[1]
+PASS = sorted(t for t, e in MATRIX.items() if e.status == "pass")
+REFUSED = sorted(t for t, e in MATRIX.items() if e.status == "refused")
+FAILED = sorted(t for t, e in MATRIX.items() if e.status == "failed")
+# The default run covers the structural exceptions; `--all` / -m slow runs the whole matrix.
+FAST = {"ernie4_5_vl_moe", "longcat_flash", "granitemoe", "llama4_text", "kimi_k25", "gemma4_text", "hy_v4"}
+
+
+def _inputs(model_type: str) -> dict:
+    ids = torch.randint(10, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
+    inputs = {"input_ids": ids}
+    if model_type == "ernie4_5_vl_moe":  # every third token goes through the vision experts
+        inputs["moe_mm_token_type_ids"] = (torch.arange(24) % 3 == 0).long().expand(2, -1)
+    return inputs
+
+
+def _run(model, inputs, kept=None, experts=None):
+    """Logits, and the sorted top-k expert set of every token at every MoE block (original indices)."""
+    picks, hooks = [], []
+    for b in find_moe_blocks(model):
+
+        def hook(_m, args, kwargs, key=b.key):
+            idx = kwargs.get("top_k_index", args[1] if len(args) > 1 else None)
+            if idx is None:  # Llama 4 runs every expert on pre-scaled copies: no index to compare
+                return
+            if kept is not None:  # pruned index -> original index; trailing zero experts shift by E - n
+                table = torch.tensor(kept[key])
+                n = len(table)
+                idx = torch.where(idx < n, table[idx.clamp(max=n - 1)], idx - n + experts[key])
+            picks.append(torch.sort(idx, dim=-1).values)
+
+        hooks.append(model.get_submodule(b.experts).register_forward_pre_hook(hook, with_kwargs=True))
+    with torch.inference_mode():
+        logits = model(**inputs).logits
+    for h in hooks:
+        h.remove()
+    return logits, picks
+
+
+def _oracle(model_type: str, fused: bool, tmp_path: Path) -> Path:
+    src = make_tiny(model_type, tmp_path / "src", save_original_format=not fused)
+    layout = inspect_checkpoint(src)
+    keep = _keep_plan(layout)
+    dst = tmp_path / "pruned"
+    write_pruned(plan_prune(layout, keep), dst)
+    original, _, _ = load_model(src, device="cpu", dtype="float32")
+    pruned, _, _ = load_model(dst, device="cpu", dtype="float32")
+    blocks = find_moe_blocks(original)
+    kept = {f"{layer}.{s}": v for (layer, s), v in keep.items()}
+    assert {b.key for b in blocks} == set(kept), "memory and disk disagree on the MoE blocks"
+    inputs = _inputs(model_type)
+    with masked(original, blocks, removed_from_kept(blocks, kept)):
+        ref_logits, ref_picks = _run(original, inputs)
+    got_logits, got_picks = _run(pruned, inputs, kept, {b.key: b.num_experts for b in blocks})
+    assert len(ref_picks) == len(got_picks)
+    for a, b in zip(ref_picks, got_picks, strict=True):
+        assert torch.equal(a, b)  # identical top-k sets for every token
+    assert (ref_logits - got_logits).abs().max().item() <= 1e-4
+    assert {b.num_experts for b in find_moe_blocks(pruned)} == {5 if layout.n_group == 1 else 6}
+    return src
+
+
+@pytest.mark.parametrize(
+    ("model_type", "fused"),
+    [
+        pytest.param(t, fused, marks=() if t in FAST and not fused else pytest.mark.slow)
+        for t in PASS
+        for fused in (False, True)
+    ],
+)
+def test_pruned_checkpoint_equals_masked_original(model_type, fused, tmp_path):
+    src = _oracle(model_type, fused, tmp_path)
+    info = describe(src, 0.25)  # verify reads it from config + headers
+    assert info["moe_blocks"] >= 1 and info["experts"] == 8 and info["after"]["experts_kept"] == 6
+
+
+@pytest.mark.parametrize("model_type", REFUSED)
+def test_refused_types_are_refused_with_their_reason(model_type, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type}))
+    with pytest.raises(UnsupportedModelError, match="cannot be expert-pruned exactly") as err:
+        inspect_checkpoint(tmp_path)
+    assert MATRIX[model_type].reason in str(err.value)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", FAILED)
+def test_failed_types_still_fail(model_type, tmp_path):
+    with pytest.raises(Exception):  # noqa: B017 - any failure; a pass means the table must move it to "pass"
+        _oracle(model_type, False, tmp_path)
+
+
+def test_supported_models_doc_is_generated_from_the_matrix():
+    assert (ROOT / "docs" / "supported-models.md").read_text() == render_doc(), (
+        "docs/supported-models.md is stale: run `python -m reap_vlm.families`"
+    )
+    assert len(PASS) >= 45
