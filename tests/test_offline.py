@@ -10,14 +10,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-GUARD = '''
+GUARD = """
 import socket
 def _refuse(*args, **kwargs):
     raise RuntimeError("network access attempted")
 socket.socket.connect = _refuse
 socket.create_connection = _refuse
 socket.getaddrinfo = _refuse
-'''
+"""
 
 
 def test_reap_prune_test_run_with_the_network_forbidden(tiny_vl_dir, tmp_path):
@@ -34,8 +34,14 @@ def test_reap_prune_test_run_with_the_network_forbidden(tiny_vl_dir, tmp_path):
         ["test_pruned_model.py", *common, "--eval-samples", "4", "--max-new-tokens", "4", "--min-agreement", "0"],
     ]
     for step in steps:
-        result = subprocess.run([sys.executable, str(ROOT / step[0]), *step[1:]], env=env, cwd=tmp_path,
-                                capture_output=True, text=True, timeout=600)
+        result = subprocess.run(
+            [sys.executable, str(ROOT / step[0]), *step[1:]],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert result.returncode in (0, 1), result.stderr[-2000:]  # 1 = the verdict, not a crash
         assert "network access attempted" not in result.stderr
     assert json.loads((out / "report" / "report.json").read_text())["samples"] == 4
