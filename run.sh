@@ -22,7 +22,7 @@ Commands:
              takes the keys it knows, and a misspelt key stops the first stage at once.
   demo       the whole pipeline on a generated tiny Qwen3-VL-MoE (CPU, offline): python -m reap_vlm.demo
   verify     a checkpoint's MoE layout without loading weights: python -m reap_vlm.verify MODEL [args]
-  selftest   ruff, hadolint, shellcheck, then pytest [args]; always local, the venv gets requirements-dev.txt;
+  selftest   ruff (lint + format), hadolint, shellcheck, then pytest [args]; always local, the venv gets requirements-dev.txt;
              selftest --all also runs the slow tests
   shell      a shell in the container (docker) or with the virtual environment active (local)
   help       this text (also -h, --help)
@@ -180,6 +180,7 @@ selftest() {
   if [[ "${1:-}" == --all ]]; then marker=(-m "slow or not slow") && shift; fi
   ensure_venv requirements-dev.txt requirements.txt
   step ruff check .
+  step ruff format --check .
   step hadolint Dockerfile
   step shellcheck run.sh .ci/run
   echo "== pytest ${marker[*]} $*" && exec "$VENV/bin/python" -m pytest "${marker[@]}" "$@"

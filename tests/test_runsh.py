@@ -351,6 +351,7 @@ def test_selftest_is_local_lints_then_runs_pytest(box):
     assert [(c["prog"], c["argv"]) for c in box.calls()] == [
         ("pip", ["-m", "pip", "install", "--disable-pip-version-check", "-r", "requirements-dev.txt"]),
         ("ruff", ["check", "."]),
+        ("ruff", ["format", "--check", "."]),
         ("hadolint", ["Dockerfile"]),
         ("shellcheck", ["run.sh", ".ci/run"]),
         ("pytest", ["-m", "pytest", "-m", "not slow", "-k", "settings", "-q"]),
@@ -364,7 +365,7 @@ def test_selftest_is_local_lints_then_runs_pytest(box):
 
 def test_selftest_failures(box):
     assert box.run("selftest", RC_pytest="5").returncode == 5  # "no tests ran" reaches .ci/run, which fails on it
-    assert [c["prog"] for c in box.calls()] == ["pip", "ruff", "hadolint", "shellcheck", "pytest"]
+    assert [c["prog"] for c in box.calls()] == ["pip", "ruff", "ruff", "hadolint", "shellcheck", "pytest"]
     assert box.run("selftest", RC_ruff="1").returncode == 1
     assert [c["prog"] for c in box.calls()] == ["ruff"]  # a lint failure stops before pytest
 
