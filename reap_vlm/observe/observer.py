@@ -10,7 +10,7 @@
   runs the model's own kernel once per selected (token, expert) pair with unit weights, records
   each ‖f‖, then applies the routing weights and sums exactly as the model does. The statistics
   cost one forward; the model's output is unchanged. Experts without that interface fall back to
-  recomputing the selected pairs in the pre-hook.
+  recomputing the selected pairs in the experts hook.
 """
 
 from __future__ import annotations
