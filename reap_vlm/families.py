@@ -122,8 +122,12 @@ MATRIX: dict[str, Entry] = {
     "kolibri1": _p("selection bias saved as `moe.router.expert_bias` beside `mlp.experts`"),
     "laguna": _p("selection bias stored on the experts module"),
     "lfm2_moe": _f("tiny config: layer types stay None after the generic values"),
-    "llama4": _p("experts run on every token, pre-scaled (no top-k index to compare): logits compared"),
-    "llama4_text": _p("experts run on every token, pre-scaled (no top-k index to compare): logits compared"),
+    "llama4": _p(
+        "experts run on pre-scaled copies of every token: routing read from the router scores, logits compared"
+    ),
+    "llama4_text": _p(
+        "experts run on pre-scaled copies of every token: routing read from the router scores, logits compared"
+    ),
     "longcat_flash": _p("zero (identity) experts after the routed ones are kept", sizes={"zero_expert_num": 2}),
     "mellum": _p(),
     "mimo_v2_flash": _p(),
@@ -203,7 +207,9 @@ def render_doc() -> str:
         "checkpoint built from the real classes (`reap_vlm.tiny`). **pass** = in its default on-disk format and "
         "in the fused format, the pruned checkpoint loaded with `from_pretrained` equals the original with "
         "the removed experts' router logits masked (identical top-k sets for every token, max |Δlogit| ≤ 1e-4 "
-        "in fp32), and `./run.sh verify` describes it. **refused** = the product refuses it by design, with "
+        "in fp32), `./run.sh verify` describes it, and scoring runs on the model's own forward in full, routed "
+        "and router modes (same routing counts in all three; full mode's norms equal routed mode's). "
+        "**refused** = the product refuses it by design, with "
         "the reason below. **failed** = not yet working; the test expects the failure, so a fix shows up.",
         "",
         f"Totals: {counts['pass']} pass, {counts['refused']} refused, {counts['failed']} failed.",

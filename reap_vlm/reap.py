@@ -21,8 +21,8 @@ from .settings import ReapSettings, dump
 
 CHECKPOINT_NAME = ".reap_accumulators.pt"
 GATE_DEFINITION = (
-    "g = top_k_weights and top-k sets as passed by the model to its experts module (forward pre-hook / "
-    "experts interface); p = {fn} of the router module's logits (output 0)"
+    "g = top_k_weights and top-k sets as passed by the model to its experts module (forward hook / "
+    "experts interface; Llama 4: the router's top-k scores); p = {fn} of the router module's logits"
 )
 
 

@@ -18,7 +18,8 @@ from reap_vlm.families import MATRIX, render_doc
 from reap_vlm.loading import load_model
 from reap_vlm.masking import masked, removed_from_kept
 from reap_vlm.moe import find_moe_blocks
-from reap_vlm.tiny import make_tiny
+from reap_vlm.observe.observer import Observer
+from reap_vlm.tiny import build, make_tiny
 from reap_vlm.verify import describe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,6 +96,37 @@ def test_pruned_checkpoint_equals_masked_original(model_type, fused, tmp_path):
     src = _oracle(model_type, fused, tmp_path)
     info = describe(src, 0.25)  # verify reads it from config + headers
     assert info["moe_blocks"] >= 1 and info["experts"] == 8 and info["after"]["experts_kept"] == 6
+
+
+def _scores(model, blocks, inputs, mode: str) -> dict:
+    modality = torch.zeros(inputs["input_ids"].shape, dtype=torch.long)
+    if "moe_mm_token_type_ids" in inputs:
+        modality = inputs["moe_mm_token_type_ids"].clone()  # those tokens count as image tokens
+    with Observer(model, blocks, mode) as obs:
+        obs.set_modality(modality)
+        with torch.inference_mode():
+            model(**inputs)
+    return obs.export()
+
+
+@pytest.mark.parametrize("model_type", [pytest.param(t, marks=() if t in FAST else pytest.mark.slow) for t in PASS])
+def test_scoring_runs_on_the_model_forward_in_every_mode(model_type):
+    """The same detection serves scoring: the three modes see the same routing, and full mode's all-expert
+    norms (reap_vlm's own GEMMs) agree with routed mode's (the model's own expert kernel) on routed pairs."""
+    model, _ = build(model_type)
+    blocks = find_moe_blocks(model)
+    inputs = _inputs(model_type)
+    runs = {mode: _scores(model, blocks, inputs, mode) for mode in ("full", "routed", "router")}
+    tokens = inputs["input_ids"].numel()
+    for key in runs["full"]:
+        counts = [torch.tensor(runs[m][key]["all"]["count"]) for m in runs]
+        assert all(torch.equal(counts[0], c) for c in counts[1:])
+        block = next(b for b in blocks if b.key == key)
+        assert 0 < counts[0].sum() <= tokens * block.top_k
+        full, routed = (
+            torch.tensor(runs[m][key]["all"]["gate_norm_sum"], dtype=torch.float64) for m in ("full", "routed")
+        )
+        assert torch.allclose(full, routed, rtol=1e-4, atol=1e-6), (full, routed)
 
 
 @pytest.mark.parametrize("model_type", REFUSED)

@@ -9,6 +9,7 @@ families use for them.
 
 from __future__ import annotations
 
+import inspect
 import re
 
 import torch
@@ -85,6 +86,12 @@ def _score_fn(router: torch.nn.Module, config) -> str:
     return "softmax"
 
 
+def _takes_no_indices(experts: torch.nn.Module) -> bool:
+    """The experts' forward takes hidden states only (Llama 4): no top-k index reaches a hook there."""
+    params = list(inspect.signature(type(experts).forward).parameters)[1:]
+    return len(params) == 1
+
+
 def _refuse(config) -> None:
     from ..families import refusal
 
@@ -140,6 +147,7 @@ def find_moe_blocks(model: torch.nn.Module) -> list[MoEBlock]:
                 score_fn=_score_fn(router, config),
                 router_weight=prefix + weight_path,
                 router_rows=rows,
+                indices_from_router=_takes_no_indices(experts),
             )
         )
     if not blocks:

@@ -29,6 +29,9 @@ class MoEBlock:
     score_fn: str = "softmax"  # how router logits become probabilities p(x): softmax or sigmoid
     router_weight: str = ""  # parameter path of the [rows, H] weight that makes the router logits
     router_rows: int = 0  # logit columns: num_experts, plus trailing non-prunable ones (zero experts, ...)
+    # Llama 4: the experts get E pre-scaled copies of every token and no indices; the selection and its
+    # weights are read from the router's output (scores [T, E], logits [T, E]) instead.
+    indices_from_router: bool = False
 
     @property
     def key(self) -> str:
@@ -71,9 +74,23 @@ def _gpt_oss_combine(alpha: float, limit: float) -> Callable:
     return combine
 
 
+def _own_apply_gate(experts: torch.nn.Module) -> bool:
+    """The class combines gate and up its own way, not with transformers' default act(gate) * up."""
+    if not hasattr(experts, "_apply_gate"):
+        return False
+    try:
+        from transformers.integrations.moe import _default_apply_gate
+    except ImportError:
+        return not hasattr(experts, "act_fn")
+    return type(experts)._apply_gate is not _default_apply_gate
+
+
 def expert_weights(experts: torch.nn.Module) -> ExpertWeights:
     """Canonical views of a fused experts module's weights (see module docstring)."""
     transposed = bool(getattr(experts, "is_transposed", False))
+    if not hasattr(experts, "is_transposed") and hasattr(experts, "gate_up_proj"):  # undecorated (Llama 4)
+        hidden = getattr(experts, "hidden_size", None) or getattr(experts, "hidden_dim", None)
+        transposed = experts.gate_up_proj.shape[1] == hidden != experts.gate_up_proj.shape[2]
     has_gate = bool(getattr(experts, "has_gate", True))
     interleaved = hasattr(experts, "alpha") and hasattr(experts, "limit")  # gpt-oss layout
 
@@ -103,8 +120,8 @@ def expert_weights(experts: torch.nn.Module) -> ExpertWeights:
 
     if interleaved:
         combine = _gpt_oss_combine(float(experts.alpha), float(experts.limit))
-    elif not hasattr(experts, "act_fn") and hasattr(experts, "_apply_gate"):
-        apply_gate = experts._apply_gate  # the family's own gate/up combination (clamped SwiGLU, ...)
+    elif _own_apply_gate(experts):
+        apply_gate = experts._apply_gate  # the family's own gate/up combination (clamped, soft-capped, ...)
 
         def combine(gate_out, up_out):
             return apply_gate(torch.cat([gate_out, up_out], dim=-1))

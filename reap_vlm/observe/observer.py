@@ -23,6 +23,7 @@ from .kernel import all_expert_norms, row_stats
 from .stats import BlockStats, Rows
 
 ROUTED_IMPL = "reap_routed"
+TOKEN_TYPE_SETS = {"text": False, "vision": True}  # Ernie-4.5-VL expert sets -> takes the vision tokens
 _ACTIVE: dict[int, Observer] = {}  # id(experts module) -> observer, for the routed implementation
 
 
@@ -104,6 +105,8 @@ class Observer:
         self._modality: torch.Tensor | None = None
         self._by_device: dict[torch.device, Rows] = {}
         self._logits: dict[str, torch.Tensor] = {}
+        self._routed: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # Llama 4: router input and scores
+        self._token_types: dict[str, torch.Tensor | None] = {}  # Ernie-4.5-VL: vision-token mask per layer
         self._handles: list = []
         self._restore: list = []
         self._block_of: dict[int, MoEBlock] = {}
@@ -117,7 +120,12 @@ class Observer:
             self.stats.setdefault(b.key, BlockStats(b.num_experts, device, self.mode == "full", b.score_fn))
             self._block_of[id(experts)] = b
             self._handles.append(router.register_forward_hook(self._router_hook(b)))
-            if self.mode == "routed" and self._use_interface(experts):
+            parent = b.block.rsplit(".", 1)[0]
+            if b.expert_set in TOKEN_TYPE_SETS and parent not in self._token_types:
+                self._token_types[parent] = None
+                layer = self.model.get_submodule(parent)
+                self._handles.append(layer.register_forward_pre_hook(self._token_type_hook(parent), with_kwargs=True))
+            if self.mode == "routed" and not b.indices_from_router and self._use_interface(experts):
                 continue
             self._handles.append(experts.register_forward_hook(self._experts_hook(b), with_kwargs=True))
         return self
@@ -158,20 +166,39 @@ class Observer:
         self._modality = modality.reshape(-1)
         self._by_device = {}
 
-    def _rows(self, device: torch.device, rows: int) -> Rows:
+    def _rows(self, device: torch.device, rows: int, block: MoEBlock | None = None) -> Rows:
         if self._modality is None:
             raise BugError("Observer.set_modality was not called before the forward")
-        if rows != self._modality.numel():
-            raise BugError(f"a MoE block saw {rows} token rows but the batch has {self._modality.numel()} tokens")
-        if device not in self._by_device:  # once per batch and device, shared by every block there
-            self._by_device[device] = Rows.of(self._modality.to(device))
-        return self._by_device[device]
+        modality, cache = self._modality, device
+        if block is not None and block.expert_set in TOKEN_TYPE_SETS:  # this set sees its tokens only
+            types = self._token_types.get(block.block.rsplit(".", 1)[0])
+            vision = types.reshape(-1).bool() if types is not None else torch.zeros_like(modality, dtype=torch.bool)
+            if not vision.any():  # the model sends every token to the text experts then
+                vision = torch.zeros_like(vision)
+            mine = vision if TOKEN_TYPE_SETS[block.expert_set] else ~vision
+            modality, cache = modality[mine.to(modality.device)], (device, block.block)
+        if rows != modality.numel():
+            raise BugError(f"a MoE block saw {rows} token rows but the batch has {modality.numel()} tokens")
+        if cache not in self._by_device:  # once per batch and device, shared by every block there
+            self._by_device[cache] = Rows.of(modality.to(device))
+        return self._by_device[cache]
 
     # ---- hooks -----------------------------------------------------------------------------
     def _router_hook(self, block: MoEBlock):
-        def hook(_module, _args, output):
+        def hook(_module, args, output):
             # no kernel here: anything launched now would delay the expert GEMMs that follow
+            if block.indices_from_router:  # Llama 4: (scores [T, E], logits [T, E]) of the unscaled tokens
+                self._routed[block.key] = (args[0], output[0])
+                self._logits[block.key] = output[1]
+                return
             self._logits[block.key] = output[0] if isinstance(output, tuple) else output
+
+        return hook
+
+    def _token_type_hook(self, parent: str):
+        def hook(_module, args, kwargs):
+            types = kwargs.get("moe_mm_token_type_ids", args[1] if len(args) > 1 else None)
+            self._token_types[parent] = types
 
         return hook
 
@@ -181,7 +208,10 @@ class Observer:
             hidden = kwargs.get("hidden_states", hidden)
             top_k_index = kwargs.get("top_k_index", top_k_index)
             top_k_weights = kwargs.get("top_k_weights", top_k_weights)
-            rows = self._rows(hidden.device, hidden.shape[0])
+            if block.indices_from_router:  # score the unscaled tokens with the router's top-k and sigmoid weights
+                hidden, scores = self._routed.pop(block.key)
+                top_k_weights, top_k_index = scores.topk(block.top_k, dim=-1)
+            rows = self._rows(hidden.device, hidden.shape[0], block)
             logits = self._logits.pop(block.key, None)
             stats = self.stats[block.key]
             if self.mode == "router":
@@ -230,7 +260,7 @@ class Observer:
 
     def record_pair_stats(self, experts, hidden, top_k_index, top_k_weights, norms, peaks) -> None:
         block = self._block_of[id(experts)]
-        rows = self._rows(hidden.device, hidden.shape[0])
+        rows = self._rows(hidden.device, hidden.shape[0], block)
         self.stats[block.key].add(rows, top_k_index, top_k_weights, self._logits.pop(block.key, None), norms, peaks)
 
     # ---- results ---------------------------------------------------------------------------
