@@ -417,7 +417,7 @@ def inspect_checkpoint(src: Path) -> Layout:
             if b.expert_set == "experts":  # the original one-list layout (not the fused text_moe/vision_moe)
                 b.sets = split
     roles = {name: _classify(name, info, blocks) for name, info in tensors.items()}
-    _check_counts(tensors, roles, blocks)
+    _check_counts(tensors, roles, blocks, int(_config_value(config, ("zero_expert_num",), 0) or 0))
     return Layout(
         src,
         config,
@@ -434,13 +434,14 @@ def inspect_checkpoint(src: Path) -> Layout:
     )
 
 
-def _check_counts(tensors, roles, blocks) -> None:
+def _check_counts(tensors, roles, blocks, zero_experts: int) -> None:
     seen: dict[str, dict[str, set[int]]] = {}
     for name, role in roles.items():
         if role.kind == "expert":
             seen.setdefault(role.block, {}).setdefault(role.pattern, set()).add(role.expert)
-        elif (
-            role.kind == "fused" and not 0 <= tensors[name].shape[0] - blocks[role.block].num_experts <= MAX_EXTRA_ROWS
+        elif role.kind == "fused" and tensors[name].shape[0] not in (
+            blocks[role.block].num_experts,
+            blocks[role.block].num_experts + zero_experts,
         ):
             raise CheckpointError(
                 f"{name} has {tensors[name].shape[0]} experts on axis 0 but config.json says "
@@ -451,8 +452,8 @@ def _check_counts(tensors, roles, blocks) -> None:
     for prefix, patterns in seen.items():
         E = blocks[prefix].num_experts * max(1, len(blocks[prefix].sets))
         for pattern, indices in patterns.items():
-            # experts 0..E-1, maybe followed by a few non-prunable ones (LongCat's zero experts)
-            if indices != set(range(max(E, max(indices) + 1))) or max(indices) >= E + MAX_EXTRA_ROWS:
+            # experts 0..E-1, maybe followed by the config's zero experts (LongCat: gate/up only)
+            if indices not in (set(range(E)), set(range(E + zero_experts))):
                 raise CheckpointError(
                     f"{pattern.format(j='J')} has experts {sorted(indices)[:6]}... but config.json "
                     f"says {blocks[prefix].num_experts}",
