@@ -24,8 +24,8 @@ NUM_EXPERTS = 8
 TOP_K = 2
 MOE_INTERMEDIATE = 32
 VOCAB = 1024
-INIT_STD = 0.08
-MAX_TINY_PARAMETERS = 20_000_000  # wider than the usual 0.02 so that router logits separate experts
+INIT_STD = 0.08  # wider than the usual 0.02 so that router logits separate experts
+MAX_TINY_PARAMETERS = 20_000_000  # a generic tiny config that misses a size key fails instead of allocating GBs
 
 SPECIAL_TOKENS = [
     "<|endoftext|>",
@@ -234,8 +234,8 @@ def _text_family(model_type: str):
     return builder
 
 
-# Tiny sizes for any transformers MoE config, set on the class' own defaults where the attribute
-# (or an alias in its attribute_map) exists. Per-type fixes live in reap_vlm.families.
+# Tiny sizes for any transformers MoE config, passed to the config class' constructor where it takes
+# the argument (or an alias in its attribute_map). Per-type values live in reap_vlm.families.
 GENERIC_SIZES = dict(
     hidden_size=HIDDEN,
     intermediate_size=96,
