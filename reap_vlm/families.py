@@ -99,7 +99,7 @@ MATRIX: dict[str, Entry] = {
     "gpt_oss": _p("fused transposed experts, interleaved gate/up, biases, router bias"),
     "granitemoe": _p("original names `block_sparse_moe.input_linear` / `output_linear`, router `router.layer`"),
     "granitemoe_swa": _p(),
-    "granitemoehybrid": _f("tiny config: both layers come out as Mamba layers; needs a layer-type list with attention"),
+    "granitemoehybrid": _p(sizes={**LINEAR_HYBRID, "mamba_n_heads": 8, "mamba_d_state": 16, "mamba_chunk_size": 16}),
     "granitemoeshared": _p("as granitemoe, plus a shared MLP"),
     "hunyuan_v1_moe": _p("router weight inside `gate.wg`"),
     "hy_v3": _p(),
@@ -116,12 +116,10 @@ MATRIX: dict[str, Entry] = {
         "cannot be reduced alone; the experts are not a fused *Experts module with a top-k pre-hook",
     ),
     "kimi_k25": _p("DeepSeek-V3 text model; original files name decoder layers `blocks.N`"),
-    "kimi_linear": _f(
-        "tiny config: both layers come out as linear-attention layers; needs its full_attn_layers setting"
-    ),
+    "kimi_linear": _p(sizes=LINEAR_HYBRID),
     "kolibri1": _p("selection bias saved as `moe.router.expert_bias` beside `mlp.experts`"),
     "laguna": _p("selection bias stored on the experts module"),
-    "lfm2_moe": _f("tiny config: layer types stay None after the generic values"),
+    "lfm2_moe": _p(sizes={"num_dense_layers": 1, "layer_types": ["conv", "full_attention"]}),
     "llama4": _p(
         "experts run on pre-scaled copies of every token: routing read from the router scores, logits compared"
     ),
@@ -135,10 +133,10 @@ MATRIX: dict[str, Entry] = {
     "minimax_m2": _p(),
     "minimax_m3_vl": _p(),
     "minimax_m3_vl_text": _p(),
-    "mistral4": _f("the tiny checkpoint does not reload: AutoModelForCausalLM rejects the saved Mistral4Config"),
+    "mistral4": _f("the tiny checkpoint does not reload: the Auto class rejects the saved Mistral4Config"),
     "mistral_large4": _f(DSA_TINY),
     "mixtral": _p(),
-    "muse_spark": _f("tiny config rejected by the class validation"),
+    "muse_spark": _f("tiny config rejected: the vision tower wants one patch size / width / depth per layer"),
     "nemotron_h": _p("experts without a gate (`up_proj` only)"),
     "olmoe": _p(),
     "phimoe": _p(),
@@ -169,9 +167,9 @@ MATRIX: dict[str, Entry] = {
     ),
     "unlimited_ocr": _f("tiny config: the SAM vision encoder keeps its full size (400M parameters)"),
     "deepseek_ocr2": _f("tiny config: the vision encoder config stays None after the generic values"),
-    "dots3_note": _f("tiny config rejected: SWA head_dim must equal qk_nope_head_dim + qk_rope_head_dim"),
-    "dots3_note_text": _f("tiny config rejected: SWA head_dim must equal qk_nope_head_dim + qk_rope_head_dim"),
-    "zaya": _f("tiny config rejected by the class validation (CCA attention sizes)"),
+    "dots3_note": _f("tiny config rejected: per_layer_config keeps the full model's layer indices"),
+    "dots3_note_text": _f("tiny config rejected: per_layer_config keeps the full model's layer indices"),
+    "zaya": _p("top-1 routing only (the class validates it)", sizes={"num_experts_per_tok": 1}),
 }
 
 

@@ -13,7 +13,7 @@ import torch
 from test_prune import _keep_plan  # the same balanced random plan as the per-format oracle test
 
 from reap_vlm.checkpoint import inspect_checkpoint, plan_prune, write_pruned
-from reap_vlm.errors import UnsupportedModelError
+from reap_vlm.errors import SettingsError, UnsupportedModelError
 from reap_vlm.families import MATRIX, render_doc
 from reap_vlm.loading import load_model
 from reap_vlm.masking import masked, removed_from_kept
@@ -140,8 +140,9 @@ def test_refused_types_are_refused_with_their_reason(model_type, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("model_type", FAILED)
 def test_failed_types_still_fail(model_type, tmp_path):
-    with pytest.raises(Exception):  # noqa: B017 - any failure; a pass means the table must move it to "pass"
+    with pytest.raises(Exception) as err:  # any failure; a pass means the table must move it to "pass"
         _oracle(model_type, False, tmp_path)
+    assert not isinstance(err.value, SettingsError), err.value  # the tiny builder did try this type
 
 
 def test_supported_models_doc_is_generated_from_the_matrix():
