@@ -25,6 +25,7 @@ from .errors import PlanError
 from .loading import input_device
 from .masking import masked, removed_from_kept
 from .moe.spec import MoEBlock
+from .observe.usage import ExpertUsage, usage_entropy
 
 BOOTSTRAP_RESAMPLES = 1000
 
@@ -38,36 +39,6 @@ def heldout_samples(settings):
         image_share=settings.image_share,
         shuffle=settings.shuffle,
     )
-
-
-class _Usage:
-    """Expert-usage counts per block while a plan runs (forward pre-hooks on the experts modules)."""
-
-    def __init__(self, model, blocks: list[MoEBlock]):
-        self.counts = {b.key: torch.zeros(b.num_experts, dtype=torch.float64) for b in blocks}
-        self.modality: torch.Tensor | None = None
-        self.handles = [model.get_submodule(b.experts).register_forward_pre_hook(self._hook(b)) for b in blocks]
-
-    def _hook(self, block):
-        def hook(_module, args):
-            idx = args[1][(self.modality.to(args[1].device) >= 0)].reshape(-1)
-            idx = idx[(idx >= 0) & (idx < block.num_experts)]
-            self.counts[block.key] += torch.bincount(idx, minlength=block.num_experts).double().cpu()
-
-        return hook
-
-    def entropy(self, kept: dict[str, list[int]] | None) -> float:
-        """Mean over blocks of the usage entropy normalised by log(number of kept experts)."""
-        values = []
-        for key, c in self.counts.items():
-            n = len(kept[key]) if kept else len(c)
-            p = c[c > 0] / c.sum()
-            values.append(float(-(p * p.log()).sum() / math.log(n)) if n > 1 and c.sum() > 0 else 1.0)
-        return float(np.mean(values))
-
-    def close(self):
-        for h in self.handles:
-            h.remove()
 
 
 def _token_metrics(
@@ -166,45 +137,47 @@ def measure_plans(
 
     per_plan_rows: list[list[dict]] = [[] for _ in plans]
     baseline_rows: list[dict] = []
-    usage = _Usage(model, blocks)
-    plan_counts = {pi: {k: torch.zeros_like(c) for k, c in usage.counts.items()} for pi in range(-1, len(plans))}
+    plan_counts = {
+        pi: {b.key: torch.zeros(b.num_experts, dtype=torch.float64) for b in blocks} for pi in range(-1, len(plans))
+    }
     device = input_device(model)
-    try:
-        with torch.inference_mode():
-            # batches outer, plans inner: the reference logits of one batch are all that is kept
-            for bi, batch in enumerate(eval_batches):
-                inputs = {k: v.to(device) for k, v in batch.inputs.items()}
-                if "pixel_values" in inputs:
-                    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-                usage.modality = batch.modality.reshape(-1)
-                reference = None
-                for pi in range(-1, len(plans)):
-                    usage.counts = plan_counts[pi]
-                    if pi == -1:
-                        logits = reference = model(**inputs, use_cache=False).logits
-                    else:
-                        with masked(model, blocks, removed_from_kept(blocks, plans[pi])):
-                            logits = model(**inputs, use_cache=False).logits
-                    m = _token_metrics(reference, logits, inputs["input_ids"], batch.modality.to(logits.device))
-                    rows = baseline_rows if pi == -1 else per_plan_rows[pi]
-                    for r, sample in enumerate(batch.samples):
-                        rows.append(
-                            {
-                                "source": sample.source,
-                                "kind": sample.kind,
-                                "sample": sample.id,
-                                **{k: float(v[r]) for k, v in m.items()},
-                            }
-                        )
-                if progress:
-                    progress(bi + 1, len(eval_batches))
-    finally:
-        usage.close()
-    entropies = {}
-    for pi, counts in plan_counts.items():
-        usage.counts = counts
-        entropies[pi] = usage.entropy(None if pi == -1 else plans[pi])
-    usage_counts = [entropies[pi] for pi in range(-1, len(plans))]
+    with ExpertUsage(model, blocks) as usage, torch.inference_mode():
+        # batches outer, plans inner: the reference logits of one batch are all that is kept
+        for bi, batch in enumerate(eval_batches):
+            inputs = {k: v.to(device) for k, v in batch.inputs.items()}
+            if "pixel_values" in inputs:
+                inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+            reference = None
+            for pi in range(-1, len(plans)):
+                usage.batch(batch.modality)
+                before = usage.totals()
+                if pi == -1:
+                    logits = reference = model(**inputs, use_cache=False).logits
+                else:
+                    with masked(model, blocks, removed_from_kept(blocks, plans[pi])):
+                        logits = model(**inputs, use_cache=False).logits
+                for key, total in usage.totals().items():
+                    plan_counts[pi][key] += total - before[key]
+                m = _token_metrics(reference, logits, inputs["input_ids"], batch.modality.to(logits.device))
+                rows = baseline_rows if pi == -1 else per_plan_rows[pi]
+                for r, sample in enumerate(batch.samples):
+                    rows.append(
+                        {
+                            "source": sample.source,
+                            "kind": sample.kind,
+                            "sample": sample.id,
+                            **{k: float(v[r]) for k, v in m.items()},
+                        }
+                    )
+            if progress:
+                progress(bi + 1, len(eval_batches))
+
+    def entropy(counts: dict[str, torch.Tensor], kept: dict[str, list[int]] | None) -> float:
+        """Mean over blocks of the usage entropy normalised by log(number of kept experts)."""
+        values = [usage_entropy(c, len(kept[key]) if kept else len(c)) for key, c in counts.items()]
+        return float(np.mean([1.0 if v is None else v for v in values]))
+
+    usage_counts = [entropy(plan_counts[pi], None if pi == -1 else plans[pi]) for pi in range(-1, len(plans))]
 
     baseline = {**_describe(baseline_rows), "entropy": usage_counts[0]}
     rows = []

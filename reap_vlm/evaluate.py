@@ -19,6 +19,7 @@ from .degeneration import analyse
 from .errors import EXIT_FAILED, CheckpointError, InputNotFoundError
 from .loading import input_device, load_model
 from .moe import find_moe_blocks
+from .observe.usage import ExpertUsage, usage_entropy
 from .settings import TestSettings, dump
 
 PROMPT_CHARS = 400
@@ -116,48 +117,30 @@ def generate(model, processor, samples, max_new_tokens: int, settings: TestSetti
     return out
 
 
-def _usage_hooks(model, blocks, counts, modality_ref):
-    def make(block):
-        def hook(_m, args):
-            idx = args[1][modality_ref[0].to(args[1].device) >= 0].reshape(-1)
-            idx = idx[(idx >= 0) & (idx < block.num_experts)]
-            counts[block.key] += torch.bincount(idx, minlength=block.num_experts).double().cpu()
-
-        return hook
-
-    return [model.get_submodule(b.experts).register_forward_pre_hook(make(b)) for b in blocks]
-
-
 def compare(pruned, original, processor, samples, settings: TestSettings) -> dict:
     """Agreement, KL and perplexity per source and modality; usage entropy per layer of the pruned model."""
     batches = list(make_batches(samples, processor, max_seq_len=settings.max_seq_len, batch_size=settings.batch_size))
     blocks = find_moe_blocks(pruned)
-    counts = {b.key: torch.zeros(b.num_experts, dtype=torch.float64) for b in blocks}
-    modality_ref = [torch.zeros(0)]
-    hooks = _usage_hooks(pruned, blocks, counts, modality_ref)
     rows = []
-    try:
-        with torch.inference_mode():
-            for batch in batches:
-                modality_ref[0] = batch.modality.reshape(-1)
-                inputs = {k: v.to(input_device(pruned)) for k, v in batch.inputs.items()}
-                if "pixel_values" in inputs:
-                    inputs["pixel_values"] = inputs["pixel_values"].to(pruned.dtype)
-                p_logits = pruned(**inputs, use_cache=False).logits
-                if original is not None:
-                    o_inputs = {k: v.to(input_device(original)) for k, v in inputs.items()}
-                    o_logits = original(**o_inputs, use_cache=False).logits.to(p_logits.device)
-                    ref = _token_metrics(o_logits, o_logits, inputs["input_ids"], batch.modality.to(p_logits.device))
-                else:
-                    o_logits, ref = p_logits, None
-                m = _token_metrics(o_logits, p_logits, inputs["input_ids"], batch.modality.to(p_logits.device))
-                for r, s in enumerate(batch.samples):
-                    row = {"source": s.source, "kind": s.kind, **{k: float(v[r]) for k, v in m.items()}}
-                    row["nll_original"] = float(ref["nll"][r]) if ref is not None else None
-                    rows.append(row)
-    finally:
-        for h in hooks:
-            h.remove()
+    with ExpertUsage(pruned, blocks) as usage, torch.inference_mode():
+        for batch in batches:
+            usage.batch(batch.modality)
+            inputs = {k: v.to(input_device(pruned)) for k, v in batch.inputs.items()}
+            if "pixel_values" in inputs:
+                inputs["pixel_values"] = inputs["pixel_values"].to(pruned.dtype)
+            p_logits = pruned(**inputs, use_cache=False).logits
+            if original is not None:
+                o_inputs = {k: v.to(input_device(original)) for k, v in inputs.items()}
+                o_logits = original(**o_inputs, use_cache=False).logits.to(p_logits.device)
+                ref = _token_metrics(o_logits, o_logits, inputs["input_ids"], batch.modality.to(p_logits.device))
+            else:
+                o_logits, ref = p_logits, None
+            m = _token_metrics(o_logits, p_logits, inputs["input_ids"], batch.modality.to(p_logits.device))
+            for r, s in enumerate(batch.samples):
+                row = {"source": s.source, "kind": s.kind, **{k: float(v[r]) for k, v in m.items()}}
+                row["nll_original"] = float(ref["nll"][r]) if ref is not None else None
+                rows.append(row)
+        counts = usage.totals()
 
     def summary(sel):
         tokens = sum(r["tokens"] for r in sel)
@@ -172,10 +155,7 @@ def compare(pruned, original, processor, samples, settings: TestSettings) -> dic
             )
         return out
 
-    entropy = {}
-    for key, c in counts.items():
-        p = c[c > 0] / c.sum() if c.sum() else c
-        entropy[key] = float(-(p * p.log()).sum() / math.log(len(c))) if c.sum() and len(c) > 1 else None
+    entropy = {key: usage_entropy(c) for key, c in counts.items()}
     return {
         "overall": summary(rows),
         "by_source": {s: summary([r for r in rows if r["source"] == s]) for s in sorted({r["source"] for r in rows})},
