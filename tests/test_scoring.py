@@ -11,8 +11,10 @@ import torch
 from reap_vlm import scoring
 from reap_vlm.calibration import load_samples, make_batches
 from reap_vlm.errors import PlanError
-from reap_vlm.moe import find_moe_blocks
+from reap_vlm.moe import expert_weights, find_moe_blocks
+from reap_vlm.moe.spec import expert_output
 from reap_vlm.observe import Observer
+from reap_vlm.observe.kernel import all_expert_gram_norms
 from reap_vlm.settings import CRITERIA, ReapSettings
 from reap_vlm.tiny import build
 
@@ -186,6 +188,20 @@ def test_full_mode_chunking_does_not_change_results(vl):
         np.testing.assert_allclose(
             results[0][key]["all"]["soft_norm_sum"], results[1][key]["all"]["soft_norm_sum"], rtol=1e-6
         )
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss", "nemotron_h"])  # plain / biases + clamped GLU / no gate
+def test_gram_norms_equal_the_norms_of_the_expert_outputs(family):
+    """Full mode's all-pair norms come from ‖W h + b‖² = hᵀ(WᵀW)h + 2(Wᵀb)·h + ‖b‖² (no f written): in fp32
+    they equal the norms of the experts' actual outputs, one expert at a time, whatever the chunking."""
+    model, _ = build(family)
+    x = torch.randn(40, 64, generator=torch.Generator().manual_seed(0))
+    for b in find_moe_blocks(model)[:1]:
+        w = expert_weights(model.get_submodule(b.experts))
+        direct = torch.stack([expert_output(w, j, x).norm(dim=-1) for j in range(b.num_experts)], dim=1)
+        for budget in (1, 64):
+            gram = all_expert_gram_norms(w, x, budget)
+            torch.testing.assert_close(gram, direct, rtol=1e-5, atol=1e-6)
 
 
 # ---- selection ----------------------------------------------------------------------------

@@ -53,15 +53,79 @@ def _is_silu(combine) -> bool:
     return isinstance(act, torch.nn.SiLU) or type(act).__name__ in ("SiLUActivation", "SiLU")
 
 
-def _chunk_sizes(
-    num_tokens: int, num_experts: int, inter: int, hidden: int, itemsize: int, budget_bytes: int
-) -> tuple[int, int]:
-    """(tokens, experts) per chunk: the intermediate [e, t, 2I] and output [e, t, H] tensors fit the budget."""
-    per_pair = (3 * inter + 2 * hidden) * itemsize + 8  # gate+up+act, output (+ fp32 square) per (token, expert)
-    pairs = max(budget_bytes // per_pair, 1)
-    experts = min(num_experts, max(pairs // max(num_tokens, 1), 1))
-    tokens = min(num_tokens, max(pairs // experts, 1))
+def _chunk_sizes(num_tokens: int, num_experts: int, per_pair: int, per_expert: int, budget: int) -> tuple[int, int]:
+    """(tokens, experts) per chunk: the per-(token, expert) intermediates and per-expert tensors fit the budget."""
+    experts = min(num_experts, max(budget // max(num_tokens * per_pair + per_expert, 1), 1))
+    tokens = min(num_tokens, max((budget - experts * per_expert) // (experts * per_pair), 1))
     return tokens, experts
+
+
+def _rowdot_eager(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a.float() * b.float()).sum(dim=-1)
+
+
+def _up_weight(w: ExpertWeights, e0: int, e1: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """[e*width, H] rows of the up (and gate) projections of experts e0..e1, expert-major, and their bias."""
+    H = w.up.shape[2]
+    if w.gate_up is not None and w.gate_bias is None and w.up_bias is None:
+        return w.gate_up[e0:e1].reshape(-1, H), None  # [gate; up] per expert, no copy
+    parts = [w.up[e0:e1]] if w.gate is None else [w.gate[e0:e1], w.up[e0:e1]]
+    weight = torch.cat(parts, dim=1).reshape(-1, H)
+    bias = None
+    if w.up_bias is not None or w.gate_bias is not None:
+        parts = [w.up_bias[e0:e1]] if w.gate is None else [w.gate_bias[e0:e1], w.up_bias[e0:e1]]
+        bias = torch.cat(parts, dim=1).reshape(-1)
+    return weight, bias
+
+
+def _hidden(w: ExpertWeights, xt: torch.Tensor, up_weight, bias, e: int) -> torch.Tensor:
+    """h = combine(gate, up) [e, t, I] of e experts on tokens xt: one GEMM for all of their up projections."""
+    inter = w.up.shape[1]
+    width = up_weight.shape[0] // e
+    proj = torch.nn.functional.linear(xt, up_weight, bias).view(-1, e, width).transpose(0, 1)  # [e, t, w]
+    if w.gate is None:
+        return w.combine(None, proj)
+    if _is_silu(w.combine):
+        return _fused("swiglu", _swiglu_eager, proj.device)(proj, inter)
+    return w.combine(proj[..., :inter], proj[..., inter:])
+
+
+def all_expert_gram_norms(w: ExpertWeights, x: torch.Tensor, budget_mb: int = 768) -> torch.Tensor:
+    """‖f_j(x)‖ [T, E] fp32 of every expert's unweighted output, without forming f_j(x) = W_j h + b_j:
+
+        ‖f‖² = hᵀ (W_jᵀ W_j) h + 2 (W_jᵀ b_j)·h + ‖b_j‖²
+
+    The [I, I] Gram matrix of each expert's down projection (computed once per call) replaces the
+    [H, I] down projection: I/H of its work, and nothing of width H is ever written. In bf16 the Gram
+    entries are rounded like the weights are (relative error of the norms ~1e-3 at most; the routed
+    pairs' norms come from the model's own kernel, not from here); in fp32 it equals the direct sum
+    to rounding. max|f| needs f itself: `all_expert_norms` computes it where it is needed."""
+    T = x.shape[0]
+    E, inter = w.num_experts, w.up.shape[1]
+    x = x.to(w.up.dtype)
+    norms = torch.empty((T, E), dtype=torch.float32, device=x.device)
+    per_pair = 5 * inter * x.element_size() + 8  # gate+up, h, h·G (+ slack for the epilogues)
+    gram_bytes = inter * inter * x.element_size()
+    t_step, e_step = _chunk_sizes(T, E, per_pair, gram_bytes, budget_mb << 20)
+    rowdot = _fused("rowdot", _rowdot_eager, x.device)
+    for e0 in range(0, E, e_step):
+        e1 = min(e0 + e_step, E)
+        e = e1 - e0
+        up_weight, bias = _up_weight(w, e0, e1)
+        down = w.down[e0:e1]  # [e, H, I]
+        gram = torch.bmm(down.transpose(1, 2), down)  # [e, I, I]
+        cross = sq_bias = None
+        if w.down_bias is not None:
+            b = w.down_bias[e0:e1].float()
+            cross = torch.bmm(down.transpose(1, 2).float(), b[:, :, None])  # [e, I, 1]
+            sq_bias = (b * b).sum(-1)[:, None]  # [e, 1]
+        for t0 in range(0, T, t_step):
+            h = _hidden(w, x[t0 : t0 + t_step], up_weight, bias, e)  # [e, t, I]
+            sq = rowdot(torch.bmm(h, gram), h)  # [e, t]: hᵀGh, the products summed in fp32
+            if cross is not None:
+                sq = sq + 2 * torch.bmm(h.float(), cross).squeeze(-1) + sq_bias
+            norms[t0 : t0 + t_step, e0:e1] = sq.clamp_min_(0).sqrt_().T
+    return norms
 
 
 def all_expert_norms(w: ExpertWeights, x: torch.Tensor, budget_mb: int = 768) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,31 +138,14 @@ def all_expert_norms(w: ExpertWeights, x: torch.Tensor, budget_mb: int = 768) ->
     x = x.to(w.up.dtype)
     norms = torch.empty((T, E), dtype=torch.float32, device=x.device)
     peaks = torch.empty((T, E), dtype=torch.float32, device=x.device)
-    t_step, e_step = _chunk_sizes(T, E, inter, H, x.element_size(), budget_mb << 20)
+    per_pair = (3 * inter + 2 * H) * x.element_size() + 8  # gate+up+act, output (+ fp32 square)
+    t_step, e_step = _chunk_sizes(T, E, per_pair, 0, budget_mb << 20)
     for e0 in range(0, E, e_step):
         e1 = min(e0 + e_step, E)
-        e = e1 - e0
-        if w.gate_up is not None and w.gate_bias is None and w.up_bias is None:
-            up_weight = w.gate_up[e0:e1].reshape(e * 2 * inter, H)  # rows: expert-major, [gate; up] per expert
-        else:
-            parts = [w.up[e0:e1]] if w.gate is None else [w.gate[e0:e1], w.up[e0:e1]]
-            up_weight = torch.cat(parts, dim=1).reshape(-1, H)
-        width = up_weight.shape[0] // e
-        bias = None
-        if w.up_bias is not None or w.gate_bias is not None:
-            parts = [w.up_bias[e0:e1]] if w.gate is None else [w.gate_bias[e0:e1], w.up_bias[e0:e1]]
-            bias = torch.cat(parts, dim=1).reshape(-1)
+        up_weight, bias = _up_weight(w, e0, e1)
         down_t = w.down[e0:e1].transpose(1, 2)  # [e, I, H]
         for t0 in range(0, T, t_step):
-            xt = x[t0 : t0 + t_step]
-            proj = torch.nn.functional.linear(xt, up_weight, bias).view(-1, e, width).transpose(0, 1)  # [e, t, w]
-            if w.gate is None:
-                hidden = w.combine(None, proj)
-            elif _is_silu(w.combine):
-                hidden = _fused("swiglu", _swiglu_eager, proj.device)(proj, inter)
-            else:
-                hidden = w.combine(proj[..., :inter], proj[..., inter:])
-            out = torch.bmm(hidden, down_t)  # [e, t, H]
+            out = torch.bmm(_hidden(w, x[t0 : t0 + t_step], up_weight, bias, e1 - e0), down_t)  # [e, t, H]
             if w.down_bias is not None:
                 out = out + w.down_bias[e0:e1, None, :]
             n, p = row_stats(out)

@@ -3,14 +3,19 @@
 - A forward hook on each router keeps a reference to its logits ([T, E], output 0); they become
   probabilities p (the block's score function: softmax, or sigmoid for bias-corrected routers) only
   when the block's statistics are added.
-- full / router modes: a forward hook on the experts module sees the model's exact decision
-  (`top_k_index`, `top_k_weights`) and the hidden states; full mode computes every expert there. It runs
-  after the experts, so its small kernels queue behind the expert GEMMs instead of delaying their launch.
+- router mode: a forward hook on the experts module sees the model's exact decision (`top_k_index`,
+  `top_k_weights`). It runs after the experts, so its small kernels queue behind the expert GEMMs
+  instead of delaying their launch.
 - routed mode: the experts implementation is swapped (transformers' ExpertsInterface) for one that
   runs the model's own kernel once per selected (token, expert) pair with unit weights, records
-  each ‖f‖, then applies the routing weights and sums exactly as the model does. The statistics
-  cost one forward; the model's output is unchanged. Experts without that interface fall back to
-  recomputing the selected pairs in the experts hook.
+  each ‖f‖ and max|f|, then applies the routing weights and sums exactly as the model does. The
+  statistics cost one forward; the model's output is unchanged.
+- full mode: as routed mode, plus ‖f_j‖ of every other expert on every token (for Σp·‖f‖), computed
+  with the Gram identity (kernel.all_expert_gram_norms): the down projection's [I, I] Gram matrix
+  instead of its [H, I] weights, no expert output written.
+Experts without the interface (and Llama 4's, which take no indices) are observed by the experts hook:
+routed mode recomputes the selected pairs there, full mode computes every expert directly
+(kernel.all_expert_norms).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import torch
 
 from ..errors import BugError
 from ..moe.spec import MoEBlock, expert_output, expert_weights
-from .kernel import all_expert_norms, row_stats
+from .kernel import all_expert_gram_norms, all_expert_norms, row_stats
 from .stats import BlockStats, Rows
 
 ROUTED_IMPL = "reap_routed"
@@ -125,7 +130,9 @@ class Observer:
                 self._token_types[parent] = None
                 layer = self.model.get_submodule(parent)
                 self._handles.append(layer.register_forward_pre_hook(self._token_type_hook(parent), with_kwargs=True))
-            if self.mode == "routed" and not b.indices_from_router and self._use_interface(experts):
+            # routed and full mode: the model's own kernel gives the routed pairs' f (full mode adds the
+            # norms of every other pair, from the Gram identity, in record_pair_stats)
+            if self.mode != "router" and not b.indices_from_router and self._use_interface(experts):
                 continue
             self._handles.append(experts.register_forward_hook(self._experts_hook(b), with_kwargs=True))
         return self
@@ -261,7 +268,13 @@ class Observer:
     def record_pair_stats(self, experts, hidden, top_k_index, top_k_weights, norms, peaks) -> None:
         block = self._block_of[id(experts)]
         rows = self._rows(hidden.device, hidden.shape[0], block)
-        self.stats[block.key].add(rows, top_k_index, top_k_weights, self._logits.pop(block.key, None), norms, peaks)
+        all_norms = None
+        if self.mode == "full":  # every expert on every (non-padding) token
+            keep = rows.modality >= 0
+            all_norms = torch.zeros((hidden.shape[0], block.num_experts), device=hidden.device)
+            all_norms[keep] = all_expert_gram_norms(expert_weights(experts), hidden[keep], self.budget_mb)
+        logits = self._logits.pop(block.key, None)
+        self.stats[block.key].add(rows, top_k_index, top_k_weights, logits, norms, peaks, all_norms=all_norms)
 
     # ---- results ---------------------------------------------------------------------------
     def export(self) -> dict[str, dict]:
