@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .errors import UnsupportedModelError
+
 MOE_INTERMEDIATE = 32  # = tiny.MOE_INTERMEDIATE (tiny imports this module)
 
 
@@ -173,21 +175,19 @@ MATRIX: dict[str, Entry] = {
 }
 
 
-def refusal(config) -> tuple[str, str] | None:
-    """(model type, reason) when `config` (a dict or a config object, or its text config) is of a
-    type that is refused by design; None otherwise, including for types this table does not know."""
+def check_supported(config) -> None:
+    """Raise UnsupportedModelError when `config` (a dict or a config object, or its text config) is of
+    a type refused by design. Types this table does not know pass: detection is structural."""
 
     def model_type(cfg) -> str:
         return (cfg.get("model_type") if isinstance(cfg, dict) else getattr(cfg, "model_type", "")) or ""
 
     text = config.get("text_config") if isinstance(config, dict) else getattr(config, "text_config", None)
     for cfg in (config, text):
-        if cfg is None:
-            continue
-        entry = MATRIX.get(model_type(cfg))
+        entry = MATRIX.get(model_type(cfg)) if cfg is not None else None
         if entry is not None and entry.status == "refused":
-            return model_type(cfg), entry.reason
-    return None
+            what = f"{model_type(cfg)} models cannot be expert-pruned exactly"
+            raise UnsupportedModelError(what, entry.reason, "See docs/supported-models.md")
 
 
 def render_doc() -> str:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import CheckpointError, InputNotFoundError, UnsupportedModelError
+from ..families import check_supported
 
 DTYPE_BYTES = {
     "F64": 8,
@@ -350,13 +351,7 @@ def inspect_checkpoint(src: Path) -> Layout:
     """Structure of a checkpoint from config.json + headers; no tensor is read."""
     src = Path(src)
     config = read_config(src)
-    from ..families import refusal
-
-    refused = refusal(config)
-    if refused:
-        raise UnsupportedModelError(
-            f"{refused[0]} models cannot be expert-pruned exactly", refused[1], "See docs/supported-models.md"
-        )
+    check_supported(config)
     shards, index = _shards(src)
     tensors: dict[str, TensorInfo] = {}
     shard_meta: dict[str, dict] = {}

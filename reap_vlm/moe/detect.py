@@ -15,6 +15,7 @@ import re
 import torch
 
 from ..errors import UnsupportedModelError
+from ..families import check_supported
 from .spec import MoEBlock
 
 LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)(?:\.|$)")
@@ -92,20 +93,11 @@ def _takes_no_indices(experts: torch.nn.Module) -> bool:
     return len(params) == 1
 
 
-def _refuse(config) -> None:
-    from ..families import refusal
-
-    refused = refusal(config) if config is not None else None
-    if refused:
-        raise UnsupportedModelError(
-            f"{refused[0]} models cannot be expert-pruned exactly", refused[1], "See docs/supported-models.md"
-        )
-
-
 def find_moe_blocks(model: torch.nn.Module) -> list[MoEBlock]:
     """Every routed-expert block of `model`, in module order. Raises UnsupportedModelError if none."""
     config = getattr(model, "config", None)
-    _refuse(config)
+    if config is not None:
+        check_supported(config)
     blocks = []
     for path, module in model.named_modules():
         experts = getattr(module, "experts", None)
