@@ -234,21 +234,15 @@ def _text_family(model_type: str):
     return builder
 
 
-# Tiny sizes for any transformers MoE config, passed to the config class' constructor where it takes
-# the argument (or an alias in its attribute_map). Per-type values live in reap_vlm.families.
+# Tiny sizes for any transformers MoE config, on top of _text_kwargs: the names other families use for
+# the same sizes, and the sizes of attention variants. They are passed to the config class' constructor
+# where it takes the argument (or an alias in its attribute_map). Per-type values live in reap_vlm.families.
 GENERIC_SIZES = dict(
-    hidden_size=HIDDEN,
-    intermediate_size=96,
-    moe_intermediate_size=MOE_INTERMEDIATE,
+    intermediate_size=96,  # a dense MLP (first dense layers, Mixtral-style experts) not 2x the expert width
     shared_expert_intermediate_size=48,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=HEAD_DIM,
-    num_experts=NUM_EXPERTS,
     num_local_experts=NUM_EXPERTS,
     n_routed_experts=NUM_EXPERTS,
     moe_num_experts=NUM_EXPERTS,
-    num_experts_per_tok=TOP_K,
     moe_k=TOP_K,
     moe_topk=TOP_K,
     top_k_experts=TOP_K,
@@ -262,9 +256,6 @@ GENERIC_SIZES = dict(
     qk_rope_head_dim=8,
     qk_nope_head_dim=8,
     v_head_dim=16,
-    max_position_embeddings=4096,
-    initializer_range=INIT_STD,
-    tie_word_embeddings=False,
     linear_key_head_dim=16,
     linear_value_head_dim=16,
     linear_num_key_heads=2,
@@ -339,17 +330,16 @@ def _generic(model_type: str):
 
         entry = MATRIX[model_type]
         ids = _ids(tokenizer)
+        num_layers = entry.layers or num_layers
         values = {
+            **_text_kwargs(len(tokenizer), ids, num_layers),
             **GENERIC_SIZES,
-            "vocab_size": len(tokenizer),
-            "pad_token_id": ids["<|endoftext|>"],
-            "eos_token_id": ids["<|im_end|>"],
-            "bos_token_id": ids["<|im_start|>"],
+            "bos_token_id": ids["<|im_start|>"],  # a real token id rather than _text_kwargs' None
             "token_ids": ids,
             **entry.sizes,
         }
         cls = CONFIG_MAPPING[model_type]
-        config = cls(**_tiny_kwargs(cls, values, entry.layers or num_layers))
+        config = cls(**_tiny_kwargs(cls, values, num_layers))
         causal = model_type in modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
         auto = AutoModelForCausalLM if causal else AutoModelForImageTextToText
         with torch.device("meta"):  # a size the generic values missed would allocate gigabytes
