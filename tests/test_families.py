@@ -10,13 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_prune import _keep_plan  # the same balanced random plan as the per-format oracle test
+from test_prune import prune_and_compare  # the oracle, shared with the per-format test
 
-from reap_vlm.checkpoint import inspect_checkpoint, plan_prune, write_pruned
+from reap_vlm.checkpoint import inspect_checkpoint
 from reap_vlm.errors import SettingsError, UnsupportedModelError
 from reap_vlm.families import MATRIX, render_doc
-from reap_vlm.loading import load_model
-from reap_vlm.masking import masked, removed_from_kept
 from reap_vlm.moe import find_moe_blocks
 from reap_vlm.observe.observer import Observer
 from reap_vlm.tiny import build, make_tiny
@@ -38,48 +36,9 @@ def _inputs(model_type: str) -> dict:
     return inputs
 
 
-def _run(model, inputs, kept=None, experts=None):
-    """Logits, and the sorted top-k expert set of every token at every MoE block (original indices)."""
-    picks, hooks = [], []
-    for b in find_moe_blocks(model):
-
-        def hook(_m, args, kwargs, key=b.key):
-            idx = kwargs.get("top_k_index", args[1] if len(args) > 1 else None)
-            if idx is None:  # Llama 4 runs every expert on pre-scaled copies: no index to compare
-                return
-            if kept is not None:  # pruned index -> original index; trailing zero experts shift by E - n
-                table = torch.tensor(kept[key])
-                n = len(table)
-                idx = torch.where(idx < n, table[idx.clamp(max=n - 1)], idx - n + experts[key])
-            picks.append(torch.sort(idx, dim=-1).values)
-
-        hooks.append(model.get_submodule(b.experts).register_forward_pre_hook(hook, with_kwargs=True))
-    with torch.inference_mode():
-        logits = model(**inputs).logits
-    for h in hooks:
-        h.remove()
-    return logits, picks
-
-
 def _oracle(model_type: str, fused: bool, tmp_path: Path) -> Path:
     src = make_tiny(model_type, tmp_path / "src", save_original_format=not fused)
-    layout = inspect_checkpoint(src)
-    keep = _keep_plan(layout)
-    dst = tmp_path / "pruned"
-    write_pruned(plan_prune(layout, keep), dst)
-    original, _, _ = load_model(src, device="cpu", dtype="float32")
-    pruned, _, _ = load_model(dst, device="cpu", dtype="float32")
-    blocks = find_moe_blocks(original)
-    kept = {f"{layer}.{s}": v for (layer, s), v in keep.items()}
-    assert {b.key for b in blocks} == set(kept), "memory and disk disagree on the MoE blocks"
-    inputs = _inputs(model_type)
-    with masked(original, blocks, removed_from_kept(blocks, kept)):
-        ref_logits, ref_picks = _run(original, inputs)
-    got_logits, got_picks = _run(pruned, inputs, kept, {b.key: b.num_experts for b in blocks})
-    assert len(ref_picks) == len(got_picks)
-    for a, b in zip(ref_picks, got_picks, strict=True):
-        assert torch.equal(a, b)  # identical top-k sets for every token
-    assert (ref_logits - got_logits).abs().max().item() <= 1e-4
+    layout, _, pruned = prune_and_compare(src, tmp_path / "pruned", [_inputs(model_type)])
     assert {b.num_experts for b in find_moe_blocks(pruned)} == {5 if layout.n_group == 1 else 6}
     return src
 
