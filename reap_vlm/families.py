@@ -20,6 +20,14 @@ from .errors import UnsupportedModelError
 MOE_INTERMEDIATE = 32  # = tiny.MOE_INTERMEDIATE (tiny imports this module)
 
 
+# Structure shared by detection in memory (moe/detect.py) and on disk (checkpoint/layout.py):
+# Router rows / buffer entries after the E experts that are not prunable experts: LongCat's zero
+# (identity) experts, Inkling's shared-expert gates, Zaya's extra row. They are always kept.
+MAX_EXTRA_ROWS = 4
+# MoE blocks that hold one of several expert sets of a layer (Ernie-4.5-VL), by module name.
+EXPERT_SETS = {"text_moe": "text", "vision_moe": "vision"}
+
+
 @dataclass(frozen=True)
 class Entry:
     status: str  # "pass", "refused" (by design: the product says why) or "failed" (known, not yet working)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import CheckpointError, InputNotFoundError, UnsupportedModelError
-from ..families import check_supported
+from ..families import EXPERT_SETS, MAX_EXTRA_ROWS, check_supported
 
 DTYPE_BYTES = {
     "F64": 8,
@@ -61,7 +61,6 @@ FUSED_PARAMS = (
 FUSED_BESIDE_RE = re.compile(
     r"^(?P<block>.+?\.block_sparse_moe)\.(?P<rest>input_linear\.weight|output_linear\.weight)$"
 )
-EXPERT_SETS = {"text_moe": "text", "vision_moe": "vision"}  # Ernie-4.5-VL: two expert sets per layer
 SPLIT_SETS = {"ernie4_5_vl_moe": ("text", "vision")}  # model types whose original files list both sets as one
 LAYER_BLOCK_RE = re.compile(r"(?:^|\.)layers\.\d+$")  # the MoE block is the decoder layer itself (Gemma 4)
 EXPERT_BUFFERS = ("e_score_correction_bias", "expert_bias")
@@ -73,9 +72,6 @@ PER_EXPERT_RE = re.compile(r"^(?P<j>\d+)\.(?P<rest>.+)$")
 MODELOPT_RE = re.compile(r"^(?P<proj>[A-Za-z_][\w]*)\.(?P<j>\d+)\.(?P<rest>.+)$")
 SUPPORT_DOC = "docs/adding-a-model.md"
 ROUTER_PREFIXES = ("gate.", "router.")
-# Router rows / buffer entries after the E experts that are not prunable experts: LongCat's zero
-# (identity) experts, Inkling's shared-expert gates, Zaya's extra row. They are always kept.
-MAX_EXTRA_ROWS = 4
 
 
 @dataclass(frozen=True)

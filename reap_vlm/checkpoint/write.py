@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BugError, OutputError, PlanError
-from .layout import COUNT_KEYS, DTYPE_BYTES, MAX_EXTRA_ROWS, Layout, read_header
+from ..families import MAX_EXTRA_ROWS
+from .layout import COUNT_KEYS, DTYPE_BYTES, Layout, read_header
 
 CHUNK = 16 << 20
 TMP_TAG = ".reap-tmp-"

@@ -15,7 +15,7 @@ import re
 import torch
 
 from ..errors import UnsupportedModelError
-from ..families import check_supported
+from ..families import EXPERT_SETS, MAX_EXTRA_ROWS, check_supported
 from .spec import MoEBlock
 
 LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)(?:\.|$)")
@@ -23,7 +23,6 @@ ROUTER_ATTRS = ("gate", "router")
 EXPERT_PARAMS = ("gate_up_proj", "up_proj", "down_proj")
 TOP_K_KEYS = ("num_experts_per_tok", "moe_k", "moe_topk", "top_k_experts", "num_experts_per_token", "top_k")
 SUPPORT_DOC = "docs/adding-a-model.md"
-MAX_EXTRA_ROWS = 4  # router rows after the experts that are not experts (zero experts, shared gates)
 
 
 def get_module(model: torch.nn.Module, path: str) -> torch.nn.Module:
@@ -78,7 +77,7 @@ def _router(block: torch.nn.Module, num_experts: int) -> tuple[str, str, torch.n
 
 def _expert_set(block_path: str) -> str:
     leaf = block_path.rsplit(".", 1)[-1]
-    return {"text_moe": "text", "vision_moe": "vision"}.get(leaf, "experts")  # Ernie-4.5-VL: two sets
+    return EXPERT_SETS.get(leaf, "experts")
 
 
 def _score_fn(router: torch.nn.Module, config) -> str:

@@ -180,8 +180,6 @@ class Observer:
         if block is not None and block.expert_set in TOKEN_TYPE_SETS:  # this set sees its tokens only
             types = self._token_types.get(block.block.rsplit(".", 1)[0])
             vision = types.reshape(-1).bool() if types is not None else torch.zeros_like(modality, dtype=torch.bool)
-            if not vision.any():  # the model sends every token to the text experts then
-                vision = torch.zeros_like(vision)
             mine = vision if TOKEN_TYPE_SETS[block.expert_set] else ~vision
             modality, cache = modality[mine.to(modality.device)], (device, block.block)
         if rows != modality.numel():
