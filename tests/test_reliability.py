@@ -21,10 +21,39 @@ ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "reliability.md"
 
 
+# The classes of bad input and faults, in the order docs/reliability.md shows them, each with the promise the
+# cases of that class test. Every case names one of these.
+GROUPS = {
+    "settings": "A setting that is unknown, of the wrong type or out of range is refused before any work, "
+    "naming the setting.",
+    "plans": "A pruning plan the model cannot run (too few experts for its top-k, unbalanced routing groups) is "
+    "refused before a tensor moves.",
+    "paths": "A missing input, or an output that overlaps the input or already holds something, is refused.",
+    "devices": "A device or dtype this machine does not have is refused before the model loads.",
+    "checkpoint": "A model folder that is incomplete or not an MoE checkpoint is refused, naming the file.",
+    "metadata": "reap_metadata.json that is corrupt, of another schema or for another model is refused.",
+    "data": "Calibration and evaluation data that is missing, empty, undecodable or escapes its folder is refused.",
+    "malformed input": "A file of the right name but the wrong shape (types, ranges, cross-checks, nesting, size, "
+    "encoding) gives one line naming the file and the field, never a traceback.",
+    "silent wrong results": "Input that would make the tool finish with a wrong or meaningless result (a pruning that "
+    "removes nothing, a gate switched off by NaN, a checkpoint that cannot run) is refused instead.",
+    "unclear messages": "The line names the actual cause, not a plausible-looking other one.",
+    "hangs and runaway copies": "A FIFO, a device file or a symlink loop where a regular file belongs is refused "
+    "instead of read forever.",
+    "data loss": "The tool never deletes or overwrites what it did not create, and never writes into the input.",
+    "security": "Custom code in a checkpoint never runs unless asked for, and never behind a prompt.",
+    "concurrency and crash leftovers": "Two runs on one target, and the leftovers of a killed run, end in one "
+    "complete output or a clear refusal, never a lost one.",
+    "faults": "A full disk or a signal mid-way leaves nothing partial at the target path.",
+    "run.sh": "The container wrapper refuses an unknown command or runtime.",
+}
+
+
 @dataclass
 class Case:
     id: str
-    stage: str  # reap, prune, test, run.sh
+    group: str  # a key of GROUPS
+    stage: str  # reap, prune, test, verify, demo, run.sh
     what: str  # the bad input, in words
     message: str  # a substring of the one line on stderr
     code: int = 2
@@ -34,18 +63,34 @@ class Case:
 
 
 CASES = [
-    Case("missing-model", "reap", "model path does not exist", "does not exist", args=["--model-path", "{tmp}/nope"]),
+    Case(
+        "missing-model",
+        "paths",
+        "reap",
+        "model path does not exist",
+        "does not exist",
+        args=["--model-path", "{tmp}/nope"],
+    ),
     Case(
         "model-is-file",
+        "paths",
         "reap",
         "model path is a file",
         "is not a directory",
         args=["--model-path", "{tmp}/file"],
         setup="file",
     ),
-    Case("no-config", "reap", "folder without config.json", "has no config.json", args=["--model-path", "{tmp}"]),
+    Case(
+        "no-config",
+        "checkpoint",
+        "reap",
+        "folder without config.json",
+        "has no config.json",
+        args=["--model-path", "{tmp}"],
+    ),
     Case(
         "corrupt-config",
+        "checkpoint",
         "reap",
         "config.json is not JSON",
         "is not valid JSON",
@@ -54,26 +99,47 @@ CASES = [
     ),
     Case(
         "dense-model",
+        "checkpoint",
         "reap",
         "a dense (non-MoE) model",
         "no MoE layers found",
         args=["--model-path", "{tmp}/dense"],
         setup="dense",
     ),
-    Case("unknown-key", "reap", "unknown REAP_* key", "did you mean REAP_PRUNE_RATIO?", env={"REAP_PRUNE_RATO": "0.3"}),
+    Case(
+        "unknown-key",
+        "settings",
+        "reap",
+        "unknown REAP_* key",
+        "did you mean REAP_PRUNE_RATIO?",
+        env={"REAP_PRUNE_RATO": "0.3"},
+    ),
     Case(
         "wrong-type",
+        "settings",
         "reap",
         "wrong type for a setting",
         "REAP_BATCH_SIZE='four' is not an integer",
         env={"REAP_BATCH_SIZE": "four"},
     ),
-    Case("ratio-0", "reap", "ratio 0", "REAP_PRUNE_RATIO=0.0 is out of range", env={"REAP_PRUNE_RATIO": "0"}),
-    Case("ratio-1", "reap", "ratio 1", "REAP_PRUNE_RATIO=1.0 is out of range", env={"REAP_PRUNE_RATIO": "1"}),
-    Case("ratio-negative", "reap", "negative ratio", "is out of range", env={"REAP_PRUNE_RATIO": "-0.5"}),
-    Case("ratio-nan", "reap", "NaN ratio", "REAP_PRUNE_RATIO=nan is out of range", env={"REAP_PRUNE_RATIO": "nan"}),
+    Case(
+        "ratio-0", "settings", "reap", "ratio 0", "REAP_PRUNE_RATIO=0.0 is out of range", env={"REAP_PRUNE_RATIO": "0"}
+    ),
+    Case(
+        "ratio-1", "settings", "reap", "ratio 1", "REAP_PRUNE_RATIO=1.0 is out of range", env={"REAP_PRUNE_RATIO": "1"}
+    ),
+    Case("ratio-negative", "settings", "reap", "negative ratio", "is out of range", env={"REAP_PRUNE_RATIO": "-0.5"}),
+    Case(
+        "ratio-nan",
+        "settings",
+        "reap",
+        "NaN ratio",
+        "REAP_PRUNE_RATIO=nan is out of range",
+        env={"REAP_PRUNE_RATIO": "nan"},
+    ),
     Case(
         "keep-below-topk",
+        "plans",
         "reap",
         "keep fewer experts than top_k",
         "fewer than the model's top_k=2",
@@ -81,6 +147,7 @@ CASES = [
     ),
     Case(
         "unknown-mode",
+        "settings",
         "reap",
         "unknown scoring mode",
         "REAP_SCORING_MODE='fast' is not a valid choice",
@@ -88,6 +155,7 @@ CASES = [
     ),
     Case(
         "unknown-criterion",
+        "settings",
         "reap",
         "unknown criterion",
         "REAP_CRITERION='best' is not a valid choice",
@@ -95,6 +163,7 @@ CASES = [
     ),
     Case(
         "cuda-without-gpu",
+        "devices",
         "reap",
         "CUDA requested without a GPU",
         "no CUDA GPU is visible",
@@ -102,6 +171,7 @@ CASES = [
     ),
     Case(
         "fp16-on-cpu",
+        "devices",
         "reap",
         "dtype unsupported on the device",
         "float16 is not supported on the CPU",
@@ -109,6 +179,7 @@ CASES = [
     ),
     Case(
         "empty-calibration",
+        "data",
         "reap",
         "empty calibration set",
         "is empty",
@@ -117,6 +188,7 @@ CASES = [
     ),
     Case(
         "images-undecodable",
+        "data",
         "reap",
         "all images undecodable",
         "every image failed to decode",
@@ -125,6 +197,7 @@ CASES = [
     ),
     Case(
         "image-escapes",
+        "data",
         "reap",
         "image path escaping its folder",
         "leaves the folder of the JSONL file",
@@ -133,6 +206,7 @@ CASES = [
     ),
     Case(
         "unknown-calibration",
+        "data",
         "reap",
         "unknown calibration set",
         "unknown calibration source 'wikipedia'",
@@ -140,6 +214,7 @@ CASES = [
     ),
     Case(
         "metadata-in-model",
+        "paths",
         "reap",
         "output inside the model folder",
         "inside the model directory",
@@ -147,6 +222,7 @@ CASES = [
     ),
     Case(
         "unwritable-output",
+        "paths",
         "reap",
         "read-only output folder",
         "could not read or write",
@@ -154,6 +230,7 @@ CASES = [
     ),
     Case(
         "no-metadata",
+        "metadata",
         "prune",
         "metadata file missing",
         "does not exist",
@@ -161,6 +238,7 @@ CASES = [
     ),
     Case(
         "corrupt-metadata",
+        "metadata",
         "prune",
         "corrupt JSON metadata",
         "is not valid JSON",
@@ -169,6 +247,7 @@ CASES = [
     ),
     Case(
         "future-schema",
+        "metadata",
         "prune",
         "metadata of a future schema version",
         "has schema version 99",
@@ -177,6 +256,7 @@ CASES = [
     ),
     Case(
         "other-model-metadata",
+        "metadata",
         "prune",
         "metadata from another model",
         "the metadata was made for",
@@ -185,6 +265,7 @@ CASES = [
     ),
     Case(
         "output-is-input",
+        "paths",
         "prune",
         "output = input",
         "overlaps the input",
@@ -192,6 +273,7 @@ CASES = [
     ),
     Case(
         "output-inside-input",
+        "paths",
         "prune",
         "output inside input",
         "overlaps the input",
@@ -199,6 +281,7 @@ CASES = [
     ),
     Case(
         "output-exists",
+        "paths",
         "prune",
         "output exists and is not empty",
         "already exists and is not empty",
@@ -207,6 +290,7 @@ CASES = [
     ),
     Case(
         "truncated-header",
+        "checkpoint",
         "prune",
         "truncated safetensors header",
         "is not a readable safetensors file",
@@ -215,6 +299,7 @@ CASES = [
     ),
     Case(
         "missing-shard",
+        "checkpoint",
         "prune",
         "index names a missing shard",
         "the index names shard",
@@ -223,6 +308,7 @@ CASES = [
     ),
     Case(
         "unlisted-tensor",
+        "checkpoint",
         "prune",
         "shard holds a tensor the index does not list",
         "the index does not list",
@@ -231,6 +317,7 @@ CASES = [
     ),
     Case(
         "group-unbalanced",
+        "plans",
         "prune",
         "plan unbalanced over routing groups",
         "routing groups",
@@ -239,15 +326,24 @@ CASES = [
     ),
     Case(
         "disk-full",
+        "faults",
         "prune",
         "disk full during write (file size limit)",
         "failed: OSError: File too large",
         args=["--model-path", "{model}", "--metadata-path", "{meta}", "--pruned-model-path", "{tmp}/out"],
         setup="fsize",
     ),
-    Case("pruned-missing", "test", "pruned model missing", "pruned model", args=["--pruned-model-path", "{tmp}/x"]),
+    Case(
+        "pruned-missing",
+        "paths",
+        "test",
+        "pruned model missing",
+        "pruned model",
+        args=["--pruned-model-path", "{tmp}/x"],
+    ),
     Case(
         "eval-data-missing",
+        "data",
         "test",
         "evaluation JSONL missing",
         "does not exist",
@@ -255,6 +351,7 @@ CASES = [
     ),
     Case(
         "sigint-scoring",
+        "faults",
         "reap",
         "SIGINT during scoring",
         "reap interrupted (SIGINT)",
@@ -264,6 +361,7 @@ CASES = [
     ),
     Case(
         "sigterm-pruning",
+        "faults",
         "prune",
         "SIGTERM during pruning",
         "prune interrupted (SIGTERM)",
@@ -272,10 +370,16 @@ CASES = [
         setup="signal",
     ),
     Case(
-        "runsh-unknown-command", "run.sh", "unknown run.sh command", "unknown command 'frobnicate'", args=["frobnicate"]
+        "runsh-unknown-command",
+        "run.sh",
+        "run.sh",
+        "unknown run.sh command",
+        "unknown command 'frobnicate'",
+        args=["frobnicate"],
     ),
     Case(
         "runsh-bad-runtime",
+        "run.sh",
         "run.sh",
         "invalid REAP_RUNTIME",
         "REAP_RUNTIME=podman is not valid",
@@ -414,6 +518,8 @@ def _command(case: Case, tmp: Path, model: Path, meta: Path) -> list[str]:
     args = [a.format(**fill) for a in case.args]
     if case.stage == "run.sh":
         return [str(ROOT / "run.sh"), *args]
+    if case.stage in ("verify", "demo"):  # tools with their own flags, no stage settings
+        return [sys.executable, "-m", f"reap_vlm.{case.stage}", *args]
     extra = [] if "--output-path" in args else ["--output-path", str(tmp / "outputs")]
     if case.setup == "signal":
         return [sys.executable, "-c", SLOW_CHILD, case.stage, *STAGE_BASE[case.stage], *extra, *args]
@@ -469,7 +575,7 @@ def render_doc() -> str:
         "Exit codes: 0 success, 1 the test stage's verdict is fail, 2 bad input, 3 a bug (with traceback), "
         "130 interrupted.",
         "",
-        "Beyond this table: a SIGKILL at 20 points during writing leaves the target absent or complete "
+        "Beyond these tables: a SIGKILL at 20 points during writing leaves the target absent or complete "
         "(`tests/test_prune.py::test_killed_writer_leaves_nothing_and_rerun_succeeds`); the next run removes "
         "stale temporary folders with a message; an interrupted scoring run continues with `--resume` to the "
         "same metadata (`tests/test_scoring.py`); `trust_remote_code` is off unless `REAP_TRUST_REMOTE_CODE=1`; "
@@ -477,12 +583,21 @@ def render_doc() -> str:
         "size-limited; calibration image paths are confined to their JSONL's folder; nothing downloads unless "
         "a `hf:` calibration source is asked for.",
         "",
-        "| case | stage | bad input | exit code | the line says |",
-        "|---|---|---|---|---|",
     ]
-    for c in CASES:
-        lines.append(f"| `{c.id}` | {c.stage} | {c.what} | {c.code} | …{c.message}… |")
-    return "\n".join(lines) + "\n"
+    for group, promise in GROUPS.items():
+        cases = [c for c in CASES if c.group == group]
+        if not cases:
+            continue
+        lines += [f"## {group[0].upper()}{group[1:]}", "", promise, ""]
+        lines += ["| case | stage | bad input | exit code | the line says |", "|---|---|---|---|---|"]
+        lines += [f"| `{c.id}` | {c.stage} | {c.what} | {c.code} | …{c.message}… |" for c in cases]
+        lines.append("")
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def test_every_case_has_a_known_class_and_a_unique_id():
+    assert [c for c in CASES if c.group not in GROUPS] == []
+    assert len({c.id for c in CASES}) == len(CASES)
 
 
 def test_reliability_doc_is_generated_from_the_cases():
