@@ -44,6 +44,7 @@ class Sample:
     source: str
     messages: list[dict]
     answer: str = ""  # a reference answer where the data has one (vision prompts)
+    task: str = ""  # the row's task label where the data has one (chart, count, ...)
 
     @property
     def kind(self) -> str:
@@ -86,6 +87,10 @@ class Batch:
     sources: list[str]
     sample_ids: list[str]
     samples: list[Sample] = field(default_factory=list, repr=False)
+    # [B, S] bool, only from make_batches(answers=True): True where the token is part of the reference
+    # answer written as the assistant turn (its tokens and the end-of-turn token) — the positions whose
+    # next-token prediction is the answer. Rows without an answer are all False.
+    answer_mask: torch.Tensor | None = None
 
 
 # ---- sources --------------------------------------------------------------------------------
@@ -184,7 +189,8 @@ def _read_jsonl(path: Path, source: str, split: str | None, id_prefix: str = "")
                 skipped += 1
                 log.warning("%s: image skipped (%s: %s)", where, type(err).__name__, err)
                 continue
-            samples.append(Sample(f"{source}/{id_prefix}{number:05d}", source, messages, answer))
+            task = str(row.get("task", "")) if isinstance(row.get("task"), str) else ""
+            samples.append(Sample(f"{source}/{id_prefix}{number:05d}", source, messages, answer, task))
     return SampleList(samples, {source: skipped} if skipped else {})
 
 
@@ -420,18 +426,84 @@ def _cut(enc: dict, max_seq_len: int) -> dict:
     return enc
 
 
-def _encode(sample: Sample, processor, max_seq_len: int, min_pixels: int | None, max_pixels: int | None) -> dict | None:
+def with_answer_turn(sample: Sample) -> list[dict]:
+    """The sample's messages followed by its reference answer as the assistant turn."""
+    return [*sample.messages, {"role": "assistant", "content": sample.answer.strip()}]
+
+
+def _end_of_turn(tok, ids: list[int]) -> int | None:
+    """Index of the first special token (the chat template's end-of-turn marker) in `ids`."""
+    decoder = getattr(tok, "added_tokens_decoder", {}) or {}
+    for i, t in enumerate(ids):
+        if t == tok.eos_token_id or (t in decoder and getattr(decoder[t], "special", False)):
+            return i
+    return None
+
+
+class _NoAnswerSpan(Exception):
+    """The reference answer's tokens are not where the template puts them (the sample is skipped)."""
+
+
+def _answer_span(sample: Sample, processor, text: str, templated: bool, ids: list[int]) -> tuple[int, int]:
+    """(start, stop) token positions of the reference answer and its end-of-turn token at the end of `ids`.
+
+    The answer is the last thing the template writes before its end-of-turn marker, so its tokens are
+    found from the end of the sequence: the text from the answer on, tokenized alone, must equal the
+    sequence's last tokens exactly, and begin with the answer's own tokens; raises _NoAnswerSpan otherwise
+    (a tokenizer that merges across the boundary, a template that rewrites the answer)."""
+    tok = _tokenizer(processor)
+    answer = sample.answer.strip()
+    answer_ids = tok(answer, add_special_tokens=False)["input_ids"]
+    if templated:
+        at = text.rfind(answer)
+        tail = tok(text[at:], add_special_tokens=False)["input_ids"] if at >= 0 else []
+        eot = _end_of_turn(tok, tail[len(answer_ids) :])
+    else:  # plain text + "\n" + answer + EOS (see _encode)
+        tail, eot = [*answer_ids, tok.eos_token_id], 0
+    if (
+        eot is None
+        or tail[: len(answer_ids)] != answer_ids
+        or len(tail) > len(ids)
+        or ids[len(ids) - len(tail) :] != tail
+    ):
+        raise _NoAnswerSpan(sample.id)
+    start = len(ids) - len(tail)
+    return start, start + len(answer_ids) + eot + 1
+
+
+def _encode(
+    sample: Sample,
+    processor,
+    max_seq_len: int,
+    min_pixels: int | None,
+    max_pixels: int | None,
+    answer: bool = False,
+) -> dict | None:
     """One sample -> processor outputs (batch of 1), at most max_seq_len tokens, image tokens never cut.
 
     Too long with an image: text after the last image is dropped; if the image tokens themselves do
     not fit, the image is encoded again at a smaller pixel budget (down to min_pixels); None if even
-    that does not fit."""
-    text, templated = _template(processor, sample.messages)
+    that does not fit. With `answer`, the reference answer is the assistant turn, nothing is cut (a
+    sample too long for max_seq_len shrinks its image or is None), and the output has "answer_span":
+    the (start, stop) token positions of the answer and its end-of-turn token."""
+    messages = with_answer_turn(sample) if answer else sample.messages
+    text, templated = _template(processor, messages)
+    if answer and not templated:
+        text = text + "\n" + sample.answer.strip() + (_tokenizer(processor).eos_token or "")
     images = sample.images
     tok = _tokenizer(processor)
+
+    def finish(enc: dict) -> dict:
+        if answer:
+            enc["answer_span"] = _answer_span(sample, processor, text, templated, enc["input_ids"][0].tolist())
+        return enc
+
     if not images:
         # the template already holds the special tokens (as tokenizer.apply_chat_template(tokenize=True) does)
-        return _cut(dict(tok(text, return_tensors="pt", add_special_tokens=not templated)), max_seq_len)
+        enc = dict(tok(text, return_tensors="pt", add_special_tokens=not templated))
+        if answer and enc["input_ids"].shape[1] > max_seq_len:
+            return None
+        return finish(_cut(enc, max_seq_len))
     text_kwargs = {"add_special_tokens": False} if tok.bos_token and text.startswith(tok.bos_token) else {}
     limits = _pixel_limits(processor, min_pixels, max_pixels)
     image_id = image_token_id(processor)
@@ -442,7 +514,7 @@ def _encode(sample: Sample, processor, max_seq_len: int, min_pixels: int | None,
         enc = dict(processor(text=[text], images=images, return_tensors="pt", **kwargs))
         length = enc["input_ids"].shape[1]
         if length <= max_seq_len:
-            return enc
+            return finish(enc)
         if "mm_token_type_ids" in enc:
             is_image = enc["mm_token_type_ids"][0] == 1
         elif image_id is not None:
@@ -450,7 +522,7 @@ def _encode(sample: Sample, processor, max_seq_len: int, min_pixels: int | None,
         else:
             return None  # cannot tell where the image tokens are, so cannot cut safely
         last = int(is_image.nonzero().max()) if is_image.any() else -1
-        if last < max_seq_len:
+        if last < max_seq_len and not answer:
             return _cut(enc, max_seq_len)
         if limits is None:
             return None
@@ -465,11 +537,12 @@ def _encode(sample: Sample, processor, max_seq_len: int, min_pixels: int | None,
     return None
 
 
-def _collate(encoded: list[dict], pad_id: int, image_id: int | None) -> tuple[dict, torch.Tensor]:
+def _collate(encoded: list[dict], pad_id: int, image_id: int | None) -> tuple[dict, torch.Tensor, torch.Tensor]:
     width = max(e["input_ids"].shape[1] for e in encoded)
     ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(encoded), width), dtype=torch.long)
     mm = torch.zeros((len(encoded), width), dtype=torch.long)
+    answer = torch.zeros((len(encoded), width), dtype=torch.bool)
     for row, e in enumerate(encoded):
         n = e["input_ids"].shape[1]
         ids[row, :n] = e["input_ids"][0]
@@ -478,6 +551,8 @@ def _collate(encoded: list[dict], pad_id: int, image_id: int | None) -> tuple[di
             mm[row, :n] = e["mm_token_type_ids"][0]
         elif image_id is not None:
             mm[row, :n] = (e["input_ids"][0] == image_id).long()
+        if "answer_span" in e:
+            answer[row, e["answer_span"][0] : e["answer_span"][1]] = True
     inputs = {"input_ids": ids, "attention_mask": mask}
     with_images = [e for e in encoded if "pixel_values" in e]
     if with_images:
@@ -487,7 +562,7 @@ def _collate(encoded: list[dict], pad_id: int, image_id: int | None) -> tuple[di
     elif any("mm_token_type_ids" in e for e in encoded):
         inputs["mm_token_type_ids"] = mm
     modality = torch.where(mask.bool(), (mm == 1).long(), torch.full_like(mm, -1))
-    return inputs, modality
+    return inputs, modality, answer
 
 
 def _packed_rows(samples: list[Sample], processor, max_seq_len: int, eos_id: int) -> list[tuple[dict, Sample]]:
@@ -518,6 +593,7 @@ def make_batches(
     min_pixels: int | None = None,
     max_pixels: int | None = None,
     packing: bool = False,
+    answers: bool = False,
 ) -> Iterator[Batch]:
     """Encode samples with the model's processor and chat template; right-padded batches.
 
@@ -525,7 +601,12 @@ def make_batches(
     min_pixels / max_pixels bound each image's area (None: the checkpoint's own limits). Text is cut
     at max_seq_len; an image sample never loses image tokens (see _encode) and is skipped with a
     warning if its image cannot fit. With packing, text samples of one source are joined
-    (EOS-separated) into full-length rows; image samples stay one per row."""
+    (EOS-separated) into full-length rows; image samples stay one per row.
+
+    With `answers`, every sample that has a reference answer is encoded with it as the assistant turn
+    (the chat template's assistant message, ending in its end-of-turn token), never truncated, and
+    Batch.answer_mask marks those answer tokens; samples without an answer are encoded as usual. Scoring
+    batches leave it off: calibration is scored on the prompts alone."""
     if max_seq_len < 1 or batch_size < 1:
         raise CalibrationError(
             "max_seq_len and batch_size must be positive", f"got {max_seq_len} and {batch_size}", "Raise them"
@@ -540,20 +621,33 @@ def make_batches(
         rows = _packed_rows([s for s in samples if s.kind == "text"], processor, max_seq_len, eos_id)
         samples = [s for s in samples if s.kind == "image"]
     for s in samples:
-        enc = _encode(s, processor, max_seq_len, min_pixels, max_pixels)
+        with_answer = answers and bool(s.answer.strip())
+        try:
+            enc = _encode(s, processor, max_seq_len, min_pixels, max_pixels, answer=with_answer)
+        except _NoAnswerSpan:
+            log.warning("%s: the reference answer's tokens are not where the chat template puts them; skipped", s.id)
+            continue
         if enc is None:
             log.warning(
-                "%s: the image does not fit in %d tokens even at REAP_MIN_PIXELS; skipped "
+                "%s: %s does not fit in %d tokens even at REAP_MIN_PIXELS; skipped "
                 "(raise REAP_MAX_SEQ_LEN or lower REAP_MIN_PIXELS)",
                 s.id,
+                "the sample with its answer" if with_answer else "the image",
                 max_seq_len,
             )
             continue
         rows.append((enc, s))
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
-        inputs, modality = _collate([e for e, _ in chunk], pad_id, image_id)
-        yield Batch(inputs, modality, [s.source for _, s in chunk], [s.id for _, s in chunk], [s for _, s in chunk])
+        inputs, modality, answer_mask = _collate([e for e, _ in chunk], pad_id, image_id)
+        yield Batch(
+            inputs,
+            modality,
+            [s.source for _, s in chunk],
+            [s.id for _, s in chunk],
+            [s for _, s in chunk],
+            answer_mask if answers else None,
+        )
 
 
 def token_budget(batches: Iterable[Batch]) -> dict:

@@ -42,23 +42,52 @@ def heldout_samples(settings):
 
 
 def _token_metrics(
-    ref_logits: torch.Tensor, logits: torch.Tensor, input_ids: torch.Tensor, modality: torch.Tensor
+    ref_logits: torch.Tensor,
+    logits: torch.Tensor,
+    input_ids: torch.Tensor,
+    modality: torch.Tensor,
+    answer_mask: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Per-row sums over next-token positions whose target is a real text token."""
-    target_ok = (modality[:, 1:] == 0) & (modality[:, :-1] >= 0)
+    """Per-row sums over next-token positions, for two sets of targets (float64 tensors of shape [B]).
+
+    The prediction at position t is scored against the token at t + 1 (its target). `ref_logits` are the
+    reference (unpruned) model's, `logits` the model under test; pass the same tensor twice for the
+    reference's own loss. Keys, each a per-row sum over the targets of its set:
+
+    - text targets (every real text token, prompt and answer alike, as before):
+      "nll" (−log p of the target), "kl" (KL(reference ‖ model) of the next-token distributions),
+      "agree" (1 where both models' top-1 is the same token), "overlap" (Σ_v min(p_ref, p), 1 = the same
+      distribution), "tokens" (the number of targets);
+    - answer targets (the reference answer's tokens and its end-of-turn token, Batch.answer_mask; zeros
+      without one): "answer_nll", "answer_kl", "answer_agree", "answer_overlap", "answer_tokens", and
+      "answer_correct": 1 where the row has an answer and the model's top-1 is the target at every answer
+      position — which is exactly when greedy decoding reproduces the reference answer token for token.
+
+    Per-token means are sum / tokens over any group of rows."""
     logp = torch.log_softmax(logits[:, :-1].float(), -1)
     ref_logp = torch.log_softmax(ref_logits[:, :-1].float(), -1)
     targets = input_ids[:, 1:]
-    nll = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1).clamp_min(0)
-    agree = (logp.argmax(-1) == ref_logp.argmax(-1)).double()
-    w = target_ok.double()
-    return {
-        "nll": (nll.double() * w).sum(1),
-        "kl": (kl.double() * w).sum(1),
-        "agree": (agree * w).sum(1),
-        "tokens": w.sum(1),
-    }
+    nll = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1).double()
+    ref_p = ref_logp.exp()
+    kl = (ref_p * (ref_logp - logp)).sum(-1).clamp_min(0).double()
+    overlap = torch.minimum(ref_p, logp.exp()).sum(-1).double()
+    top1 = logp.argmax(-1)
+    agree = (top1 == ref_logp.argmax(-1)).double()
+    out = {}
+    text = ((modality[:, 1:] == 0) & (modality[:, :-1] >= 0)).double()
+    if answer_mask is None:
+        answer = torch.zeros_like(text)
+    else:
+        answer = answer_mask[:, 1:].to(text.device).double()
+    for prefix, w in (("", text), ("answer_", answer)):
+        out[prefix + "nll"] = (nll * w).sum(1)
+        out[prefix + "kl"] = (kl * w).sum(1)
+        out[prefix + "agree"] = (agree * w).sum(1)
+        out[prefix + "overlap"] = (overlap * w).sum(1)
+        out[prefix + "tokens"] = w.sum(1)
+    wrong = ((top1 != targets).double() * answer).sum(1)
+    out["answer_correct"] = ((out["answer_tokens"] > 0) & (wrong == 0)).double()
+    return out
 
 
 def _summarise(rows: list[dict]) -> dict:
@@ -158,13 +187,16 @@ def measure_plans(
                         logits = model(**inputs, use_cache=False).logits
                 for key, total in usage.totals().items():
                     plan_counts[pi][key] += total - before[key]
-                m = _token_metrics(reference, logits, inputs["input_ids"], batch.modality.to(logits.device))
+                m = _token_metrics(
+                    reference, logits, inputs["input_ids"], batch.modality.to(logits.device), batch.answer_mask
+                )
                 rows = baseline_rows if pi == -1 else per_plan_rows[pi]
                 for r, sample in enumerate(batch.samples):
                     rows.append(
                         {
                             "source": sample.source,
                             "kind": sample.kind,
+                            "task": sample.task,
                             "sample": sample.id,
                             **{k: float(v[r]) for k, v in m.items()},
                         }

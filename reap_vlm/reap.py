@@ -271,7 +271,7 @@ def score(settings: ReapSettings, on_batch: Callable[[int], None] | None = None)
     if settings.eval_samples > 0:
         from .candidates import heldout_samples
 
-        eval_batches = list(make_batches(heldout_samples(settings), processor, **batch_args))
+        eval_batches = list(make_batches(heldout_samples(settings), processor, answers=True, **batch_args))
 
     out_dir = meta_path.parent
     out_dir.mkdir(parents=True, exist_ok=True)
