@@ -1,6 +1,6 @@
 """Calibration and evaluation data: sources → samples → model inputs through the model's own processor.
 
-Sources (a spec string): a built-in set (general, code, math, writing, vision, combined), a JSONL
+Sources (a spec string): a built-in set (general, code, math, writing, vision, tasks, combined), a JSONL
 file, an image folder (`folder:PATH` or a directory), a Hugging Face dataset (`hf:NAME[:SPLIT[:FIELD]]`,
 needs the optional `datasets` package and a network), or a mix `name:count,name:count`.
 
@@ -29,7 +29,8 @@ from .errors import CalibrationError
 log = logging.getLogger(__name__)
 CALIBRATION_DIR = Path(__file__).resolve().parents[1] / "calibration"
 TEXT_SETS = ("general", "code", "math", "writing")
-BUILTIN = (*TEXT_SETS, "vision", "combined")
+IMAGE_SETS = ("tasks", "vision")  # `combined` splits its image share evenly over these
+BUILTIN = (*TEXT_SETS, *IMAGE_SETS, "combined")
 SPLITS = {"calibration": "calib", "evaluation": "eval"}
 MAX_JSONL_BYTES = 256 * 1024 * 1024
 MAX_LINE_BYTES = 4 * 1024 * 1024
@@ -238,8 +239,7 @@ def _read_hf(spec: str, split: str) -> SampleList:
         raise CalibrationError(
             f"could not load the dataset {name}",
             (str(err).splitlines() or [type(err).__name__])[0],
-            "Offline? Use a built-in set (general, code, math, writing, vision, combined), "
-            "a JSONL file or an image folder",
+            "Offline? Use a built-in set (" + ", ".join(BUILTIN) + "), a JSONL file or an image folder",
         ) from None
     if len(rows) and column not in rows[0]:
         raise CalibrationError(
@@ -318,12 +318,12 @@ def _apportion(total: int, weights: list[float]) -> list[int]:
 
 
 def _expand(name: str, count: int | None, image_share: float) -> list[tuple[str, int | None, float]]:
-    """'combined' -> vision at image_share plus the text sets evenly; weights are relative shares."""
+    """'combined' -> the image sets sharing image_share evenly, the text sets the rest evenly (relative weights)."""
     if name != "combined":
         return [(name, count, 1.0)]
-    weights = [image_share] + [(1 - image_share) / len(TEXT_SETS)] * len(TEXT_SETS)
+    weights = [image_share / len(IMAGE_SETS)] * len(IMAGE_SETS) + [(1 - image_share) / len(TEXT_SETS)] * len(TEXT_SETS)
     counts = _apportion(count, weights) if count is not None else [None] * len(weights)
-    return list(zip(("vision", *TEXT_SETS), counts, weights, strict=True))
+    return list(zip((*IMAGE_SETS, *TEXT_SETS), counts, weights, strict=True))
 
 
 def _counts(parts: list[tuple[str, int | None]], max_samples: int, image_share: float) -> list[tuple[str, int]]:

@@ -128,7 +128,7 @@ class ReapSettings(Settings):
     )
     calibration: str = opt(
         "combined",
-        "Calibration source: a built-in set (general, code, math, writing, vision, combined), a JSONL file, "
+        "Calibration source: a built-in set (general, code, math, writing, vision, tasks, combined), a JSONL file, "
         "an image folder, or a mix 'name:count,name:count'.",
     )
     max_samples: int = opt(64, "Calibration samples to score (a mix divides them in proportion).")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
+import re
 
 import pytest
 import torch
@@ -12,6 +14,8 @@ from PIL import Image
 from reap_vlm.calibration import (
     BUILTIN,
     CALIBRATION_DIR,
+    IMAGE_SETS,
+    SPLITS,
     TEXT_SETS,
     Sample,
     _is_eval,
@@ -29,7 +33,7 @@ def _key(sample) -> str:
     return sample.text
 
 
-@pytest.mark.parametrize("name", [*TEXT_SETS, "vision"])
+@pytest.mark.parametrize("name", [*TEXT_SETS, *IMAGE_SETS])
 def test_builtin_splits_never_overlap(name):
     calib, held_out = read_source(name, "calibration"), read_source(name, "evaluation")
     assert len(calib) >= 40 and len(held_out) >= 10
@@ -44,13 +48,35 @@ def test_vision_set_has_every_task_and_real_photos():
     assert sum(r["messages"][0]["content"][0]["image"].startswith("photos/") for r in rows) >= 30
 
 
+def test_tasks_set_has_exact_answers_for_every_task():
+    """The trained image tasks: every task in both splits (at least 30 held-out questions each), one
+    fixed question per task, short exact answers, and held-out digits only from held-out image indices."""
+    tasks = {}
+    for split in SPLITS.values():
+        for line in (CALIBRATION_DIR / "tasks" / f"{split}.jsonl").read_text().splitlines():
+            r = json.loads(line)
+            tasks.setdefault(r["task"], {}).setdefault(split, []).append(r)
+    assert set(tasks) == {"digit", "count", "shape", "position", "bar_max", "bar_count", "photo"}
+    for task, splits in tasks.items():
+        assert len(splits["eval"]) >= 30 and len(splits["calib"]) >= 10, task
+        rows = splits["eval"] + splits["calib"]
+        assert len({r["messages"][0]["content"][1]["text"] for r in rows}) == 1, task
+        assert all(0 < len(r["answer"].split()) <= 2 for r in rows), task
+        assert len({r["answer"] for r in splits["eval"]}) >= 3, task  # not one constant answer
+    for split, rows in tasks["digit"].items():
+        indices = [int(re.search(r"load_digits image (\d+)", r["origin"])[1]) for r in rows]
+        assert all((i % 5 == 0) == (split == "eval") for i in indices), split
+    images = [s for s in read_source("tasks", "evaluation")[:5]]
+    assert all(img.size == (64, 64) for s in images for img in s.images)
+
+
 def test_licenses_cover_every_file():
-    listed = (CALIBRATION_DIR / "LICENSES").read_text()
+    text = (CALIBRATION_DIR / "LICENSES").read_text()
+    rules = [line.split("\t")[0] for line in text.splitlines() if not line.startswith("#")]
     for path in CALIBRATION_DIR.rglob("*"):
         if path.is_file() and path.name not in ("LICENSES", "README.md"):
             rel = path.relative_to(CALIBRATION_DIR).as_posix()
-            folder_rule = f"{rel.split('/')[0]}/*.jsonl"
-            assert rel in listed or (path.suffix == ".jsonl" and folder_rule in listed), rel
+            assert any(fnmatch.fnmatchcase(rel, rule) for rule in rules), rel
 
 
 def test_combined_mixes_text_and_images_in_proportion():
@@ -58,7 +84,7 @@ def test_combined_mixes_text_and_images_in_proportion():
     by_source = {}
     for s in samples:
         by_source[s.source] = by_source.get(s.source, 0) + 1
-    assert by_source == {"vision": 10, "general": 8, "code": 8, "math": 7, "writing": 7}
+    assert by_source == {"tasks": 5, "vision": 5, "general": 8, "code": 8, "math": 7, "writing": 7}
     assert sum(s.kind == "image" for s in samples) == 10
 
 
@@ -183,7 +209,7 @@ def test_unknown_and_missing_sources():
         load_samples("missing.jsonl", max_samples=4, seed=0)
     with pytest.raises(CalibrationError, match="counts must be positive"):
         load_samples("code:0", max_samples=4, seed=0)
-    assert set(BUILTIN) == {"general", "code", "math", "writing", "vision", "combined"}
+    assert set(BUILTIN) == {"general", "code", "math", "writing", "vision", "tasks", "combined"}
 
 
 def test_encoding_through_the_model_processor(tiny_vl_dir):

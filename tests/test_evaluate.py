@@ -58,7 +58,7 @@ def test_keeping_every_expert_is_perfect_agreement(tmp_path):
     assert overall["agreement"] == 1.0 and overall["kl"] <= 1e-6
     assert overall["ppl_pruned"] == pytest.approx(overall["ppl_original"], rel=1e-6)
     assert set(report["metrics"]["by_modality"]) == {"image", "text"}
-    assert set(report["metrics"]["by_source"]) == {"code", "general", "math", "writing", "vision"}
+    assert set(report["metrics"]["by_source"]) == {"code", "general", "math", "writing", "vision", "tasks"}
     assert len(report["metrics"]["usage_entropy"]) == 3
     for sample in report["generation"]["samples"]:
         assert sample["answer"] == sample["original_answer"]

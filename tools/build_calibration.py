@@ -17,9 +17,11 @@ library) and Pillow + matplotlib importable:
 
     python tools/build_calibration.py SRC
 
-Every set gets calib.jsonl and eval.jsonl (disjoint by construction: each source item goes to
-exactly one split), and calibration/LICENSES is rewritten with every file's origin. Each set
-shuffles with its own seeded generator, so changing one set leaves the others byte-identical.
+The image tasks of the trained demo VLM (calibration/tasks/) come from tools/image_tasks.py, which
+this script calls (it can also run alone). Every set gets calib.jsonl and eval.jsonl (disjoint by
+construction: each source item goes to exactly one split), and calibration/LICENSES is rewritten
+with every file's origin. Each set shuffles with its own seeded generator, so changing one set
+leaves the others byte-identical.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import re
 import sys
 from pathlib import Path
 
+import image_tasks  # tools/image_tasks.py (this script's folder is on sys.path)
 from PIL import Image, ImageDraw, ImageFont
 
 ROOT = Path(__file__).resolve().parents[1] / "calibration"
@@ -434,6 +437,7 @@ def main(src: Path) -> None:
     vision = photos(src, licenses) + charts(licenses) + rendered_text(licenses) + shapes(licenses)
     split_write("vision", vision)
     licenses.append("vision/*.jsonl\tprompts and answers written for this project\tApache-2.0 (this project)")
+    licenses += image_tasks.write(src, ROOT)  # the trained demo VLM's image tasks (calibration/tasks/)
     (ROOT / "LICENSES").write_text("\n".join(licenses) + "\n")
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(ROOT.rglob("*.jsonl")))).hexdigest()[:12]
     print(f"calibration data written to {ROOT} (jsonl digest {digest})")
