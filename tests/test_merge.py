@@ -1,0 +1,184 @@
+"""Expert merging: grouping counts for every C (and the peer library's 8-instead-of-96 bug), alignment
+recovers permuted copies exactly, identical experts merge to themselves, HC-SMoE, router rows."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from reap_vlm.errors import PlanError
+from reap_vlm.methods import merge
+
+
+def _layer(E=8, inter=6, hidden=5, seed=0, bias=False) -> merge.LayerExperts:
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g)
+
+    return merge.LayerExperts(
+        r(E, inter, hidden),
+        r(E, inter, hidden),
+        r(E, hidden, inter),
+        r(E, inter) if bias else None,
+        r(E, inter) if bias else None,
+        r(E, hidden) if bias else None,
+    )
+
+
+def _stats(E, hidden=16, tokens=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mean_out = torch.randn(E, hidden, generator=g, dtype=torch.float64)
+    z = torch.randn(tokens, E, generator=g, dtype=torch.float64)
+    saliency = torch.rand(E, generator=g, dtype=torch.float64).numpy()
+    return mean_out, z.T @ z, saliency
+
+
+def _peer_greedy(saliency, distance, k, group_size):
+    """The published peer library's grouping, reduced to its bug: a group takes the nearest *unassigned*
+    experts, and centroids are not reserved, so early groups swallow later centroids."""
+    assigned = np.zeros(len(saliency), dtype=bool)
+    groups = []
+    for c in np.argsort(-np.asarray(saliency), kind="stable")[:k]:
+        if assigned[c]:
+            continue
+        group = [int(j) for j in np.argsort(distance[c], kind="stable") if not assigned[j]][:group_size]
+        assigned[group] = True
+        groups.append(group)
+    return groups
+
+
+def test_peer_library_bug_128_experts_target_96_group_size_16_gives_96_groups():
+    """Regression: with the peer library's defaults (C = 16, 128 experts, target 96) its greedy grouping let
+    the first groups swallow later centroids and produced 8 groups instead of 96. Centroids are reserved
+    here, so the count is the target in every layer."""
+    E, k, C = 128, 96, 16
+    for layer in range(3):
+        mean_out, gram, s = _stats(E, seed=layer)
+        d = merge.expert_distance(mean_out, gram)
+        assert len(_peer_greedy(s, d, k, C)) == 8  # the bug, reproduced on the same data
+        groups = merge.ream_groups(s, d, k, C)
+        assert len(groups) == k
+        assert sorted(j for g in groups for j in g) == list(range(E))
+        assert max(len(g) for g in groups) <= C
+        top = set(np.argsort(-s, kind="stable")[:k].tolist())
+        assert {g[0] for g in groups} == top  # the k most salient experts are the centroids
+
+
+@pytest.mark.parametrize("C", [0, 2, 3, 4, 8, 16, 33, 128])
+@pytest.mark.parametrize(("E", "k"), [(128, 96), (128, 64), (128, 32), (64, 48), (8, 4), (8, 7), (8, 8), (60, 1)])
+def test_group_count_equals_target_for_every_C(E, k, C):
+    mean_out, gram, s = _stats(E, seed=E + k)
+    d = merge.expert_distance(mean_out, gram)
+    if C and k * C < E:
+        with pytest.raises(PlanError, match="cannot cover"):
+            merge.ream_groups(s, d, k, C)
+        return
+    groups = merge.ream_groups(s, d, k, C)
+    assert len(groups) == k and sorted(j for g in groups for j in g) == list(range(E))
+    if C:
+        assert max(len(g) for g in groups) <= C
+
+
+def test_pseudo_pruning_follows_the_official_order():
+    """Worked example: the most salient centroid chooses its C-1 nearest free experts first."""
+    # experts 0..5 on a line; saliency picks 0 and 5 as centroids (k = 2), C = 3
+    pos = np.array([0.0, 1.0, 2.0, 3.0, 4.0, 5.0])
+    d = np.abs(pos[:, None] - pos[None, :])
+    s = np.array([1.0, 0.1, 0.1, 0.1, 0.1, 0.9])
+    assert merge.ream_groups(s, d, 2, 3) == [[0, 1, 2], [5, 4, 3]]
+    # C = 0: nearest centroid; expert 2 is nearer 0, expert 3 nearer 5
+    assert merge.ream_groups(s, d, 2, 0) == [[0, 1, 2], [5, 3, 4]]
+    # C = 4: the first centroid takes three, the second the last one left
+    assert merge.ream_groups(s, d, 2, 4) == [[0, 1, 2, 3], [5, 4]]
+
+
+def test_zero_saliency_floor():
+    s = merge.floor_saliency([0.0, 2.0, 0.25, 0.0, np.nan])
+    assert s.tolist() == [0.25, 2.0, 0.25, 0.25, 0.25]
+    assert merge.floor_saliency([0.0, 3.0, 1.0]).tolist() == [0.5, 3.0, 1.0]  # capped at 0.5
+    assert merge.floor_saliency([0.0, 0.0]).tolist() == [1.0, 1.0]
+
+
+def test_similarities_match_their_definitions():
+    mean_out, gram, _ = _stats(6, tokens=40, seed=2)
+    g = torch.Generator().manual_seed(2)
+    torch.randn(6, 16, generator=g, dtype=torch.float64)
+    z = torch.randn(40, 6, generator=g, dtype=torch.float64)  # the same draws as _stats
+    cols = z.T / z.T.norm(dim=1, keepdim=True)
+    d = torch.cdist(cols, cols).numpy()
+    assert np.allclose(merge.router_similarity(gram, 6), 1 - d / d.max(), atol=1e-10)
+    cos = torch.nn.functional.cosine_similarity(mean_out[:, None], mean_out[None], dim=-1).numpy()
+    assert np.allclose(merge.output_similarity(mean_out), (cos + 1) / 2, atol=1e-12)
+
+
+def test_permuted_copy_is_recovered_exactly_by_alignment():
+    x = _layer(E=4, inter=12, hidden=7, seed=1, bias=True)
+    perm = torch.randperm(12, generator=torch.Generator().manual_seed(5))
+    for t in (x.gate, x.up, x.gate_bias, x.up_bias):
+        t[1] = t[0][perm]
+    x.down[1] = x.down[0][:, perm]
+    x.down_bias[1] = x.down_bias[0]
+    h = torch.randn(4, 30, 12, dtype=torch.float64)
+    h[1] = h[0][:, perm]
+    for acts in (None, h):
+        merged = merge.merge_layer(x, [[0, 1], [2], [3]], [0.7, 0.3, 1.0, 1.0], acts)
+        inverse = torch.argsort(perm).numpy()
+        assert np.array_equal(merged[0].perms[0], inverse)
+        for name in ("gate", "up", "down", "gate_bias", "up_bias", "down_bias"):
+            got = getattr(merged[0], name).to(torch.float32)
+            assert torch.equal(got, getattr(x, name)[0]), name  # merged == centroid, bit for bit
+
+
+def test_identical_experts_merge_to_themselves_and_singletons_are_untouched():
+    x = _layer(E=6, seed=3, bias=True)
+    for t in x.tensors():
+        t[3] = t[1]
+        t[5] = t[1]
+    merged = merge.merge_layer(x, [[1, 3, 5], [0], [2], [4]], [0.2, 3.0, 1.0, 0.0, 0.5, 2.0])
+    for m, c in zip(merged, (1, 0, 2, 4), strict=True):
+        assert m.centroid == c
+        for name in ("gate", "up", "down", "gate_bias", "up_bias", "down_bias"):
+            assert torch.equal(getattr(m, name).to(torch.float32), getattr(x, name)[c]), (c, name)
+
+
+def test_saliency_weighted_average_of_aligned_members():
+    x = _layer(E=3, inter=5, hidden=4, seed=4)
+    (m,) = merge.merge_layer(x, [[2, 0, 1]], [1.0, 3.0, 4.0], align_neurons=False)
+    w = np.array([4.0, 1.0, 3.0]) / 8.0
+    expect = w[0] * x.up[2].double() + w[1] * x.up[0].double() + w[2] * x.up[1].double()
+    assert torch.allclose(m.up, expect, atol=1e-12)
+    assert np.allclose(m.weights, w)
+    # with alignment every member is permuted first; the average is of the aligned rows
+    (a,) = merge.merge_layer(x, [[2, 0, 1]], [1.0, 3.0, 4.0])
+    aligned = [x.up[2].double()] + [x.up[j].double()[p] for j, p in zip((0, 1), a.perms, strict=True)]
+    assert torch.allclose(a.up, sum(wi * t for wi, t in zip(w, aligned, strict=True)), atol=1e-12)
+    assert all(sorted(p.tolist()) == list(range(5)) for p in a.perms)
+
+
+def test_hc_smoe_groups_exactly_k_with_nearest_member_as_centroid():
+    # three clear clusters in the mean outputs
+    g = torch.Generator().manual_seed(0)
+    centers = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]], dtype=torch.float64)
+    pts = torch.cat([c + 0.1 * torch.randn(4, 2, generator=g, dtype=torch.float64) for c in centers])
+    groups = merge.hc_groups(pts, 3)
+    assert sorted(sorted(gr) for gr in groups) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+    for gr in groups:
+        m = pts[gr].mean(0)
+        assert gr[0] == gr[int(np.argmin(((pts[gr] - m) ** 2).sum(1)))]
+    for k in (1, 5, 11, 12):
+        assert len(merge.hc_groups(pts, k)) == k
+    mean_out, _, s = _stats(128, seed=7)
+    assert len(merge.hc_groups(mean_out, 96, s)) == 96
+
+
+def test_router_rows_centroid_or_average():
+    router = torch.randn(5, 3, dtype=torch.float64)
+    groups = [[3, 0], [1], [4, 2]]
+    s = [1.0, 1.0, 3.0, 3.0, 1.0]
+    assert torch.equal(merge.merged_router(router, groups, s), router[[3, 1, 4]])
+    avg = merge.merged_router(router, groups, s, "average")
+    assert torch.allclose(avg[0], 0.75 * router[3] + 0.25 * router[0])
+    assert torch.allclose(avg[2], 0.25 * router[4] + 0.75 * router[2])
+    assert torch.equal(avg[1], router[1])
