@@ -17,12 +17,14 @@ from .candidates import _token_metrics
 from .checkpoint import inspect_checkpoint
 from .degeneration import analyse
 from .errors import EXIT_FAILED, CheckpointError, InputNotFoundError
-from .loading import input_device, load_model
+from .loading import input_device, is_vision_language, load_model
 from .moe import find_moe_blocks
 from .observe.usage import ExpertUsage, usage_entropy
 from .settings import TestSettings, dump
 
 PROMPT_CHARS = 400
+ANSWER_MARGIN = 4  # generated tokens beyond a reference answer's own (its end-of-turn and a few more)
+EXAMPLES = 3  # example images in the report
 
 
 def structural_check(pruned: Path, meta_path: Path) -> dict:
@@ -71,20 +73,39 @@ def structural_check(pruned: Path, meta_path: Path) -> dict:
 
 def heldout(settings: TestSettings):
     if settings.eval_data == "builtin":
-        return load_samples("combined", "evaluation", max_samples=settings.eval_samples, seed=settings.seed)
+        return load_samples(
+            "combined",
+            "evaluation",
+            max_samples=settings.eval_samples,
+            seed=settings.seed,
+            image_share=settings.image_share,
+        )
     path = settings.eval_data  # a user file: every row is held out
     return list(read_source(path, "calibration")) + list(read_source(path, "evaluation"))
 
 
 def _prompt_messages(sample) -> list[dict]:
-    if sample.kind == "image":
+    if sample.kind == "image" or sample.answer.strip():
         return sample.messages
     return [
         {"role": "user", "content": [{"type": "text", "text": "Continue this text:\n\n" + sample.text[:PROMPT_CHARS]}]}
     ]
 
 
+def normalise(text: str) -> str:
+    """The form answers are compared in: surrounding and repeated whitespace removed, case folded."""
+    return " ".join(text.split()).casefold()
+
+
+def task_of(sample) -> str:
+    """The task a reference answer belongs to: the row's `task`, else its source."""
+    return sample.task or sample.source
+
+
 def generate(model, processor, samples, max_new_tokens: int, settings: TestSettings) -> list[dict]:
+    """Greedy generations. A prompt with a reference answer gets room for the answer's tokens plus
+    ANSWER_MARGIN (its end-of-turn and a few more) and is scored by exact match; the others get
+    max_new_tokens and are checked for degeneration."""
     tok = getattr(processor, "tokenizer", processor)
     device = input_device(model)
     out = []
@@ -98,28 +119,37 @@ def generate(model, processor, samples, max_new_tokens: int, settings: TestSetti
         inputs = {k: v.to(device) for k, v in dict(inputs).items()}
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+        reference = s.answer.strip()
+        budget = (
+            len(tok(reference, add_special_tokens=False)["input_ids"]) + ANSWER_MARGIN if reference else max_new_tokens
+        )
         with torch.inference_mode():
-            ids = model.generate(
-                **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id
-            )[0, inputs["input_ids"].shape[1] :]
+            ids = model.generate(**inputs, max_new_tokens=budget, do_sample=False, pad_token_id=tok.pad_token_id)[
+                0, inputs["input_ids"].shape[1] :
+            ]
         new = ids.tolist()
         answer = tok.decode(new, skip_special_tokens=True)
-        out.append(
-            {
-                "sample": s.id,
-                "source": s.source,
-                "kind": s.kind,
-                "prompt": s.text[:200],
-                "answer": answer,
-                **analyse(answer, new, max_repeat_ratio=settings.max_repeat_ratio),
-            }
-        )
+        row = {
+            "sample": s.id,
+            "source": s.source,
+            "kind": s.kind,
+            "prompt": s.text[:200],
+            "answer": answer,
+            **analyse(answer, new, max_repeat_ratio=settings.max_repeat_ratio),
+        }
+        if reference:
+            row.update(task=task_of(s), reference=reference, correct=normalise(answer) == normalise(reference))
+        out.append(row)
     return out
 
 
 def compare(pruned, original, processor, samples, settings: TestSettings) -> dict:
-    """Agreement, KL and perplexity per source and modality; usage entropy per layer of the pruned model."""
-    batches = list(make_batches(samples, processor, max_seq_len=settings.max_seq_len, batch_size=settings.batch_size))
+    """Agreement, KL and perplexity per source and modality (text targets), loss / agreement / KL on the
+    reference answers' tokens per task, and usage entropy per layer of the pruned model. The held-out
+    samples with a reference answer are encoded with it as the assistant turn (make_batches(answers=True))."""
+    batches = list(
+        make_batches(samples, processor, max_seq_len=settings.max_seq_len, batch_size=settings.batch_size, answers=True)
+    )
     blocks = find_moe_blocks(pruned)
     rows = []
     with ExpertUsage(pruned, blocks) as usage, torch.inference_mode():
@@ -129,16 +159,18 @@ def compare(pruned, original, processor, samples, settings: TestSettings) -> dic
             if "pixel_values" in inputs:
                 inputs["pixel_values"] = inputs["pixel_values"].to(pruned.dtype)
             p_logits = pruned(**inputs, use_cache=False).logits
+            modality = batch.modality.to(p_logits.device)
             if original is not None:
                 o_inputs = {k: v.to(input_device(original)) for k, v in inputs.items()}
                 o_logits = original(**o_inputs, use_cache=False).logits.to(p_logits.device)
-                ref = _token_metrics(o_logits, o_logits, inputs["input_ids"], batch.modality.to(p_logits.device))
+                ref = _token_metrics(o_logits, o_logits, inputs["input_ids"], modality, batch.answer_mask)
             else:
                 o_logits, ref = p_logits, None
-            m = _token_metrics(o_logits, p_logits, inputs["input_ids"], batch.modality.to(p_logits.device))
+            m = _token_metrics(o_logits, p_logits, inputs["input_ids"], modality, batch.answer_mask)
             for r, s in enumerate(batch.samples):
-                row = {"source": s.source, "kind": s.kind, **{k: float(v[r]) for k, v in m.items()}}
-                row["nll_original"] = float(ref["nll"][r]) if ref is not None else None
+                row = {"source": s.source, "kind": s.kind, "task": task_of(s), **{k: float(v[r]) for k, v in m.items()}}
+                for key in ("nll", "answer_nll", "answer_correct"):
+                    row[key + "_original"] = float(ref[key][r]) if ref is not None else None
                 rows.append(row)
         counts = usage.totals()
 
@@ -155,18 +187,59 @@ def compare(pruned, original, processor, samples, settings: TestSettings) -> dic
             )
         return out
 
+    def answers(sel):
+        tokens = sum(r["answer_tokens"] for r in sel)
+        out = {
+            "samples": len(sel),
+            "answer_tokens": int(tokens),
+            "loss_pruned": sum(r["answer_nll"] for r in sel) / tokens,
+            "teacher_forced_accuracy_pruned": sum(r["answer_correct"] for r in sel) / len(sel),
+        }
+        if original is not None:
+            out.update(
+                loss_original=sum(r["answer_nll_original"] for r in sel) / tokens,
+                teacher_forced_accuracy_original=sum(r["answer_correct_original"] for r in sel) / len(sel),
+                agreement=sum(r["answer_agree"] for r in sel) / tokens,
+                kl=sum(r["answer_kl"] for r in sel) / tokens,
+            )
+        return out
+
+    answered = [r for r in rows if r["answer_tokens"] > 0]
     entropy = {key: usage_entropy(c) for key, c in counts.items()}
     return {
         "overall": summary(rows),
         "by_source": {s: summary([r for r in rows if r["source"] == s]) for s in sorted({r["source"] for r in rows})},
         "by_modality": {k: summary([r for r in rows if r["kind"] == k]) for k in sorted({r["kind"] for r in rows})},
+        "text_by_source": {
+            s: summary([r for r in rows if r["source"] == s and r["kind"] == "text"])
+            for s in sorted({r["source"] for r in rows if r["kind"] == "text"})
+        },
+        "answers_by_task": {
+            t: answers([r for r in answered if r["task"] == t]) for t in sorted({r["task"] for r in answered})
+        },
         "usage_entropy": entropy,
     }
 
 
+def task_accuracy(generations: list[dict]) -> dict:
+    """Exact match of greedy answers (normalised) per task, for the pruned model and the original."""
+    out = {}
+    for task in sorted({g["task"] for g in generations if "task" in g}):
+        sel = [g for g in generations if g.get("task") == task]
+        entry = {"samples": len(sel), "correct_pruned": sum(g["correct"] for g in sel)}
+        entry["accuracy_pruned"] = entry["correct_pruned"] / len(sel)
+        if all("original_correct" in g for g in sel):
+            entry["correct_original"] = sum(g["original_correct"] for g in sel)
+            entry["accuracy_original"] = entry["correct_original"] / len(sel)
+            entry["drop_points"] = 100 * (entry["accuracy_original"] - entry["accuracy_pruned"])
+        out[task] = entry
+    return out
+
+
 def verdict(report: dict, settings: TestSettings) -> list[str]:
     failures = []
-    overall = report["metrics"]["overall"]
+    metrics = report["metrics"]
+    overall = metrics["overall"]
     if report["original"] and overall.get("tokens"):
         if overall["agreement"] < settings.min_agreement:
             failures.append(f"top-1 agreement {overall['agreement']:.3f} < REAP_MIN_AGREEMENT {settings.min_agreement}")
@@ -175,18 +248,72 @@ def verdict(report: dict, settings: TestSettings) -> list[str]:
         ratio = overall["ppl_pruned"] / overall["ppl_original"]
         if ratio > settings.max_ppl_ratio:
             failures.append(f"perplexity ratio {ratio:.3f} > REAP_MAX_PPL_RATIO {settings.max_ppl_ratio}")
+        for domain, entry in metrics.get("text_by_source", {}).items():
+            if entry.get("tokens") and entry["ppl_pruned"] / entry["ppl_original"] > settings.max_ppl_ratio:
+                failures.append(
+                    f"text perplexity on {domain} {entry['ppl_original']:.2f} -> {entry['ppl_pruned']:.2f} (ratio "
+                    f"{entry['ppl_pruned'] / entry['ppl_original']:.3f}) > REAP_MAX_PPL_RATIO {settings.max_ppl_ratio}"
+                )
+    for task, entry in report.get("tasks", {}).items():
+        if entry.get("drop_points") is not None and entry["drop_points"] > settings.max_accuracy_drop:
+            failures.append(
+                f"{entry['kind']} task {task}: exact-match accuracy {entry['accuracy_original']:.0%} -> "
+                f"{entry['accuracy_pruned']:.0%} of {entry['samples']} (-{entry['drop_points']:.0f} points) "
+                f"> REAP_MAX_ACCURACY_DROP {settings.max_accuracy_drop:g}"
+            )
     gen = report["generation"]
     # With the original present, count what pruning broke: prompts whose pruned answer is degenerate while the
     # original's is not (an original that loops on a prompt says nothing about pruning). Without it: all.
+    # Prompts with a reference answer are judged by exact match instead.
     share = (
         gen["newly_degenerate_share"] if gen["newly_degenerate_share"] is not None else gen["pruned_degenerate_share"]
     )
-    if share > settings.max_degenerate_share:
+    if share is not None and share > settings.max_degenerate_share:
         what = "became degenerate after pruning" if gen["newly_degenerate_share"] is not None else "are degenerate"
         failures.append(
             f"{share:.0%} of generations {what} (> REAP_MAX_DEGENERATE_SHARE {settings.max_degenerate_share:.0%})"
         )
     return failures
+
+
+def _fmt(v, spec=".4f"):
+    return "-" if v is None else format(v, spec)
+
+
+def _cell(text: str, width: int = 80) -> str:
+    return text[:width].replace("|", "/").replace("\n", " ")
+
+
+def before_after(report: dict) -> list[tuple[str, str, str, str]]:
+    """(what, original, pruned, change) rows: text perplexity per domain, then per task exact-match
+    accuracy of greedy answers and loss on the answer tokens."""
+    rows = []
+    for domain, e in report["metrics"].get("text_by_source", {}).items():
+        if e.get("tokens"):
+            o, p = e.get("ppl_original"), e["ppl_pruned"]
+            rows.append((f"text perplexity: {domain}", _fmt(o, ".2f"), _fmt(p, ".2f"), f"x{p / o:.3f}" if o else "-"))
+    for task, e in report.get("tasks", {}).items():
+        if "accuracy_pruned" in e:
+            o, p = e.get("accuracy_original"), e["accuracy_pruned"]
+            rows.append(
+                (
+                    f"{task}: exact match, {e['samples']} {e['kind']} question{'s' if e['samples'] != 1 else ''}",
+                    "-" if o is None else f"{o:.0%}",
+                    f"{p:.0%}",
+                    "-" if o is None else f"{100 * (p - o):+.0f} points",
+                )
+            )
+        if e.get("answer_tokens"):
+            o, p = e.get("loss_original"), e["loss_pruned"]
+            rows.append(
+                (
+                    f"{task}: loss on answer tokens (nats)",
+                    _fmt(o, ".3f"),
+                    _fmt(p, ".3f"),
+                    "-" if o is None else f"{p - o:+.3f}",
+                )
+            )
+    return rows
 
 
 def _markdown(report: dict, figures: list[str]) -> str:
@@ -195,21 +322,51 @@ def _markdown(report: dict, figures: list[str]) -> str:
         "",
         f"- pruned model: `{report['pruned']}`",
         f"- original: `{report['original'] or 'not given'}`",
-        f"- held-out samples: {report['samples']}",
+        f"- held-out samples: {report['samples']}"
+        + (
+            f" ({report['skipped_image_samples']} image samples left out: a text-only model)"
+            if report.get("skipped_image_samples")
+            else ""
+        ),
         "",
     ]
     if report["failures"]:
         lines += ["## Failing checks", ""] + [f"- {f}" for f in report["failures"]] + [""]
+    table = before_after(report)
+    if table:
+        lines += [
+            "## Before → after (held-out)",
+            "",
+            "Text perplexity per domain on held-out text; exact match of greedy answers (whitespace and case "
+            "normalised) and the loss on the reference answer's tokens per image task.",
+            "",
+            "| what | original | pruned | change |",
+            "|---|---|---|---|",
+        ]
+        lines += [f"| {' | '.join(row)} |" for row in table]
+        lines.append("")
+    examples = report.get("examples", [])
+    if examples:
+        lines += ["## Examples", ""]
+        for i, ex in enumerate(examples, 1):
+            mark = {True: "right", False: "wrong", None: "-"}
+            lines += [
+                f"### {i}. {ex['task']}",
+                "",
+                f"![{ex['task']} example]({ex['image']})",
+                "",
+                f"- question: {_cell(ex['question'], 300)}",
+                f"- reference answer: `{_cell(ex['reference'])}`",
+                f"- original: `{_cell(ex['original_answer'] or '')}` ({mark[ex['original_correct']]})",
+                f"- pruned: `{_cell(ex['pruned_answer'])}` ({mark[ex['pruned_correct']]})",
+                "",
+            ]
     lines += [
         "## Agreement with the original (held-out, next token)",
         "",
         "| split | tokens | top-1 agreement | KL (nats) | ppl original | ppl pruned |",
         "|---|---|---|---|---|---|",
     ]
-
-    def fmt(v, spec=".4f"):
-        return "-" if v is None else format(v, spec)
-
     m = report["metrics"]
     for label, entry in (
         [("overall", m["overall"])]
@@ -217,9 +374,24 @@ def _markdown(report: dict, figures: list[str]) -> str:
         + [(f"modality: {k}", v) for k, v in m["by_modality"].items()]
     ):
         lines.append(
-            f"| {label} | {entry.get('tokens', 0)} | {fmt(entry.get('agreement'))} | {fmt(entry.get('kl'))} "
-            f"| {fmt(entry.get('ppl_original'), '.2f')} | {fmt(entry.get('ppl_pruned'), '.2f')} |"
+            f"| {label} | {entry.get('tokens', 0)} | {_fmt(entry.get('agreement'))} | {_fmt(entry.get('kl'))} "
+            f"| {_fmt(entry.get('ppl_original'), '.2f')} | {_fmt(entry.get('ppl_pruned'), '.2f')} |"
         )
+    tasks = {t: e for t, e in report.get("tasks", {}).items() if e.get("answer_tokens")}
+    if tasks:
+        lines += [
+            "",
+            "## Reference answers per task (teacher-forced, next token)",
+            "",
+            "| task | answer tokens | top-1 agreement | KL (nats) | every answer token top-1: original | pruned |",
+            "|---|---|---|---|---|---|",
+        ]
+        for t, e in tasks.items():
+            lines.append(
+                f"| {t} | {e['answer_tokens']} | {_fmt(e.get('agreement'))} | {_fmt(e.get('kl'))} "
+                f"| {_fmt(e.get('teacher_forced_accuracy_original'), '.0%')} "
+                f"| {_fmt(e['teacher_forced_accuracy_pruned'], '.0%')} |"
+            )
     lines += [
         "",
         "## Expert usage (normalised entropy of routed counts, pruned model)",
@@ -227,23 +399,36 @@ def _markdown(report: dict, figures: list[str]) -> str:
         "| block | entropy |",
         "|---|---|",
     ]
-    lines += [f"| {k} | {fmt(v, '.3f')} |" for k, v in m["usage_entropy"].items()]
+    lines += [f"| {k} | {_fmt(v, '.3f')} |" for k, v in m["usage_entropy"].items()]
     g = report["generation"]
+    share = g["pruned_degenerate_share"]
     lines += [
         "",
         "## Generation (greedy)",
         "",
-        f"Degenerate: pruned {g['pruned_degenerate_share']:.0%}"
-        + (
-            f", original {g['original_degenerate_share']:.0%}" if g.get("original_degenerate_share") is not None else ""
-        ),
+        (
+            f"Degenerate (prompts without a reference answer): pruned {share:.0%}"
+            + (
+                f", original {g['original_degenerate_share']:.0%}"
+                if g.get("original_degenerate_share") is not None
+                else ""
+            )
+        )
+        if share is not None
+        else "Every prompt has a reference answer: judged by exact match above.",
         "",
-        "| prompt | original | pruned | flags |",
-        "|---|---|---|---|",
+        "| prompt | reference | original | pruned | flags |",
+        "|---|---|---|---|---|",
     ]
     for s in g["samples"]:
-        cell = [s["prompt"][:80], (s.get("original_answer") or "")[:80], s["answer"][:80], "; ".join(s["degenerate"])]
-        lines.append("| " + " | ".join(c.replace("|", "/").replace("\n", " ") for c in cell) + " |")
+        cell = [
+            s["prompt"],
+            s.get("reference", ""),
+            s.get("original_answer") or "",
+            s["answer"],
+            "; ".join(s["degenerate"]) if "reference" not in s else ("right" if s["correct"] else "wrong"),
+        ]
+        lines.append("| " + " | ".join(_cell(c) for c in cell) + " |")
     lines += [""] + [f"![{f}]({f})" for f in figures]
     return "\n".join(lines) + "\n"
 
@@ -265,8 +450,9 @@ def _agreement_png(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(report: dict, target: Path, meta_path: Path) -> None:
-    """report.json, report.md and figures, written to a temporary folder and renamed into place."""
+def write_report(report: dict, target: Path, meta_path: Path, images: dict | None = None) -> None:
+    """report.json, report.md, figures and the example images (`images`: report-relative name -> PIL image),
+    written to a temporary folder and renamed into place."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.reap-tmp-{os.getpid()}"
@@ -277,6 +463,14 @@ def write_report(report: dict, target: Path, meta_path: Path) -> None:
         if report["original"] and report["metrics"]["by_source"]:
             _agreement_png(report, tmp / "agreement_by_domain.png")
             figures.append("agreement_by_domain.png")
+        if before_after(report):
+            from .report import before_after_png
+
+            before_after_png(report, tmp / "before_after.png")
+            figures.append("before_after.png")
+        for name, image in (images or {}).items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            image.save(tmp / name)
         if meta_path.is_file():
             from .report import heatmap_png
 
@@ -294,6 +488,49 @@ def write_report(report: dict, target: Path, meta_path: Path) -> None:
         raise
 
 
+def _examples(samples, generations: list[dict], n: int = EXAMPLES) -> tuple[list[dict], dict]:
+    """Up to n image questions for the report, one per task where possible: first those the pruned model
+    got wrong and the original right, then those both got right, then the rest. (entries, images)."""
+    by_id = {s.id: s for s in samples}
+    pool = [g for g in generations if "reference" in g and by_id[g["sample"]].images]
+
+    def rank(g):
+        original = g.get("original_correct")
+        return (0 if original and not g["correct"] else 1 if original and g["correct"] else 2), g["sample"]
+
+    chosen, tasks = [], set()
+    for g in sorted(pool, key=rank):  # distinct tasks first ...
+        if len(chosen) < n and g["task"] not in tasks:
+            chosen.append(g)
+            tasks.add(g["task"])
+    for g in sorted(pool, key=rank):  # ... then fill up
+        if len(chosen) < n and g not in chosen:
+            chosen.append(g)
+    entries, images = [], {}
+    for i, g in enumerate(chosen, 1):
+        name = f"examples/{i}_{''.join(c if c.isalnum() else '_' for c in g['task'])}.png"
+        images[name] = by_id[g["sample"]].images[0]
+        entries.append(
+            {
+                "sample": g["sample"],
+                "task": g["task"],
+                "image": name,
+                "question": by_id[g["sample"]].text,
+                "reference": g["reference"],
+                "original_answer": g.get("original_answer"),
+                "original_correct": g.get("original_correct"),
+                "pruned_answer": g["answer"],
+                "pruned_correct": g["correct"],
+            }
+        )
+    return entries, images
+
+
+def _share(generations: list[dict], flag) -> float | None:
+    free = [g for g in generations if "reference" not in g]  # answered prompts are judged by exact match
+    return sum(bool(flag(g)) for g in free) / len(free) if free else None
+
+
 def run(settings: TestSettings) -> int:
     pruned_dir = settings.pruned_dir
     checks = structural_check(pruned_dir, settings.metadata_file)
@@ -305,7 +542,11 @@ def run(settings: TestSettings) -> int:
         trust_remote_code=settings.trust_remote_code,
         attn_implementation=settings.attn_implementation,
     )
-    pruned, processor, _ = load_model(pruned_dir, **kwargs)
+    pruned, processor, config = load_model(pruned_dir, **kwargs)
+    skipped_images = 0
+    if not is_vision_language(config):  # a text model cannot see the images: its questions say nothing
+        skipped_images = sum(bool(s.images) for s in samples)
+        samples = [s for s in samples if not s.images]
     generations = generate(pruned, processor, samples, settings.max_new_tokens, settings)
     original = None
     if original_dir:
@@ -314,44 +555,64 @@ def run(settings: TestSettings) -> int:
             generations, generate(original, processor, samples, settings.max_new_tokens, settings), strict=True
         ):
             g["original_answer"], g["original_degenerate"] = o["answer"], o["degenerate"]
+            if "correct" in o:
+                g["original_correct"] = o["correct"]
     metrics = compare(pruned, original, processor, samples, settings)
-    share = sum(bool(g["degenerate"]) for g in generations) / max(len(generations), 1)
+    tasks = task_accuracy(generations)
+    for task, entry in metrics.pop("answers_by_task").items():
+        tasks.setdefault(task, {}).update(entry)
+    kinds = {task_of(s): s.kind for s in samples if s.answer.strip()}
+    for task, entry in tasks.items():
+        entry["kind"] = kinds.get(task, "text")
+    examples, images = _examples(samples, generations)
     report = {
         "pruned": str(pruned_dir),
         "original": str(original_dir) if original_dir else None,
         "samples": len(samples),
+        "skipped_image_samples": skipped_images,
         "structure": checks,
         "metrics": metrics,
+        "tasks": tasks,
+        "examples": examples,
         "generation": {
-            "pruned_degenerate_share": share,
+            "pruned_degenerate_share": _share(generations, lambda g: g["degenerate"]),
             "samples": generations,
-            "original_degenerate_share": (
-                sum(bool(g["original_degenerate"]) for g in generations) / max(len(generations), 1)
-            )
+            "original_degenerate_share": _share(generations, lambda g: g["original_degenerate"])
             if original is not None
             else None,
-            "newly_degenerate_share": (
-                sum(bool(g["degenerate"]) and not g["original_degenerate"] for g in generations)
-                / max(len(generations), 1)
-            )
+            "newly_degenerate_share": _share(generations, lambda g: g["degenerate"] and not g["original_degenerate"])
             if original is not None
             else None,
         },
         "thresholds": {
             k: getattr(settings, k)
-            for k in ("min_agreement", "max_kl", "max_ppl_ratio", "max_repeat_ratio", "max_degenerate_share")
+            for k in (
+                "min_agreement",
+                "max_kl",
+                "max_ppl_ratio",
+                "max_accuracy_drop",
+                "max_repeat_ratio",
+                "max_degenerate_share",
+            )
         },
     }
     report["failures"] = verdict(report, settings)
     report["passed"] = not report["failures"]
-    write_report(report, settings.report_dir, settings.metadata_file)
+    write_report(report, settings.report_dir, settings.metadata_file, images)
     dump(settings, Path(settings.report_dir) / "test_settings.json")
     o = metrics["overall"]
+    share = report["generation"]["pruned_degenerate_share"]
     print(
         f"held-out: agreement {o.get('agreement', float('nan')):.3f}, KL {o.get('kl', float('nan')):.4f}, "
-        f"ppl {o.get('ppl_original', float('nan')):.2f} -> {o.get('ppl_pruned', float('nan')):.2f}; "
-        f"degenerate generations {share:.0%}"
+        f"ppl {o.get('ppl_original', float('nan')):.2f} -> {o.get('ppl_pruned', float('nan')):.2f}"
+        + (f"; degenerate generations {share:.0%}" if share is not None else "")
     )
+    table = before_after(report)
+    if table:
+        width = max(len(r[0]) for r in table)
+        print("before -> after (original, pruned, change):")
+        for what, before, after, change in table:
+            print(f"  {what:{width}s}  {before:>8s} -> {after:<8s} {change}")
     print(f"report written to {settings.report_dir}/report.md")
     if report["failures"]:
         print("FAIL:\n" + "\n".join(f"  - {f}" for f in report["failures"]))

@@ -94,3 +94,36 @@ def candidates_png(table: dict, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def before_after_png(report: dict, path: Path) -> Path:
+    """The test stage's before → after view: text perplexity per domain (left) and exact-match accuracy
+    of greedy answers per task (right), original beside pruned."""
+    plt = _plt()
+    domains = {k: v for k, v in report["metrics"].get("text_by_source", {}).items() if v.get("tokens")}
+    tasks = {k: v for k, v in report.get("tasks", {}).items() if "accuracy_pruned" in v}
+    panels = [p for p in (("ppl", domains), ("acc", tasks)) if p[1]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+    for ax, (kind, entries) in zip(axes[0], panels, strict=True):
+        names = list(entries)
+        x = np.arange(len(names))
+        key = "ppl" if kind == "ppl" else "accuracy"
+        before = [entries[n].get(f"{key}_original") for n in names]
+        after = [entries[n][f"{key}_pruned"] for n in names]
+        scale = 1 if kind == "ppl" else 100
+        if all(v is not None for v in before):
+            ax.bar(x - 0.2, [v * scale for v in before], 0.4, label="original", color="tab:blue")
+        ax.bar(x + 0.2, [v * scale for v in after], 0.4, label="pruned", color="tab:orange")
+        ax.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
+        if kind == "ppl":
+            ax.set_ylabel("perplexity (lower is better)")
+            ax.set_title("held-out text, per domain")
+        else:
+            ax.set_ylim(0, 100)
+            ax.set_ylabel("exact match of greedy answers (%)")
+            ax.set_title("held-out image questions, per task")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

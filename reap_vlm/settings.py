@@ -247,13 +247,21 @@ class TestSettings(Settings):
         "builtin", "Held-out prompts: 'builtin' (evaluation split of the built-in sets) or a JSONL file."
     )
     eval_samples: int = opt(24, "Held-out samples for agreement, KL and perplexity.")
+    image_share: float = opt(0.3, "Share of image+text samples in the 'combined' set (0..1).")
     max_seq_len: int = opt(512, "Maximum tokens per held-out sample.")
     batch_size: int = opt(4, "Samples per forward pass.")
     max_new_tokens: int = opt(32, "Tokens generated per prompt (greedy).")
     report_path: Path | None = opt(None, "Folder for report.json / report.md / PNGs (default: <output>/report).")
     min_agreement: float = opt(0.5, "Fail when next-token top-1 agreement with the original is below this.")
     max_kl: float = opt(2.0, "Fail when mean KL(original || pruned) in nats exceeds this.")
-    max_ppl_ratio: float = opt(2.0, "Fail when pruned perplexity / original perplexity exceeds this.")
+    max_ppl_ratio: float = opt(
+        2.0, "Fail when pruned perplexity / original perplexity exceeds this, overall or on any text domain."
+    )
+    max_accuracy_drop: float = opt(
+        15.0,
+        "Fail when any task's exact-match accuracy of greedy answers (held-out questions with a reference "
+        "answer) drops by more than this many percentage points below the original's (0..100).",
+    )
     max_repeat_ratio: float = opt(0.6, "Flag a generation as degenerate when its repeated 4-gram ratio exceeds this.")
     max_degenerate_share: float = opt(
         0.25,
@@ -269,6 +277,14 @@ class TestSettings(Settings):
         super().validate()
         if self.max_new_tokens <= 0 or self.eval_samples < 0:
             raise SettingsError("REAP_MAX_NEW_TOKENS must be > 0 and REAP_EVAL_SAMPLES >= 0", "", "Fix the value")
+        if not 0.0 <= self.image_share <= 1.0:
+            raise SettingsError("REAP_IMAGE_SHARE must be within [0, 1]", f"got {self.image_share}", "Set e.g. 0.3")
+        if not 0.0 <= self.max_accuracy_drop <= 100.0:  # also refuses nan
+            raise SettingsError(
+                "REAP_MAX_ACCURACY_DROP must be a number of percentage points within [0, 100]",
+                f"got {self.max_accuracy_drop}",
+                "Set e.g. 15 (fail when a task loses more than 15 points of exact-match accuracy)",
+            )
 
 
 @dataclass

@@ -74,6 +74,22 @@ def test_keeping_every_expert_is_perfect_agreement(tmp_path):
     md = (tmp_path / "out" / "report" / "report.md").read_text()
     assert "PASS" in md and "top-1 agreement" in md and "agreement_by_domain.png" in md
     assert (tmp_path / "out" / "report" / "agreement_by_domain.png").stat().st_size > 1000
+    # before -> after: the same numbers on both sides, per text domain and per image task
+    domains = report["metrics"]["text_by_source"]
+    assert set(domains) == {"code", "general", "math", "writing"}
+    assert all(d["ppl_pruned"] == pytest.approx(d["ppl_original"], rel=1e-6) for d in domains.values())
+    assert report["tasks"] and all(t["kind"] == "image" for t in report["tasks"].values())
+    for entry in report["tasks"].values():
+        assert entry["accuracy_pruned"] == entry["accuracy_original"] and entry["drop_points"] == 0
+        assert entry["loss_pruned"] == pytest.approx(entry["loss_original"], rel=1e-6) and entry["answer_tokens"] > 0
+        assert entry["agreement"] == 1.0
+    assert "## Before → after" in md and "text perplexity: code" in md and "loss on answer tokens" in md
+    assert 1 <= len(report["examples"]) <= 3
+    for ex in report["examples"]:
+        assert (tmp_path / "out" / "report" / ex["image"]).stat().st_size > 100
+        assert f"![{ex['task']} example]({ex['image']})" in md and ex["reference"] in md
+        assert ex["pruned_answer"] == ex["original_answer"]
+    assert (tmp_path / "out" / "report" / "before_after.png").stat().st_size > 1000
 
 
 def test_reap_plan_beats_a_random_plan(tmp_path):
@@ -160,10 +176,50 @@ def test_sabotaged_models_fail(tmp_path, sabotage):
     if sabotage == "lm_head":  # every generation is flagged; the original's need not be (random weights)
         assert report["generation"]["pruned_degenerate_share"] == 1.0
         assert report["generation"]["newly_degenerate_share"] > 0
-        assert all("one-token loop" in " ".join(g["degenerate"]) for g in report["generation"]["samples"])
+        free = [g for g in report["generation"]["samples"] if "reference" not in g]
+        assert free and all("one-token loop" in " ".join(g["degenerate"]) for g in free)
 
 
 def test_missing_pruned_model_is_a_usage_error(tmp_path, capsys):
     code = main("test", run, ["--pruned-model-path", str(tmp_path / "nope"), *ARGS])
     assert code == 2 and "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "outputs").exists()
+
+
+def _report(tasks: dict) -> dict:
+    return {
+        "original": "orig",
+        "metrics": {"overall": {"tokens": 0}, "text_by_source": {}},
+        "tasks": tasks,
+        "generation": {"newly_degenerate_share": None, "pruned_degenerate_share": None},
+    }
+
+
+def test_verdict_names_each_task_whose_accuracy_dropped():
+    from reap_vlm.evaluate import verdict
+    from reap_vlm.settings import TestSettings
+
+    def task(before, after, n=10):
+        return {
+            "kind": "image",
+            "samples": n,
+            "accuracy_original": before,
+            "accuracy_pruned": after,
+            "drop_points": 100 * (before - after),
+        }
+
+    tasks = {"chart": task(1.0, 0.8), "count": task(0.9, 0.8), "ocr": task(0.3, 0.6)}
+    failures = verdict(_report(tasks), TestSettings())
+    assert failures == [
+        "image task chart: exact-match accuracy 100% -> 80% of 10 (-20 points) > REAP_MAX_ACCURACY_DROP 15"
+    ]
+    assert verdict(_report(tasks), TestSettings(max_accuracy_drop=5.0))[1].startswith("image task count")
+    assert verdict(_report(tasks), TestSettings(max_accuracy_drop=20.0)) == []
+
+
+@pytest.mark.parametrize("value", ["nan", "-1", "150", "inf"])
+def test_accuracy_drop_setting_is_checked(tmp_path, capsys, value):
+    code = main("test", run, ["--pruned-model-path", str(tmp_path), "--max-accuracy-drop", value, *ARGS])
+    err = capsys.readouterr().err
+    assert code == 2 and "REAP_MAX_ACCURACY_DROP must be a number of percentage points within [0, 100]" in err
+    assert len(err.strip().splitlines()) == 1
