@@ -135,12 +135,34 @@ def _print_plan(meta: dict) -> None:
     Console().print(table)
 
 
+def merge_collector(settings: ReapSettings, model, blocks, num_batches: int):
+    """The merge statistics' accumulators (full mode, REAP_MERGE_STATS_MB > 0), or None."""
+    if settings.scoring_mode != "full" or not settings.merge_stats_mb:
+        return None
+    from .moe import expert_weights
+    from .observe import merge_stats
+
+    sizes = []
+    for b in blocks:
+        w = expert_weights(model.get_submodule(b.experts))
+        sizes.append((b.num_experts, w.up.shape[1], w.up.shape[2], b.router_rows or b.num_experts))
+    samples = merge_stats.sample_budget(sizes, settings.merge_stats_mb)
+    per_batch = -(-samples // max(num_batches, 1))
+    return merge_stats.MergeStats(blocks, samples, per_batch, settings.seed)
+
+
 def accumulate(
-    settings: ReapSettings, model, blocks, batches, out_dir: Path, on_batch: Callable[[int], None] | None = None
+    settings: ReapSettings,
+    model,
+    blocks,
+    batches,
+    out_dir: Path,
+    on_batch: Callable[[int], None] | None = None,
+    merge=None,
 ) -> tuple[dict, bool, float]:
     """Run the calibration batches through the model with the observer. Returns (stats, resumed, seconds)."""
     checkpoint = out_dir / CHECKPOINT_NAME
-    observer = Observer(model, blocks, settings.scoring_mode, settings.chunk_memory_mb)
+    observer = Observer(model, blocks, settings.scoring_mode, settings.chunk_memory_mb, merge=merge)
     start_batch, resumed = 0, False
     fingerprint = _settings_hash(settings)
     device = input_device(model)
@@ -275,7 +297,8 @@ def score(settings: ReapSettings, on_batch: Callable[[int], None] | None = None)
 
     out_dir = meta_path.parent
     out_dir.mkdir(parents=True, exist_ok=True)
-    stats, resumed, seconds = accumulate(settings, model, blocks, batches, out_dir, on_batch)
+    merge = merge_collector(settings, model, blocks, len(batches))
+    stats, resumed, seconds = accumulate(settings, model, blocks, batches, out_dir, on_batch, merge)
 
     fingerprint = metadata.model_fingerprint(config, blocks, _expert_shapes(model, blocks), str(settings.model_path))
     score_fn = sorted({b.score_fn for b in blocks})
@@ -307,6 +330,12 @@ def score(settings: ReapSettings, on_batch: Callable[[int], None] | None = None)
             "stats": stats[b.key],
             "scores": scoring.all_scores(stats[b.key], settings.scoring_mode),
         }
+    if merge is not None:
+        from .observe import merge_stats
+
+        info = {"config_sha256": fingerprint["config_sha256"], "samples_per_block": merge.samples}
+        merge_stats.write(out_dir / merge_stats.FILE_NAME, merge, info)
+        meta["merge_stats"] = {"file": merge_stats.FILE_NAME, **info}
     choose_plan(settings, model, blocks, meta, eval_batches)
     metadata.write(meta_path, meta)
     (out_dir / CHECKPOINT_NAME).unlink(missing_ok=True)

@@ -164,6 +164,11 @@ class ReapSettings(Settings):
     eval_samples: int = opt(16, "Held-out samples used to measure candidate plans (0 = skip the measurement).")
     eval_ratios: str = opt("0.25,0.5,0.75", "Extra prune ratios measured for every criterion (comma-separated).")
     plots: bool = opt(True, "Write heatmap and candidate-plan PNGs next to the metadata.")
+    merge_stats_mb: int = opt(
+        512,
+        "Size bound (MiB) of reap_merge_stats.safetensors, the statistics expert merging needs (full mode; "
+        "sets how many tokens' neuron activations are kept for alignment; 0 = do not write it).",
+    )
 
     def validate(self) -> None:
         super().validate()
@@ -171,6 +176,8 @@ class ReapSettings(Settings):
             raise SettingsError("REAP_NUM_KEEP must be >= 0", f"got {self.num_keep}", "Use 0 to prune by ratio")
         if self.num_keep == 0:
             _check_ratio("REAP_PRUNE_RATIO", self.prune_ratio)
+        if self.merge_stats_mb < 0:
+            raise SettingsError("REAP_MERGE_STATS_MB must be >= 0", f"got {self.merge_stats_mb}", "Use 0 to skip it")
         for name in ("max_samples", "max_seq_len", "batch_size", "round_to", "chunk_memory_mb"):
             if getattr(self, name) <= 0:
                 key = PREFIX + name.upper()

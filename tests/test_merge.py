@@ -182,3 +182,104 @@ def test_router_rows_centroid_or_average():
     assert torch.allclose(avg[0], 0.75 * router[3] + 0.25 * router[0])
     assert torch.allclose(avg[2], 0.25 * router[4] + 0.75 * router[2])
     assert torch.equal(avg[1], router[1])
+
+
+# ---- the statistics merging needs (full-mode scoring) -------------------------------------------
+
+
+def _brute_merge_stats(model, batches):
+    """Σ p h, Σ p, Σ z zᵀ, mean p·f and every token's h per block, by plain tensor algebra on the
+    captured expert inputs and router logits (padding excluded)."""
+    from reap_vlm.moe import find_moe_blocks
+
+    blocks = find_moe_blocks(model)
+    seen = {b.key: [] for b in blocks}
+    hooks = []
+    for b in blocks:
+        hooks.append(
+            model.get_submodule(b.experts).register_forward_pre_hook(
+                lambda _m, args, key=b.key: seen[key].append(["x", args[0].clone()])
+            )
+        )
+        hooks.append(
+            model.get_submodule(b.router).register_forward_hook(
+                lambda _m, _a, out, key=b.key: seen[key].append(["z", out[0].clone()])
+            )
+        )
+    with torch.inference_mode():
+        for batch in batches:
+            model(**batch.inputs)
+    for h in hooks:
+        h.remove()
+    ref = {}
+    for b in blocks:
+        experts = model.get_submodule(b.experts)
+        gu, down = experts.gate_up_proj.detach().double(), experts.down_proj.detach().double()
+        inter = gu.shape[1] // 2
+        xs = [t for kind, t in seen[b.key] if kind == "x"]
+        zs = [t for kind, t in seen[b.key] if kind == "z"]
+        keep = torch.cat([batch.modality.reshape(-1) >= 0 for batch in batches])
+        x, z = torch.cat(xs)[keep].double().clone(), torch.cat(zs)[keep].double().clone()
+        p = torch.softmax(z, -1)
+        proj = torch.einsum("eoh,th->eto", gu, x)
+        h = torch.nn.functional.silu(proj[..., :inter]) * proj[..., inter:]  # [E, T, I]
+        f = torch.einsum("ehi,eti->eth", down, h)
+        ref[b.key] = {
+            "gated_hidden_sum": torch.einsum("te,eti->ei", p, h),
+            "prob_sum": p.sum(0),
+            "router_logit_gram": z.T @ z,
+            "mean_gated_output": torch.einsum("te,eth->eh", p, f) / x.shape[0],
+            "tokens": x.shape[0],
+            "h": h,
+        }
+    return ref
+
+
+def test_full_mode_merge_statistics_match_brute_force():
+    from reap_vlm.calibration import load_samples, make_batches
+    from reap_vlm.moe import find_moe_blocks
+    from reap_vlm.observe import Observer
+    from reap_vlm.observe.merge_stats import MergeStats
+    from reap_vlm.tiny import build
+
+    model, processor = build("qwen3_vl_moe", seed=3)
+    samples = load_samples("code:2,vision:2", max_samples=4, seed=1)
+    batches = list(make_batches(samples, processor, max_seq_len=64, batch_size=3, min_pixels=1024, max_pixels=16384))
+    assert any((b.modality == -1).any() for b in batches)
+    ref = _brute_merge_stats(model, batches)
+    blocks = find_moe_blocks(model)
+    collector = MergeStats(blocks, samples=10, per_batch=6, seed=0)
+    with Observer(model, blocks, "full", budget_mb=1, merge=collector) as obs, torch.inference_mode():
+        for batch in batches:
+            obs.set_modality(batch.modality)
+            model(**batch.inputs)
+    got = collector.tensors()
+    for key, r in ref.items():
+        assert int(got[f"{key}.tokens"]) == r["tokens"]
+        for name in ("gated_hidden_sum", "prob_sum", "router_logit_gram", "mean_gated_output"):
+            torch.testing.assert_close(got[f"{key}.{name}"].double(), r[name], rtol=1e-5, atol=1e-6, msg=name)
+        acts = got[f"{key}.activations"].double()  # [E, 10, I], the same 10 tokens for every expert
+        assert acts.shape == (r["h"].shape[0], 10, r["h"].shape[2])
+        for s in range(acts.shape[1]):  # each sample is one real token's h, in bfloat16
+            err = (r["h"] - acts[:, s : s + 1]).abs().amax(dim=(0, 2))
+            assert err.min() <= 2e-2 * max(float(r["h"].abs().max()), 1.0)
+
+
+def test_merge_statistics_file_round_trip_and_refusals(tmp_path):
+    from reap_vlm.errors import MetadataError
+    from reap_vlm.observe import merge_stats
+    from reap_vlm.observe.merge_stats import MergeStats
+
+    assert merge_stats.sample_budget([(128, 768, 2048, 128)] * 48, 512) == (
+        ((512 << 20) - 48 * (128 * 2048 * 4 + 128 * 128 * 8 + 128 * 8 + 8)) // (48 * 128 * 768 * 2)
+    )
+    assert merge_stats.sample_budget([(8, 4, 4, 8)], 0) == 0
+    with pytest.raises(MetadataError, match="REAP_SCORING_MODE=full"):
+        merge_stats.read(tmp_path / "missing.safetensors")
+    (tmp_path / "bad.safetensors").write_bytes(b"garbage")
+    with pytest.raises(MetadataError, match="unreadable"):
+        merge_stats.read(tmp_path / "bad.safetensors")
+    empty = MergeStats([], 0, 0)
+    path = merge_stats.write(tmp_path / merge_stats.FILE_NAME, empty, {"samples_per_block": 0})
+    assert merge_stats.read(path) == ({}, {"samples_per_block": 0})
+    assert not list(tmp_path.glob(".*tmp*"))

@@ -356,6 +356,16 @@ def test_stage_writes_valid_metadata_and_resume_reproduces_it(tiny_vl_dir, tmp_p
     assert json.dumps(resumed["layers"], sort_keys=True) == json.dumps(full["layers"], sort_keys=True)
     assert resumed["plan"] == full["plan"]
     assert not (tmp_path / "b" / CHECKPOINT_NAME).exists()
+    # the merge statistics beside the metadata resume too (sums and the sampled activations)
+    from reap_vlm.observe import merge_stats
+
+    a, _ = merge_stats.read(tmp_path / "a" / merge_stats.FILE_NAME)
+    b, _ = merge_stats.read(tmp_path / "b" / merge_stats.FILE_NAME)
+    assert a.keys() == b.keys() and full["merge_stats"]["samples_per_block"] > 0
+    for key in a:
+        assert a[key]["activations"].shape[1] > 0
+        for name in a[key]:
+            torch.testing.assert_close(a[key][name], b[key][name], rtol=1e-6, atol=1e-7)
 
 
 def test_stage_refuses_infeasible_plan_before_calibration(tiny_vl_dir, tmp_path):

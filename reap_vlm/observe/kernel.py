@@ -90,7 +90,7 @@ def _hidden(w: ExpertWeights, xt: torch.Tensor, up_weight, bias, e: int) -> torc
     return w.combine(proj[..., :inter], proj[..., inter:])
 
 
-def all_expert_gram_norms(w: ExpertWeights, x: torch.Tensor, budget_mb: int = 768) -> torch.Tensor:
+def all_expert_gram_norms(w: ExpertWeights, x: torch.Tensor, budget_mb: int = 768, gated=None) -> torch.Tensor:
     """‖f_j(x)‖ [T, E] fp32 of every expert's unweighted output, without forming f_j(x) = W_j h + b_j:
 
         ‖f‖² = hᵀ (W_jᵀ W_j) h + 2 (W_jᵀ b_j)·h + ‖b_j‖²
@@ -100,7 +100,10 @@ def all_expert_gram_norms(w: ExpertWeights, x: torch.Tensor, budget_mb: int = 76
     entries and h·G are rounded like the weights are: against the norms of the written outputs, a
     median relative difference of 1.2e-4 and a maximum of 1.4e-3 at Qwen3-VL-30B widths
     (docs/benchmarks.md); the routed pairs' norms come from the model's own kernel, not from here. In
-    fp32 it equals the direct sum to rounding. max|f| needs f itself: `all_expert_norms` computes it."""
+    fp32 it equals the direct sum to rounding. max|f| needs f itself: `all_expert_norms` computes it.
+
+    gated = (probs [T, E], acc [E, I]): also add Σ_x p_j(x) h_j(x) into acc (expert merging's
+    statistics, observe.merge_stats), from the h this function computes anyway."""
     T = x.shape[0]
     E, inter = w.num_experts, w.up.shape[1]
     x = x.to(w.up.dtype)
@@ -122,6 +125,7 @@ def all_expert_gram_norms(w: ExpertWeights, x: torch.Tensor, budget_mb: int = 76
             sq_bias = (b * b).sum(-1)[:, None]  # [e, 1]
         for t0 in range(0, T, t_step):
             h = _hidden(w, x[t0 : t0 + t_step], up_weight, bias, e)  # [e, t, I]
+            _add_gated(gated, h, t0, e0, e1)
             sq = rowdot(torch.bmm(h, gram), h)  # [e, t]: hᵀGh, the products summed in fp32
             if cross is not None:
                 sq = sq + 2 * torch.bmm(h.float(), cross).squeeze(-1) + sq_bias
@@ -129,8 +133,20 @@ def all_expert_gram_norms(w: ExpertWeights, x: torch.Tensor, budget_mb: int = 76
     return norms
 
 
-def all_expert_norms(w: ExpertWeights, x: torch.Tensor, budget_mb: int = 768) -> tuple[torch.Tensor, torch.Tensor]:
-    """(norms [T, E] fp32, max_abs [T, E] fp32) of every expert's unweighted output on tokens x [T, H].
+def _add_gated(gated, h: torch.Tensor, t0: int, e0: int, e1: int) -> None:
+    """acc[e] += Σ_t p[t, e] h[e, t] for this chunk (gated = (probs [T, E], acc [E, I]) or None)."""
+    if gated is None:
+        return
+    probs, acc = gated
+    p = probs[t0 : t0 + h.shape[1], e0:e1].T.unsqueeze(1).to(h.dtype)  # [e, 1, t]
+    acc[e0:e1] += torch.bmm(p, h).squeeze(1).to(acc.dtype)
+
+
+def all_expert_norms(
+    w: ExpertWeights, x: torch.Tensor, budget_mb: int = 768, gated=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norms [T, E] fp32, max_abs [T, E] fp32) of every expert's unweighted output on tokens x [T, H];
+    `gated` as in all_expert_gram_norms.
 
     Every expert sees the same tokens, so the up projection of a chunk of experts is one GEMM
     [t, H] x [H, e*2I]; the down projection is a batched GEMM over the experts."""
@@ -146,7 +162,9 @@ def all_expert_norms(w: ExpertWeights, x: torch.Tensor, budget_mb: int = 768) ->
         up_weight, bias = _up_weight(w, e0, e1)
         down_t = w.down[e0:e1].transpose(1, 2)  # [e, I, H]
         for t0 in range(0, T, t_step):
-            out = torch.bmm(_hidden(w, x[t0 : t0 + t_step], up_weight, bias, e1 - e0), down_t)  # [e, t, H]
+            h = _hidden(w, x[t0 : t0 + t_step], up_weight, bias, e1 - e0)
+            _add_gated(gated, h, t0, e0, e1)
+            out = torch.bmm(h, down_t)  # [e, t, H]
             if w.down_bias is not None:
                 out = out + w.down_bias[e0:e1, None, :]
             n, p = row_stats(out)

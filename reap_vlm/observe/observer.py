@@ -29,6 +29,7 @@ from .stats import BlockStats, Rows
 
 ROUTED_IMPL = "reap_routed"
 TOKEN_TYPE_SETS = {"text": False, "vision": True}  # Ernie-4.5-VL expert sets -> takes the vision tokens
+MERGE_STATE = "__merge__"  # the merge statistics' entry in the resume state
 _ACTIVE: dict[int, Observer] = {}  # id(experts module) -> observer, for the routed implementation
 
 
@@ -102,10 +103,13 @@ def _register_routed() -> bool:
 class Observer:
     """Context manager: while active, every forward of `model` adds to the per-block statistics."""
 
-    def __init__(self, model: torch.nn.Module, blocks: list[MoEBlock], mode: str, budget_mb: int = 768):
+    def __init__(self, model: torch.nn.Module, blocks: list[MoEBlock], mode: str, budget_mb: int = 768, merge=None):
         if mode not in ("full", "routed", "router"):
             raise BugError(f"unknown scoring mode {mode!r}")
+        if merge is not None and mode != "full":
+            raise BugError("merge statistics need full mode (every expert on every token)")
         self.model, self.blocks, self.mode, self.budget_mb = model, blocks, mode, budget_mb
+        self.merge = merge  # observe.merge_stats.MergeStats, or None
         self.stats: dict[str, BlockStats] = {}
         self._modality: torch.Tensor | None = None
         self._by_device: dict[torch.device, Rows] = {}
@@ -227,7 +231,8 @@ class Observer:
                 keep = rows.modality >= 0  # padding is never computed
                 norms = torch.zeros((hidden.shape[0], block.num_experts), device=hidden.device)
                 peaks = torch.zeros_like(norms)
-                norms[keep], peaks[keep] = all_expert_norms(w, hidden[keep], self.budget_mb)
+                gated = self._merge_add(block, w, hidden[keep], logits, keep)
+                norms[keep], peaks[keep] = all_expert_norms(w, hidden[keep], self.budget_mb, gated)
                 safe = top_k_index.clamp(0, block.num_experts - 1)
                 stats.add(
                     rows,
@@ -267,20 +272,40 @@ class Observer:
         block = self._block_of[id(experts)]
         rows = self._rows(hidden.device, hidden.shape[0], block)
         all_norms = None
+        logits = self._logits.pop(block.key, None)
         if self.mode == "full":  # every expert on every (non-padding) token
             keep = rows.modality >= 0
+            w = expert_weights(experts)
+            gated = self._merge_add(block, w, hidden[keep], logits, keep)
             all_norms = torch.zeros((hidden.shape[0], block.num_experts), device=hidden.device)
-            all_norms[keep] = all_expert_gram_norms(expert_weights(experts), hidden[keep], self.budget_mb)
-        logits = self._logits.pop(block.key, None)
+            all_norms[keep] = all_expert_gram_norms(w, hidden[keep], self.budget_mb, gated)
         self.stats[block.key].add(rows, top_k_index, top_k_weights, logits, norms, peaks, all_norms=all_norms)
+
+    def _merge_add(self, block, w, hidden, logits, keep):
+        """Merge statistics of the block's real tokens; (probs, acc) for the kernel, or None."""
+        if self.merge is None:
+            return None
+        z = None if logits is None else logits.reshape(keep.shape[0], -1)[keep]
+        probs = None
+        if z is not None:
+            probs = torch.empty((z.shape[0], block.num_experts), dtype=torch.float32, device=z.device)
+            self.stats[block.key]._probabilities(z, probs)
+        return self.merge.add(block, w, hidden, z, probs)
 
     # ---- results ---------------------------------------------------------------------------
     def export(self) -> dict[str, dict]:
         return {key: s.export(self.mode) for key, s in self.stats.items()}
 
     def state(self) -> dict:
-        return {key: s.state() for key, s in self.stats.items()}
+        state = {key: s.state() for key, s in self.stats.items()}
+        if self.merge is not None:
+            state[MERGE_STATE] = self.merge.state()
+        return state
 
     def load(self, state: dict) -> None:
         for key, s in state.items():
+            if key == MERGE_STATE:
+                if self.merge is not None:
+                    self.merge.load(s)
+                continue
             self.stats[key].load(s)

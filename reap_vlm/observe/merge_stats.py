@@ -1,0 +1,158 @@
+"""The statistics expert merging needs, gathered by full-mode scoring beside the saliency sums.
+
+Per MoE block, over the calibration tokens (padding never counts):
+  gated_hidden_sum  Σ_x p_j(x) h_j(x)    [E, I] float64; h_j = combine(gate_j x, up_j x), the expert's
+                    intermediate activation. The mean gated output E_x[p_j(x) f_j(x)] [E, H] is linear in
+                    it: (W_down_j · Σ p h + b_j Σ p) / N, so no expert output is written to get it.
+  prob_sum          Σ_x p_j(x)           [E]
+  router_logit_gram Σ_x z(x) z(x)ᵀ        [R, R] float64: every router-logit column's norm and their
+                    cosines, which is all REAM's router similarity needs, exactly, whatever N.
+  activations       h_j(x) of every expert on the same S sampled tokens [E, S, I] (bfloat16): the
+                    neuron activation patterns that alignment matches. S is set by the size bound.
+The sums ride on the Gram-path kernel (it computes every h anyway); the sampled activations are a
+small extra up projection of the sampled rows. Written as reap_merge_stats.safetensors next to
+reap_metadata.json (`write`), read by the prune stage's merge method (`read`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from ..errors import BugError, MetadataError
+from ..moe.spec import ExpertWeights, MoEBlock
+from .kernel import _hidden, _up_weight
+
+FILE_NAME = "reap_merge_stats.safetensors"
+FORMAT = "reap-merge-stats/1"
+ACT_DTYPE = torch.bfloat16
+
+
+def sample_budget(sizes: list[tuple[int, int, int, int]], budget_mb: int) -> int:
+    """Sampled tokens per block so that the file stays under budget_mb. sizes: (E, I, H, R) per block."""
+    fixed = sum(E * H * 4 + R * R * 8 + E * 8 + 8 for E, _, H, R in sizes)
+    per_token = sum(E * inter * ACT_DTYPE.itemsize for E, inter, _, _ in sizes)
+    room = (budget_mb << 20) - fixed
+    return max(room // per_token, 0) if per_token else 0
+
+
+class MergeStats:
+    """Accumulators for every block (see module docstring). `add` is called by the Observer's full-mode
+    paths with a block's non-padding rows; it returns the (probs, acc) pair the kernel fills."""
+
+    def __init__(self, blocks: list[MoEBlock], samples: int, per_batch: int, seed: int = 0):
+        self.samples, self.per_batch = samples, per_batch
+        self._gen = torch.Generator().manual_seed(seed)
+        self._blocks = {b.key: b for b in blocks}
+        self._weights: dict[str, ExpertWeights] = {}
+        self.sums: dict[str, dict[str, torch.Tensor]] = {}
+        self.acts: dict[str, list[torch.Tensor]] = {}
+
+    def add(self, block: MoEBlock, w: ExpertWeights, hidden: torch.Tensor, logits: torch.Tensor | None, probs):
+        """hidden [T, H] and logits [T, R] of the block's real tokens; probs [T, E] fp32 (p of the block's
+        score function). Returns (probs, gated_hidden_sum) for the kernel to add Σ p h into."""
+        if logits is None:
+            raise BugError(f"no router logits were captured for block {block.key}")
+        E, inter = w.up.shape[0], w.up.shape[1]
+        device = hidden.device
+        if block.key not in self.sums:
+            R = logits.shape[-1]
+            self.sums[block.key] = {
+                "gated_hidden_sum": torch.zeros((E, inter), dtype=torch.float64, device=device),
+                "prob_sum": torch.zeros(E, dtype=torch.float64, device=device),
+                "router_logit_gram": torch.zeros((R, R), dtype=torch.float64, device=device),
+                "tokens": torch.zeros(1, dtype=torch.int64, device=device),
+            }
+            self.acts[block.key] = []
+        self._weights[block.key] = w
+        s = self.sums[block.key]
+        if s["tokens"].device != device:  # resumed from a checkpoint on the cpu
+            s.update({name: t.to(device) for name, t in s.items()})
+        z = logits.double()
+        s["router_logit_gram"] += z.T @ z
+        s["prob_sum"] += probs.double().sum(0)
+        s["tokens"] += hidden.shape[0]
+        taken = sum(a.shape[1] for a in self.acts[block.key])
+        want = min(self.per_batch, self.samples - taken, hidden.shape[0])
+        if want > 0:
+            rows = torch.randperm(hidden.shape[0], generator=self._gen)[:want].sort().values.to(device)
+            x = hidden[rows].to(w.up.dtype)
+            up_weight, bias = _up_weight(w, 0, E)
+            self.acts[block.key].append(_hidden(w, x, up_weight, bias, E).to(ACT_DTYPE).cpu())
+        return probs, s["gated_hidden_sum"]
+
+    @torch.no_grad()
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Everything the side file holds, by '<block key>.<name>' (cpu)."""
+        out = {}
+        for key, s in self.sums.items():
+            w = self._weights[key]
+            n = max(int(s["tokens"].item()), 1)
+            mean = torch.einsum("ehi,ei->eh", w.down.double(), s["gated_hidden_sum"].to(w.down.device))
+            if w.down_bias is not None:
+                mean = mean + w.down_bias.double() * s["prob_sum"].to(w.down.device)[:, None]
+            out[f"{key}.mean_gated_output"] = (mean / n).float().cpu()
+            for name, t in s.items():
+                out[f"{key}.{name}"] = t.cpu()
+            acts = self.acts[key]
+            empty = torch.zeros((w.up.shape[0], 0, w.up.shape[1]), dtype=ACT_DTYPE)
+            out[f"{key}.activations"] = torch.cat(acts, dim=1) if acts else empty
+        return {k: v.contiguous() for k, v in out.items()}
+
+    # ---- resume -----------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {
+            "sums": {k: {n: t.cpu() for n, t in s.items()} for k, s in self.sums.items()},
+            "acts": self.acts,
+            "gen": self._gen.get_state(),
+        }
+
+    def load(self, state: dict) -> None:
+        self.sums = {k: dict(s) for k, s in state["sums"].items()}
+        self.acts = {k: list(a) for k, a in state["acts"].items()}
+        self._gen.set_state(state["gen"])
+
+
+def write(path: Path, stats: MergeStats, info: dict) -> Path:
+    """Atomically write the side file (temporary name beside it, then rename)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file(stats.tensors(), str(tmp), metadata={"format": FORMAT, "info": json.dumps(info)})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def read(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
+    """(per block key: name -> tensor, info) of a side file; a clear error when it is missing or foreign."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise MetadataError(
+            f"{path} does not exist",
+            "merging needs the statistics that full-mode scoring writes beside reap_metadata.json",
+            "Re-run reap with REAP_SCORING_MODE=full and REAP_MERGE_STATS_MB > 0, or use --method prune",
+        )
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise MetadataError(f"{path} is not a merge statistics file of this tool", "", "Re-run reap")
+            out: dict[str, dict[str, torch.Tensor]] = {}
+            for name in f.keys():
+                key, field = name.rsplit(".", 1)
+                out.setdefault(key, {})[field] = f.get_tensor(name)
+            info = json.loads(meta.get("info") or "{}")
+    except (SafetensorError, OSError, ValueError) as err:
+        if isinstance(err, MetadataError):
+            raise
+        raise MetadataError(f"{path} is unreadable", str(err), "Re-run reap to write it again") from None
+    return out, info
