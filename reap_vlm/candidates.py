@@ -1,9 +1,16 @@
-"""Choose the plan by measurement: every criterion × ratio, evaluated on held-out data by router masking.
+"""Choose the plan by measurement: every criterion × modality policy × ratio, a greedy search and random
+plans, evaluated on held-out data by router masking.
 
 For each held-out batch the unpruned model runs once (the reference), then every distinct
 candidate plan runs with its removed experts masked (reap_vlm.masking — exactly equivalent to the
 pruned checkpoint). Per plan: next-token loss and perplexity (text targets only) per source and per
 sample kind, top-1 agreement and KL(unpruned ‖ masked), and the normalised entropy of expert usage.
+
+The plan `auto` keeps is the one with the best *fidelity* (`objective`: KL to the original, averaged
+with equal weight per source within a modality and per modality — not token-weighted, so a few image
+answers count as much as many text tokens), among the plans that lose no more on any held-out source
+than the median random plan of the same size (the floor); a plan within the bootstrap noise of the best
+goes to the simpler default (REAP's criterion with the REAP_MODALITY policy).
 
 The held-out slice never overlaps the scored samples: built-in sets read their evaluation files;
 JSONL files and image folders are split by a content hash (reap_vlm.calibration), so a sample is
@@ -12,9 +19,11 @@ in exactly one split.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -28,6 +37,9 @@ from .moe.spec import MoEBlock
 from .observe.usage import ExpertUsage, usage_entropy
 
 BOOTSTRAP_RESAMPLES = 1000
+RANDOM_SEEDS = (0, 1, 2)
+POLICIES = ("balanced", "joint", "either")  # measured at the requested ratio beside REAP_MODALITY's
+DEFAULT_CRITERION = {"router": "weighted_frequency"}  # the simpler default per scoring mode; else reap
 
 
 def heldout_samples(settings):
@@ -39,6 +51,21 @@ def heldout_samples(settings):
         image_share=settings.image_share,
         shuffle=settings.shuffle,
     )
+
+
+def search_samples(samples, count: int) -> list:
+    """Up to `count` calibration samples for the greedy search, taken in turn from every source (so a small
+    search set still holds every source and modality); the held-out slice stays for measuring the result."""
+    by_source: dict[str, list] = {}
+    for s in samples:
+        by_source.setdefault(s.source, []).append(s)
+    queues = [list(v) for _, v in sorted(by_source.items())]
+    out: list = []
+    while len(out) < count and any(queues):
+        for q in queues:
+            if q and len(out) < count:
+                out.append(q.pop(0))
+    return out
 
 
 def _token_metrics(
@@ -90,103 +117,172 @@ def _token_metrics(
     return out
 
 
+# ---- summaries and the objective ------------------------------------------------------------
+
+OBJECTIVE = (
+    "fidelity: mean KL(original ‖ pruned) per next-token target, averaged with equal weight over the sources "
+    "of a modality, then with equal weight over the modalities (text, image)"
+)
+
+
+def _group(row: dict) -> str:
+    """What the objective and the floor weigh equally: a source, or a source's task where rows have one."""
+    return f"{row['source']}/{row['task']}" if row.get("task") else row["source"]
+
+
 def _summarise(rows: list[dict]) -> dict:
+    """Per-token means over the rows' text targets (loss, agreement, KL, overlap) and, where rows have
+    reference answers, the loss on answer tokens and the share of answers reproduced exactly (teacher-forced
+    greedy exact match)."""
     tokens = sum(r["tokens"] for r in rows)
     if tokens == 0:
         return {"tokens": 0, "loss": None, "ppl": None, "agreement": None, "kl": None}
     loss = sum(r["nll"] for r in rows) / tokens
-    return {
+    out = {
         "tokens": int(tokens),
         "loss": loss,
         "ppl": math.exp(min(loss, 50.0)),
         "agreement": sum(r["agree"] for r in rows) / tokens,
         "kl": sum(r["kl"] for r in rows) / tokens,
     }
+    if "overlap" in rows[0]:
+        out["overlap"] = sum(r["overlap"] for r in rows) / tokens
+    answered = [r for r in rows if r.get("answer_tokens")]
+    if answered:
+        answer_tokens = sum(r["answer_tokens"] for r in answered)
+        out["answers"] = len(answered)
+        out["answer_loss"] = sum(r["answer_nll"] for r in answered) / answer_tokens
+        out["answer_kl"] = sum(r["answer_kl"] for r in answered) / answer_tokens
+        out["answer_accuracy"] = sum(r["answer_correct"] for r in answered) / len(answered)
+    return out
+
+
+def fidelity(rows: list[dict]) -> float | None:
+    """The objective `auto` minimises (OBJECTIVE): per source (or task) the token-weighted mean
+    KL(original ‖ pruned) over every target; per modality the plain mean over its sources; the plain mean over
+    modalities. None without targets."""
+    sums: dict[str, dict[str, list[float]]] = {}
+    for r in rows:
+        entry = sums.setdefault(r["kind"], {}).setdefault(_group(r), [0.0, 0.0])
+        entry[0] += r["kl"]
+        entry[1] += r["tokens"]
+    per_modality = []
+    for sources in sums.values():
+        means = [kl / tokens for kl, tokens in sources.values() if tokens > 0]
+        if means:
+            per_modality.append(sum(means) / len(means))
+    return sum(per_modality) / len(per_modality) if per_modality else None
 
 
 def _describe(per_row: list[dict]) -> dict:
     out = _summarise(per_row)
-    for field, values in (("by_source", {r["source"] for r in per_row}), ("by_modality", {r["kind"] for r in per_row})):
-        key = "source" if field == "by_source" else "kind"
-        out[field] = {v: _summarise([r for r in per_row if r[key] == v]) for v in sorted(values)}
+    out["objective"] = fidelity(per_row)
+    for field, key in (
+        ("by_source", lambda r: r["source"]),
+        ("by_modality", lambda r: r["kind"]),
+        ("by_group", _group),
+    ):
+        values = sorted({key(r) for r in per_row})
+        out[field] = {v: _summarise([r for r in per_row if key(r) == v]) for v in values}
     return out
 
 
-def measure_plans(
-    model,
-    blocks: list[MoEBlock],
-    meta: dict,
-    eval_batches: list,
-    *,
-    criteria,
-    ratios,
-    num_keep: int = 0,
-    modality: str = "joint",
-    round_to: int = 1,
-    protect_super: bool = True,
-    super_factor: float = 10.0,
-    progress=None,
-) -> dict:
-    started = time.perf_counter()
-    blocks_meta = meta["model"]["blocks"]
-    candidates: list[dict] = []
-    notes: list[str] = []
-    by_signature: dict[tuple, int] = {}
-    plans: list[dict] = []
-    for ratio in ratios:
-        for criterion in criteria:
-            try:
-                plan = scoring.plan(
-                    meta["layers"],
-                    blocks_meta,
-                    criterion=criterion,
-                    ratio=ratio,
-                    num_keep=num_keep if ratio is None else 0,
-                    modality=modality,
-                    round_to=round_to,
-                    protect_super=protect_super,
-                    super_factor=super_factor,
-                )
-            except PlanError as err:
-                notes.append(f"{criterion} at ratio {ratio}: skipped ({err.what})")
-                continue
-            kept = {k: v["kept"] for k, v in plan.items()}
-            signature = tuple(tuple(kept[b.key]) for b in blocks)
-            if signature not in by_signature:
-                by_signature[signature] = len(plans)
-                plans.append(kept)
-            candidates.append(
-                {
-                    "criterion": criterion,
-                    "ratio": ratio,
-                    "plan": by_signature[signature],
-                    "n_keep": {k: len(v) for k, v in kept.items()},
-                }
-            )
+class Resampler:
+    """Paired bootstrap of `fidelity`, stratified by source (every resample keeps every source with as many
+    samples as it has), so that two plans measured on the same held-out rows can be compared beyond noise."""
 
+    def __init__(self, rows: list[dict], seed: int, resamples: int = BOOTSTRAP_RESAMPLES):
+        rng = np.random.default_rng(seed)
+        self.groups: list[tuple[str, np.ndarray]] = []  # (modality, [resamples, n_s] row indices)
+        by_source: dict[tuple[str, str], list[int]] = {}
+        for i, r in enumerate(rows):
+            by_source.setdefault((r["kind"], _group(r)), []).append(i)
+        for (kind, _), index in sorted(by_source.items()):
+            index = np.array(index)
+            self.groups.append((kind, index[rng.integers(0, len(index), size=(resamples, len(index)))]))
+
+    def objective(self, rows: list[dict]) -> np.ndarray:
+        """fidelity(rows) of every resample [resamples] (NaN where a resample has no targets at all)."""
+        kl = np.array([r["kl"] for r in rows])
+        tokens = np.array([r["tokens"] for r in rows])
+        per_kind: dict[str, list[np.ndarray]] = {}
+        for kind, draw in self.groups:
+            t = tokens[draw].sum(1)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                per_kind.setdefault(kind, []).append(np.where(t > 0, kl[draw].sum(1) / np.where(t > 0, t, 1), np.nan))
+        with warnings.catch_warnings():  # a resample without targets in one modality: NaN, not a warning
+            warnings.simplefilter("ignore", RuntimeWarning)
+            means = [np.nanmean(np.stack(v), 0) for v in per_kind.values()]
+            return np.nanmean(np.stack(means), 0) if means else np.full(1, np.nan)
+
+    def worse(self, a: list[dict], b: list[dict]) -> tuple[bool, float, float]:
+        """Is fidelity(a) worse (higher) than fidelity(b) beyond noise? 95 % interval of the difference."""
+        diff = self.objective(a) - self.objective(b)
+        diff = diff[np.isfinite(diff)]
+        if len(diff) == 0:
+            return False, 0.0, 0.0
+        lo, hi = np.quantile(diff, [0.025, 0.975])
+        return bool(lo > 0), float(lo), float(hi)
+
+
+# ---- plans ---------------------------------------------------------------------------------------
+
+
+def _n_keep(block: dict, ratio: float | None, num_keep: int, round_to: int) -> int:
+    return scoring.n_keep_for(
+        block["num_experts"],
+        ratio=ratio,
+        num_keep=num_keep if ratio is None else 0,
+        top_k=block["top_k"],
+        round_to=round_to,
+        n_group=block.get("n_group", 1),
+    )
+
+
+def random_plan(blocks_meta: list[dict], *, ratio, num_keep: int, round_to: int, seed: int) -> dict[str, list[int]]:
+    """A uniformly random plan of the same size as the criteria's (the same count in every routing group)."""
+    rng = random.Random(seed)
+    out = {}
+    for block in blocks_meta:
+        n_keep, n_group = _n_keep(block, ratio, num_keep, round_to), block.get("n_group", 1)
+        groups = (
+            np.array_split(np.arange(block["num_experts"]), n_group)
+            if n_group > 1
+            else [np.arange(block["num_experts"])]
+        )
+        out[block["key"]] = sorted(j for g in groups for j in rng.sample(g.tolist(), n_keep // len(groups)))
+    return out
+
+
+def _run_plans(model, blocks: list[MoEBlock], batches: list, plans: list[dict], *, usage: bool, progress=None):
+    """Per-sample rows of the unpruned model and of every plan (masked), and expert usage counts per plan
+    (index 0: unpruned) when `usage`."""
     per_plan_rows: list[list[dict]] = [[] for _ in plans]
     baseline_rows: list[dict] = []
-    plan_counts = {
-        pi: {b.key: torch.zeros(b.num_experts, dtype=torch.float64) for b in blocks} for pi in range(-1, len(plans))
-    }
+    counts = [{b.key: torch.zeros(b.num_experts, dtype=torch.float64) for b in blocks} for _ in range(len(plans) + 1)]
     device = input_device(model)
-    with ExpertUsage(model, blocks) as usage, torch.inference_mode():
+    observing = ExpertUsage(model, blocks) if usage else None
+    with contextlib.ExitStack() as stack, torch.inference_mode():
+        if observing is not None:
+            stack.enter_context(observing)
         # batches outer, plans inner: the reference logits of one batch are all that is kept
-        for bi, batch in enumerate(eval_batches):
+        for bi, batch in enumerate(batches):
             inputs = {k: v.to(device) for k, v in batch.inputs.items()}
             if "pixel_values" in inputs:
                 inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
             reference = None
             for pi in range(-1, len(plans)):
-                usage.batch(batch.modality)
-                before = usage.totals()
+                if observing is not None:
+                    observing.batch(batch.modality)
+                    before = observing.totals()
                 if pi == -1:
                     logits = reference = model(**inputs, use_cache=False).logits
                 else:
                     with masked(model, blocks, removed_from_kept(blocks, plans[pi])):
                         logits = model(**inputs, use_cache=False).logits
-                for key, total in usage.totals().items():
-                    plan_counts[pi][key] += total - before[key]
+                if observing is not None:
+                    for key, total in observing.totals().items():
+                        counts[pi + 1][key] += total - before[key]
                 m = _token_metrics(
                     reference, logits, inputs["input_ids"], batch.modality.to(logits.device), batch.answer_mask
                 )
@@ -202,61 +298,349 @@ def measure_plans(
                         }
                     )
             if progress:
-                progress(bi + 1, len(eval_batches))
+                progress(bi + 1, len(batches))
+    return baseline_rows, per_plan_rows, counts
+
+
+def greedy_plan(
+    model,
+    blocks: list[MoEBlock],
+    meta: dict,
+    search_batches: list,
+    *,
+    criterion: str,
+    modality: str,
+    ratio,
+    num_keep: int,
+    round_to: int = 1,
+    protect_super: bool = True,
+    super_factor: float = 10.0,
+) -> tuple[dict[str, list[int]], dict]:
+    """Greedy add-back by measured effect. Start from the `criterion`/`modality` plan with `s` experts fewer
+    per block; then, s times, measure (masked, on `search_batches`) the fidelity objective of adding each
+    expert of a shortlist to its block, and add each block's best one. The shortlist of a block: the next 2s
+    experts of the base ranking and the s best-ranked by text alone and by image alone that are not kept.
+    Returns (kept per block, what the search did)."""
+    started = time.perf_counter()
+    blocks_meta = meta["model"]["blocks"]
+    if any(b.get("n_group", 1) > 1 for b in blocks_meta):
+        raise PlanError("greedy search does not handle group-limited routing", "", "")
+    kept: dict[str, list[int]] = {}
+    shortlist: dict[str, list[int]] = {}
+    steps = None
+    for block in blocks_meta:
+        key, stats = block["key"], meta["layers"][block["key"]]["stats"]
+        n_keep = _n_keep(block, ratio, num_keep, round_to)
+        s = min(max(1, n_keep // 4), n_keep - block["top_k"])
+        if s <= 0:
+            raise PlanError("no room for a search: the plan keeps only top_k experts", "", "")
+        steps = s if steps is None else min(steps, s)
+    for block in blocks_meta:
+        key, stats = block["key"], meta["layers"][block["key"]]["stats"]
+        n_keep = _n_keep(block, ratio, num_keep, round_to)
+        base, _ = scoring.select(
+            stats,
+            criterion=criterion,
+            n_keep=n_keep - steps,
+            modality=modality,
+            protect_super=protect_super,
+            super_factor=super_factor,
+        )
+        ranking = scoring._ranked(scoring.modality_scores(stats, criterion, modality), np.arange(block["num_experts"]))
+        pool = [j for j in ranking if j not in base][: 2 * steps]
+        for by in ("text", "image"):
+            if by in stats and (stats[by].get("tokens") or 0) > 0:
+                ranked = scoring._ranked(
+                    scoring.criterion_scores(stats[by], criterion), np.arange(block["num_experts"])
+                )
+                pool += [j for j in ranked if j not in base and j not in pool][:steps]
+        kept[key], shortlist[key] = list(base), pool
+    evaluations = 0
+    history = []
+    for _ in range(steps):
+        trials = [(key, j) for key in kept for j in shortlist[key] if j not in kept[key]]
+        plans = [{**kept, key: sorted([*kept[key], j])} for key, j in trials]
+        _, rows, _ = _run_plans(model, blocks, search_batches, plans, usage=False)
+        evaluations += len(plans) + 1
+        scores = [fidelity(r) for r in rows]
+        added = {}
+        for key in kept:
+            options = [(scores[i], j) for i, (k, j) in enumerate(trials) if k == key and scores[i] is not None]
+            if options:
+                best_score, best = min(options)
+                added[key] = (best, best_score)
+        for key, (j, _) in added.items():
+            kept[key] = sorted([*kept[key], j])
+        history.append({key: j for key, (j, _) in added.items()})
+    info = {
+        "base": f"{criterion}/{modality}",
+        "added_per_block": steps,
+        "shortlist": shortlist,
+        "added": history,
+        "evaluations": evaluations,
+        "search_samples": sum(len(b.samples) for b in search_batches),
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    return kept, info
+
+
+def measure_plans(
+    model,
+    blocks: list[MoEBlock],
+    meta: dict,
+    eval_batches: list,
+    *,
+    criteria,
+    ratios,
+    num_keep: int = 0,
+    modality: str = "joint",
+    policies=(),
+    round_to: int = 1,
+    protect_super: bool = True,
+    super_factor: float = 10.0,
+    random_seeds=RANDOM_SEEDS,
+    search_batches: list | None = None,
+    greedy_base: str | None = None,
+    progress=None,
+) -> dict:
+    """Measure every candidate: criteria under `modality` at every ratio, under every other policy of
+    `policies` and the greedy search (with `search_batches`, from `greedy_base`) at the first ratio, and
+    `random_seeds` random plans at every ratio. Each distinct plan runs once."""
+    started = time.perf_counter()
+    blocks_meta = meta["model"]["blocks"]
+    candidates: list[dict] = []
+    notes: list[str] = []
+    by_signature: dict[tuple, int] = {}
+    plans: list[dict] = []
+    cut = dict(num_keep=num_keep, round_to=round_to, protect_super=protect_super, super_factor=super_factor)
+
+    def add(kept: dict[str, list[int]], **info) -> None:
+        signature = tuple(tuple(kept[b.key]) for b in blocks)
+        if signature not in by_signature:
+            by_signature[signature] = len(plans)
+            plans.append(kept)
+        candidates.append({**info, "plan": by_signature[signature], "n_keep": {k: len(v) for k, v in kept.items()}})
+
+    greedy_seconds = 0.0
+    for i, ratio in enumerate(ratios):
+        measured_policies = [modality] + ([p for p in policies if p != modality] if i == 0 else [])
+        for policy in measured_policies:
+            for criterion in criteria:
+                try:
+                    plan = scoring.plan(
+                        meta["layers"],
+                        blocks_meta,
+                        criterion=criterion,
+                        ratio=ratio,
+                        num_keep=num_keep if ratio is None else 0,
+                        modality=policy,
+                        round_to=round_to,
+                        protect_super=protect_super,
+                        super_factor=super_factor,
+                    )
+                except PlanError as err:
+                    notes.append(f"{criterion}/{policy} at ratio {ratio}: skipped ({err.what})")
+                    continue
+                add({k: v["kept"] for k, v in plan.items()}, criterion=criterion, policy=policy, ratio=ratio)
+        if i == 0 and search_batches and greedy_base:
+            base_criterion, base_policy = greedy_base.split("/")
+            try:
+                kept, search = greedy_plan(
+                    model,
+                    blocks,
+                    meta,
+                    search_batches,
+                    criterion=base_criterion,
+                    modality=base_policy,
+                    ratio=ratio,
+                    **cut,
+                )
+                greedy_seconds = search["seconds"]
+                add(kept, criterion=base_criterion, policy="greedy", ratio=ratio, search=search)
+            except PlanError as err:
+                notes.append(f"greedy at ratio {ratio}: skipped ({err.what})")
+        for seed in random_seeds:
+            try:
+                kept = random_plan(blocks_meta, ratio=ratio, num_keep=num_keep, round_to=round_to, seed=seed)
+            except PlanError as err:
+                notes.append(f"random plan at ratio {ratio}: skipped ({err.what})")
+                break
+            add(kept, criterion="random", policy="random", ratio=ratio, seed=seed)
+
+    baseline_rows, per_plan_rows, plan_counts = _run_plans(
+        model, blocks, eval_batches, plans, usage=True, progress=progress
+    )
 
     def entropy(counts: dict[str, torch.Tensor], kept: dict[str, list[int]] | None) -> float:
-        """Mean over blocks of the usage entropy normalised by log(number of kept experts)."""
+        """Mean over blocks of the normalised usage entropy; 1 = every kept expert equally used."""
         values = [usage_entropy(c, len(kept[key]) if kept else len(c)) for key, c in counts.items()]
         return float(np.mean([1.0 if v is None else v for v in values]))
 
-    usage_counts = [entropy(plan_counts[pi], None if pi == -1 else plans[pi]) for pi in range(-1, len(plans))]
-
-    baseline = {**_describe(baseline_rows), "entropy": usage_counts[0]}
+    usage = [entropy(plan_counts[pi + 1], None if pi == -1 else plans[pi]) for pi in range(-1, len(plans))]
+    baseline = {**_describe(baseline_rows), "entropy": usage[0]}
+    described = [_describe(rows) for rows in per_plan_rows]
     rows = []
     for c in candidates:
-        described = _describe(per_plan_rows[c["plan"]])
-        rows.append(
-            {
-                "criterion": c["criterion"],
-                "ratio": c["ratio"],
-                "n_keep": c["n_keep"],
-                "plan_id": c["plan"],
-                **described,
-                "entropy": usage_counts[c["plan"] + 1],
-            }
-        )
+        row = {
+            "criterion": c["criterion"],
+            "policy": c["policy"],
+            "ratio": c["ratio"],
+            "n_keep": c["n_keep"],
+            "plan_id": c["plan"],
+            **described[c["plan"]],
+            "entropy": usage[c["plan"] + 1],
+        }
+        for extra in ("seed", "search"):
+            if extra in c:
+                row[extra] = c[extra]
+        rows.append(row)
+    random_median = _random_medians(rows)
+    for row in rows:
+        if row["policy"] != "random":
+            row["floor"] = _floor(row, random_median.get(_ratio_key(row["ratio"])))
     heldout_tokens = {"samples": len(baseline_rows), "text_targets": int(sum(r["tokens"] for r in baseline_rows))}
     return {
+        "objective": OBJECTIVE,
         "baseline": baseline,
         "rows": rows,
+        "random_median": random_median,
         "notes": notes,
         "heldout": heldout_tokens,
         "plans_evaluated": len(plans),
+        "greedy_seconds": greedy_seconds,
         "seconds": round(time.perf_counter() - started, 3),
-        "_per_sample": {
-            i: [r["nll"] / r["tokens"] if r["tokens"] else 0.0 for r in rows_] for i, rows_ in enumerate(per_plan_rows)
-        },
+        "plans": plans,
+        "_rows": {"baseline": baseline_rows, "plans": per_plan_rows},
     }
 
 
-def _bootstrap_better(a: list[float], b: list[float], seed: int) -> tuple[bool, float, float]:
-    """Is mean(a) > mean(b) beyond noise? Paired bootstrap 95 % interval of mean(a - b)."""
-    diff = np.array(a) - np.array(b)
-    if len(diff) < 2:
-        return False, float(diff.mean()) if len(diff) else 0.0, 0.0
-    rng = random.Random(seed)
-    means = sorted(float(np.mean([diff[rng.randrange(len(diff))] for _ in diff])) for _ in range(BOOTSTRAP_RESAMPLES))
-    lo, hi = means[int(0.025 * BOOTSTRAP_RESAMPLES)], means[int(0.975 * BOOTSTRAP_RESAMPLES) - 1]
-    return lo > 0, lo, hi
+def _ratio_key(ratio) -> str:
+    return "num_keep" if ratio is None else f"{ratio:g}"
 
 
-def measure_and_choose(model, blocks: list[MoEBlock], meta: dict, eval_batches: list, settings):
-    """(criterion, reason, table): auto picks the lowest held-out loss at the requested ratio (ties → reap);
-    a fixed criterion is kept, and the reason says when another one is measurably better."""
+def _random_medians(rows: list[dict]) -> dict[str, dict[str, float]]:
+    """Per ratio and held-out source (or task): the median over the random plans of its KL to the original."""
+    out: dict[str, dict[str, float]] = {}
+    for ratio in {_ratio_key(r["ratio"]) for r in rows if r["policy"] == "random"}:
+        randoms = [r for r in rows if r["policy"] == "random" and _ratio_key(r["ratio"]) == ratio]
+        groups = sorted({g for r in randoms for g in r["by_group"]})
+        out[ratio] = {}
+        for g in groups:
+            values = [r["by_group"][g]["kl"] for r in randoms if r["by_group"].get(g, {}).get("kl") is not None]
+            if values:
+                out[ratio][g] = float(np.median(values))
+    return out
+
+
+def _floor(row: dict, medians: dict[str, float] | None) -> dict:
+    """The per-source floor: does this plan lose more (higher KL to the original) on some held-out source
+    (or task) than the median random plan of the same size?"""
+    if not medians:
+        return {"ok": True, "checked": False, "worse_sources": {}}
+    worse = {
+        g: {"kl": row["by_group"][g]["kl"], "random_median_kl": m}
+        for g, m in medians.items()
+        if row["by_group"].get(g, {}).get("kl") is not None and row["by_group"][g]["kl"] > m
+    }
+    return {"ok": not worse, "checked": True, "worse_sources": worse}
+
+
+# ---- the choice ------------------------------------------------------------------------------------
+
+
+def _label(row: dict) -> str:
+    if row["policy"] == "random":
+        return f"random (seed {row['seed']})"
+    if row["policy"] == "greedy":
+        return f"greedy from {row['search']['base']}"
+    return f"{row['criterion']}/{row['policy']}"
+
+
+def choose(table: dict, *, requested, default: tuple[str, str], fixed: tuple[str, str] | None, seed: int) -> dict:
+    """The plan to keep among the table's rows at the requested ratio (random plans never).
+
+    auto (fixed=None): among the plans that pass the per-source floor (every plan when none does, flagged),
+    find the best objective; then walk the plans from the simplest — the default (criterion, policy) first,
+    then the other criteria of the default policy, the other policies, the greedy search — and keep the first
+    that is not measurably worse than the best (paired, source-stratified bootstrap, 95 %).
+    fixed: that (criterion, policy), with a note when another plan is measurably better or it fails the floor."""
+    rows = [r for r in table["rows"] if r["ratio"] == requested and r["policy"] != "random"]
+    rows = [r for r in rows if r["objective"] is not None]
+    if not rows:
+        return {}
+    per_plan = table["_rows"]["plans"]
+    resampler = Resampler(table["_rows"]["baseline"], seed)
+    passing = [r for r in rows if r["floor"]["ok"]]
+    pool = passing or rows
+    best = min(pool, key=lambda r: r["objective"])
+
+    def tier(r: dict) -> int:
+        if (r["criterion"], r["policy"]) == default:
+            return 0
+        return 1 if r["policy"] == default[1] else (3 if r["policy"] == "greedy" else 2)
+
+    if fixed is None:
+        chosen, interval = None, (0.0, 0.0)
+        for r in sorted(pool, key=lambda r: (tier(r), r["objective"])):
+            worse, lo, hi = resampler.worse(per_plan[r["plan_id"]], per_plan[best["plan_id"]])
+            if not worse:
+                chosen, interval = r, (lo, hi)
+                break
+        chosen = chosen or best
+        if chosen is best:
+            why = f"best objective {best['objective']:.5f}"
+        else:
+            why = (
+                f"objective {chosen['objective']:.5f}, within the noise of the best ({_label(best)}, "
+                f"{best['objective']:.5f}; 95% bootstrap interval of the difference "
+                f"[{interval[0]:.5f}, {interval[1]:.5f}]), and simpler"
+            )
+        reason = f"auto: {_label(chosen)}: {why}, among {len(pool)} plans at ratio {requested}"
+        if not passing:
+            reason += "; WARNING: every plan loses more on some held-out source than the median random plan"
+        elif len(passing) < len(rows):
+            reason += f" passing the per-source floor ({len(rows) - len(passing)} refused)"
+    else:
+        chosen = next((r for r in rows if (r["criterion"], r["policy"]) == fixed), None)
+        if chosen is None:
+            return {}
+        worse, lo, hi = resampler.worse(per_plan[chosen["plan_id"]], per_plan[best["plan_id"]])
+        reason = "fixed by REAP_CRITERION"
+        if worse:
+            reason += (
+                f"; note: {_label(best)} is measurably better on held-out data (objective {best['objective']:.5f} "
+                f"vs {chosen['objective']:.5f}, 95% bootstrap interval of the difference [{lo:.5f}, {hi:.5f}])"
+            )
+    if not chosen["floor"]["ok"]:
+        worst = ", ".join(
+            f"{s} (KL {v['kl']:.4f} > random median {v['random_median_kl']:.4f})"
+            for s, v in chosen["floor"]["worse_sources"].items()
+        )
+        reason += f"; WARNING: below the per-source floor on {worst}"
+    return {
+        "criterion": chosen["criterion"],
+        "policy": chosen["policy"],
+        "ratio": requested,
+        "plan_id": chosen["plan_id"],
+        "label": _label(chosen),
+        "objective": chosen["objective"],
+        "loss": chosen["loss"],
+        "floor": chosen["floor"],
+        "best_measured": _label(best),
+        "best_objective": best["objective"],
+        "reason": reason,
+    }
+
+
+def measure_and_choose(model, blocks: list[MoEBlock], meta: dict, eval_batches: list, settings, search_batches=None):
+    """(chosen, table): `chosen` has the criterion, the policy, the kept plan and the reason (empty when
+    nothing could be measured); `table` is every candidate's measurement (the metadata's candidates)."""
     mode = settings.scoring_mode
     criteria = scoring.available_criteria(mode)
     requested = None if settings.num_keep else settings.prune_ratio
     ratios = [requested] + [r for r in settings.candidate_ratios if r != requested]
+    default_criterion = DEFAULT_CRITERION.get(mode, "reap")
+    fixed = None if settings.criterion == "auto" else (settings.criterion, settings.modality)
     table = measure_plans(
         model,
         blocks,
@@ -266,49 +650,18 @@ def measure_and_choose(model, blocks: list[MoEBlock], meta: dict, eval_batches: 
         ratios=ratios,
         num_keep=settings.num_keep,
         modality=settings.modality,
+        policies=POLICIES if fixed is None else (),
         round_to=settings.round_to,
         protect_super=settings.protect_super_experts,
         super_factor=settings.super_expert_factor,
+        search_batches=search_batches if fixed is None else None,
+        greedy_base=f"{default_criterion}/{settings.modality}",
     )
-    per_sample = table.pop("_per_sample")
-    at_ratio = [r for r in table["rows"] if r["ratio"] == requested and r["loss"] is not None]
-    if not at_ratio:
-        fallback = "weighted_frequency" if mode == "router" else "reap"
-        criterion = fallback if settings.criterion == "auto" else settings.criterion
-        return (
-            criterion,
-            "held-out slice has no text targets; "
-            + ("default" if settings.criterion == "auto" else "fixed")
-            + " criterion",
-            table,
-        )
-    best = min(at_ratio, key=lambda r: (round(r["loss"], 9), r["criterion"] != "reap"))
-    table["chosen"] = {"criterion": best["criterion"], "ratio": requested, "loss": best["loss"]}
-    if settings.criterion == "auto":
-        reason = (
-            f"auto: lowest held-out loss {best['loss']:.5f} at ratio {requested} among "
-            f"{len(at_ratio)} criteria ({table['heldout']['samples']} held-out samples)"
-        )
-        return best["criterion"], reason, table
-    mine = next((r for r in at_ratio if r["criterion"] == settings.criterion), None)
-    if mine is None:
-        return settings.criterion, "fixed by REAP_CRITERION (not measurable in this mode)", table
-    better, lo, hi = _bootstrap_better(per_sample[mine["plan_id"]], per_sample[best["plan_id"]], settings.seed)
-    reason = "fixed by REAP_CRITERION"
-    if better:
-        reason += (
-            f"; note: {best['criterion']} is measurably better on held-out data (loss {best['loss']:.5f} vs "
-            f"{mine['loss']:.5f}, 95% bootstrap interval of the difference [{lo:.4f}, {hi:.4f}])"
-        )
-        print(
-            f"note: criterion {best['criterion']} keeps the model measurably better than {settings.criterion} "
-            f"(held-out loss {best['loss']:.5f} vs {mine['loss']:.5f})"
-        )
-    table["chosen"] = {
-        "criterion": settings.criterion,
-        "ratio": requested,
-        "loss": mine["loss"],
-        "best_measured": best["criterion"],
-        "measurably_better": better,
-    }
-    return settings.criterion, reason, table
+    chosen = choose(
+        table, requested=requested, default=(default_criterion, settings.modality), fixed=fixed, seed=settings.seed
+    )
+    table.pop("_rows")
+    if chosen:
+        table["chosen"] = dict(chosen)
+        chosen["kept"] = table["plans"][chosen["plan_id"]]
+    return chosen, table

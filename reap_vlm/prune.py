@@ -43,11 +43,27 @@ def _recut(settings: PruneSettings, meta: dict) -> tuple[dict[tuple[int, str], l
     )
     by_key = {b["key"]: (b["layer"], b["expert_set"]) for b in meta["model"]["blocks"]}
     keep = {by_key[k]: p["kept"] for k, p in plans.items()}
+    if plan.get("policy") not in (None, plan.get("modality")):
+        print(
+            f"note: the metadata's plan came from a measured search ({plan['policy']}), which the raw sums cannot "
+            f"reproduce; the re-cut ranks by {wanted['criterion']}/{wanted['modality']}"
+        )
     print(
         f"re-cut from the raw sums: criterion {wanted['criterion']}, ratio {wanted['ratio']}, "
         f"modality {wanted['modality']}"
     )
-    return keep, {**plan, **wanted, "recut": True, "chosen_by": "re-cut by prune_model.py"}
+    weights = {
+        b["key"]: scoring.modality_weights(meta["layers"][b["key"]]["stats"], wanted["modality"])
+        for b in meta["model"]["blocks"]
+    }
+    return keep, {
+        **plan,
+        **wanted,
+        "policy": wanted["modality"],
+        "modality_weights": weights,
+        "recut": True,
+        "chosen_by": "re-cut by prune_model.py",
+    }
 
 
 def model_card(provenance: dict, layout, n_keep: int) -> str:

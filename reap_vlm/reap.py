@@ -201,7 +201,9 @@ def accumulate(
     return observer.export(), resumed, time.perf_counter() - started
 
 
-def choose_plan(settings: ReapSettings, model, blocks, meta: dict, eval_batches: list | None) -> None:
+def choose_plan(
+    settings: ReapSettings, model, blocks, meta: dict, eval_batches: list | None, search_batches: list | None = None
+) -> None:
     """Fill meta['plan'], meta['candidates'] and every layer's kept / protected."""
     blocks_meta = meta["model"]["blocks"]
     mode = settings.scoring_mode
@@ -212,14 +214,24 @@ def choose_plan(settings: ReapSettings, model, blocks, meta: dict, eval_batches:
             "",
             "Use REAP_SCORING_MODE=full or routed, or a routing criterion (frequency, weighted_frequency)",
         )
+    policy, kept = settings.modality, None
     if eval_batches:
         from .candidates import measure_and_choose
 
-        criterion, chosen_by, table = measure_and_choose(model, blocks, meta, eval_batches, settings)
+        chosen, table = measure_and_choose(model, blocks, meta, eval_batches, settings, search_batches)
         meta["candidates"] = table
+        if chosen:
+            criterion, policy, chosen_by, kept = chosen["criterion"], chosen["policy"], chosen["reason"], chosen["kept"]
+        else:
+            criterion = ("weighted_frequency" if mode == "router" else "reap") if criterion == "auto" else criterion
+            chosen_by = "held-out slice has no targets; " + (
+                "default criterion" if settings.criterion == "auto" else "fixed criterion"
+            )
+        _print_candidates(table)
     elif criterion == "auto":
         criterion = "weighted_frequency" if mode == "router" else "reap"
         chosen_by = "default for this mode (plan measurement off: REAP_EVAL_SAMPLES=0)"
+    modality = settings.modality if policy == "greedy" else policy  # greedy starts from REAP_MODALITY's ranking
     ratio = None if settings.num_keep else settings.prune_ratio
     plans = scoring.plan(
         meta["layers"],
@@ -227,11 +239,16 @@ def choose_plan(settings: ReapSettings, model, blocks, meta: dict, eval_batches:
         criterion=criterion,
         ratio=ratio,
         num_keep=settings.num_keep,
-        modality=settings.modality,
+        modality=modality,
         round_to=settings.round_to,
         protect_super=settings.protect_super_experts,
         super_factor=settings.super_expert_factor,
     )
+    if kept is not None:  # the measured plan (the greedy search's differs from any ranking's)
+        plans = {
+            key: {"kept": kept[key], "protected": {j: r for j, r in p["protected"].items() if int(j) in kept[key]}}
+            for key, p in plans.items()
+        }
     for key, p in plans.items():
         meta["layers"][key].update(p)
     meta["plan"] = {
@@ -239,12 +256,59 @@ def choose_plan(settings: ReapSettings, model, blocks, meta: dict, eval_batches:
         "ratio": ratio,
         "num_keep": settings.num_keep or None,
         "kept_per_block": {k: len(p["kept"]) for k, p in plans.items()},
-        "modality": settings.modality,
+        "modality": modality,
+        "policy": policy,
+        "modality_weights": {
+            b["key"]: scoring.modality_weights(meta["layers"][b["key"]]["stats"], modality) for b in blocks_meta
+        },
         "round_to": settings.round_to,
         "protect_super_experts": settings.protect_super_experts,
         "super_expert_factor": settings.super_expert_factor,
         "chosen_by": chosen_by,
     }
+
+
+def _print_candidates(table: dict) -> None:
+    """The measured plans at the requested ratio: objective, KL per modality, the floor, the choice."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .candidates import _label
+
+    chosen = table.get("chosen") or {}
+    rows = [
+        r
+        for r in table["rows"]
+        if r["ratio"] == chosen.get("ratio", table["rows"][0]["ratio"] if table["rows"] else None)
+    ]
+    if not rows:
+        return
+    out = Table(title=f"candidate plans at ratio {rows[0]['ratio']} (objective: {table['objective'].split(':')[0]})")
+    for col in ("plan", "objective", "KL text", "KL image", "loss", "floor", ""):
+        out.add_column(col)
+
+    def fmt(v):
+        return "-" if v is None else f"{v:.4f}"
+
+    by_plan: dict[int, list[dict]] = {}
+    for r in rows:
+        by_plan.setdefault(r["plan_id"], []).append(r)
+    for same in sorted(by_plan.values(), key=lambda g: (g[0]["objective"] is None, g[0]["objective"] or 0.0)):
+        r, labels = same[0], [_label(x) for x in same]
+        floor = r.get("floor")
+        floor_text = "-" if floor is None or not floor["checked"] else ("ok" if floor["ok"] else "below random")
+        out.add_row(
+            labels[0] + (f" (= {len(labels) - 1} more)" if len(labels) > 1 else ""),
+            fmt(r["objective"]),
+            fmt(r["by_modality"].get("text", {}).get("kl")),
+            fmt(r["by_modality"].get("image", {}).get("kl")),
+            fmt(r["loss"]),
+            floor_text,
+            "chosen" if chosen.get("label") in labels else "",
+        )
+    Console(width=max(Console().width, 110)).print(out)
+    if chosen:
+        print(f"plan: {chosen['reason']}")
 
 
 def score(settings: ReapSettings, on_batch: Callable[[int], None] | None = None) -> dict:
@@ -289,11 +353,14 @@ def score(settings: ReapSettings, on_batch: Callable[[int], None] | None = None)
     batches = list(make_batches(samples, processor, packing=settings.packing, **batch_args))
     budget = token_budget(batches)
     _print_budget(budget)
-    eval_batches = None
+    eval_batches = search_batches = None
     if settings.eval_samples > 0:
-        from .candidates import heldout_samples
+        from .candidates import heldout_samples, search_samples
 
         eval_batches = list(make_batches(heldout_samples(settings), processor, answers=True, **batch_args))
+        search_batches = list(
+            make_batches(search_samples(samples, settings.eval_samples), processor, answers=True, **batch_args)
+        )
 
     out_dir = meta_path.parent
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -336,7 +403,7 @@ def score(settings: ReapSettings, on_batch: Callable[[int], None] | None = None)
         info = {"config_sha256": fingerprint["config_sha256"], "samples_per_block": merge.samples}
         merge_stats.write(out_dir / merge_stats.FILE_NAME, merge, info)
         meta["merge_stats"] = {"file": merge_stats.FILE_NAME, **info}
-    choose_plan(settings, model, blocks, meta, eval_batches)
+    choose_plan(settings, model, blocks, meta, eval_batches, search_batches)
     metadata.write(meta_path, meta)
     (out_dir / CHECKPOINT_NAME).unlink(missing_ok=True)
     dump(settings, out_dir / "reap_settings.json")

@@ -105,9 +105,55 @@ def _normalised(scores: np.ndarray) -> np.ndarray:
     return np.where(finite, scores / top if top > 0 else 0.0, -1.0)
 
 
+SUMMED = ("count", "gate_sum", "norm_sum", "gate_norm_sum", "prob_sum", "soft_norm_sum")
+MODALITIES = ("text", "image")
+
+
+def modality_weights(layer_stats: dict, modality: str = "balanced") -> dict[str, float]:
+    """Weight of one token of each modality when the modalities' sums are combined.
+
+    joint: 1 per token (token-weighted: the modality with more tokens decides). balanced: N / (M · N_m) for
+    the M modalities that have tokens (N = all their tokens), so that each modality contributes as much as
+    if it had N / M tokens: the sums are those of a calibration set in which every modality has the same
+    number of tokens. A modality without tokens gets weight 0 (balanced then equals joint)."""
+    tokens = {m: int((layer_stats.get(m) or {}).get("tokens") or 0) for m in MODALITIES}
+    present = [m for m in MODALITIES if tokens[m] > 0]
+    if modality != "balanced" or not present:
+        return {m: 1.0 for m in MODALITIES}
+    total = sum(tokens[m] for m in present)
+    return {m: total / (len(present) * tokens[m]) if tokens[m] else 0.0 for m in MODALITIES}
+
+
+def weighted_stats(layer_stats: dict, weights: dict[str, float]) -> dict:
+    """The per-modality sums combined with per-token weights: every summed field Σ_m w_m · sum_m, tokens
+    Σ_m w_m · N_m; max |f| is the peak over the modalities with weight > 0 (a maximum has no weight).
+    Mean criteria (reap, ean_mean) become weighted means: Σ w·g‖f‖ / Σ w over routed tokens."""
+    parts = [(m, w) for m, w in weights.items() if w > 0 and m in layer_stats]
+    if not parts:
+        return layer_stats["all"]
+    out: dict = {"tokens": sum(w * layer_stats[m].get("tokens", 0) for m, w in parts)}
+    for name in SUMMED:
+        columns = [layer_stats[m].get(name) for m, _ in parts]
+        if any(c is None for c in columns):
+            out[name] = None
+            continue
+        out[name] = sum(
+            w * np.array([np.nan if v is None else v for v in c], dtype=np.float64)
+            for c, (_, w) in zip(columns, parts, strict=True)
+        ).tolist()
+    peaks = [layer_stats[m].get("max_abs") for m, _ in parts]
+    if all(p is not None for p in peaks):
+        out["max_abs"] = np.max(np.array(peaks, dtype=np.float64), axis=0).tolist()
+    return out
+
+
 def modality_scores(layer_stats: dict, criterion: str, modality: str) -> np.ndarray:
     if modality == "joint":
         return criterion_scores(layer_stats["all"], criterion)
+    if modality == "balanced":
+        if "text" not in layer_stats or "image" not in layer_stats:
+            return criterion_scores(layer_stats["all"], criterion)  # no per-modality sums: nothing to balance
+        return criterion_scores(weighted_stats(layer_stats, modality_weights(layer_stats)), criterion)
     if modality in ("text", "image"):
         return criterion_scores(layer_stats[modality], criterion)
     if modality == "either":
@@ -115,7 +161,7 @@ def modality_scores(layer_stats: dict, criterion: str, modality: str) -> np.ndar
             _normalised(criterion_scores(layer_stats["text"], criterion)),
             _normalised(criterion_scores(layer_stats["image"], criterion)),
         )
-    raise PlanError(f"unknown modality policy {modality!r}", "", "Use joint, text, image or either")
+    raise PlanError(f"unknown modality policy {modality!r}", "", "Use balanced, joint, text, image or either")
 
 
 def super_experts(layer_stats: dict, factor: float) -> dict[int, str]:

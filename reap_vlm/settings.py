@@ -37,7 +37,7 @@ CRITERIA = (
     "weighted_frequency",
     "max_activation",
 )
-MODALITY_POLICIES = ("joint", "text", "image", "either")
+MODALITY_POLICIES = ("balanced", "joint", "text", "image", "either")
 DEVICES_HELP = "auto (all visible GPUs via accelerate, else CPU), cpu, cuda, cuda:N"
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 
@@ -143,13 +143,16 @@ class ReapSettings(Settings):
     num_keep: int = opt(0, "Experts to keep per layer; overrides REAP_PRUNE_RATIO when > 0.")
     criterion: str = opt(
         "auto",
-        "Saliency criterion for the keep plan; auto = lowest held-out loss among the candidates "
-        "(router mode: weighted_frequency).",
+        "Saliency criterion for the keep plan; auto = the measured candidate plan (criteria x modality policies, "
+        "a greedy search) with the best held-out fidelity, equal weight per modality and source.",
         choices=("auto", *CRITERIA),
     )
     modality: str = opt(
-        "joint",
-        "Which tokens rank experts in a VLM: joint, text, image, or either (keep experts ranked high by either).",
+        "balanced",
+        "Which tokens rank experts in a VLM: balanced (text and image count equally, whatever their token "
+        "counts), joint (every token counts once: text usually outnumbers images), text, image, or either "
+        "(keep experts ranked high by either). With REAP_CRITERION=auto the policies are measured too and this "
+        "one is kept unless another plan is measurably better.",
         choices=MODALITY_POLICIES,
     )
     round_to: int = opt(1, "Round the kept count per layer down to a multiple of this (kernel-friendly sizes).")

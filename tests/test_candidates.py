@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from reap_vlm.calibration import load_samples, make_batches
-from reap_vlm.candidates import _token_metrics, heldout_samples, measure_plans
+from reap_vlm.candidates import _label, _token_metrics, heldout_samples, measure_plans
 from reap_vlm.checkpoint import inspect_checkpoint, plan_prune, write_pruned
 from reap_vlm.loading import load_model
 from reap_vlm.moe import find_moe_blocks
@@ -81,20 +81,29 @@ def disagreeing(tmp_path_factory):
     return src, meta, frequent, rare
 
 
-def test_table_shows_disagreement_and_auto_picks_the_lowest_loss(disagreeing):
+def test_table_shows_disagreement_and_auto_picks_by_the_objective(disagreeing):
     _, meta, frequent, rare = disagreeing
     table = meta["candidates"]
-    at_ratio = [r for r in table["rows"] if r["ratio"] == 0.5]
+    at_ratio = [r for r in table["rows"] if r["ratio"] == 0.5 and r["policy"] == "joint"]
     assert {r["criterion"] for r in at_ratio} >= {"reap", "frequency", "soft_reap", "reap_sum"}
     assert len({r["plan_id"] for r in at_ratio}) > 1  # criteria chose different experts
-    assert len({round(r["loss"], 9) for r in at_ratio}) > 1  # ... and it shows in the held-out loss
-    best = min(r["loss"] for r in at_ratio)
-    chosen = meta["plan"]["criterion"]
-    assert next(r["loss"] for r in at_ratio if r["criterion"] == chosen) == best
-    assert meta["plan"]["chosen_by"].startswith("auto: lowest held-out loss")
+    assert len({round(r["objective"], 9) for r in at_ratio}) > 1  # ... and it shows in the held-out objective
+    policies = {r["policy"] for r in table["rows"] if r["ratio"] == 0.5}
+    assert policies == {"balanced", "joint", "either", "greedy", "random"}
+    for ratio in (0.25, 0.5, 0.75):  # three random plans beside the criteria at every ratio
+        assert sorted(r["seed"] for r in table["rows"] if r["ratio"] == ratio and r["policy"] == "random") == [0, 1, 2]
+        assert {r["policy"] for r in table["rows"] if r["ratio"] == ratio} >= {"balanced", "random"}
+    chosen = table["chosen"]
+    candidates = [r for r in table["rows"] if r["ratio"] == 0.5 and r["policy"] != "random"]
+    passing = [r for r in candidates if r["floor"]["ok"]] or candidates
+    assert chosen["objective"] <= min(r["objective"] for r in passing) + 1e-12 or "within the noise" in chosen["reason"]
+    assert chosen["floor"]["ok"] or not any(r["floor"]["ok"] for r in candidates)
+    assert meta["plan"]["chosen_by"].startswith("auto: ") and meta["plan"]["policy"] == chosen["policy"]
     assert {r["ratio"] for r in table["rows"]} == {0.25, 0.5, 0.75}
     for row in at_ratio:
-        assert {"loss", "ppl", "agreement", "kl", "entropy", "by_source", "by_modality"} <= set(row)
+        assert {"loss", "ppl", "agreement", "kl", "objective", "entropy", "by_source", "by_modality"} <= set(row)
+    kept = {b["key"]: meta["layers"][b["key"]]["kept"] for b in meta["model"]["blocks"]}
+    assert kept == table["plans"][next(r["plan_id"] for r in candidates if _label(r) == chosen["label"])]
     stats = meta["layers"]["0.experts"]["stats"]["all"]
     assert stats["count"][frequent] > stats["count"][rare]
     by_criterion = {r["criterion"]: r for r in at_ratio}
@@ -111,14 +120,14 @@ def _kept(meta, criterion):
 
 def test_fixed_criterion_is_kept_and_better_ones_are_named(disagreeing, tmp_path):
     src, auto_meta, _, _ = disagreeing
-    rows = [r for r in auto_meta["candidates"]["rows"] if r["ratio"] == 0.5]
-    worst = max(rows, key=lambda r: r["loss"])["criterion"]
+    rows = [r for r in auto_meta["candidates"]["rows"] if r["ratio"] == 0.5 and r["policy"] == "balanced"]
+    worst = max(rows, key=lambda r: r["objective"])["criterion"]
     meta = score(_settings(src, tmp_path, "--criterion", worst))
     chosen = meta["candidates"]["chosen"]
-    assert meta["plan"]["criterion"] == chosen["criterion"] == worst
-    assert chosen["best_measured"] == auto_meta["plan"]["criterion"] != worst
+    assert meta["plan"]["criterion"] == chosen["criterion"] == worst and chosen["policy"] == "balanced"
+    assert chosen["best_measured"] != f"{worst}/balanced"
     assert meta["plan"]["chosen_by"].startswith("fixed by REAP_CRITERION")
-    assert ("measurably better" in meta["plan"]["chosen_by"]) == chosen["measurably_better"]
+    assert not {r["policy"] for r in meta["candidates"]["rows"]} & {"greedy", "joint", "either"}
 
 
 def test_masked_evaluation_equals_the_pruned_checkpoint(tmp_path):

@@ -1,0 +1,343 @@
+"""Modality-balanced ranking, the fidelity objective, the per-source floor and the greedy search."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from reap_vlm import candidates, scoring
+from reap_vlm.calibration import load_samples, make_batches
+from reap_vlm.moe import find_moe_blocks
+from reap_vlm.observe.stats import BlockStats, Rows
+from reap_vlm.settings import CRITERIA, ReapSettings, load
+from reap_vlm.tiny import build
+
+PIXELS = {"min_pixels": 1024, "max_pixels": 16384}
+
+
+def _random_block(seed: int, tokens: int = 300, experts: int = 6, top_k: int = 2, image_share: float = 0.1):
+    """Synthetic routing of `tokens` tokens (text, image and padding) through one block, as the observer
+    passes it to BlockStats, with the per-token values a brute-force loop reads."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.rand(tokens, generator=g)
+    modality = torch.where(u < image_share, 1, torch.where(u > 0.95, -1, 0))
+    logits = torch.randn(tokens, experts, generator=g) * 2
+    logits[modality == 1, experts - 2 :] += 4.0  # images prefer the last two experts
+    probs = torch.softmax(logits, -1)
+    weights, index = probs.topk(top_k, dim=-1)
+    weights = weights / weights.sum(-1, keepdim=True)
+    all_norms = torch.rand(tokens, experts, generator=g) * 3
+    pair_norms = all_norms.gather(1, index)
+    pair_max = pair_norms * 0.7
+    stats = BlockStats(experts, soft=True)
+    stats.add(Rows.of(modality), index, weights, logits, pair_norms, pair_max, all_norms)
+    return stats.export("full"), (modality, index, weights, probs, all_norms, pair_max)
+
+
+def _brute_force_balanced(raw, criterion: str, experts: int) -> np.ndarray:
+    """Each real token weighted by N / (M · N_its_modality); the criterion computed token by token."""
+    modality, index, weights, probs, all_norms, pair_max = raw
+    real = [t for t in range(len(modality)) if modality[t] >= 0]
+    n = {m: sum(1 for t in real if modality[t] == m) for m in (0, 1)}
+    present = [m for m in (0, 1) if n[m]]
+    w = {m: len(real) / (len(present) * n[m]) for m in present}
+    out = []
+    for j in range(experts):
+        routed = [(t, list(index[t]).index(j)) for t in real if j in index[t].tolist()]
+        wsum = sum(w[int(modality[t])] for t, _ in routed)
+        gnorm = sum(w[int(modality[t])] * float(weights[t, k]) * float(all_norms[t, j]) for t, k in routed)
+        norm = sum(w[int(modality[t])] * float(all_norms[t, j]) for t, _ in routed)
+        gate = sum(w[int(modality[t])] * float(weights[t, k]) for t, k in routed)
+        soft = sum(w[int(modality[t])] * float(probs[t, j]) * float(all_norms[t, j]) for t in real)
+        value = {
+            "frequency": wsum,
+            "weighted_frequency": gate,
+            "reap": gnorm / wsum if wsum else -np.inf,
+            "reap_sum": gnorm,
+            "ean_sum": norm,
+            "ean_mean": norm / wsum if wsum else -np.inf,
+            "soft_reap": soft / sum(w[int(modality[t])] for t in real),
+            "max_activation": max((float(pair_max[t, k]) for t, k in routed), default=0.0),
+        }[criterion]
+        out.append(value)
+    return np.array(out)
+
+
+@pytest.mark.parametrize("criterion", CRITERIA)
+def test_balanced_scores_equal_a_brute_force_reference(criterion):
+    stats, raw = _random_block(seed=1)
+    assert 0 < stats["image"]["tokens"] < stats["text"]["tokens"] / 4  # far fewer image tokens
+    got = scoring.modality_scores(stats, criterion, "balanced")
+    np.testing.assert_allclose(got, _brute_force_balanced(raw, criterion, 6), rtol=2e-6, atol=1e-7)
+    weights = scoring.modality_weights(stats, "balanced")
+    # each modality's weighted tokens are half of all tokens
+    for m in ("text", "image"):
+        assert weights[m] * stats[m]["tokens"] == pytest.approx(
+            (stats["text"]["tokens"] + stats["image"]["tokens"]) / 2
+        )
+
+
+def test_balanced_equals_joint_without_image_tokens_or_with_equal_counts():
+    stats, _ = _random_block(seed=2, image_share=0.0)
+    assert stats["image"]["tokens"] == 0
+    for c in CRITERIA:
+        np.testing.assert_allclose(
+            scoring.modality_scores(stats, c, "balanced"), scoring.modality_scores(stats, c, "joint"), rtol=1e-9
+        )
+    text = {"tokens": 10, "count": [5.0, 1.0], "gate_norm_sum": [2.0, 1.0]}
+    image = {"tokens": 10, "count": [1.0, 7.0], "gate_norm_sum": [0.5, 3.0]}
+    layer = {"text": text, "image": image, "all": {"tokens": 20, "count": [6.0, 8.0], "gate_norm_sum": [2.5, 4.0]}}
+    np.testing.assert_allclose(
+        scoring.modality_scores(layer, "reap_sum", "balanced"), scoring.modality_scores(layer, "reap_sum", "joint")
+    )
+
+
+def test_image_only_experts_kept_by_balanced_dropped_by_joint_statistics():
+    """Experts 6 and 7 serve only image tokens, which are 1/26 of the calibration's tokens."""
+    text = {"tokens": 2600, "count": [900.0, 800.0, 700.0, 650.0, 600.0, 550.0, 0.0, 0.0]}
+    image = {"tokens": 100, "count": [5.0, 5.0, 5.0, 5.0, 5.0, 5.0, 85.0, 85.0]}
+    layer = {
+        "text": text,
+        "image": image,
+        "all": {"tokens": 2700, "count": [a + b for a, b in zip(text["count"], image["count"], strict=True)]},
+    }
+    for c in ("frequency",):
+        joint, _ = scoring.select(layer, criterion=c, n_keep=4, modality="joint", protect_super=False)
+        balanced, _ = scoring.select(layer, criterion=c, n_keep=4, modality="balanced", protect_super=False)
+        assert not {6, 7} & set(joint)
+        assert {6, 7} <= set(balanced)
+
+
+def _image_only_vlm(path):
+    """A tiny Qwen3-VL-MoE whose first MoE router sends image tokens, and only them, to experts 6 and 7
+    (hidden dim 0 flags images, dim 1 text; the router rows read the flags), saved as a checkpoint."""
+    model, processor = build("qwen3_vl_moe", seed=5)
+    text_model = model.model.language_model
+    block = find_moe_blocks(model)[0]
+    with torch.no_grad():
+        text_model.embed_tokens.weight[:, 0] = 0.0
+        text_model.embed_tokens.weight[:, 1] = 3.0
+        text_model.layers[0].self_attn.o_proj.weight[:2, :] = 0.0
+        merger = model.model.visual.merger.linear_fc2
+        merger.weight[:2, :] = 0.0
+        merger.bias[0], merger.bias[1] = 40.0, 0.0
+        router = model.get_submodule(block.router)
+        router.weight[:6, 0], router.weight[:6, 1] = -20.0, 20.0
+        router.weight[6:, :] = 0.0
+        router.weight[6:, 0] = 20.0
+    model.save_pretrained(path, max_shard_size="300KB")
+    processor.save_pretrained(path)
+    return block.key
+
+
+def test_image_only_experts_kept_by_balanced_dropped_by_joint_end_to_end(tmp_path):
+    from reap_vlm.reap import score
+
+    key = _image_only_vlm(tmp_path / "model")
+    kept = {}
+    for policy in ("joint", "balanced"):
+        settings = load(
+            ReapSettings,
+            [
+                *("--model-path", str(tmp_path / "model"), "--output-path", str(tmp_path / policy)),
+                *("--device", "cpu", "--dtype", "float32", "--scoring-mode", "routed"),
+                *("--calibration", "code:6,writing:4,vision:2", "--max-samples", "12", "--max-seq-len", "96"),
+                *("--criterion", "frequency", "--modality", policy, "--eval-samples", "0", "--no-plots"),
+                *("--min-pixels", "1024", "--max-pixels", "16384"),
+            ],
+            {},
+        )
+        meta = score(settings)
+        stats = meta["layers"][key]["stats"]
+        assert stats["text"]["count"][6] == stats["text"]["count"][7] == 0 < stats["image"]["count"][6]
+        assert stats["image"]["tokens"] * 4 < stats["text"]["tokens"]
+        kept[policy] = meta["layers"][key]["kept"]
+        assert meta["plan"]["modality"] == policy and set(meta["plan"]["modality_weights"][key]) == {"text", "image"}
+    assert not {6, 7} & set(kept["joint"])
+    assert {6, 7} <= set(kept["balanced"])
+    w = meta["plan"]["modality_weights"][key]
+    assert w["image"] > 1 > w["text"]
+
+    # the prune stage re-cuts balanced from the raw sums of the joint run, without re-scoring
+    from reap_vlm.metadata import read
+    from reap_vlm.prune import _recut
+    from reap_vlm.settings import PruneSettings
+
+    joint_meta = read(tmp_path / "joint" / "reap_metadata.json")
+    prune_settings = load(PruneSettings, ["--model-path", str(tmp_path / "model"), "--modality", "balanced"], {})
+    keep, info = _recut(prune_settings, joint_meta)
+    layer = next(b["layer"] for b in joint_meta["model"]["blocks"] if b["key"] == key)
+    assert keep[(layer, "experts")] == kept["balanced"] and info["recut"] and info["modality"] == "balanced"
+
+
+# ---- objective and floor on constructed measurements -----------------------------------------
+
+
+def _rows(per_source: dict[str, tuple[str, list[tuple[float, float, float]]]]) -> list[dict]:
+    """Per-sample rows: {source: (kind, [(nll, kl, tokens), ...])}."""
+    return [
+        {"source": s, "kind": kind, "sample": f"{s}/{i}", "nll": nll, "kl": kl, "agree": tokens, "tokens": tokens}
+        for s, (kind, samples) in per_source.items()
+        for i, (nll, kl, tokens) in enumerate(samples)
+    ]
+
+
+def _table(plans: dict[str, list[dict]], baseline: list[dict], randoms: list[list[dict]]) -> dict:
+    """A measurement table as measure_plans builds it, from per-sample rows."""
+    rows, per_plan = [], []
+    for name, sample_rows in plans.items():
+        criterion, policy = name.split("/")
+        rows.append(
+            {
+                "criterion": criterion,
+                "policy": policy,
+                "ratio": 0.5,
+                "plan_id": len(per_plan),
+                **candidates._describe(sample_rows),
+            }
+        )
+        per_plan.append(sample_rows)
+    for seed, sample_rows in enumerate(randoms):
+        rows.append(
+            {
+                "criterion": "random",
+                "policy": "random",
+                "ratio": 0.5,
+                "seed": seed,
+                "plan_id": len(per_plan),
+                **candidates._describe(sample_rows),
+            }
+        )
+        per_plan.append(sample_rows)
+    medians = candidates._random_medians(rows)
+    for row in rows:
+        if row["policy"] != "random":
+            row["floor"] = candidates._floor(row, medians.get("0.5"))
+    return {"rows": rows, "_rows": {"baseline": baseline, "plans": per_plan}}
+
+
+def _text(kl, nll=2.0, n=12, tokens=100.0):
+    return ("text", [(nll * tokens, kl * tokens, tokens)] * n)
+
+
+def _image(kl, nll=1.0, n=12, tokens=4.0):
+    return ("image", [(nll * tokens, kl * tokens, tokens)] * n)
+
+
+def test_objective_weighs_the_image_source_like_the_text_ones():
+    """Plan A has the lower token-weighted loss and KL (text dominates the tokens) but is much worse on the
+    image source; the balanced objective prefers B, and auto keeps B."""
+    base = _rows({"code": _text(0.0), "prose": _text(0.0), "charts": _image(0.0)})
+    a = _rows({"code": _text(0.02, 2.02), "prose": _text(0.02, 2.02), "charts": _image(0.9, 2.5)})
+    b = _rows({"code": _text(0.05, 2.05), "prose": _text(0.05, 2.05), "charts": _image(0.05, 1.05)})
+    da, db = candidates._describe(a), candidates._describe(b)
+    assert da["loss"] < db["loss"] and da["kl"] < db["kl"]
+    assert da["objective"] == pytest.approx((0.02 + 0.9) / 2) and db["objective"] == pytest.approx(0.05)
+    table = _table({"reap/balanced": a, "frequency/balanced": b}, base, [])
+    chosen = candidates.choose(table, requested=0.5, default=("reap", "balanced"), fixed=None, seed=0)
+    assert chosen["criterion"] == "frequency" and "best objective" in chosen["reason"]
+    # within the noise: the default wins although another plan's objective is a little lower
+    jitter = [0.049, 0.051] * 6
+    c = _rows(
+        {
+            "code": ("text", [(205, k * 100, 100.0) for k in jitter]),
+            "prose": _text(0.05, 2.05),
+            "charts": _image(0.05, 1.05),
+        }
+    )
+    d = _rows(
+        {
+            "code": ("text", [(205, k * 100, 100.0) for k in reversed(jitter)]),
+            "prose": _text(0.0499, 2.05),
+            "charts": _image(0.05, 1.05),
+        }
+    )
+    table = _table({"reap/balanced": c, "frequency/balanced": d}, base, [])
+    chosen = candidates.choose(table, requested=0.5, default=("reap", "balanced"), fixed=None, seed=0)
+    assert candidates._describe(d)["objective"] < candidates._describe(c)["objective"]
+    assert chosen["criterion"] == "reap" and "within the noise" in chosen["reason"]
+
+
+def test_floor_refuses_a_plan_worse_than_the_median_random_plan_on_a_source():
+    base = _rows({"code": _text(0.0), "charts": _image(0.0)})
+    # A: the best objective, but on charts worse than the median random plan
+    a = _rows({"code": _text(0.01), "charts": _image(0.30)})
+    b = _rows({"code": _text(0.10), "charts": _image(0.22)})
+    randoms = [_rows({"code": _text(0.40), "charts": _image(kl)}) for kl in (0.20, 0.25, 0.50)]
+    table = _table({"reap/balanced": a, "frequency/joint": b}, base, randoms)
+    rows = {r["criterion"]: r for r in table["rows"]}
+    assert rows["reap"]["objective"] < rows["frequency"]["objective"]
+    assert not rows["reap"]["floor"]["ok"] and set(rows["reap"]["floor"]["worse_sources"]) == {"charts"}
+    assert rows["reap"]["floor"]["worse_sources"]["charts"]["random_median_kl"] == pytest.approx(0.25)
+    assert rows["frequency"]["floor"]["ok"]
+    chosen = candidates.choose(table, requested=0.5, default=("reap", "balanced"), fixed=None, seed=0)
+    assert chosen["criterion"] == "frequency" and "1 refused" in chosen["reason"]
+    # a fixed criterion below the floor is kept, and flagged loudly
+    fixed = candidates.choose(table, requested=0.5, default=("reap", "balanced"), fixed=("reap", "balanced"), seed=0)
+    assert fixed["criterion"] == "reap" and "WARNING: below the per-source floor on charts" in fixed["reason"]
+    # every plan below the floor: the best is kept, with a warning
+    table = _table({"reap/balanced": a}, base, randoms)
+    chosen = candidates.choose(table, requested=0.5, default=("reap", "balanced"), fixed=None, seed=0)
+    assert chosen["criterion"] == "reap" and "WARNING: every plan" in chosen["reason"]
+
+
+# ---- greedy search and random plans on a real tiny VLM ------------------------------------------
+
+
+def test_greedy_search_adds_back_the_measured_best_and_random_plans_have_the_size():
+    from reap_vlm.observe import Observer
+
+    model, processor = build("qwen3_vl_moe", seed=3)
+    blocks = find_moe_blocks(model)
+    samples = load_samples("code:3,writing:2,vision:3", max_samples=8, seed=1)
+    batches = list(make_batches(samples, processor, max_seq_len=64, batch_size=4, **PIXELS))
+    with Observer(model, blocks, "routed") as obs, torch.inference_mode():
+        for b in batches:
+            obs.set_modality(b.modality)
+            model(**b.inputs)
+    stats = obs.export()
+    meta = {
+        "model": {
+            "blocks": [
+                {
+                    "key": b.key,
+                    "layer": b.layer,
+                    "expert_set": b.expert_set,
+                    "num_experts": b.num_experts,
+                    "top_k": b.top_k,
+                }
+                for b in blocks
+            ]
+        },
+        "layers": {b.key: {"stats": stats[b.key]} for b in blocks},
+    }
+    kept, info = candidates.greedy_plan(
+        model,
+        blocks,
+        meta,
+        batches[:1],
+        criterion="reap",
+        modality="balanced",
+        ratio=0.5,
+        num_keep=0,
+        protect_super=False,
+    )
+    steps = info["added_per_block"]
+    assert steps == 1 and all(len(v) == 4 for v in kept.values())
+    # the one expert added per block is, among its shortlist, the one whose addition measured best
+    base = {b.key: sorted(set(kept[b.key]) - {info["added"][0][b.key]}) for b in blocks}
+    trials = [(b.key, j) for b in blocks for j in info["shortlist"][b.key] if j not in base[b.key]]
+    _, rows, _ = candidates._run_plans(
+        model, blocks, batches[:1], [{**base, k: sorted([*base[k], j])} for k, j in trials], usage=False
+    )
+    scores = [candidates.fidelity(r) for r in rows]
+    for b in blocks:
+        mine = [(s, j) for s, (k, j) in zip(scores, trials, strict=True) if k == b.key]
+        assert min(mine)[1] == info["added"][0][b.key]
+    for seed in (0, 1, 2):
+        plan = candidates.random_plan(meta["model"]["blocks"], ratio=0.5, num_keep=0, round_to=1, seed=seed)
+        assert all(len(v) == 4 and len(set(v)) == 4 for v in plan.values())
+    assert candidates.random_plan(
+        meta["model"]["blocks"], ratio=0.5, num_keep=0, round_to=1, seed=0
+    ) != candidates.random_plan(meta["model"]["blocks"], ratio=0.5, num_keep=0, round_to=1, seed=1)
