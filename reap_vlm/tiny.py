@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import inspect
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -71,8 +71,9 @@ def _corpus() -> list[str]:
     return texts
 
 
-def make_tokenizer(vocab_size: int = VOCAB):
-    """A byte-level BPE tokenizer (Qwen2 style) trained on stdlib docstrings, as a fast HF tokenizer."""
+def make_tokenizer(vocab_size: int = VOCAB, corpus: Iterable[str] | None = None):
+    """A byte-level BPE tokenizer (Qwen2 style) trained on `corpus` (default: stdlib docstrings), as a
+    fast HF tokenizer with the special tokens and chat template of the tiny checkpoints."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -85,7 +86,7 @@ def make_tokenizer(vocab_size: int = VOCAB):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_corpus(), trainer=trainer)
+    tok.train_from_iterator(_corpus() if corpus is None else corpus, trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token="<|im_end|>",
@@ -127,7 +128,19 @@ def _text_kwargs(vocab_size: int, ids: dict[str, int], num_layers: int) -> dict:
     )
 
 
-def _qwen3_vl_moe(tokenizer, num_layers: int):
+def qwen3_vl_moe(
+    tokenizer,
+    num_layers: int,
+    *,
+    text: dict | None = None,
+    vision: dict | None = None,
+    patch_size: int = 16,
+    pixels: tuple[int, int] = (32 * 32, 256 * 256),
+):
+    """A Qwen3-VL-MoE model (random weights) and its processor around `tokenizer`.
+
+    `text` / `vision` override the tiny sizes of the text and vision configs (any of their keys);
+    `patch_size` is the vision patch side, `pixels` the image processor's (min, max) image area."""
     from transformers import (
         Qwen2VLImageProcessor,
         Qwen3VLMoeConfig,
@@ -137,41 +150,45 @@ def _qwen3_vl_moe(tokenizer, num_layers: int):
     )
 
     ids = _ids(tokenizer)
-    text = _text_kwargs(len(tokenizer), ids, num_layers)
+    text_config = _text_kwargs(len(tokenizer), ids, num_layers)
     # M-RoPE splits head_dim/2 = 8 rotary frequencies over (time, height, width).
-    text["rope_parameters"] = {
+    text_config["rope_parameters"] = {
         "rope_type": "default",
         "rope_theta": 10000.0,
         "mrope_section": [4, 2, 2],
         "mrope_interleaved": True,
     }
+    text_config.update(text or {})
+    vision_config = dict(
+        depth=2,
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=2,
+        patch_size=patch_size,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        out_hidden_size=text_config["hidden_size"],
+        num_position_embeddings=256,
+        deepstack_visual_indexes=[0],
+        initializer_range=INIT_STD,
+    )
+    vision_config.update(vision or {})
     config = Qwen3VLMoeConfig(
-        text_config=text,
-        vision_config=dict(
-            depth=2,
-            hidden_size=32,
-            intermediate_size=64,
-            num_heads=2,
-            patch_size=16,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            out_hidden_size=HIDDEN,
-            num_position_embeddings=256,
-            deepstack_visual_indexes=[0],
-            initializer_range=INIT_STD,
-        ),
+        text_config=text_config,
+        vision_config=vision_config,
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=False,
+        tie_word_embeddings=text_config["tie_word_embeddings"],
     )
     model = Qwen3VLMoeForConditionalGeneration(config)
-    size = {"shortest_edge": 32 * 32, "longest_edge": 256 * 256}
+    size = {"shortest_edge": pixels[0], "longest_edge": pixels[1]}
+    patches = dict(patch_size=patch_size, temporal_patch_size=2, merge_size=2)
     processor = Qwen3VLProcessor(
-        image_processor=Qwen2VLImageProcessor(patch_size=16, temporal_patch_size=2, merge_size=2, size=size),
+        image_processor=Qwen2VLImageProcessor(**patches, size=size),
         tokenizer=tokenizer,
-        video_processor=Qwen3VLVideoProcessor(patch_size=16, temporal_patch_size=2, merge_size=2),
+        video_processor=Qwen3VLVideoProcessor(**patches),
         chat_template=CHAT_TEMPLATE,
     )
     return model, processor
@@ -353,7 +370,7 @@ def _generic(model_type: str):
 
 # family name -> builder(tokenizer, num_layers) -> (model, processor-or-tokenizer)
 FAMILIES: dict[str, Callable] = {
-    "qwen3_vl_moe": _qwen3_vl_moe,
+    "qwen3_vl_moe": qwen3_vl_moe,
     "qwen3_moe": _qwen3_moe,
     **{name: _text_family(name) for name in TEXT_FAMILIES},
 }
