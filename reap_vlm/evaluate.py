@@ -72,16 +72,16 @@ def structural_check(pruned: Path, meta_path: Path) -> dict:
 
 
 def heldout(settings: TestSettings):
-    if settings.eval_data == "builtin":
-        return load_samples(
-            "combined",
-            "evaluation",
-            max_samples=settings.eval_samples,
-            seed=settings.seed,
-            image_share=settings.image_share,
-        )
-    path = settings.eval_data  # a user file: every row is held out
-    return list(read_source(path, "calibration")) + list(read_source(path, "evaluation"))
+    """The held-out samples: 'builtin' = the evaluation split of the `combined` set; one JSONL file = every
+    row of it; anything else is a calibration spec (a built-in set or a mix such as 'tasks:35,code:5')
+    read from its evaluation split."""
+    spec = "combined" if settings.eval_data == "builtin" else settings.eval_data
+    path = Path(spec)
+    if path.suffix == ".jsonl" or path.is_file():  # a user file: every row is held out
+        return list(read_source(spec, "calibration")) + list(read_source(spec, "evaluation"))
+    return load_samples(
+        spec, "evaluation", max_samples=settings.eval_samples, seed=settings.seed, image_share=settings.image_share
+    )
 
 
 def _prompt_messages(sample) -> list[dict]:
@@ -102,32 +102,90 @@ def task_of(sample) -> str:
     return sample.task or sample.source
 
 
+def name_tasks(samples) -> dict[str, str]:
+    """Sample id -> task name for the report: the task alone, or 'source/task' where two sources share a
+    task name (their questions are different data)."""
+    sources: dict[str, set[str]] = {}
+    for s in samples:
+        if s.answer.strip():
+            sources.setdefault(task_of(s), set()).add(s.source)
+    return {
+        s.id: (task_of(s) if len(sources[task_of(s)]) == 1 else f"{s.source}/{task_of(s)}")
+        for s in samples
+        if s.answer.strip()
+    }
+
+
+def _stop_ids(model, tok) -> set[int]:
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+    return ids | ({tok.eos_token_id} if tok.eos_token_id is not None else set())
+
+
+def _left_padded(processor, texts: list[str], images: list) -> dict:
+    """One generation batch, left-padded (new tokens then start at the same column for every row)."""
+    tok = getattr(processor, "tokenizer", processor)
+    side = tok.padding_side
+    tok.padding_side = "left"
+    try:
+        if images:  # the checkpoint's own image-processor limits
+            return dict(processor(text=texts, images=images, padding=True, return_tensors="pt"))
+        return dict(tok(texts, padding=True, return_tensors="pt"))
+    finally:
+        tok.padding_side = side
+
+
 def generate(model, processor, samples, max_new_tokens: int, settings: TestSettings) -> list[dict]:
-    """Greedy generations. A prompt with a reference answer gets room for the answer's tokens plus
+    """Greedy generations, REAP_BATCH_SIZE prompts at a time (left-padded; image and text prompts in
+    separate batches). A prompt with a reference answer gets room for the answer's tokens plus
     ANSWER_MARGIN (its end-of-turn and a few more) and is scored by exact match; the others get
-    max_new_tokens and are checked for degeneration."""
+    max_new_tokens and are checked for degeneration. Each row is cut at its own budget and after its
+    first end-of-sequence token, as if it had been generated alone."""
     tok = getattr(processor, "tokenizer", processor)
     device = input_device(model)
-    out = []
-    for s in samples:
-        messages = _prompt_messages(s)
-        text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        if s.images:  # the checkpoint's own image-processor limits
-            inputs = processor(text=[text], images=s.images, return_tensors="pt")
-        else:
-            inputs = tok(text, return_tensors="pt")
-        inputs = {k: v.to(device) for k, v in dict(inputs).items()}
+    tasks = name_tasks(samples)
+    stop = _stop_ids(model, tok)
+    budgets = [
+        len(tok(s.answer.strip(), add_special_tokens=False)["input_ids"]) + ANSWER_MARGIN
+        if s.answer.strip()
+        else max_new_tokens
+        for s in samples
+    ]
+    order = sorted(range(len(samples)), key=lambda i: (bool(samples[i].images), budgets[i]))
+    groups, current = [], []
+    for i in order:  # consecutive same-kind prompts of similar budget, batch_size at a time
+        if current and (
+            len(current) == settings.batch_size or bool(samples[current[0]].images) != bool(samples[i].images)
+        ):
+            groups.append(current)
+            current = []
+        current.append(i)
+    if current:
+        groups.append(current)
+    new_ids: dict[int, list[int]] = {}
+    for group in groups:
+        texts = [
+            processor.apply_chat_template(_prompt_messages(samples[i]), tokenize=False, add_generation_prompt=True)
+            for i in group
+        ]
+        images = [img for i in group for img in samples[i].images]
+        inputs = {k: v.to(device) for k, v in _left_padded(processor, texts, images).items()}
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-        reference = s.answer.strip()
-        budget = (
-            len(tok(reference, add_special_tokens=False)["input_ids"]) + ANSWER_MARGIN if reference else max_new_tokens
-        )
         with torch.inference_mode():
-            ids = model.generate(**inputs, max_new_tokens=budget, do_sample=False, pad_token_id=tok.pad_token_id)[
-                0, inputs["input_ids"].shape[1] :
-            ]
-        new = ids.tolist()
+            ids = model.generate(
+                **inputs,
+                max_new_tokens=max(budgets[i] for i in group),
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
+            )[:, inputs["input_ids"].shape[1] :]
+        for row, i in enumerate(group):
+            new = ids[row, : budgets[i]].tolist()
+            end = next((k for k, t in enumerate(new) if t in stop), None)
+            new_ids[i] = new if end is None else new[: end + 1]
+    out = []
+    for i, s in enumerate(samples):
+        new = new_ids[i]
         answer = tok.decode(new, skip_special_tokens=True)
         row = {
             "sample": s.id,
@@ -137,8 +195,9 @@ def generate(model, processor, samples, max_new_tokens: int, settings: TestSetti
             "answer": answer,
             **analyse(answer, new, max_repeat_ratio=settings.max_repeat_ratio),
         }
+        reference = s.answer.strip()
         if reference:
-            row.update(task=task_of(s), reference=reference, correct=normalise(answer) == normalise(reference))
+            row.update(task=tasks[s.id], reference=reference, correct=normalise(answer) == normalise(reference))
         out.append(row)
     return out
 
@@ -151,6 +210,7 @@ def compare(pruned, original, processor, samples, settings: TestSettings) -> dic
         make_batches(samples, processor, max_seq_len=settings.max_seq_len, batch_size=settings.batch_size, answers=True)
     )
     blocks = find_moe_blocks(pruned)
+    tasks = name_tasks(samples)
     rows = []
     with ExpertUsage(pruned, blocks) as usage, torch.inference_mode():
         for batch in batches:
@@ -168,7 +228,8 @@ def compare(pruned, original, processor, samples, settings: TestSettings) -> dic
                 o_logits, ref = p_logits, None
             m = _token_metrics(o_logits, p_logits, inputs["input_ids"], modality, batch.answer_mask)
             for r, s in enumerate(batch.samples):
-                row = {"source": s.source, "kind": s.kind, "task": task_of(s), **{k: float(v[r]) for k, v in m.items()}}
+                row = {"source": s.source, "kind": s.kind, "task": tasks.get(s.id)}
+                row.update({k: float(v[r]) for k, v in m.items()})
                 for key in ("nll", "answer_nll", "answer_correct"):
                     row[key + "_original"] = float(ref[key][r]) if ref is not None else None
                 rows.append(row)
@@ -561,7 +622,8 @@ def run(settings: TestSettings) -> int:
     tasks = task_accuracy(generations)
     for task, entry in metrics.pop("answers_by_task").items():
         tasks.setdefault(task, {}).update(entry)
-    kinds = {task_of(s): s.kind for s in samples if s.answer.strip()}
+    kind_of = {s.id: s.kind for s in samples}
+    kinds = {name: kind_of[sample_id] for sample_id, name in name_tasks(samples).items()}
     for task, entry in tasks.items():
         entry["kind"] = kinds.get(task, "text")
     examples, images = _examples(samples, generations)

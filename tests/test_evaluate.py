@@ -223,3 +223,17 @@ def test_accuracy_drop_setting_is_checked(tmp_path, capsys, value):
     err = capsys.readouterr().err
     assert code == 2 and "REAP_MAX_ACCURACY_DROP must be a number of percentage points within [0, 100]" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_batched_generation_equals_one_prompt_at_a_time(tiny_vl_dir):
+    from reap_vlm.evaluate import generate, heldout
+    from reap_vlm.loading import load_model
+    from reap_vlm.settings import TestSettings
+
+    model, processor, _ = load_model(tiny_vl_dir, device="cpu", dtype="float32")
+    one, four = TestSettings(eval_data="tasks:6,code:3", batch_size=1), TestSettings(eval_data="tasks:6,code:3")
+    samples = heldout(one)
+    assert {s.kind for s in samples} == {"image", "text"} and four.batch_size == 4
+    alone, batched = generate(model, processor, samples, 12, one), generate(model, processor, samples, 12, four)
+    assert [g["sample"] for g in batched] == [s.id for s in samples]
+    assert batched == alone
