@@ -6,7 +6,7 @@ from pathlib import Path
 
 from . import metadata, scoring
 from .checkpoint import check_target, inspect_checkpoint, plan_prune, write_pruned
-from .errors import SettingsError
+from .errors import MetadataError, SettingsError
 from .provenance import tool_version
 from .settings import PruneSettings, dump
 
@@ -66,7 +66,65 @@ def _recut(settings: PruneSettings, meta: dict) -> tuple[dict[tuple[int, str], l
     }
 
 
+def _merge_plan(settings: PruneSettings, layout, meta: dict, n_keep: int, criterion: str):
+    """The merge method's plan and groups, from the metadata's scores and the merge statistics."""
+    from .methods import merge_checkpoint
+    from .observe import merge_stats
+
+    recorded = meta.get("merge_stats")
+    if not recorded:
+        raise MetadataError(
+            "the metadata records no merge statistics",
+            "merging needs the statistics that full-mode scoring writes with REAP_MERGE_STATS_MB > 0",
+            "Re-run reap with REAP_SCORING_MODE=full, or use --method prune",
+        )
+    path = settings.merge_stats_file
+    stats, info = merge_stats.read(path)
+    if info.get("created") != meta.get("created") or info.get("config_sha256") != meta["model"]["config_sha256"]:
+        raise MetadataError(
+            f"{path} was written by another scoring run than {settings.metadata_file}",
+            "statistics and scores must come from the same run",
+            "Point --merge-stats-path at the file written with this metadata, or re-run reap",
+        )
+    groups, saliency, acts = merge_checkpoint.build_groups(
+        meta, stats, n_keep, criterion, grouping=settings.merge_grouping, group_size=settings.merge_group_size
+    )
+    plan = merge_checkpoint.plan_merge(
+        layout,
+        groups,
+        saliency,
+        acts,
+        router_mode=settings.merge_router,
+        collapse_groups=settings.collapse_groups,
+        max_shard_size=settings.max_shard_size,
+    )
+    return plan, groups
+
+
+def merge_card(provenance: dict, layout, n_keep: int) -> str:
+    m = provenance["merge"]
+    lines = [
+        "# Merged with REAP-VLM",
+        "",
+        f"This checkpoint is `{provenance['source']['architecture']}` with its {layout.num_experts} routed experts "
+        f"merged into {n_keep} in each of {len(layout.blocks)} MoE layers: {m['grouping']} grouping "
+        f"(group size {m['group_size']}) on the `{provenance['criterion']}` saliency from calibration data "
+        f"(`{provenance['calibration']}`), every member's neurons aligned onto its group's centroid, then "
+        f"averaged with the saliencies as weights; router rows: {m['router']}.",
+        "",
+        "Everything outside the MoE expert tensors (attention, embeddings, the vision tower, shared experts) is "
+        "byte-identical to the source. Each output expert sits where its group's centroid was, so the model "
+        "routes as the original would with the other members' router logits set to -inf.",
+        "",
+        f"The groups per layer are in `config.json` under `reap_pruning` (method `merge`). "
+        f"Tool: reap-vlm {tool_version()}.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def model_card(provenance: dict, layout, n_keep: int) -> str:
+    if provenance.get("method") == "merge":
+        return merge_card(provenance, layout, n_keep)
     lines = [
         "# Pruned with REAP-VLM",
         "",
@@ -97,8 +155,15 @@ def run(settings: PruneSettings) -> int:
     for warning in metadata.check_against(meta, layout.config, layout.counts(), source=str(src)):
         print(f"note: {warning}")
     keep, plan_info = _recut(settings, meta)
-    plan = plan_prune(layout, keep, collapse_groups=settings.collapse_groups, max_shard_size=settings.max_shard_size)
     n_keep = len(next(iter(keep.values())))
+    groups = None
+    if settings.method == "merge":
+        plan, groups = _merge_plan(settings, layout, meta, n_keep, plan_info["criterion"])
+        keep = plan.keep  # the groups' centroids: where the merged experts sit
+    else:
+        plan = plan_prune(
+            layout, keep, collapse_groups=settings.collapse_groups, max_shard_size=settings.max_shard_size
+        )
     for note in plan.notes:
         print(f"note: {note}")
     print(
@@ -134,6 +199,14 @@ def run(settings: PruneSettings) -> int:
         "recut": plan_info.get("recut", False),
         "kept": {f"{layer}.{expert_set}": kept for (layer, expert_set), kept in sorted(keep.items())},
     }
+    if groups is not None:
+        provenance["method"] = "merge"
+        provenance["merge"] = {
+            "grouping": settings.merge_grouping,
+            "group_size": settings.merge_group_size,
+            "router": settings.merge_router,
+            "groups": {f"{layer}.{s}": g for (layer, s), g in sorted(groups.items())},
+        }
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
     with Progress(TextColumn("[bold]writing"), BarColumn(), DownloadColumn(), TransferSpeedColumn()) as bar:

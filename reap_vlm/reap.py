@@ -400,7 +400,11 @@ def score(settings: ReapSettings, on_batch: Callable[[int], None] | None = None)
     if merge is not None:
         from .observe import merge_stats
 
-        info = {"config_sha256": fingerprint["config_sha256"], "samples_per_block": merge.samples}
+        info = {
+            "config_sha256": fingerprint["config_sha256"],
+            "created": meta["created"],
+            "samples_per_block": merge.samples,
+        }
         merge_stats.write(out_dir / merge_stats.FILE_NAME, merge, info)
         meta["merge_stats"] = {"file": merge_stats.FILE_NAME, **info}
     choose_plan(settings, model, blocks, meta, eval_batches, search_batches)

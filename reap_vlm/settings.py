@@ -40,6 +40,9 @@ CRITERIA = (
 MODALITY_POLICIES = ("balanced", "joint", "text", "image", "either")
 DEVICES_HELP = "auto (all visible GPUs via accelerate, else CPU), cpu, cuda, cuda:N"
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+METHODS = ("prune", "merge")
+MERGE_GROUPINGS = ("ream", "hcsmoe")  # reap_vlm.methods.merge.GROUPINGS
+MERGE_ROUTERS = ("centroid", "average")
 
 
 def opt(default: Any, help: str, *, choices: tuple | None = None, env: str | None = None, group: str = ""):
@@ -231,9 +234,41 @@ class PruneSettings(Settings):
     )
     hash_check_mb: int = opt(256, "Hash-compare every copied non-expert tensor up to this size (MiB) after writing.")
     hash_check_all: bool = opt(False, "Hash-compare every copied tensor whatever its size.")
+    method: str = opt(
+        "prune",
+        "prune: remove the least salient experts; merge: fold every removed expert into a kept one (REAM: "
+        "grouped, neuron-aligned, saliency-weighted) from the merge statistics of full-mode scoring.",
+        choices=METHODS,
+    )
+    merge_grouping: str = opt(
+        "ream",
+        "Merge grouping: ream (the top experts as centroids, pseudo-pruning) or hcsmoe (average-linkage clustering).",
+        choices=MERGE_GROUPINGS,
+    )
+    merge_group_size: int = opt(
+        16, "REAM's C: a centroid absorbs at most C-1 experts (0 = every expert joins its nearest centroid)."
+    )
+    merge_router: str = opt(
+        "centroid",
+        "Router row of a merged expert: the centroid's, or the group's rows averaged by saliency.",
+        choices=MERGE_ROUTERS,
+    )
+    merge_stats_path: Path | None = opt(
+        None, "Merge statistics to read (default: reap_merge_stats.safetensors beside the metadata)."
+    )
+
+    @property
+    def merge_stats_file(self) -> Path:
+        if self.merge_stats_path:
+            return Path(self.merge_stats_path)
+        return self.metadata_file.parent / "reap_merge_stats.safetensors"
 
     def validate(self) -> None:
         super().validate()
+        if self.merge_group_size < 0:
+            raise SettingsError(
+                "REAP_MERGE_GROUP_SIZE must be >= 0", f"got {self.merge_group_size}", "Use 16 (REAM) or 0"
+            )
         if self.num_keep < 0:
             raise SettingsError("REAP_NUM_KEEP must be >= 0", f"got {self.num_keep}", "Use 0 to prune by ratio")
         _check_ratio("REAP_PRUNE_RATIO", self.prune_ratio, allow_none=True)

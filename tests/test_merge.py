@@ -6,9 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_prune import _inputs, prune_and_compare  # the exactness oracle, shared with pruning
 
+from reap_vlm.checkpoint import inspect_checkpoint, write_pruned
 from reap_vlm.errors import PlanError
-from reap_vlm.methods import merge
+from reap_vlm.methods import merge, merge_checkpoint, merge_memory
+from reap_vlm.moe import find_moe_blocks
 
 
 def _layer(E=8, inter=6, hidden=5, seed=0, bias=False) -> merge.LayerExperts:
@@ -283,3 +286,191 @@ def test_merge_statistics_file_round_trip_and_refusals(tmp_path):
     path = merge_stats.write(tmp_path / merge_stats.FILE_NAME, empty, {"samples_per_block": 0})
     assert merge_stats.read(path) == ({}, {"samples_per_block": 0})
     assert not list(tmp_path.glob(".*tmp*"))
+
+
+# ---- on disk: the merged checkpoint equals the in-memory merge (the pruning oracle, shared) -------
+
+
+def _synthetic_plan(layout, k=4, C=3, samples=12, seed=0):
+    """Groups, saliency and activations per block from random statistics (the on-disk merge must equal
+    the in-memory one whatever the statistics say)."""
+    gen = torch.Generator().manual_seed(seed)
+    groups, saliency, acts = {}, {}, {}
+    sources = merge_checkpoint.block_sources(layout)
+    reader = merge_checkpoint.ExpertReader(layout)
+    for key, E in sorted(layout.counts().items()):
+        inter = reader.experts(sources[key], [0]).up.shape[1]
+        s = torch.rand(E, generator=gen, dtype=torch.float64).numpy()
+        s[1] = 0.0  # a never-routed expert: floored, merged with a small weight
+        mean_out = torch.randn(E, 8, generator=gen, dtype=torch.float64)
+        z = torch.randn(40, E, generator=gen, dtype=torch.float64)
+        groups[key] = merge.by_centroid(merge.ream_groups(s, merge.expert_distance(mean_out, z.T @ z), k, C))
+        saliency[key] = merge.floor_saliency(s)
+        acts[key] = torch.randn(E, samples, inter, generator=gen).to(torch.bfloat16)
+    return groups, saliency, acts
+
+
+def _merge_writer(plan_args, router_mode="centroid"):
+    def write(layout, dst):
+        groups, saliency, acts = plan_args
+        plan = merge_checkpoint.plan_merge(layout, groups, saliency, acts, router_mode=router_mode)
+        write_pruned(plan, dst)
+        return plan.keep
+
+    return write
+
+
+def _in_memory(plan_args, router_mode="centroid"):
+    def edit(model, blocks):
+        merge_memory.apply_merge(model, blocks, *plan_args, router_mode=router_mode)
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    ("family", "fused", "router_mode"),
+    [
+        ("qwen3_vl_moe", True, "centroid"),  # fused [E, 2I, H] on disk, images in the batches
+        ("qwen3_vl_moe", True, "average"),
+        ("qwen3_moe", False, "centroid"),  # per-expert gate_proj / up_proj / down_proj
+        ("mixtral", False, "centroid"),  # per-expert w1 / w3 / w2
+        pytest.param("qwen3_moe", True, "average", marks=pytest.mark.slow),  # fused text model
+    ],
+)
+def test_merged_checkpoint_equals_in_memory_merge(family, fused, router_mode, tmp_path):
+    from reap_vlm.tiny import make_tiny
+
+    src = make_tiny(family, tmp_path / "src", save_original_format=not fused)
+    layout = inspect_checkpoint(src)
+    plan_args = _synthetic_plan(layout)
+    assert any(len(g) > 1 for gs in plan_args[0].values() for g in gs)
+    batches = [b.inputs for b in _inputs(src, with_image=family == "qwen3_vl_moe")]
+    prune_and_compare(
+        src,
+        tmp_path / "merged",
+        batches,
+        write=_merge_writer(plan_args, router_mode),
+        edit_original=_in_memory(plan_args, router_mode),
+        atol=1e-5,
+    )
+    # and the merged experts really differ from the centroids they replaced (merging did something)
+    out = inspect_checkpoint(tmp_path / "merged")
+    a = merge_checkpoint.ExpertReader(layout)
+    b = merge_checkpoint.ExpertReader(out)
+    key = sorted(layout.counts())[0]
+    groups = plan_args[0][key]
+    new = next(i for i, g in enumerate(groups) if len(g) > 1)
+    before = a.experts(merge_checkpoint.block_sources(layout)[key], [groups[new][0]]).up
+    after = b.experts(merge_checkpoint.block_sources(out)[key], [new]).up
+    assert not torch.equal(before, after)
+
+
+def test_merging_identical_experts_reproduces_the_model_exactly(tmp_path):
+    """Groups of identical experts merge into that expert: the merged checkpoint equals the original with
+    the non-centroids masked, without any in-memory edit (the pruning oracle, unchanged)."""
+    from reap_vlm.loading import load_model
+    from reap_vlm.tiny import make_tiny
+
+    base = make_tiny("qwen3_moe", tmp_path / "base")
+    layout = inspect_checkpoint(base)
+    groups, saliency, acts = _synthetic_plan(layout)
+    model, processor, _ = load_model(base, device="cpu", dtype="float32")
+    with torch.no_grad():
+        for b in find_moe_blocks(model):
+            experts = model.get_submodule(b.experts)
+            for g in groups[(b.layer, b.expert_set)]:
+                for p in experts.parameters(recurse=False):
+                    p[g[1:]] = p[g[0]].clone()
+    src = tmp_path / "src"
+    model.save_pretrained(src)
+    processor.save_pretrained(src)
+    batches = [b.inputs for b in _inputs(src, with_image=False)]
+    prune_and_compare(src, tmp_path / "merged", batches, write=_merge_writer((groups, saliency, acts)), atol=1e-5)
+
+
+def test_quantized_and_interleaved_experts_are_refused_with_one_line(tmp_path):
+    from test_prune import _quantized_checkpoint
+
+    from reap_vlm.errors import UnsupportedModelError
+    from reap_vlm.tiny import make_tiny
+
+    _quantized_checkpoint(tmp_path / "awq", "awq")
+    with pytest.raises(UnsupportedModelError, match=r"cannot merge experts: .*qweight.*--method prune"):
+        merge_checkpoint.block_sources(inspect_checkpoint(tmp_path / "awq"))
+    src = make_tiny("gpt_oss", tmp_path / "gpt_oss")
+    with pytest.raises(UnsupportedModelError, match="interleaved"):
+        merge_checkpoint.block_sources(inspect_checkpoint(src))
+
+
+def test_prune_stage_merge_method_end_to_end(tiny_vl_dir, tmp_path, capsys):
+    """reap (full mode) writes the statistics; `prune_model.py --method merge` merges from them without the
+    model and equals the in-memory merge of the same groups; refusals are one line with exit code 2."""
+    import json
+
+    from test_scoring import _settings
+
+    from reap_vlm.cli import main
+    from reap_vlm.observe import merge_stats
+    from reap_vlm.prune import run
+    from reap_vlm.reap import score
+
+    out = tmp_path / "run"
+    meta = score(_settings(tiny_vl_dir, out, num_keep=4))
+    assert (out / merge_stats.FILE_NAME).is_file() and meta["merge_stats"]["samples_per_block"] > 1
+    args = ["--model-path", str(tiny_vl_dir), "--output-path", str(out), "--method", "merge"]
+
+    def write(_layout, dst):
+        assert main("prune", run, [*args, "--pruned-model-path", str(dst), "--merge-group-size", "3"]) == 0
+        info = json.loads((dst / "config.json").read_text())["reap_pruning"]
+        assert info["method"] == "merge" and info["merge"]["group_size"] == 3
+        assert all(len(gs) == 4 for gs in info["merge"]["groups"].values())
+        assert "Merged with REAP-VLM" in (dst / "README.md").read_text()
+        return {(int(k.split(".")[0]), k.split(".", 1)[1]): v for k, v in info["kept"].items()}
+
+    def edit(model, blocks):
+        stats, _ = merge_stats.read(out / merge_stats.FILE_NAME)
+        plan = merge_checkpoint.build_groups(meta, stats, 4, meta["plan"]["criterion"], group_size=3)
+        merge_memory.apply_merge(model, blocks, *plan)
+
+    batches = [b.inputs for b in _inputs(tiny_vl_dir, with_image=True)]
+    prune_and_compare(tiny_vl_dir, tmp_path / "merged", batches, write=write, edit_original=edit, atol=1e-5)
+
+    # the statistics of another run, or none at all: refused before anything is written
+    other = tmp_path / "other"
+    score(_settings(tiny_vl_dir, other, num_keep=4, merge_stats_mb=0))
+    capsys.readouterr()
+    assert not (other / merge_stats.FILE_NAME).exists()
+    dst = tmp_path / "refused"
+    code = main("prune", run, [*args[:-3], str(other), "--method", "merge", "--pruned-model-path", str(dst)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "records no merge statistics" in err[0] and not dst.exists()
+    code = main(
+        "prune",
+        run,
+        [
+            *args,
+            "--merge-stats-path",
+            str(out / merge_stats.FILE_NAME),
+            "--metadata-path",
+            str(other / "reap_metadata.json"),
+        ],
+    )
+    assert code == 2
+    meta_other = json.loads((other / "reap_metadata.json").read_text())
+    meta_other["merge_stats"] = meta["merge_stats"] | {"created": meta_other["created"]}
+    (other / "reap_metadata.json").write_text(json.dumps(meta_other))
+    code = main(
+        "prune",
+        run,
+        [
+            *args,
+            "--merge-stats-path",
+            str(out / merge_stats.FILE_NAME),
+            "--metadata-path",
+            str(other / "reap_metadata.json"),
+            "--pruned-model-path",
+            str(dst),
+        ],
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "another scoring run" in err[-1] and not dst.exists()

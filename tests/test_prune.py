@@ -85,16 +85,24 @@ def _run(model, inputs: dict, kept=None, experts=None):
     return logits, picks
 
 
-def prune_and_compare(src: Path, dst: Path, batches: list[dict]):
+def prune_and_compare(src: Path, dst: Path, batches: list[dict], *, write=None, edit_original=None, atol=1e-4):
     """The exactness oracle: prune `src` on disk with a balanced random plan, reload both with
     from_pretrained, and check the pruned model against the original with the removed experts masked
-    (identical top-k sets for every token, max |Δlogit| <= 1e-4 in fp32). Returns (layout, keep, pruned)."""
+    (identical top-k sets for every token, max |Δlogit| <= atol in fp32). Returns (layout, keep, pruned).
+
+    Other methods through the same oracle: `write(layout, dst)` writes the checkpoint and returns its
+    keep plan; `edit_original(model, blocks)` applies the method to the loaded original in memory first."""
     layout = inspect_checkpoint(src)
-    keep = _keep_plan(layout)
-    write_pruned(plan_prune(layout, keep), dst)
+    if write is None:
+        keep = _keep_plan(layout)
+        write_pruned(plan_prune(layout, keep), dst)
+    else:
+        keep = write(layout, dst)
     original, _, _ = load_model(src, device="cpu", dtype="float32")
     pruned, _, _ = load_model(dst, device="cpu", dtype="float32")
     blocks = find_moe_blocks(original)
+    if edit_original is not None:
+        edit_original(original, blocks)
     kept = {f"{layer}.{s}": v for (layer, s), v in keep.items()}
     assert {b.key for b in blocks} == set(kept), "memory and disk disagree on the MoE blocks"
     for inputs in batches:
@@ -104,7 +112,7 @@ def prune_and_compare(src: Path, dst: Path, batches: list[dict]):
         assert len(ref_picks) == len(got_picks)
         for a, b in zip(ref_picks, got_picks, strict=True):
             assert torch.equal(a, b)  # identical top-k sets for every token
-        assert (ref_logits - got_logits).abs().max().item() <= 1e-4
+        assert (ref_logits - got_logits).abs().max().item() <= atol
     return layout, keep, pruned
 
 

@@ -32,17 +32,36 @@ TMP_TAG = ".reap-tmp-"
 SKIP_FILES = {"model.safetensors.index.json", "config.json"}
 
 
+@dataclass(eq=False)
+class Computed:
+    """Bytes made when the writer reaches them (merged experts): `produce()` returns exactly `nbytes`
+    bytes. The writer records their sha256, which verification compares with the written file."""
+
+    nbytes: int
+    produce: Callable[[], bytes]
+    sha256: str = ""
+
+
+def _piece_size(p) -> int:
+    if isinstance(p, bytes):
+        return len(p)
+    if isinstance(p, Computed):
+        return p.nbytes
+    return p[2] - p[1]
+
+
 @dataclass
 class OutTensor:
     name: str
     dtype: str
     shape: tuple[int, ...]
-    pieces: list[tuple[str, int, int] | bytes]  # (shard, start, end) byte ranges of the source, or raw bytes
+    # (shard, start, end) byte ranges of the source, raw bytes, or Computed bytes
+    pieces: list[tuple[str, int, int] | bytes | Computed]
     shard: str = ""  # the source shard the tensor came from
 
     @property
     def nbytes(self) -> int:
-        return sum(len(p) if isinstance(p, bytes) else p[2] - p[1] for p in self.pieces)
+        return sum(_piece_size(p) for p in self.pieces)
 
 
 @dataclass
@@ -256,6 +275,12 @@ def _write_shard(path: Path, tensors: list[OutTensor], meta: dict, src: Path, pr
             out.write(struct.pack("<Q", len(blob)) + blob)
             for t in tensors:
                 for piece in t.pieces:
+                    if isinstance(piece, Computed):
+                        data = piece.produce()
+                        if len(data) != piece.nbytes:
+                            raise BugError(f"{t.name}: computed {len(data)} bytes, planned {piece.nbytes}")
+                        piece.sha256 = hashlib.sha256(data).hexdigest()
+                        piece = data
                     if isinstance(piece, bytes):
                         out.write(piece)
                         continue
@@ -302,7 +327,10 @@ def verify(plan: PrunePlan, dst: Path, *, hash_check_mb: int = 256, hash_check_a
             begin, end = header[t.name]["data_offsets"]
             if tuple(header[t.name]["shape"]) != t.shape or end - begin != t.nbytes:
                 raise BugError(f"{t.name} was written with the wrong shape or size")
-            if hash_check_all or t.nbytes <= limit:
+            if any(isinstance(p, Computed) for p in t.pieces):  # every piece against its own hash
+                _verify_pieces(layout.src, dst / shard, data_start + begin, t)
+                hashed += 1
+            elif hash_check_all or t.nbytes <= limit:
                 src_hash = hashlib.sha256()
                 for piece in t.pieces:
                     if isinstance(piece, bytes):
@@ -335,6 +363,24 @@ def verify(plan: PrunePlan, dst: Path, *, hash_check_mb: int = 256, hash_check_a
         if present != list(range(n_keep * sets + extra)):
             raise BugError(f"{pattern} was renumbered to {present}, expected 0..{n_keep * sets + extra - 1}")
     return {"tensors": len(seen), "hashed": hashed}
+
+
+def _verify_pieces(src: Path, path: Path, start: int, t: OutTensor) -> None:
+    """A tensor with computed pieces: each piece of the written file against its source range or the
+    hash recorded when it was produced."""
+    offset = start
+    for piece in t.pieces:
+        size = _piece_size(piece)
+        got = _hash_range(path, offset, offset + size)
+        if isinstance(piece, Computed):
+            want = piece.sha256
+        elif isinstance(piece, bytes):
+            want = hashlib.sha256(piece).hexdigest()
+        else:
+            want = _hash_range(src / piece[0], piece[1], piece[2])
+        if got != want:
+            raise BugError(f"{t.name} differs from its planned bytes after writing")
+        offset += size
 
 
 def _stale_temps(dst: Path) -> None:
