@@ -222,11 +222,14 @@ def _unit_rows(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
+FEATURE_DTYPE = torch.float32  # the assignment cost's precision (the averaging itself is float64)
+
+
 def neuron_rows(x: LayerExperts) -> torch.Tensor:
-    """[E, I, D] per-neuron weight vectors [gate_i | up_i | down_·i] (float64)."""
-    parts = [x.up.to(torch.float64), x.down.transpose(1, 2).to(torch.float64)]
+    """[E, I, D] per-neuron weight vectors [gate_i | up_i | down_·i]."""
+    parts = [x.up.to(FEATURE_DTYPE), x.down.transpose(1, 2).to(FEATURE_DTYPE)]
     if x.gate is not None:
-        parts.insert(0, x.gate.to(torch.float64))
+        parts.insert(0, x.gate.to(FEATURE_DTYPE))
     return torch.cat(parts, dim=2)
 
 
@@ -236,7 +239,7 @@ def pca_reduce(rows: torch.Tensor, r: int = PCA_DIM) -> torch.Tensor:
     N, D = rows.shape
     r = min(r, N, D)
     x = rows - rows.mean(0, keepdim=True)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
         torch.manual_seed(0)
         _, s, v = torch.pca_lowrank(x, q=r, center=False)
     return x @ (v[:, :r] * s[:r])
@@ -248,10 +251,11 @@ def neuron_cost(
     """[I, I] assignment cost between the centroid's neurons (rows) and a member's (columns)."""
     cost = torch.cdist(_unit_rows(centroid_feats), _unit_rows(member_feats))
     if centroid_act is not None and centroid_act.shape[0] > 1:
-        a = _unit_rows(centroid_act.T.to(torch.float64))  # [I, S]: each neuron's activation pattern
-        b = _unit_rows(member_act.T.to(torch.float64))
-        cost = cost + torch.cdist(a, b)
-    return cost.numpy()
+        device = centroid_feats.device
+        a = _unit_rows(centroid_act.T.to(device, FEATURE_DTYPE))  # [I, S]: each neuron's activation pattern
+        b = _unit_rows(member_act.T.to(device, FEATURE_DTYPE))
+        cost = cost + torch.cdist(a, b.to(a.device))
+    return cost.cpu().numpy()
 
 
 def align(cost: np.ndarray) -> np.ndarray:
@@ -280,7 +284,7 @@ def merge_layer(
     multi = sorted({j for g in groups if len(g) > 1 for j in g})
     feats = {}
     if multi and align_neurons:
-        rows = neuron_rows(experts.members(multi))  # [n, I, D]
+        rows = neuron_rows(LayerExperts(*(None if t is None else t[multi] for t in experts.tensors())))  # [n, I, D]
         n, inter, _ = rows.shape
         reduced = pca_reduce(_unit_rows(rows).reshape(n * inter, -1), pca_dim).reshape(n, inter, -1)
         feats = {j: reduced[i] for i, j in enumerate(multi)}
@@ -305,7 +309,7 @@ def merge_layer(
                 continue
             total = t[0] * float(w[0])
             for i, perm in enumerate(perms, start=1):
-                member = t[i] if axis is None else t[i].index_select(axis - 1, torch.as_tensor(perm))
+                member = t[i] if axis is None else t[i].index_select(axis - 1, torch.as_tensor(perm, device=t.device))
                 total = total + member * float(w[i])
             merged.append(total)
         out.append(MergedExpert(list(group), w, *merged, perms=perms))
