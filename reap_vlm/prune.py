@@ -66,7 +66,7 @@ def _recut(settings: PruneSettings, meta: dict) -> tuple[dict[tuple[int, str], l
     }
 
 
-def _merge_plan(settings: PruneSettings, layout, meta: dict, n_keep: int, criterion: str):
+def _merge_plan(settings: PruneSettings, layout, meta: dict, n_keep: int, criterion: str, modality: str):
     """The merge method's plan and groups, from the metadata's scores and the merge statistics."""
     from .methods import merge_checkpoint
     from .observe import merge_stats
@@ -87,7 +87,13 @@ def _merge_plan(settings: PruneSettings, layout, meta: dict, n_keep: int, criter
             "Point --merge-stats-path at the file written with this metadata, or re-run reap",
         )
     groups, saliency, acts = merge_checkpoint.build_groups(
-        meta, stats, n_keep, criterion, grouping=settings.merge_grouping, group_size=settings.merge_group_size
+        meta,
+        stats,
+        n_keep,
+        criterion,
+        grouping=settings.merge_grouping,
+        group_size=settings.merge_group_size,
+        modality=modality,
     )
     plan = merge_checkpoint.plan_merge(
         layout,
@@ -158,7 +164,8 @@ def run(settings: PruneSettings) -> int:
     n_keep = len(next(iter(keep.values())))
     groups = None
     if settings.method == "merge":
-        plan, groups = _merge_plan(settings, layout, meta, n_keep, plan_info["criterion"])
+        modality = plan_info.get("modality") or "joint"
+        plan, groups = _merge_plan(settings, layout, meta, n_keep, plan_info["criterion"], modality)
         keep = plan.keep  # the groups' centroids: where the merged experts sit
     else:
         plan = plan_prune(

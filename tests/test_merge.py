@@ -429,7 +429,9 @@ def test_prune_stage_merge_method_end_to_end(tiny_vl_dir, tmp_path, capsys):
 
     def edit(model, blocks):
         stats, _ = merge_stats.read(out / merge_stats.FILE_NAME)
-        plan = merge_checkpoint.build_groups(meta, stats, 4, meta["plan"]["criterion"], group_size=3)
+        plan = merge_checkpoint.build_groups(
+            meta, stats, 4, meta["plan"]["criterion"], group_size=3, modality=meta["plan"]["modality"]
+        )
         merge_memory.apply_merge(model, blocks, *plan)
 
     batches = [b.inputs for b in _inputs(tiny_vl_dir, with_image=True)]

@@ -334,9 +334,13 @@ def build_groups(
     *,
     grouping: str = "ream",
     group_size: int = merge.REAM_GROUP_SIZE,
+    modality: str = "joint",
 ) -> tuple[dict, dict, dict]:
-    """(groups, saliency, activations) per block key (layer, expert_set) from the metadata's scores and
-    the merge statistics. Groups come in centroid order."""
+    """(groups, saliency, activations) per block key (layer, expert_set) from the metadata's raw sums
+    (the criterion under the plan's modality policy, as pruning ranks) and the merge statistics.
+    Groups come in centroid order."""
+    from ..scoring import modality_scores
+
     if grouping not in merge.GROUPINGS:
         raise PlanError(f"unknown merge grouping {grouping!r}", "", "Use one of " + ", ".join(merge.GROUPINGS))
     groups, saliency, acts = {}, {}, {}
@@ -350,10 +354,7 @@ def build_groups(
                 "they were written for another model or run",
                 "Re-run reap in full mode",
             )
-        scores = meta["layers"][name]["scores"].get(criterion)
-        if scores is None:
-            raise PlanError(f"the metadata has no {criterion} scores", "", "Pick another criterion")
-        sal = merge.floor_saliency(np.array([np.nan if v is None else v for v in scores], dtype=np.float64))
+        sal = merge.floor_saliency(modality_scores(meta["layers"][name]["stats"], criterion, modality))
         mean_out = s["mean_gated_output"].double()
         if grouping == "ream":
             dist = merge.expert_distance(mean_out, s.get("router_logit_gram"))
