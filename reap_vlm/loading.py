@@ -64,7 +64,7 @@ def load_model(
 ):
     """(model, processor, config dict). The model is in eval mode; the processor is the checkpoint's own
     (a tokenizer for text-only models)."""
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     config = read_config(model_dir)
     device = resolve_device(device)
@@ -84,11 +84,17 @@ def load_model(
             "Check that the folder is a complete checkpoint (./run.sh verify shows its layout)",
         ) from None
     model.eval()
+    return model, load_processor(model_dir, trust_remote_code), config
+
+
+def load_processor(model_dir: Path, trust_remote_code: bool = False):
+    """The checkpoint's own processor (a tokenizer for text-only models)."""
+    from transformers import AutoProcessor, AutoTokenizer
+
     try:
-        processor = AutoProcessor.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+        return AutoProcessor.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError):
-        processor = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
-    return model, processor, config
+        return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
 
 
 def input_device(model: torch.nn.Module) -> torch.device:

@@ -14,7 +14,9 @@ import torch
 from . import metadata, scoring
 from .calibration import load_samples, make_batches, token_budget
 from .errors import OutputError, SettingsError
-from .loading import input_device, load_model, read_config
+from .execution import choose as choose_execution
+from .execution.memory import forward
+from .loading import load_model, read_config
 from .moe import find_moe_blocks
 from .observe import Observer
 from .settings import ReapSettings, dump
@@ -165,7 +167,6 @@ def accumulate(
     observer = Observer(model, blocks, settings.scoring_mode, settings.chunk_memory_mb, merge=merge)
     start_batch, resumed = 0, False
     fingerprint = _settings_hash(settings)
-    device = input_device(model)
     started = time.perf_counter()
     with observer, torch.inference_mode():
         if settings.resume and checkpoint.is_file():
@@ -185,10 +186,7 @@ def accumulate(
             for i in range(start_batch, len(batches)):
                 batch = batches[i]
                 observer.set_modality(batch.modality)
-                inputs = {k: v.to(device) for k, v in batch.inputs.items()}
-                if "pixel_values" in inputs:
-                    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-                model(**inputs, use_cache=False)
+                forward(model, batch)
                 tokens_done += int((batch.modality >= 0).sum())
                 elapsed = max(time.perf_counter() - started, 1e-9)
                 bar.update(task, advance=1, tps=tokens_done / elapsed)
@@ -199,6 +197,26 @@ def accumulate(
                 if on_batch is not None:
                     on_batch(i + 1)
     return observer.export(), resumed, time.perf_counter() - started
+
+
+def accumulate_streamed(settings: ReapSettings, streamed, blocks, batches, merge=None) -> tuple:
+    """The calibration statistics with one decoder layer resident at a time (reap_vlm.execution.stream).
+    Returns (stats, resumed, seconds, merge statistics or None)."""
+    from .execution.stream import observe
+
+    started = time.perf_counter()
+    with _progress() as bar:
+        task = bar.add_task("scoring", total=len(streamed.layers), tps=0.0)
+        tokens = sum(int((b.modality >= 0).sum()) for b in batches)
+
+        def on_layer(done: int, total: int) -> None:
+            bar.update(task, completed=done, tps=tokens * done / max(time.perf_counter() - started, 1e-9))
+
+        stats, merged = observe(
+            streamed, blocks, batches, settings.scoring_mode, settings.chunk_memory_mb, on_layer, merge, settings.seed
+        )
+    streamed.close()
+    return stats, False, time.perf_counter() - started, merged
 
 
 def choose_plan(
@@ -317,13 +335,31 @@ def score(settings: ReapSettings, on_batch: Callable[[int], None] | None = None)
         read_config(settings.model_path)  # a missing or broken model is the first thing to say
     meta_path = _check_paths(settings)
     config = read_config(settings.model_path)
-    model, processor, _ = load_model(
-        settings.model_path,
-        device=settings.device,
-        dtype=settings.dtype,
-        trust_remote_code=settings.trust_remote_code,
-        attn_implementation=settings.attn_implementation,
-    )
+    execution = choose_execution(settings)
+    print(f"execution: {execution.mode} ({execution.reason})")
+    streamed = None
+    if execution.mode == "stream":
+        from .execution.stream import StreamedModel, check_settings
+
+        check_settings(settings, config)  # refuse before anything is loaded
+        streamed = StreamedModel(
+            settings.model_path,
+            device=settings.device,
+            dtype=settings.dtype,
+            attn_implementation=settings.attn_implementation,
+            trust_remote_code=settings.trust_remote_code,
+            cache_bytes=int(settings.stream_cache_gb * 2**30),
+            spill_parent=meta_path.parent,
+        )
+        model, processor = streamed.model, streamed.processor
+    else:
+        model, processor, _ = load_model(
+            settings.model_path,
+            device=settings.device,
+            dtype=settings.dtype,
+            trust_remote_code=settings.trust_remote_code,
+            attn_implementation=settings.attn_implementation,
+        )
     blocks = find_moe_blocks(model)
     ratio = None if settings.num_keep else settings.prune_ratio
     for b in blocks:  # fail before the expensive part
@@ -365,7 +401,10 @@ def score(settings: ReapSettings, on_batch: Callable[[int], None] | None = None)
     out_dir = meta_path.parent
     out_dir.mkdir(parents=True, exist_ok=True)
     merge = merge_collector(settings, model, blocks, len(batches))
-    stats, resumed, seconds = accumulate(settings, model, blocks, batches, out_dir, on_batch, merge)
+    if streamed is not None:
+        stats, resumed, seconds, merge = accumulate_streamed(settings, streamed, blocks, batches, merge)
+    else:
+        stats, resumed, seconds = accumulate(settings, model, blocks, batches, out_dir, on_batch, merge)
 
     fingerprint = metadata.model_fingerprint(config, blocks, _expert_shapes(model, blocks), str(settings.model_path))
     score_fn = sorted({b.score_fn for b in blocks})
@@ -377,6 +416,7 @@ def score(settings: ReapSettings, on_batch: Callable[[int], None] | None = None)
             "resumed": resumed,
             "seconds": round(seconds, 3),
             "batches": len(batches),
+            "execution": {"mode": execution.mode, "reason": execution.reason},
         },
         calibration={
             "spec": settings.calibration,

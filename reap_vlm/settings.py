@@ -43,6 +43,7 @@ DTYPES = ("auto", "bfloat16", "float16", "float32")
 METHODS = ("prune", "merge")
 MERGE_GROUPINGS = ("ream", "hcsmoe")  # reap_vlm.methods.merge.GROUPINGS
 MERGE_ROUTERS = ("centroid", "average")
+EXECUTION_MODES = ("auto", "memory", "stream")
 
 
 def opt(default: Any, help: str, *, choices: tuple | None = None, env: str | None = None, group: str = ""):
@@ -175,9 +176,22 @@ class ReapSettings(Settings):
         "Size bound (MiB) of reap_merge_stats.safetensors, the statistics expert merging needs (full mode; "
         "sets how many tokens' neuron activations are kept for alignment; 0 = do not write it).",
     )
+    execution: str = opt(
+        "auto",
+        "How the model is driven: memory (whole model loaded), stream (one decoder layer at a time, read from "
+        "the shards), auto (stream when weights + scoring memory do not fit the visible GPU memory).",
+        choices=EXECUTION_MODES,
+    )
+    stream_cache_gb: float = opt(
+        32.0, "Streamed execution: GiB of hidden states kept in RAM; the rest goes to a spill folder."
+    )
 
     def validate(self) -> None:
         super().validate()
+        if not self.stream_cache_gb >= 0:
+            raise SettingsError(
+                "REAP_STREAM_CACHE_GB must be >= 0", f"got {self.stream_cache_gb}", "Set e.g. 32 (0 = spill all)"
+            )
         if self.num_keep < 0:
             raise SettingsError("REAP_NUM_KEEP must be >= 0", f"got {self.num_keep}", "Use 0 to prune by ratio")
         if self.num_keep == 0:

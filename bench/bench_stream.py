@@ -1,0 +1,268 @@
+"""Streamed vs in-memory scoring on a real-width Qwen3-VL-30B-A3B skeleton (random weights).
+
+1. Writes a checkpoint with the real tensor names, shapes and hub on-disk layout of Qwen3-VL-30B-A3B
+   (H=2048, 128 experts of I=768, top-8, 32 heads / 4 KV heads, vocab 151936, the 27-block vision
+   tower with deepstack), `--layers` decoder layers (default 12), bf16, in 4 GB shards, plus a
+   processor (the tiny byte-level tokenizer, the real image processor sizes).
+2. Scores it twice, each in its own process, on the same calibration batches (text + images):
+     memory   the whole model on the GPU, no cap
+     stream   REAP_EXECUTION=stream with the GPU capped by torch.cuda.set_per_process_memory_fraction
+              to one third of the model's weight bytes
+   and reports tokens/s, the ratio stream / memory, GPU peak (max_memory_allocated), CPU peak RSS,
+   the bounds of docs/design.md ("Streamed execution"), and the largest relative difference of the
+   raw sums between the two metadata files.
+
+The candidate-plan measurement is not part of it: streamed mode refuses it (REAP_EVAL_SAMPLES=0 in
+both runs, so both do the same work).
+
+Usage:  python bench/bench_stream.py [--layers 12] [--samples 1024] [--seq-len 512] [--work DIR] [--out result.json]
+        python bench/bench_stream.py --small      # CPU smoke test (tiny widths, a few samples)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+REAL = dict(  # Qwen3-VL-30B-A3B-Instruct's config.json
+    text=dict(
+        hidden_size=2048,
+        intermediate_size=6144,
+        moe_intermediate_size=768,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        head_dim=128,
+        num_experts=128,
+        num_experts_per_tok=8,
+        vocab_size=151936,
+        rope_parameters={"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [24, 20, 20]},
+    ),
+    vision=dict(
+        depth=27,
+        hidden_size=1152,
+        intermediate_size=4304,
+        num_heads=16,
+        out_hidden_size=2048,
+        num_position_embeddings=2304,
+        deepstack_visual_indexes=[8, 16, 24],
+    ),
+)
+SMALL = dict(
+    text=dict(
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_experts=16,
+        num_experts_per_tok=4,
+        vocab_size=2048,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2]},
+    ),
+    vision=dict(
+        depth=2,
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=2,
+        out_hidden_size=64,
+        num_position_embeddings=256,
+        deepstack_visual_indexes=[0],
+    ),
+)
+
+
+def make_checkpoint(out: Path, sizes: dict, layers: int, dtype: torch.dtype) -> Path:
+    """The skeleton checkpoint: the model class on the CPU, random weights, saved in the hub layout."""
+    from transformers import (
+        Qwen2VLImageProcessor,
+        Qwen3VLMoeConfig,
+        Qwen3VLMoeForConditionalGeneration,
+        Qwen3VLProcessor,
+        Qwen3VLVideoProcessor,
+    )
+
+    from reap_vlm.tiny import CHAT_TEMPLATE, make_tokenizer
+
+    if (out / "config.json").is_file():
+        return out
+    tokenizer = make_tokenizer()
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>")}
+    ids.update({t: tokenizer.convert_tokens_to_ids(t) for t in ("<|vision_start|>", "<|vision_end|>", "<|im_end|>")})
+    config = Qwen3VLMoeConfig(
+        text_config=dict(
+            **sizes["text"],
+            num_hidden_layers=layers,
+            max_position_embeddings=32768,
+            initializer_range=0.02,
+            tie_word_embeddings=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=ids["<|im_end|>"],
+        ),
+        vision_config=dict(
+            **sizes["vision"], patch_size=16, spatial_merge_size=2, temporal_patch_size=2, initializer_range=0.02
+        ),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = Qwen3VLMoeForConditionalGeneration._from_config(config, dtype=dtype).eval()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, max_shard_size="4GB")  # hub layout (save_original_format defaults to True)
+    size = {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 512}
+    processor = Qwen3VLProcessor(
+        image_processor=Qwen2VLImageProcessor(patch_size=16, temporal_patch_size=2, merge_size=2, size=size),
+        tokenizer=tokenizer,
+        video_processor=Qwen3VLVideoProcessor(patch_size=16, temporal_patch_size=2, merge_size=2),
+        chat_template=CHAT_TEMPLATE,
+    )
+    processor.save_pretrained(out)
+    return out
+
+
+def weight_bytes(model_dir: Path) -> int:
+    from reap_vlm.checkpoint import inspect_checkpoint
+
+    return sum(t.nbytes for t in inspect_checkpoint(model_dir).tensors.values())
+
+
+def layer_bytes(model_dir: Path) -> tuple[int, int]:
+    """(largest decoder layer, everything outside the decoder layers) in bytes on disk."""
+    import re
+
+    from reap_vlm.checkpoint import inspect_checkpoint
+
+    per_layer: dict[int, int] = {}
+    outer = 0
+    for name, t in inspect_checkpoint(model_dir).tensors.items():
+        m = re.search(r"language_model\.layers\.(\d+)\.", name)
+        if m:
+            per_layer[int(m.group(1))] = per_layer.get(int(m.group(1)), 0) + t.nbytes
+        else:
+            outer += t.nbytes
+    return max(per_layer.values()), outer
+
+
+def child(args) -> None:
+    """One scoring run in this process; writes <work>/<mode>.json."""
+    from reap_vlm.reap import score
+    from reap_vlm.settings import ReapSettings, load
+
+    model_dir = args.work / "model"
+    cuda = torch.cuda.is_available() and not args.small
+    cap = None
+    if cuda and args.child == "stream":
+        total = torch.cuda.get_device_properties(0).total_memory
+        cap = weight_bytes(model_dir) / 3
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), 0)
+    argv = ["--model-path", str(model_dir), "--output-path", str(args.work / args.child)]
+    argv += ["--device", "cuda" if cuda else "cpu", "--dtype", "bfloat16" if cuda else "float32"]
+    argv += ["--max-samples", str(args.samples), "--max-seq-len", str(args.seq_len)]
+    argv += ["--batch-size", str(args.batch_size), "--eval-samples", "0", "--no-plots", "--criterion", "reap"]
+    argv += ["--execution", args.child, "--stream-cache-gb", str(args.cache_gb)]
+    if args.small:
+        argv += ["--min-pixels", "1024", "--max-pixels", "16384"]
+    settings = load(ReapSettings, argv, {})
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    meta = score(settings)
+    seconds = time.perf_counter() - started
+    tokens = meta["calibration"]["tokens"]
+    result = {
+        "mode": args.child,
+        "seconds_stage": round(seconds, 2),
+        "seconds_scoring": meta["scoring"]["seconds"],
+        "tokens": tokens,
+        "tokens_per_s": (tokens["text"] + tokens["image"]) / meta["scoring"]["seconds"],
+        "gpu_peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        "gpu_cap_gib": cap / 2**30 if cap else None,
+        "cpu_peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30,
+        "metadata": str(settings.metadata_file),
+    }
+    (args.work / f"{args.child}.json").write_text(json.dumps(result, indent=1))
+
+
+def _max_rel(a, b) -> float:
+    if isinstance(a, dict):
+        return max((_max_rel(a[k], b[k]) for k in a), default=0.0)
+    if isinstance(a, list):
+        return max((_max_rel(x, y) for x, y in zip(a, b, strict=True)), default=0.0)
+    if isinstance(a, float) and isinstance(b, float) and math.isfinite(a) and math.isfinite(b):
+        return abs(a - b) / max(abs(a), abs(b), 1e-30)
+    return 0.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--samples", type=int, default=1024, help="calibration samples (combined: text + images)")
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--cache-gb", type=float, default=32.0, help="REAP_STREAM_CACHE_GB of the streamed run")
+    parser.add_argument("--work", type=Path, default=Path("bench_stream_work"))
+    parser.add_argument("--small", action="store_true", help="tiny widths on the CPU (a smoke test)")
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--child", choices=("memory", "stream"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.small:
+        args.layers, args.samples, args.seq_len, args.batch_size = min(args.layers, 4), min(args.samples, 12), 96, 3
+    if args.child:
+        child(args)
+        return
+    started = time.perf_counter()
+    sizes = SMALL if args.small else REAL
+    dtype = torch.float32 if args.small else torch.bfloat16
+    model_dir = make_checkpoint(args.work / "model", sizes, args.layers, dtype)
+    print(f"checkpoint {model_dir}: {weight_bytes(model_dir) / 2**30:.2f} GiB ({time.perf_counter() - started:.0f} s)")
+    runs = {}
+    for mode in ("memory", "stream"):
+        cmd = [sys.executable, __file__, "--child", mode, "--work", str(args.work), "--layers", str(args.layers)]
+        cmd += ["--samples", str(args.samples), "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size)]
+        cmd += ["--cache-gb", str(args.cache_gb)] + (["--small"] if args.small else [])
+        subprocess.run(cmd, check=True)
+        runs[mode] = json.loads((args.work / f"{mode}.json").read_text())
+    from reap_vlm import metadata
+
+    a, b = (metadata.read(Path(runs[m]["metadata"])) for m in ("memory", "stream"))
+    reader_bytes = weight_bytes(model_dir)
+    result = {
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() and not args.small else "cpu",
+        "layers": args.layers,
+        "weights_gib": reader_bytes / 2**30,
+        "runs": runs,
+        "throughput_ratio": runs["stream"]["tokens_per_s"] / runs["memory"]["tokens_per_s"],
+        "max_rel_diff_raw_sums": _max_rel(a["layers"], b["layers"]),
+        "same_plan": a["plan"]["kept_per_block"] == b["plan"]["kept_per_block"]
+        and all(a["layers"][k]["kept"] == b["layers"][k]["kept"] for k in a["layers"]),
+    }
+    largest, outer = layer_bytes(model_dir)
+    # docs/design.md, "Streamed execution": GPU = outer parts + 2 x largest layer + chunk budget + 1 GiB
+    # (one batch's activations inside the last term); CPU = cached states + 2 layers + 2 GiB
+    result["bounds_gib"] = {
+        "largest_layer": largest / 2**30,
+        "outer_parts": outer / 2**30,
+        "gpu_stream": (outer + 2 * largest + 768 * 2**20 + 2**30) / 2**30,
+        "cpu_stream_without_cache": (2 * largest + 2 * 2**30) / 2**30,
+    }
+    print(json.dumps(result, indent=1))
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

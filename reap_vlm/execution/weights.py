@@ -1,0 +1,197 @@
+"""Read one decoder layer's weights at a time straight from the safetensors shards.
+
+`LayerReader` maps every tensor of the checkpoint to the in-memory parameter it becomes, with
+transformers' own loading conversions (`get_model_conversion_mapping`: per-expert tensors fused into
+`gate_up_proj` / `down_proj`, Qwen3-VL's hub layout transposed, Mixtral's renames, ...), and groups
+the tensors by decoder layer. The inventory (shards, offsets, dtypes, the index checked against the
+headers) is reap_vlm.checkpoint.layout's. `load(i)` reads exactly layer i's tensors, tensor by
+tensor with `safe_open` (never a whole shard), converts them with
+`convert_and_load_state_dict_in_model` into the meta-device skeleton and checks that nothing of the
+layer is left on the meta device; `release(i)` puts the layer's parameters back on the meta device.
+`prefetch(i)` reads layer i's tensors in a background thread while the current layer computes.
+
+Instrumented: `reads` counts how often each tensor was read, `peak_resident` is the largest number of
+decoder layers whose weights were in memory at once (read, loaded or prefetched, not yet released).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from ..checkpoint.layout import inspect_checkpoint
+from ..errors import BugError, CheckpointError
+
+OUTER = -1  # the group of every tensor outside the decoder layers (embeddings, vision tower, final norm, head)
+
+
+def text_decoder(model: torch.nn.Module) -> torch.nn.Module:
+    """The module that runs the decoder layers (it owns `layers` and the final `norm`)."""
+    base = getattr(model, "model", None)
+    for candidate in (
+        model.get_decoder() if hasattr(model, "get_decoder") else None,
+        base,
+        getattr(base, "language_model", None),
+        getattr(model, "base_model", None),
+    ):
+        if isinstance(getattr(candidate, "layers", None), torch.nn.ModuleList):
+            return candidate
+    raise BugError(f"{type(model).__name__} has no decoder with a `layers` list")
+
+
+def decoder_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
+    """(module path, ModuleList) of the text decoder's layers."""
+    layers = text_decoder(model).layers
+    path = next(name for name, module in model.named_modules() if module is layers)
+    return path, layers
+
+
+def _meta(module: torch.nn.Module) -> list[str]:
+    return [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+
+
+class LayerReader:
+    def __init__(self, model_dir: Path, model: torch.nn.Module, *, device: torch.device, dtype: torch.dtype):
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+        self.model_dir, self.model, self.device, self.dtype = Path(model_dir), model, torch.device(device), dtype
+        self.layout = inspect_checkpoint(model_dir)
+        self.layers_path, self.layers = decoder_layers(model)
+        self.mapping = get_model_conversion_mapping(model)
+        renamings = [w for w in self.mapping if isinstance(w, WeightRenaming)]
+        converters = [w for w in self.mapping if isinstance(w, WeightConverter)]
+        targets = model.state_dict()
+        prefix = model.base_model_prefix
+        self.groups: dict[int, list[str]] = {OUTER: [], **{i: [] for i in range(len(self.layers))}}
+        self.target: dict[str, str] = {}  # on-disk name -> in-memory parameter it (partly) becomes
+        self.unused: list[str] = []  # tensors the model has no parameter for (an MTP layer, ...): never read
+        head = self.layers_path + "."
+        for name in self.layout.tensors:
+            renamed, _ = rename_source_key(name, renamings, converters, prefix, targets)
+            if renamed not in targets and name in targets:
+                renamed, _ = rename_source_key(name, [], [], prefix, targets)
+            if renamed not in targets:
+                self.unused.append(name)
+                continue
+            self.target[name] = renamed
+            group = int(renamed[len(head) :].split(".", 1)[0]) if renamed.startswith(head) else OUTER
+            self.groups[group].append(name)
+        self.reads: Counter[str] = Counter()
+        self.resident: set[int] = set()
+        self.peak_resident = 0  # decoder layers only; OUTER is not a layer
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reap-prefetch")
+        self._pending: dict[int, Future] = {}
+
+    # ---- sizes ---------------------------------------------------------------------------------
+    def nbytes(self, group: int) -> int:
+        return sum(self.layout.tensors[n].nbytes for n in self.groups[group])
+
+    def largest_layer_bytes(self) -> int:
+        return max((self.nbytes(i) for i in range(len(self.layers))), default=0)
+
+    # ---- reading -------------------------------------------------------------------------------
+    def _mark(self, group: int) -> None:
+        with self._lock:
+            if group != OUTER:
+                self.resident.add(group)
+                self.peak_resident = max(self.peak_resident, len(self.resident))
+
+    def _read(self, group: int) -> dict[str, torch.Tensor]:
+        """The group's tensors, tensor by tensor, shard by shard in file order."""
+        from safetensors import safe_open
+
+        self._mark(group)
+        by_shard: dict[str, list[str]] = {}
+        for name in self.groups[group]:
+            by_shard.setdefault(self.layout.tensors[name].shard, []).append(name)
+        out = {}
+        for shard, names in by_shard.items():
+            names.sort(key=lambda n: self.layout.tensors[n].start)
+            with safe_open(str(self.model_dir / shard), framework="pt", device="cpu") as f:
+                for name in names:
+                    out[name] = f.get_tensor(name)
+                    with self._lock:
+                        self.reads[name] += 1
+        return out
+
+    def prefetch(self, group: int) -> None:
+        if group in self.groups and group not in self._pending:
+            self._pending[group] = self._pool.submit(self._read, group)
+
+    def load(self, group: int) -> int:
+        """Read (or take the prefetched) tensors of `group` and put them into the model. Returns bytes read."""
+        from transformers.core_model_loading import convert_and_load_state_dict_in_model
+        from transformers.modeling_utils import LoadStateDictConfig
+
+        pending = self._pending.pop(group, None)
+        tensors = pending.result() if pending is not None else self._read(group)
+        config = LoadStateDictConfig(
+            device_map={"": self.device},
+            dtype=self.dtype,
+            dtype_plan=self.model._get_dtype_plan(self.dtype),
+            weight_mapping=self.mapping,
+        )
+        from transformers.utils import logging as hf_logging
+
+        quiet = hf_logging.is_progress_bar_enabled()
+        if quiet:  # transformers' "Loading weights" bar, once per layer, would flood the log
+            hf_logging.disable_progress_bar()
+        try:
+            info, _ = convert_and_load_state_dict_in_model(self.model, tensors, config)
+        finally:
+            if quiet:
+                hf_logging.enable_progress_bar()
+        del tensors
+        module = self.model if group == OUTER else self.layers[group]
+        problems = [*info.mismatched_keys, *info.conversion_errors]
+        if problems:
+            raise CheckpointError(
+                f"the checkpoint's tensors do not fit the model: {str(problems[0])[:200]}",
+                "config.json and the shards disagree",
+                "Check the checkpoint with ./run.sh verify",
+            )
+        if group == OUTER:
+            self.model.tie_weights()
+            self._buffers_to(self.model, skip=self.layers_path + ".")
+            missing = [n for n in _meta(self.model) if not n.startswith(self.layers_path + ".")]
+        else:
+            self._buffers_to(module)
+            missing = _meta(module)
+        if missing:
+            where = "outside the decoder layers" if group == OUTER else f"decoder layer {group}"
+            raise CheckpointError(
+                f"the checkpoint has no tensor for {missing[0]} ({where})",
+                "streamed execution reads every parameter from the shards and initialises none",
+                "Check that the checkpoint is complete (./run.sh verify)",
+            )
+        return self.nbytes(group)
+
+    def _buffers_to(self, module: torch.nn.Module, skip: str | None = None) -> None:
+        for name, buf in list(module.named_buffers()):
+            if (skip and name.startswith(skip)) or buf.is_meta or buf.device == self.device:
+                continue
+            owner, _, leaf = name.rpartition(".")
+            sub = module.get_submodule(owner) if owner else module
+            sub._buffers[leaf] = buf.to(self.device)
+
+    def release(self, group: int) -> None:
+        """Put the layer's parameters back on the meta device (its memory is freed)."""
+        module = self.layers[group]
+        for name, param in list(module.named_parameters()):
+            owner, _, leaf = name.rpartition(".")
+            sub = module.get_submodule(owner) if owner else module
+            sub._parameters[leaf] = torch.nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=False)
+        with self._lock:
+            self.resident.discard(group)
+
+    def close(self) -> None:
+        for pending in self._pending.values():
+            pending.cancel()
+        self._pending.clear()
+        self._pool.shutdown(wait=True)

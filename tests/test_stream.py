@@ -1,0 +1,238 @@
+"""Streamed execution (reap_vlm.execution): the layer-by-layer pass from the shards gives the same
+reap_metadata.json as the whole model in memory, reads each layer's tensors once with at most two
+layers resident, and spills hidden states to disk without changing a number."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from reap_vlm import tiny
+from reap_vlm.calibration import load_samples, make_batches
+from reap_vlm.errors import SettingsError, UnsupportedModelError
+from reap_vlm.execution import choose
+from reap_vlm.execution.memory import forward
+from reap_vlm.execution.stream import STREAMABLE, StreamedModel, check_streamable, observe
+from reap_vlm.execution.weights import OUTER
+from reap_vlm.loading import load_model
+from reap_vlm.moe import find_moe_blocks
+from reap_vlm.observe import Observer
+from reap_vlm.settings import ReapSettings, load
+
+PIXELS = dict(min_pixels=1024, max_pixels=16384)
+RTOL = 1e-5
+
+
+def _settings(model_dir: Path, out: Path, **extra) -> ReapSettings:
+    argv = ["--model-path", str(model_dir), "--output-path", str(out), "--device", "cpu", "--max-samples", "9"]
+    argv += ["--max-seq-len", "96", "--batch-size", "3", "--eval-samples", "0", "--no-plots"]
+    argv += ["--min-pixels", "1024", "--max-pixels", "16384"]
+    for k, v in extra.items():
+        argv += [f"--{k.replace('_', '-')}", str(v)]
+    return load(ReapSettings, argv, {})
+
+
+def _close(a, b, path: str = "") -> None:
+    """Every number of `b` within RTOL (relative) of `a`; everything else identical."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            _close(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _close(x, y, f"{path}[{i}]")
+    elif isinstance(a, float) and isinstance(b, float):
+        if math.isnan(a) or math.isnan(b):
+            assert math.isnan(a) and math.isnan(b), path
+        else:
+            assert abs(a - b) <= RTOL * max(abs(a), abs(b), 1e-30), f"{path}: {a} vs {b}"
+    else:
+        assert a == b, f"{path}: {a!r} vs {b!r}"
+
+
+def _same_metadata(memory: dict, streamed: dict) -> None:
+    assert memory["scoring"]["execution"]["mode"] == "memory"
+    assert streamed["scoring"]["execution"]["mode"] == "stream"
+    _close(memory["layers"], streamed["layers"])  # raw sums, scores, kept, protected
+    assert memory["plan"] == streamed["plan"]
+    assert memory["calibration"] == streamed["calibration"]
+    assert memory["model"] == streamed["model"]
+
+
+@pytest.mark.parametrize(
+    "family, calibration",
+    [("qwen3_vl_moe", "code:3,writing:2,vision:4"), ("qwen3_moe", "code:5,writing:4")],
+    ids=["qwen3_vl_moe-image+text", "qwen3_moe-text"],
+)
+def test_streamed_stage_writes_the_same_metadata_as_in_memory(
+    family, calibration, tiny_vl_dir, tiny_text_dir, tmp_path
+):
+    from reap_vlm.reap import score
+
+    model_dir = tiny_vl_dir if family == "qwen3_vl_moe" else tiny_text_dir
+    memory = score(_settings(model_dir, tmp_path / "memory", calibration=calibration, execution="memory"))
+    streamed = score(_settings(model_dir, tmp_path / "stream", calibration=calibration, execution="stream"))
+    _same_metadata(memory, streamed)
+    if family == "qwen3_vl_moe":
+        assert memory["calibration"]["tokens"]["image"] > 0
+    assert json.loads((tmp_path / "stream" / "reap_metadata.json").read_text())["layers"] == streamed["layers"]
+    # the merge statistics: every sum the same; the sampled activations a draw of the same size
+    from reap_vlm.observe import merge_stats
+
+    assert memory["merge_stats"] == streamed["merge_stats"]
+    (a, info_a), (b, info_b) = (merge_stats.read(tmp_path / m / merge_stats.FILE_NAME) for m in ("memory", "stream"))
+    assert a.keys() == b.keys() and info_a == info_b
+    for key in a:
+        assert a[key].keys() == b[key].keys()
+        for name, t in a[key].items():
+            if name == "activations":
+                assert t.shape == b[key][name].shape
+            else:
+                assert torch.allclose(t.double(), b[key][name].double(), rtol=RTOL, atol=0), (key, name)
+
+
+def test_spill_to_disk_gives_identical_metadata_and_removes_its_folder(tiny_vl_dir, tmp_path):
+    from reap_vlm.reap import score
+
+    spec = "code:3,vision:6"
+    ram = score(_settings(tiny_vl_dir, tmp_path / "ram", calibration=spec, execution="stream"))
+    disk = score(_settings(tiny_vl_dir, tmp_path / "disk", calibration=spec, execution="stream", stream_cache_gb=0))
+    assert json.dumps(ram["layers"], sort_keys=True) == json.dumps(disk["layers"], sort_keys=True)
+    assert ram["plan"] == disk["plan"]
+    assert not [p.name for p in (tmp_path / "disk").iterdir() if p.name.startswith(".")]  # spill folder removed
+
+
+def test_hidden_cache_spills_above_its_budget(tmp_path):
+    from reap_vlm.execution.stream import HiddenCache
+
+    cache = HiddenCache(limit_bytes=4 * 10, spill_parent=tmp_path)
+    tensors = {i: torch.randn(2, 5, generator=torch.Generator().manual_seed(i)) for i in range(3)}
+    for i, t in tensors.items():
+        cache.put(i, t)
+    assert cache.spilled_writes == 2 and cache.ram_bytes == 40 and cache.spill_dir.is_dir()
+    for i, t in tensors.items():
+        assert torch.equal(cache.get(i), t)
+    cache.put(0, tensors[2])  # a replaced entry frees its RAM first
+    assert torch.equal(cache.get(0), tensors[2]) and cache.ram_bytes == 40
+    spill = cache.spill_dir
+    cache.close()
+    assert not spill.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_loader_reads_each_layer_once_with_at_most_two_layers_resident(tiny_vl_dir):
+    streamed = StreamedModel(tiny_vl_dir, device="cpu")
+    reader = streamed.reader
+    assert reader.unused == []  # every tensor of the checkpoint becomes a parameter
+    assert sum(len(v) for v in reader.groups.values()) == len(reader.layout.tensors)
+    assert all(reader.groups[i] for i in range(len(streamed.layers)))
+    outer = {n: reader.reads[n] for n in reader.groups[OUTER]}
+    assert set(outer.values()) == {1}  # the embeddings, vision tower and head: read once, at start
+    loaded_at_once: list[int] = []
+
+    def count_loaded(_batch) -> None:
+        loaded_at_once.append(sum(not any(p.is_meta for p in layer.parameters()) for layer in streamed.layers))
+
+    from reap_vlm.execution.stream import Stream
+
+    model, processor, _ = load_model(tiny_vl_dir, device="cpu")
+    batches = list(
+        make_batches(
+            load_samples("code:2,vision:2", max_samples=4, seed=0), processor, max_seq_len=64, batch_size=2, **PIXELS
+        )
+    )
+    streamed.run([Stream(batches, before_batch=count_loaded)]).close()
+    assert set(loaded_at_once) == {1}  # the layer that computes; the prefetched one is not yet in the model
+    assert reader.peak_resident == 2  # current + prefetched
+    assert reader.resident == set()
+    for name in reader.layout.tensors:
+        assert reader.reads[name] == 1, name  # each layer's bytes once per pass, never a whole shard
+    assert sum(reader.nbytes(g) for g in reader.groups) == sum(t.nbytes for t in reader.layout.tensors.values())
+    streamed.close()
+    # the parameters really are the checkpoint's: layer 1 loaded again equals the in-memory model's
+    reader.load(1)
+    for name, p in streamed.layers[1].named_parameters():
+        ref = model.get_parameter(f"{streamed.layers_path}.1.{name}")
+        assert torch.equal(p, ref), name
+    reader.release(1)
+    assert all(p.is_meta for p in streamed.layers[1].parameters())
+
+
+def _observed(model_dir: Path, spec: str, mode: str = "full") -> tuple[dict, dict]:
+    """(in-memory, streamed) Observer exports for the same batches."""
+    model, processor, _ = load_model(model_dir, device="cpu")
+    batches = list(
+        make_batches(load_samples(spec, max_samples=6, seed=0), processor, max_seq_len=80, batch_size=3, **PIXELS)
+    )
+    blocks = find_moe_blocks(model)
+    observer = Observer(model, blocks, mode, 768)
+    with observer, torch.inference_mode():
+        for batch in batches:
+            observer.set_modality(batch.modality)
+            forward(model, batch)
+    streamed = StreamedModel(model_dir, device="cpu")
+    streamed_blocks = find_moe_blocks(streamed.model)
+    assert [b.key for b in streamed_blocks] == [b.key for b in blocks]
+    got = observe(streamed, streamed_blocks, batches, mode, 768)
+    streamed.close()
+    return observer.export(), got
+
+
+def test_deepseek_v3_with_a_dense_first_layer_and_groups(tmp_path, monkeypatch):
+    monkeypatch.setitem(
+        tiny.TEXT_FAMILIES, "deepseek_v3", {**tiny.TEXT_FAMILIES["deepseek_v3"], "first_k_dense_replace": 1}
+    )
+    model_dir = tiny.make_tiny("deepseek_v3", tmp_path / "ds", num_layers=3)
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config["first_k_dense_replace"] == 1 and config["n_group"] == 2
+    memory, streamed = _observed(model_dir, "code:3,writing:3")
+    assert sorted(memory) == ["1.experts", "2.experts"]
+    _close(memory, streamed)
+
+
+def test_gpt_oss_with_sliding_and_full_attention_layers(tmp_path):
+    model_dir = tiny.make_tiny("gpt_oss", tmp_path / "oss")
+    config = json.loads((model_dir / "config.json").read_text())
+    config["layer_types"] = ["sliding_attention", "full_attention"]  # same weights, two mask types
+    (model_dir / "config.json").write_text(json.dumps(config))
+    memory, streamed = _observed(model_dir, "code:3,writing:3")  # 80 tokens > the 16-token window
+    _close(memory, streamed)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", sorted(STREAMABLE))
+@pytest.mark.parametrize("mode", ["full", "routed", "router"])
+def test_every_streamable_family_observes_the_same_statistics(family, mode, tmp_path):
+    model_dir = tiny.make_tiny(family, tmp_path / family)
+    vision = "vision_config" in json.loads((model_dir / "config.json").read_text())
+    memory, streamed = _observed(model_dir, "code:2,vision:4" if vision else "code:3,writing:3", mode)
+    _close(memory, streamed)
+
+
+def test_unverified_families_and_plan_measurement_are_refused_before_loading(tiny_vl_dir, tmp_path):
+    from reap_vlm.reap import score
+
+    with pytest.raises(UnsupportedModelError, match="REAP_EXECUTION=stream does not support jamba"):
+        check_streamable({"model_type": "jamba"})
+    with pytest.raises(UnsupportedModelError, match="does not read fp8-quantized checkpoints"):
+        check_streamable({"model_type": "qwen3_moe", "quantization_config": {"quant_method": "fp8"}})
+    with pytest.raises(SettingsError, match=r"does not measure candidate plans yet.*REAP_EVAL_SAMPLES=0"):
+        score(_settings(tiny_vl_dir, tmp_path / "a", execution="stream", eval_samples=4))
+    with pytest.raises(SettingsError, match="no accumulator checkpoints"):
+        score(_settings(tiny_vl_dir, tmp_path / "b", execution="stream", checkpoint_every=1))
+    assert not any(p.exists() for p in (tmp_path / "a", tmp_path / "b"))
+
+
+def test_auto_streams_only_when_the_model_does_not_fit_the_gpu(tiny_vl_dir, tmp_path):
+    settings = _settings(tiny_vl_dir, tmp_path, execution="auto")
+    assert choose(settings).mode == "memory"  # no GPU in use
+    settings.device = "cuda"
+    small, large = choose(settings, gpu_bytes=2**20), choose(settings, gpu_bytes=2**40)
+    assert small.mode == "stream" and "do not fit" in small.reason
+    assert large.mode == "memory" and "fit" in large.reason
+    settings.execution = "stream"
+    assert choose(settings).mode == "stream"
