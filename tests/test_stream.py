@@ -177,7 +177,7 @@ def _observed(model_dir: Path, spec: str, mode: str = "full") -> tuple[dict, dic
     streamed = StreamedModel(model_dir, device="cpu")
     streamed_blocks = find_moe_blocks(streamed.model)
     assert [b.key for b in streamed_blocks] == [b.key for b in blocks]
-    got = observe(streamed, streamed_blocks, batches, mode, 768)
+    got, _ = observe(streamed, streamed_blocks, batches, mode, 768)
     streamed.close()
     return observer.export(), got
 
