@@ -14,17 +14,19 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-import json
 import logging
 import random
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel, ConfigDict, StrictFloat, StrictInt, StrictStr, TypeAdapter
 
 from .errors import CalibrationError
+from .validate import MAX_PROMPT_BYTES, check, open_regular, parse_json, read_text
 
 log = logging.getLogger(__name__)
 CALIBRATION_DIR = Path(__file__).resolve().parents[1] / "calibration"
@@ -106,8 +108,19 @@ def _user_message(content: list[dict] | str) -> list[dict]:
 
 
 def _open_image(path: Path) -> Image.Image:
-    with Image.open(path) as img:
-        return img.convert("RGB")
+    """A decoded RGB image. Not a regular file (a FIFO would block) or a decompression bomb (an image of
+    more than Pillow's MAX_IMAGE_PIXELS, which would exhaust memory): a CalibrationError. Undecodable
+    bytes: OSError / UnidentifiedImageError, which the callers count as a skipped image."""
+    with open_regular(path, CalibrationError, "Use regular image files") as fh:
+        try:
+            with Image.open(fh) as img:
+                return img.convert("RGB")
+        except Image.DecompressionBombError as err:
+            raise CalibrationError(
+                f"image {path} is too large to decode safely",
+                str(err).split(" could be")[0].rstrip(","),
+                "Downscale it (calibration images are resized to REAP_MAX_PIXELS anyway) or remove it",
+            ) from None
 
 
 def _confined(base: Path, rel: str, source: str) -> Path:
@@ -121,63 +134,74 @@ def _confined(base: Path, rel: str, source: str) -> Path:
     return path
 
 
+class _Item(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    type: StrictStr
+    text: StrictStr | None = None
+    image: StrictStr | None = None
+    path: StrictStr | None = None
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    role: StrictStr = "user"
+    content: StrictStr | list[Any]
+
+
+class _Row(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    text: StrictStr | None = None
+    messages: list[_Message] | None = None
+    answer: StrictStr | StrictInt | StrictFloat | None = None
+
+
+ROW_FIX = 'Write one JSON object per line: {"text": "..."} or {"messages": [{"role": "user", "content": [...]}]}'
+ITEMS = TypeAdapter(list[_Item])
+
+
 def _parse_row(row: dict, base: Path, source: str, where: str) -> tuple[list[dict], str]:
     """JSONL row -> (messages with PIL images, reference answer). Raises OSError for bad images."""
-    if isinstance(row.get("text"), str):
-        return _user_message([{"type": "text", "text": row["text"]}]), ""
-    messages = row.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise CalibrationError(
-            f"{where}: expected a 'text' string or a 'messages' list",
-            "",
-            'Write one JSON object per line: {"text": ...} or {"messages": [...]}',
-        )
+    parsed = check(_Row, row, where, CalibrationError, ROW_FIX)
+    answer = "" if parsed.answer is None else str(parsed.answer)
+    if parsed.text is not None:
+        return _user_message([{"type": "text", "text": parsed.text}]), answer
+    if not parsed.messages:
+        raise CalibrationError(f"{where}: expected a 'text' string or a 'messages' list", "", ROW_FIX)
     out = []
-    for m in messages:
-        content = m.get("content") if isinstance(m, dict) else None
-        if isinstance(content, str):
-            out.append({"role": m.get("role", "user"), "content": content})
+    for i, m in enumerate(parsed.messages):
+        if isinstance(m.content, str):
+            out.append({"role": m.role, "content": m.content})
             continue
-        if not isinstance(content, list):
-            raise CalibrationError(f"{where}: a message has no 'content'", "", "Give each message a content list")
         items = []
-        for item in content:
-            if item.get("type") == "image":
-                ref = item.get("image") or item.get("path")
-                if not isinstance(ref, str):
+        for item in check(ITEMS, m.content, where, CalibrationError, ROW_FIX, f"messages.{i}.content."):
+            if item.type == "image":
+                ref = item.image or item.path
+                if ref is None:
                     raise CalibrationError(
                         f"{where}: image item without a path", "", 'Use {"type": "image", "image": "x.png"}'
                     )
                 items.append({"type": "image", "image": _open_image(_confined(base, ref, source))})
-            elif item.get("type") == "text":
-                items.append({"type": "text", "text": str(item.get("text", ""))})
-        out.append({"role": m.get("role", "user"), "content": items})
-    return out, str(row.get("answer", ""))
+            elif item.type == "text":
+                items.append({"type": "text", "text": item.text or ""})
+        out.append({"role": m.role, "content": items})
+    return out, answer
 
 
 def _read_jsonl(path: Path, source: str, split: str | None, id_prefix: str = "") -> SampleList:
     """Rows of a JSONL file; `split` None = all rows (built-in split files), else the hash split.
     Ids are source/prefix+line number, so they are unique across both splits."""
-    if not path.is_file():
+    if not path.exists():
         raise CalibrationError(f"calibration file {path} does not exist", "", "Check REAP_CALIBRATION")
-    if path.stat().st_size > MAX_JSONL_BYTES:
-        raise CalibrationError(
-            f"{path} is larger than {MAX_JSONL_BYTES >> 20} MiB",
-            "",
-            "Split it, or sample it down; calibration needs hundreds of samples, not millions",
-        )
     samples, skipped = [], 0
-    with open(path, "rb") as fh:
+    too_big = "Split it, or sample it down; calibration needs hundreds of samples, not millions"
+    with open_regular(path, CalibrationError, "Point it at a regular JSONL file", MAX_JSONL_BYTES, too_big) as fh:
         for number, raw in enumerate(fh, 1):
             where = f"{path.name} line {number}"
             if len(raw) > MAX_LINE_BYTES:
                 raise CalibrationError(f"{where} is longer than {MAX_LINE_BYTES >> 20} MiB", "", "Shorten the sample")
             if not raw.strip():
                 continue
-            try:
-                row = json.loads(raw, parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))
-            except (ValueError, UnicodeDecodeError) as err:
-                raise CalibrationError(f"{where} is not valid JSON", str(err), "Fix or remove that line") from None
+            row = parse_json(raw, where, CalibrationError, "Fix or remove that line")
             if not isinstance(row, dict):
                 raise CalibrationError(f"{where} is not a JSON object", "", "Write one object per line")
             if split is not None and _is_eval(raw.decode("utf-8", "replace").strip()) != (split == "evaluation"):
@@ -200,7 +224,9 @@ def _read_folder(folder: Path, split: str) -> SampleList:
     if not folder.is_dir():
         raise CalibrationError(f"image folder {folder} does not exist", "", "Check REAP_CALIBRATION")
     prompt_file = folder / "prompt.txt"
-    prompt = prompt_file.read_text(encoding="utf-8").strip() if prompt_file.is_file() else FOLDER_PROMPT
+    prompt = FOLDER_PROMPT
+    if prompt_file.exists():
+        prompt = read_text(prompt_file, CalibrationError, "Write the prompt as UTF-8 text", MAX_PROMPT_BYTES).strip()
     if not prompt:
         raise CalibrationError(f"{prompt_file} is empty", "", "Write the prompt into it, or delete it")
     samples, skipped = [], 0

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from .cli import main as stage_main
-from .errors import EXIT_OK
+from .errors import EXIT_OK, EXIT_USAGE
 
 
 def _run_stage(name: str, run, argv: list[str]) -> int:
@@ -36,7 +36,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from . import evaluate, prune, reap
-    from .tiny import make_tiny
+    from .tiny import _builder, make_tiny
+
+    if _builder(args.family) is None:  # before anything is created or removed
+        print(
+            f"error: unknown tiny family {args.family!r}: the demo builds one of the model types listed in "
+            "docs/supported-models.md. Pass e.g. --family qwen3_vl_moe.",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
 
     out = Path(args.output_path)
     model_dir = out / "model"

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint.layout import read_config
-from .errors import CheckpointError, DeviceError
+from .errors import CheckpointError, DeviceError, SettingsError
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -77,12 +77,17 @@ def load_model(
     auto = AutoModelForImageTextToText if is_vision_language(config) else AutoModelForCausalLM
     try:
         model = auto.from_pretrained(str(model_dir), **kwargs)
-    except (OSError, ValueError, KeyError) as err:
-        raise CheckpointError(
-            f"transformers could not load {model_dir}",
-            str(err).splitlines()[0],
-            "Check that the folder is a complete checkpoint (./run.sh verify shows its layout)",
+    except (ValueError, ImportError) as err:
+        first = (str(err).splitlines() or [type(err).__name__])[0]
+        if not attn_implementation or ("attn_implementation" not in first and not isinstance(err, ImportError)):
+            raise _load_error(model_dir, first) from None
+        raise SettingsError(
+            f"REAP_ATTN_IMPLEMENTATION={attn_implementation!r} cannot be used with this model",
+            first.split(". ")[0][:200],
+            "Use sdpa or eager, or leave REAP_ATTN_IMPLEMENTATION empty for the model's default",
         ) from None
+    except (OSError, KeyError) as err:
+        raise _load_error(model_dir, (str(err).splitlines() or [type(err).__name__])[0]) from None
     model.eval()
     return model, load_processor(model_dir, trust_remote_code), config
 
@@ -95,6 +100,14 @@ def load_processor(model_dir: Path, trust_remote_code: bool = False):
         return AutoProcessor.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError):
         return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+
+
+def _load_error(model_dir: Path, first: str) -> CheckpointError:
+    return CheckpointError(
+        f"transformers could not load {model_dir}",
+        first,
+        "Check that the folder is a complete checkpoint (./run.sh verify shows its layout)",
+    )
 
 
 def input_device(model: torch.nn.Module) -> torch.device:

@@ -9,10 +9,14 @@ import datetime
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, TypeAdapter
 
 from .errors import MetadataError
 from .provenance import sha256_json, versions, write_json_atomic
+from .settings import SCORING_MODES
+from .validate import Count, Positive, check, read_json
 
 SCHEMA_VERSION = 1
 MAX_BYTES = 512 * 1024 * 1024  # a metadata file of a 1000-layer, 1000-expert model is far below this
@@ -87,46 +91,110 @@ def _clean(obj: Any) -> Any:
 
 
 def write(path: Path, meta: dict) -> None:
-    validate(meta, source=str(path))
-    write_json_atomic(Path(path), _clean(meta))
+    data = json.loads(json.dumps(_clean(meta)))  # validated as the next stage will read it
+    validate(data, source=str(path))
+    write_json_atomic(Path(path), data)
+
+
+FIX = "Re-run ./run.sh reap to write it again"
 
 
 def read(path: Path) -> dict:
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise MetadataError(
             f"metadata file {path} does not exist",
             "",
             "Run ./run.sh reap first, or point --metadata-path at reap_metadata.json",
         )
-    if path.stat().st_size > MAX_BYTES:
-        raise MetadataError(
-            f"{path} is larger than {MAX_BYTES >> 20} MiB",
-            "it cannot be a reap_metadata.json",
-            "Point --metadata-path at the file written by reap.py",
-        )
-    try:
-        meta = json.loads(path.read_text(), parse_constant=_reject_constant)
-    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as err:
-        raise MetadataError(f"{path} is not valid JSON", str(err), "Re-run ./run.sh reap to write it again") from None
+    meta = read_json(path, MetadataError, FIX, MAX_BYTES)
     validate(meta, source=str(path))
     return meta
 
 
-def _reject_constant(name: str):
-    raise ValueError(f"non-standard JSON constant {name}")
+Number = StrictFloat | StrictInt | None  # null: an undefined mean (see _clean)
+
+
+class _Stats(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    tokens: Count = 0
+    count: list[Number] | None = None
+    gate_sum: list[Number] | None = None
+    gate_norm_sum: list[Number] | None = None
+    norm_sum: list[Number] | None = None
+    max_abs: list[Number] | None = None
+    prob_sum: list[Number] | None = None
+    soft_norm_sum: list[Number] | None = None
+
+
+class _Layer(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    stats: dict[Literal[MODALITIES], _Stats] = {}  # type: ignore[valid-type]
+    scores: dict[StrictStr, list[Number] | None] = {}  # None: the criterion needs another scoring mode
+    kept: list[Count] | None = None
+    protected: dict[StrictStr, Any] = {}
+
+
+class _Block(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    key: StrictStr
+    layer: Count
+    expert_set: StrictStr
+    num_experts: Positive
+    top_k: Positive = 1
+    n_group: Positive = 1
+    topk_group: Positive = 1
+    expert_shapes: dict[StrictStr, list[Count]] = {}
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    architecture: StrictStr = ""
+    model_type: StrictStr = ""
+    config_sha256: StrictStr = ""
+    blocks: Annotated[list[_Block], Field(min_length=1)]
+
+
+class _Plan(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    criterion: StrictStr | None = None
+    ratio: Annotated[StrictFloat, Field(gt=0, lt=1)] | None = None
+    num_keep: Positive | None = None
+    modality: StrictStr = "joint"
+    round_to: Positive = 1
+    protect_super_experts: StrictBool = True
+    super_expert_factor: Annotated[StrictFloat | StrictInt, Field(gt=0)] = 10.0
+
+
+class _Scoring(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    mode: Literal[SCORING_MODES]  # type: ignore[valid-type]
+
+
+class _Metadata(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    schema_version: StrictInt
+    model: _Model
+    scoring: _Scoring
+    calibration: dict[StrictStr, Any]
+    layers: dict[StrictStr, _Layer]
+    plan: _Plan
+
+
+SCHEMA = TypeAdapter(_Metadata)
 
 
 def validate(meta: Any, source: str = "metadata") -> None:
-    """Structure and internal consistency; raises MetadataError with what is wrong."""
+    """Structure (types and ranges: the schema above) and internal consistency; raises MetadataError
+    with the file, the field and what is wrong."""
 
-    def bad(what: str, fix: str = "Re-run ./run.sh reap to write it again"):
+    def bad(what: str, fix: str = FIX):
         raise MetadataError(f"{source}: {what}", "", fix)
 
     if not isinstance(meta, dict):
         bad("the top level is not a JSON object")
     version = meta.get("schema_version")
-    if not isinstance(version, int):
+    if type(version) is not int:
         bad("schema_version is missing")
     if version > SCHEMA_VERSION:
         raise MetadataError(
@@ -136,34 +204,38 @@ def validate(meta: Any, source: str = "metadata") -> None:
         )
     if version < 1:
         bad(f"schema_version {version} is invalid")
-    for key in ("model", "scoring", "calibration", "layers", "plan"):
-        if not isinstance(meta.get(key), dict):
-            bad(f"'{key}' is missing or not an object")
-    blocks = meta["model"].get("blocks")
-    if not isinstance(blocks, list) or not blocks:
-        bad("model.blocks is missing or empty")
-    for block in blocks:
-        key, n = block.get("key"), block.get("num_experts")
-        if not isinstance(n, int) or n <= 0:
-            bad(f"block {key}: num_experts is not a positive integer")
-        layer = meta["layers"].get(key)
+    parsed = check(SCHEMA, meta, source, MetadataError, FIX)
+    keys = [b.key for b in parsed.model.blocks]
+    if len(set(keys)) != len(keys) or len({(b.layer, b.expert_set) for b in parsed.model.blocks}) != len(keys):
+        bad("model.blocks lists a block twice")
+    for block in parsed.model.blocks:
+        key, n = block.key, block.num_experts
+        if block.top_k > n:
+            bad(f"block {key}: top_k={block.top_k} exceeds its {n} experts")
+        if block.n_group > 1 and n % block.n_group:
+            bad(f"block {key}: n_group={block.n_group} does not divide its {n} experts")
+        layer = parsed.layers.get(key)
         if layer is None:
-            if meta["layers"]:
+            if parsed.layers:
                 bad(f"block {key} has no entry in 'layers'")
             continue
-        for modality, stats in (layer.get("stats") or {}).items():
+        for modality, stats in layer.stats.items():
             for name in STAT_FIELDS:
-                values = stats.get(name)
-                if values is not None and (not isinstance(values, list) or len(values) != n):
+                values = getattr(stats, name)
+                if values is not None and len(values) != n:
                     bad(f"layers[{key}].stats.{modality}.{name} does not have {n} entries")
-        kept = layer.get("kept")
+        for name, values in layer.scores.items():
+            if values is not None and len(values) != n:
+                bad(f"layers[{key}].scores.{name} does not have {n} entries")
+        kept = layer.kept
         if kept is not None:
-            if not isinstance(kept, list) or not all(isinstance(i, int) for i in kept):
-                bad(f"layers[{key}].kept is not a list of integers")
-            if len(set(kept)) != len(kept) or any(i < 0 or i >= n for i in kept):
+            if len(set(kept)) != len(kept) or any(i >= n for i in kept):
                 bad(f"layers[{key}].kept has duplicate or out-of-range indices")
-            if len(kept) < block.get("top_k", 1):
-                bad(f"layers[{key}] keeps {len(kept)} experts, fewer than top_k={block.get('top_k')}")
+            if len(kept) < block.top_k:
+                bad(f"layers[{key}] keeps {len(kept)} experts, fewer than top_k={block.top_k}")
+    extra = sorted(set(parsed.layers) - set(keys))
+    if extra:
+        bad(f"layers has an entry {extra[0]!r} that model.blocks does not list")
 
 
 def keep_plan(meta: dict) -> dict[tuple[int, str], list[int]]:
@@ -182,10 +254,16 @@ def keep_plan(meta: dict) -> dict[tuple[int, str], list[int]]:
 
 
 def check_against(
-    meta: dict, config: dict, counts: dict[tuple[int, str], int], source: str = "checkpoint"
+    meta: dict,
+    config: dict,
+    counts: dict[tuple[int, str], int],
+    source: str = "checkpoint",
+    per_expert: dict[tuple[int, str], int] | None = None,
 ) -> list[str]:
     """Refuse metadata of another model. A quantized sibling (same architecture and expert counts, other
-    dtypes or quantization_config) is accepted. Returns warnings (e.g. config hash differs)."""
+    dtypes or quantization_config) is accepted. `per_expert`: the checkpoint's weights per expert and block
+    (Layout.params_per_expert), compared with the scored model's expert shapes when the configs differ.
+    Returns warnings (e.g. config hash differs)."""
     model = meta["model"]
     arch = (config.get("architectures") or [""])[0]
     if model.get("architecture") and arch and model["architecture"] != arch:
@@ -210,6 +288,19 @@ def check_against(
             "Use the metadata written for this model (was it already pruned?)",
         )
     warnings = []
+    if model.get("config_sha256") and model["config_sha256"] != config_hash(config) and per_expert:
+        for b in model["blocks"]:
+            key, shapes = (b["layer"], b["expert_set"]), b.get("expert_shapes") or {}
+            if key not in per_expert or not shapes or any(s[0] < b["num_experts"] for s in shapes.values() if s):
+                continue  # nothing comparable: experts as a module list, or not expert-major
+            scored = sum(math.prod(s[1:]) for s in shapes.values() if s)
+            if scored != per_expert[key]:
+                raise MetadataError(
+                    f"the metadata does not match {source}",
+                    f"block {b['key']}: the scored model's experts have {scored} weights each, this "
+                    f"checkpoint's {per_expert[key]} (another model of the same architecture)",
+                    "Use the metadata written for this model, or re-run ./run.sh reap on it",
+                )
     if model.get("config_sha256") and model["config_sha256"] != config_hash(config):
         warnings.append(
             "config.json differs from the scored model's (other than quantization); "

@@ -158,7 +158,7 @@ def run(settings: PruneSettings) -> int:
     src, dst = Path(settings.model_path), settings.pruned_dir
     layout = inspect_checkpoint(src)
     meta = metadata.read(settings.metadata_file)
-    for warning in metadata.check_against(meta, layout.config, layout.counts(), source=str(src)):
+    for warning in metadata.check_against(meta, layout.config, layout.counts(), str(src), layout.params_per_expert()):
         print(f"note: {warning}")
     keep, plan_info = _recut(settings, meta)
     n_keep = len(next(iter(keep.values())))

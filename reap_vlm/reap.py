@@ -20,6 +20,7 @@ from .loading import load_model, read_config
 from .moe import find_moe_blocks
 from .observe import Observer
 from .settings import ReapSettings, dump
+from .validate import read_accumulators
 
 CHECKPOINT_NAME = ".reap_accumulators.pt"
 GATE_DEFINITION = (
@@ -169,9 +170,9 @@ def accumulate(
     fingerprint = _settings_hash(settings)
     started = time.perf_counter()
     with observer, torch.inference_mode():
-        if settings.resume and checkpoint.is_file():
-            saved = torch.load(checkpoint, weights_only=True)
-            if saved.get("settings_hash") != fingerprint:
+        if settings.resume and checkpoint.exists():
+            saved = read_accumulators(checkpoint, observer.state(), len(batches), SettingsError)
+            if saved["settings_hash"] != fingerprint:
                 raise SettingsError(
                     f"the accumulator checkpoint {checkpoint} was made with other settings",
                     "resuming would mix statistics of different runs",

@@ -78,13 +78,21 @@ def all_scores(layer_stats: dict, mode: str) -> dict[str, list | None]:
 def n_keep_for(
     num_experts: int, *, ratio: float | None, num_keep: int, top_k: int, round_to: int = 1, n_group: int = 1
 ) -> int:
-    """Experts to keep per block. Refuses plans below top_k or that break routing groups."""
+    """Experts to keep per block. Refuses plans below top_k, that break routing groups, or that remove nothing."""
     keep = num_keep if num_keep > 0 else num_experts - int(np.floor(num_experts * (ratio or 0.0) + 1e-9))
     keep = min(keep, num_experts)
     if round_to > 1:
         keep -= keep % round_to
     if n_group > 1:
         keep -= keep % n_group  # the same number in every group (see select)
+    if keep >= num_experts:
+        asked = f"REAP_NUM_KEEP={num_keep}" if num_keep > 0 else f"a prune ratio of {ratio}"
+        raise PlanError(
+            f"{asked} keeps all {num_experts} experts: nothing would be pruned",
+            "the output would be a copy of the model",
+            f"Use REAP_NUM_KEEP below {num_experts}, or a prune ratio of at least {1 / num_experts:.4f} "
+            "(one expert per layer)",
+        )
     if keep < top_k:
         step = max(round_to, n_group, 1)
         smallest = -(-top_k // step) * step  # smallest kept count that satisfies every constraint

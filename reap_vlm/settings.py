@@ -101,8 +101,48 @@ class Settings:
         return out
 
 
+SIZE_UNITS = (
+    ("GIB", 1 << 30),
+    ("MIB", 1 << 20),
+    ("KIB", 1 << 10),
+    ("GB", 10**9),
+    ("MB", 10**6),
+    ("KB", 10**3),
+    ("B", 1),
+)
+
+
+def parse_size(text: str, key: str = "size") -> int:
+    """'5GB' / '500MiB' / '1000000' -> bytes (> 0)."""
+    upper = text.strip().upper()
+    unit, mult = next(((u, m) for u, m in SIZE_UNITS if upper.endswith(u)), ("", 1))
+    number = upper[: len(upper) - len(unit)].strip()
+    try:
+        value = float(number) * mult
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 1:
+        raise SettingsError(
+            f"{key}={text!r} is not a size",
+            "expected a positive number with an optional unit: B, KB, MB, GB, KiB, MiB, GiB",
+            f"Set {key} to e.g. 5GB",
+        )
+    return int(value)
+
+
 def _is_cuda_index(device: str) -> bool:
     return device.startswith("cuda:") and device[5:].isdigit()
+
+
+def _check_range(name: str, value: float, low: float | None, high: float | None, meaning: str = "") -> None:
+    """low <= value <= high (either bound may be None), and finite."""
+    if math.isfinite(value) and (low is None or value >= low) and (high is None or value <= high):
+        return
+    key = PREFIX + name.upper()
+    bounds = f"within [{low}, {high}]" if high is not None else f">= {low}"
+    raise SettingsError(
+        f"{key}={value} is out of range", f"it must be {bounds}" + (f" ({meaning})" if meaning else ""), f"Fix {key}"
+    )
 
 
 def _check_ratio(name: str, value: float | None, *, allow_none: bool = False) -> None:
@@ -206,6 +246,10 @@ class ReapSettings(Settings):
                 )
         if not 0.0 <= self.image_share <= 1.0:
             raise SettingsError("REAP_IMAGE_SHARE must be within [0, 1]", f"got {self.image_share}", "Set e.g. 0.3")
+        _check_range("super_expert_factor", self.super_expert_factor, 1.0, None, "a multiple of the median")
+        _check_range("min_pixels", self.min_pixels, 1, None)
+        if self.checkpoint_every < 0 or self.eval_samples < 0:
+            raise SettingsError("REAP_CHECKPOINT_EVERY and REAP_EVAL_SAMPLES must be >= 0", "", "Fix the value")
         if self.min_pixels > self.max_pixels:
             raise SettingsError("REAP_MIN_PIXELS exceeds REAP_MAX_PIXELS", "", "Raise REAP_MAX_PIXELS")
         for r in self.candidate_ratios:
@@ -288,6 +332,8 @@ class PruneSettings(Settings):
         _check_ratio("REAP_PRUNE_RATIO", self.prune_ratio, allow_none=True)
         if self.round_to < 0 or self.hash_check_mb < 0:
             raise SettingsError("REAP_ROUND_TO and REAP_HASH_CHECK_MB must be >= 0", "", "Fix the value")
+        if self.max_shard_size:
+            parse_size(self.max_shard_size, "REAP_MAX_SHARD_SIZE")
 
 
 @dataclass
@@ -346,6 +392,13 @@ class TestSettings(Settings):
                 f"got {self.max_accuracy_drop}",
                 "Set e.g. 15 (fail when a task loses more than 15 points of exact-match accuracy)",
             )
+        for name in ("max_seq_len", "batch_size"):
+            _check_range(name, getattr(self, name), 1, None)
+        _check_range("min_agreement", self.min_agreement, 0.0, 1.0, "a share of tokens")
+        _check_range("max_kl", self.max_kl, 0.0, None, "a KL divergence in nats")
+        _check_range("max_ppl_ratio", self.max_ppl_ratio, 1.0, None, "pruned / original perplexity")
+        _check_range("max_repeat_ratio", self.max_repeat_ratio, 0.0, 1.0, "a share of repeated 4-grams")
+        _check_range("max_degenerate_share", self.max_degenerate_share, 0.0, 1.0, "a share of generations")
 
 
 @dataclass
@@ -417,6 +470,8 @@ def _convert(key: str, raw: str, base: type, optional: bool, choices: tuple | No
     except ValueError:
         kind = {bool: "true/false", int: "an integer", float: "a number"}.get(base, base.__name__)
         raise SettingsError(f"{key}={raw!r} is not {kind}", "", f"Set {key} to {kind}") from None
+    if base is float and not math.isfinite(value):  # NaN compares false with everything: a NaN gate never fires
+        raise SettingsError(f"{key}={value} is out of range", "NaN and infinity are not valid values", f"Fix {key}")
     if choices and value not in choices:
         raise SettingsError(
             f"{key}={raw!r} is not a valid choice",

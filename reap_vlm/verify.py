@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .checkpoint import inspect_checkpoint
 from .checkpoint.layout import DTYPE_BYTES
-from .errors import EXIT_USAGE, ReapError
+from .errors import EXIT_USAGE, ReapError, SettingsError
 
 
 def _meta_blocks(model_dir: Path, config: dict):
@@ -74,6 +74,12 @@ def describe(model_dir: Path, ratio: float | None) -> dict:
     info["parameters"] = sum(counts.values())
     if ratio is not None:
         keep = layout.num_experts - int(layout.num_experts * ratio)
+        if not 0 < keep < layout.num_experts:
+            raise SettingsError(
+                f"--prune-ratio {ratio} keeps {keep} of {layout.num_experts} experts",
+                "it must remove at least one expert and keep at least one",
+                f"Pass a ratio between {1 / layout.num_experts:.4f} and {1 - 1 / layout.num_experts:.4f}",
+            )
         frac = keep / layout.num_experts
         info["after"] = {
             "ratio": ratio,
@@ -96,6 +102,15 @@ def describe(model_dir: Path, ratio: float | None) -> dict:
     return info
 
 
+def check_ratio(ratio: float) -> None:
+    if not (math.isfinite(ratio) and 0.0 < ratio < 1.0):
+        raise SettingsError(
+            f"--prune-ratio {ratio} is out of range",
+            "the fraction of experts to remove must be strictly between 0 and 1",
+            "Pass a value such as 0.5",
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="./run.sh verify", description=__doc__.split("\n\n")[0])
     parser.add_argument("model", type=Path, help="checkpoint folder")
@@ -104,13 +119,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
     try:
+        check_ratio(args.prune_ratio)
         info = describe(args.model, args.prune_ratio)
         if args.metadata_path:
             from . import metadata
 
             layout = inspect_checkpoint(args.model)
             meta = metadata.read(args.metadata_path)
-            info["metadata_notes"] = metadata.check_against(meta, layout.config, layout.counts(), str(args.model))
+            info["metadata_notes"] = metadata.check_against(
+                meta, layout.config, layout.counts(), str(args.model), layout.params_per_expert()
+            )
             info["metadata"] = "matches this checkpoint"
     except ReapError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -60,6 +60,7 @@ class Case:
     args: list[str] = field(default_factory=list)  # {model}, {meta}, {tmp} are filled in
     env: dict[str, str] = field(default_factory=dict)
     setup: str = ""  # name of a fixture-like function below
+    inproc: bool = False  # run reap_vlm's entry point in this process (no interpreter start-up: fast)
 
 
 CASES = [
@@ -386,6 +387,388 @@ CASES = [
         args=["reap"],
         env={"REAP_RUNTIME": "podman"},
     ),
+    Case(
+        "config-list",
+        "malformed input",
+        "reap",
+        "config.json is a JSON list",
+        "is not a JSON object",
+        args=["--model-path", "{tmp}/m"],
+        setup="config_list",
+        inproc=True,
+    ),
+    Case(
+        "topk-string",
+        "malformed input",
+        "prune",
+        'a string top-k ("two")',
+        "num_experts_per_tok is 'two'",
+        args=["--model-path", "{tmp}/m", "--metadata-path", "{meta}"],
+        setup="topk_string",
+        inproc=True,
+    ),
+    Case(
+        "n-group-too-large",
+        "malformed input",
+        "reap",
+        "n_group larger than the expert count",
+        "n_group=16 does not divide the 8 experts",
+        args=["--model-path", "{tmp}/m"],
+        setup="n_group_16",
+        inproc=True,
+    ),
+    Case(
+        "header-shape-int",
+        "malformed input",
+        "prune",
+        "a safetensors header shape that is an int",
+        "shape is 5",
+        args=["--model-path", "{tmp}/m", "--metadata-path", "{meta}"],
+        setup="header_shape_int",
+        inproc=True,
+    ),
+    Case(
+        "index-list",
+        "malformed input",
+        "prune",
+        "model.safetensors.index.json is a list",
+        "model.safetensors.index.json: the top level is list",
+        args=["--model-path", "{tmp}/m", "--metadata-path", "{meta}"],
+        setup="index_list",
+        inproc=True,
+    ),
+    Case(
+        "index-values-lists",
+        "malformed input",
+        "prune",
+        "index weight_map values are lists",
+        "weight_map.",
+        args=["--model-path", "{tmp}/m", "--metadata-path", "{meta}"],
+        setup="index_values_lists",
+        inproc=True,
+    ),
+    Case(
+        "metadata-layers-list",
+        "malformed input",
+        "prune",
+        "metadata whose layers are a list",
+        "layers is list",
+        args=["--model-path", "{model}", "--metadata-path", "{tmp}/x.json"],
+        setup="meta_layers_list",
+        inproc=True,
+    ),
+    Case(
+        "metadata-blocks-int",
+        "malformed input",
+        "prune",
+        "metadata whose model.blocks is an int",
+        "model.blocks is 3",
+        args=["--model-path", "{model}", "--metadata-path", "{tmp}/x.json"],
+        setup="meta_blocks_int",
+        inproc=True,
+    ),
+    Case(
+        "metadata-block-no-key",
+        "malformed input",
+        "prune",
+        "metadata block without its key",
+        "model.blocks.0.key",
+        args=["--model-path", "{model}", "--metadata-path", "{tmp}/x.json"],
+        setup="meta_block_no_key",
+        inproc=True,
+    ),
+    Case(
+        "deep-config",
+        "malformed input",
+        "reap",
+        "config.json nested 100 000 deep",
+        "nests JSON too deeply",
+        args=["--model-path", "{tmp}/m"],
+        setup="deep_config",
+        inproc=True,
+    ),
+    Case(
+        "deep-index",
+        "malformed input",
+        "prune",
+        "index nested 100 000 deep",
+        "nests JSON too deeply",
+        args=["--model-path", "{tmp}/m", "--metadata-path", "{meta}"],
+        setup="deep_index",
+        inproc=True,
+    ),
+    Case(
+        "deep-header",
+        "malformed input",
+        "prune",
+        "safetensors header nested 100 000 deep",
+        "nests JSON too deeply",
+        args=["--model-path", "{tmp}/m", "--metadata-path", "{meta}"],
+        setup="deep_header",
+        inproc=True,
+    ),
+    Case(
+        "deep-metadata",
+        "malformed input",
+        "prune",
+        "metadata nested 100 000 deep",
+        "nests JSON too deeply",
+        args=["--model-path", "{model}", "--metadata-path", "{tmp}/x.json"],
+        setup="deep_meta",
+        inproc=True,
+    ),
+    Case(
+        "deep-jsonl",
+        "malformed input",
+        "reap",
+        "a calibration JSONL line nested 100 000 deep",
+        "nests JSON too deeply",
+        args=["--model-path", "{model}", "--calibration", "{tmp}/deep.jsonl"],
+        setup="deep_jsonl",
+        inproc=True,
+    ),
+    Case(
+        "deep-metadata-verify",
+        "malformed input",
+        "verify",
+        "metadata nested 100 000 deep, checked by verify",
+        "nests JSON too deeply",
+        args=["{model}", "--metadata-path", "{tmp}/x.json"],
+        setup="deep_meta",
+        inproc=True,
+    ),
+    Case(
+        "jsonl-content-strings",
+        "malformed input",
+        "reap",
+        "a JSONL content that is a list of strings",
+        "messages.0.content.0 is 'hello'",
+        args=["--model-path", "{model}", "--calibration", "{tmp}/strings.jsonl"],
+        setup="content_strings",
+        inproc=True,
+    ),
+    Case(
+        "prompt-not-utf8",
+        "malformed input",
+        "reap",
+        "a prompt.txt that is not UTF-8",
+        "is not UTF-8 text",
+        args=["--model-path", "{model}", "--calibration", "{tmp}/imgs"],
+        setup="prompt_latin1",
+        inproc=True,
+    ),
+    Case(
+        "png-bomb",
+        "malformed input",
+        "reap",
+        "a 20000 x 20000 PNG (decompression bomb)",
+        "is too large to decode safely",
+        args=["--model-path", "{model}", "--calibration", "{tmp}/imgs"],
+        setup="png_bomb",
+        inproc=True,
+    ),
+    Case(
+        "max-shard-size-unit",
+        "malformed input",
+        "prune",
+        "--max-shard-size 5XB",
+        "REAP_MAX_SHARD_SIZE='5XB' is not a size",
+        args=["--model-path", "{model}", "--metadata-path", "{meta}", "--max-shard-size", "5XB"],
+        inproc=True,
+    ),
+    Case(
+        "verify-ratio-nan",
+        "malformed input",
+        "verify",
+        "verify --prune-ratio nan",
+        "--prune-ratio nan is out of range",
+        args=["{model}", "--prune-ratio", "nan"],
+        inproc=True,
+    ),
+    Case(
+        "demo-family-bogus",
+        "malformed input",
+        "demo",
+        "demo --family bogus",
+        "unknown tiny family 'bogus'",
+        args=["--family", "bogus"],
+        inproc=True,
+    ),
+    Case(
+        "resume-garbage",
+        "malformed input",
+        "reap",
+        "a garbage accumulator file with --resume",
+        "is unreadable",
+        args=["--model-path", "{model}", "--resume"],
+        setup="acc_garbage",
+        inproc=True,
+    ),
+    Case(
+        "min-agreement-nan",
+        "silent wrong results",
+        "test",
+        "--min-agreement nan (switched the gate off)",
+        "--min-agreement=nan is out of range",
+        args=["--pruned-model-path", "{model}", "--min-agreement", "nan"],
+        inproc=True,
+    ),
+    Case(
+        "max-kl-inf",
+        "silent wrong results",
+        "test",
+        "REAP_MAX_KL=inf (switched the gate off)",
+        "REAP_MAX_KL=inf is out of range",
+        args=["--pruned-model-path", "{model}"],
+        env={"REAP_MAX_KL": "inf"},
+        inproc=True,
+    ),
+    Case(
+        "min-agreement-above-1",
+        "silent wrong results",
+        "test",
+        "REAP_MIN_AGREEMENT=1.5 (can never pass)",
+        "REAP_MIN_AGREEMENT=1.5 is out of range",
+        args=["--pruned-model-path", "{model}"],
+        env={"REAP_MIN_AGREEMENT": "1.5"},
+        inproc=True,
+    ),
+    Case(
+        "no-topk",
+        "silent wrong results",
+        "prune",
+        "config.json without num_experts_per_tok (transformers' default is 8)",
+        "fewer than top_k=8",
+        args=["--model-path", "{tmp}/m", "--metadata-path", "{meta}"],
+        setup="no_topk",
+        inproc=True,
+    ),
+    Case(
+        "header-shape-bytes",
+        "silent wrong results",
+        "prune",
+        "a header shape that does not match its bytes",
+        "but its data_offsets hold",
+        args=["--model-path", "{tmp}/m", "--metadata-path", "{meta}"],
+        setup="header_shape_bytes",
+        inproc=True,
+    ),
+    Case(
+        "header-shared-bytes",
+        "silent wrong results",
+        "prune",
+        "two tensors sharing bytes",
+        "share bytes",
+        args=["--model-path", "{tmp}/m", "--metadata-path", "{meta}"],
+        setup="header_shared",
+        inproc=True,
+    ),
+    Case(
+        "num-keep-all",
+        "silent wrong results",
+        "prune",
+        "--num-keep 100 (>= the experts)",
+        "keeps all 8 experts: nothing would be pruned",
+        args=["--model-path", "{model}", "--metadata-path", "{meta}", "--num-keep", "100"],
+        inproc=True,
+    ),
+    Case(
+        "ratio-rounds-to-nothing",
+        "silent wrong results",
+        "prune",
+        "--prune-ratio 1e-9 (removes nothing)",
+        "keeps all 8 experts: nothing would be pruned",
+        args=["--model-path", "{model}", "--metadata-path", "{meta}", "--prune-ratio", "1e-9"],
+        inproc=True,
+    ),
+    Case(
+        "verify-ratio-3",
+        "silent wrong results",
+        "verify",
+        "verify --prune-ratio 3 (reported -16 experts kept)",
+        "--prune-ratio 3.0 is out of range",
+        args=["{model}", "--prune-ratio", "3"],
+        inproc=True,
+    ),
+    Case(
+        "keep-bool",
+        "silent wrong results",
+        "prune",
+        "a boolean in a keep list",
+        "kept.0 is True",
+        args=["--model-path", "{model}", "--metadata-path", "{tmp}/x.json"],
+        setup="meta_kept_bool",
+        inproc=True,
+    ),
+    Case(
+        "other-expert-shapes",
+        "silent wrong results",
+        "prune",
+        "metadata of a same-architecture model with other expert shapes",
+        "weights each",
+        args=["--model-path", "{model}", "--metadata-path", "{tmp}/x.json"],
+        setup="meta_other_shapes",
+        inproc=True,
+    ),
+    Case(
+        "count-string",
+        "unclear messages",
+        "prune",
+        "a string expert count (was: 'no expert count')",
+        "num_experts is 'eight'",
+        args=["--model-path", "{tmp}/m", "--metadata-path", "{meta}"],
+        setup="count_string",
+        inproc=True,
+    ),
+    Case(
+        "bad-attention",
+        "unclear messages",
+        "reap",
+        "an unknown attention implementation (was: 'check the checkpoint is complete')",
+        "REAP_ATTN_IMPLEMENTATION='bogus' cannot be used",
+        args=["--model-path", "{model}", "--attn-implementation", "bogus"],
+        inproc=True,
+    ),
+    Case(
+        "resume-truncated",
+        "unclear messages",
+        "reap",
+        "a truncated accumulator file with --resume (was: 'Invalid argument')",
+        ".reap_accumulators.pt is unreadable: it is truncated",
+        args=["--model-path", "{model}", "--resume"],
+        setup="acc_truncated",
+        inproc=True,
+    ),
+    Case(
+        "image-fifo",
+        "hangs and runaway copies",
+        "reap",
+        "a calibration image path that is a FIFO",
+        "is not a regular file: it is a FIFO",
+        args=["--model-path", "{model}", "--calibration", "{tmp}/fifo.jsonl"],
+        setup="image_fifo",
+        inproc=True,
+    ),
+    Case(
+        "folder-fifo",
+        "hangs and runaway copies",
+        "reap",
+        "a FIFO named like an image in an image folder",
+        "is not a regular file: it is a FIFO",
+        args=["--model-path", "{model}", "--calibration", "{tmp}/imgs"],
+        setup="folder_fifo",
+        inproc=True,
+    ),
+    Case(
+        "jsonl-fifo",
+        "hangs and runaway copies",
+        "reap",
+        "a calibration JSONL that is a FIFO",
+        "is not a regular file: it is a FIFO",
+        args=["--model-path", "{model}", "--calibration", "{tmp}/pipe.jsonl"],
+        setup="jsonl_fifo",
+        inproc=True,
+    ),
 ]
 
 SCRIPTS = {"reap": "reap.py", "prune": "prune_model.py", "test": "test_pruned_model.py"}
@@ -513,28 +896,243 @@ def _setup(name: str, tmp: Path, model: Path, meta: Path) -> None:
         (tmp / "dsv3.json").write_text(json.dumps(data))
 
 
-def _command(case: Case, tmp: Path, model: Path, meta: Path) -> list[str]:
+# ---- setups of the malformed-input cases: a copy of the model at {tmp}/m, or a file under {tmp} -----------
+
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+def _copy(model: Path, tmp: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(model, tmp / "m"))
+
+
+def _edit_json(path: Path, change) -> None:
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+def _edit_header(shard: Path, change) -> None:
+    """Rewrite a safetensors shard's header (the data is kept byte for byte)."""
+    raw = shard.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    blob = change(header)
+    blob = blob if isinstance(blob, bytes) else json.dumps(header).encode()
+    shard.write_bytes(len(blob).to_bytes(8, "little") + blob + raw[8 + n :])
+
+
+def _first_shard(model: Path) -> Path:
+    return sorted(model.glob("model-*.safetensors"))[0]
+
+
+def _expert_shard(model: Path) -> tuple[Path, list[str]]:
+    """A shard and two expert tensors in it with the same shape and dtype."""
+    for shard in sorted(model.glob("model-*.safetensors")):
+        raw = shard.read_bytes()
+        header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
+        by_shape: dict = {}
+        for k, v in header.items():
+            if k != "__metadata__" and ".experts." in k:
+                by_shape.setdefault((v["dtype"], tuple(v["shape"])), []).append(k)
+        names = next((v for v in by_shape.values() if len(v) >= 2), [])
+        if names:
+            return shard, names[:2]
+    raise AssertionError("no shard with two expert tensors of one shape")
+
+
+def _meta_copy(meta: Path, tmp: Path, change) -> None:
+    if isinstance(change, str):
+        (tmp / "x.json").write_text(change)
+        return
+    data = json.loads(meta.read_text())
+    change(data)
+    (tmp / "x.json").write_text(json.dumps(data))
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG whose header says width x height (Pillow reads the size before any pixel)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b"")
+
+
+def _images(tmp: Path, n: int = 6) -> Path:
+    from PIL import Image
+
+    folder = tmp / "imgs"
+    folder.mkdir()
+    for i in range(n):
+        Image.new("RGB", (32, 32), (40 * i, 10, 200)).save(folder / f"ok{i}.png")
+    return folder
+
+
+def _accumulators(tmp: Path) -> Path:
+    (tmp / "outputs").mkdir(exist_ok=True)
+    return tmp / "outputs" / ".reap_accumulators.pt"
+
+
+def _truncated_accumulators(tmp: Path) -> None:
+    import torch
+
+    path = _accumulators(tmp)
+    torch.save({"batch": 1, "state": {"0.experts": {"acc": torch.zeros(8, 7)}}, "settings_hash": "x"}, path)
+    path.write_bytes(path.read_bytes()[:300])
+
+
+def _jsonl_rows(path: Path, rows: list) -> None:
+    path.write_text("".join(json.dumps(r | {"n": i}) + "\n" for i, r in enumerate(rows)))
+
+
+def _image_rows(image: str) -> list:
+    return [{"messages": [{"role": "user", "content": [{"type": "image", "image": image}]}]}] * 10
+
+
+SETUPS = {
+    "config_list": lambda tmp, model, meta: (_copy(model, tmp) / "config.json").write_text("[1, 2]"),
+    "topk_string": lambda tmp, model, meta: _edit_json(
+        _copy(model, tmp) / "config.json", lambda c: c.update(num_experts_per_tok="two")
+    ),
+    "n_group_16": lambda tmp, model, meta: _edit_json(
+        _copy(model, tmp) / "config.json", lambda c: c.update(n_group=16, topk_group=1)
+    ),
+    "count_string": lambda tmp, model, meta: _edit_json(
+        _copy(model, tmp) / "config.json", lambda c: c.update(num_experts="eight")
+    ),
+    "no_topk": lambda tmp, model, meta: _edit_json(
+        _copy(model, tmp) / "config.json", lambda c: c.pop("num_experts_per_tok")
+    ),
+    "deep_config": lambda tmp, model, meta: (_copy(model, tmp) / "config.json").write_text(DEEP),
+    "index_list": lambda tmp, model, meta: (_copy(model, tmp) / "model.safetensors.index.json").write_text("[1]"),
+    "index_values_lists": lambda tmp, model, meta: _edit_json(
+        _copy(model, tmp) / "model.safetensors.index.json",
+        lambda i: i.update(weight_map={k: [v] for k, v in i["weight_map"].items()}),
+    ),
+    "deep_index": lambda tmp, model, meta: (_copy(model, tmp) / "model.safetensors.index.json").write_text(DEEP),
+    "header_shape_int": lambda tmp, model, meta: _edit_header(
+        _first_shard(_copy(model, tmp)), lambda h: h[next(k for k in h if k != "__metadata__")].update(shape=5)
+    ),
+    "header_shape_bytes": lambda tmp, model, meta: _edit_header(
+        _first_shard(_copy(model, tmp)),
+        lambda h: h[next(k for k in h if k != "__metadata__")].update(shape=[3, 5]),
+    ),
+    "deep_header": lambda tmp, model, meta: _edit_header(_first_shard(_copy(model, tmp)), lambda h: DEEP.encode()),
+    "meta_layers_list": lambda tmp, model, meta: _meta_copy(meta, tmp, lambda m: m.update(layers=[])),
+    "meta_blocks_int": lambda tmp, model, meta: _meta_copy(meta, tmp, lambda m: m["model"].update(blocks=3)),
+    "meta_block_no_key": lambda tmp, model, meta: _meta_copy(meta, tmp, lambda m: m["model"]["blocks"][0].pop("key")),
+    "meta_kept_bool": lambda tmp, model, meta: _meta_copy(
+        meta, tmp, lambda m: m["layers"][next(iter(m["layers"]))]["kept"].__setitem__(0, True)
+    ),
+    "deep_meta": lambda tmp, model, meta: _meta_copy(meta, tmp, DEEP),
+    "deep_jsonl": lambda tmp, model, meta: (tmp / "deep.jsonl").write_text(('{"a": ' + DEEP + "}\n") * 3),
+    "content_strings": lambda tmp, model, meta: _jsonl_rows(
+        tmp / "strings.jsonl", [{"messages": [{"role": "user", "content": ["hello", "world"]}]}] * 10
+    ),
+    "prompt_latin1": lambda tmp, model, meta: (_images(tmp) / "prompt.txt").write_bytes("Décris".encode("latin-1")),
+    "png_bomb": lambda tmp, model, meta: (_images(tmp, 0) / "bomb.png").write_bytes(_png_header(20000, 20000)),
+    "acc_garbage": lambda tmp, model, meta: _accumulators(tmp).write_bytes(os.urandom(4096)),
+    "acc_truncated": lambda tmp, model, meta: _truncated_accumulators(tmp),
+    "image_fifo": lambda tmp, model, meta: (
+        os.mkfifo(tmp / "x.png"),
+        _jsonl_rows(tmp / "fifo.jsonl", _image_rows("x.png")),
+    ),
+    "folder_fifo": lambda tmp, model, meta: [
+        os.mkfifo(folder / f"p{i}.png") for folder in [_images(tmp, 0)] for i in range(6)
+    ],
+    "jsonl_fifo": lambda tmp, model, meta: os.mkfifo(tmp / "pipe.jsonl"),
+}
+
+
+def _header_shared(tmp: Path, model: Path, meta: Path) -> None:
+    shard, (a, b) = _expert_shard(_copy(model, tmp))
+    _edit_header(shard, lambda h: h[b].update(data_offsets=h[a]["data_offsets"]))
+
+
+def _meta_other_shapes(tmp: Path, model: Path, meta: Path) -> None:
+    """The metadata of a Qwen3-MoE with twice the expert width: same architecture and expert counts."""
+
+    def wider(m):
+        m["model"]["config_sha256"] = "0" * 64
+        for block in m["model"]["blocks"]:
+            block["expert_shapes"] = {k: [v[0], v[1] * 2, *v[2:]] for k, v in block["expert_shapes"].items()}
+
+    _meta_copy(meta, tmp, wider)
+
+
+SETUPS["header_shared"] = _header_shared
+SETUPS["meta_other_shapes"] = _meta_other_shapes
+
+
+def _tree(root: Path) -> dict[str, str]:
+    """Every file under root (not folders) with its content hash; FIFOs and devices by kind, never read."""
+    import stat
+
+    out = {}
+    for folder, _, files in os.walk(root):
+        for name in files:
+            path = Path(folder) / name
+            mode = path.lstat().st_mode
+            rel = str(path.relative_to(root))
+            out[rel] = hashlib.sha256(path.read_bytes()).hexdigest() if stat.S_ISREG(mode) else f"mode {mode:o}"
+    return out
+
+
+STAGE_ENTRY = {"reap": "reap_vlm.reap", "prune": "reap_vlm.prune", "test": "reap_vlm.evaluate"}
+
+
+def _run_inprocess(case: Case, args: list[str], tmp: Path, monkeypatch, capsys) -> tuple[int, str]:
+    """The stage's own entry point, as the script calls it, in this process."""
+    import importlib
+
+    for key in [k for k in os.environ if k.startswith("REAP_")]:
+        monkeypatch.delenv(key)
+    for key, value in case.env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(tmp)
+    previous = signal.getsignal(signal.SIGTERM)
+    capsys.readouterr()
+    try:
+        if case.stage in STAGE_ENTRY:
+            from reap_vlm.cli import main
+
+            code = main(case.stage, importlib.import_module(STAGE_ENTRY[case.stage]).run, args)
+        else:
+            code = importlib.import_module(f"reap_vlm.{case.stage}").main(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return code, capsys.readouterr().err
+
+
+def _args(case: Case, tmp: Path, model: Path, meta: Path) -> list[str]:
+    """The arguments the stage itself sees."""
     fill = {"model": str(model), "meta": str(meta), "tmp": str(tmp)}
     args = [a.format(**fill) for a in case.args]
+    if case.stage in ("run.sh", "verify", "demo"):  # their own flags, no stage settings
+        return args
+    extra = [] if "--output-path" in args else ["--output-path", str(tmp / "outputs")]
+    return [*STAGE_BASE[case.stage], *extra, *args]
+
+
+def _command(case: Case, args: list[str]) -> list[str]:
     if case.stage == "run.sh":
         return [str(ROOT / "run.sh"), *args]
-    if case.stage in ("verify", "demo"):  # tools with their own flags, no stage settings
+    if case.stage in ("verify", "demo"):
         return [sys.executable, "-m", f"reap_vlm.{case.stage}", *args]
-    extra = [] if "--output-path" in args else ["--output-path", str(tmp / "outputs")]
     if case.setup == "signal":
-        return [sys.executable, "-c", SLOW_CHILD, case.stage, *STAGE_BASE[case.stage], *extra, *args]
-    return [sys.executable, str(ROOT / SCRIPTS[case.stage]), *STAGE_BASE[case.stage], *extra, *args]
+        return [sys.executable, "-c", SLOW_CHILD, case.stage, *args]
+    return [sys.executable, str(ROOT / SCRIPTS[case.stage]), *args]
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_hostile_input(case: Case, world, tmp_path):
-    model, meta = world
-    _setup(case.setup, tmp_path, model, meta)
-    before = _digest(model)
+def _run_child(case: Case, cmd: list[str], tmp: Path) -> tuple[int, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("REAP_")}
     env.update({"PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": "", **case.env})
-    cmd = _command(case, tmp_path, model, meta)
-    kwargs = dict(cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    kwargs = dict(cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if case.setup == "fsize":
         import resource
 
@@ -549,9 +1147,25 @@ def test_hostile_input(case: Case, world, tmp_path):
         time.sleep(6 if case.stage == "reap" else 3.5)  # model loaded, work under way
         child.send_signal(signal.SIGINT if case.stage == "reap" else signal.SIGTERM)
     _, stderr = child.communicate(timeout=300)
+    return child.returncode, stderr
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_hostile_input(case: Case, world, tmp_path, monkeypatch, capsys):
+    model, meta = world
+    if case.setup in SETUPS:
+        SETUPS[case.setup](tmp_path, model, meta)
+    else:
+        _setup(case.setup, tmp_path, model, meta)
+    before, files_before = _digest(model), _tree(tmp_path)
+    args = _args(case, tmp_path, model, meta)
+    if case.inproc:
+        code, stderr = _run_inprocess(case, args, tmp_path, monkeypatch, capsys)
+    else:
+        code, stderr = _run_child(case, _command(case, args), tmp_path)
     lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith(("Loading", "Writing"))]
     errors = [line for line in lines if line.startswith(("error:", "run.sh:"))]
-    assert child.returncode == case.code, stderr[-2000:]
+    assert code == case.code, stderr[-2000:]
     assert len(errors) == 1 and case.message in errors[0], stderr[-2000:]
     assert "Traceback" not in stderr
     assert _digest(model) == before  # the source checkpoint is untouched
@@ -560,6 +1174,8 @@ def test_hostile_input(case: Case, world, tmp_path):
     assert not list(tmp_path.glob(".*reap-tmp-*")) and not list((tmp_path / "outputs").glob(".*reap-tmp-*"))
     if case.setup == "busy":
         assert (tmp_path / "busy" / "keep.txt").read_text() == "mine"
+    if case.code == 2:  # refused: not one file written, changed or removed anywhere under the test's folder
+        assert _tree(tmp_path) == files_before
 
 
 def render_doc() -> str:

@@ -34,7 +34,7 @@ def test_verify_checks_metadata_and_reports_bad_input(tmp_path, capsys):
             "architecture": "MixtralForCausalLM",
             "blocks": [{"key": "0.experts", "layer": 0, "expert_set": "experts", "num_experts": 8, "top_k": 2}],
         },
-        "scoring": {},
+        "scoring": {"mode": "full"},
         "calibration": {},
         "layers": {},
         "plan": {},

@@ -12,7 +12,8 @@ Any other tensor under a MoE block is an error that names it: never a silent cop
 
 from __future__ import annotations
 
-import json
+import math
+import os
 import re
 import struct
 from dataclasses import dataclass, field
@@ -20,6 +21,18 @@ from pathlib import Path
 
 from ..errors import CheckpointError, InputNotFoundError, UnsupportedModelError
 from ..families import EXPERT_SETS, MAX_EXTRA_ROWS, check_supported
+from ..validate import (
+    DTYPE_BITS,
+    HEADER,
+    HEADER_METADATA,
+    MAX_CONFIG_BYTES,
+    MAX_INDEX_BYTES,
+    IndexFile,
+    check,
+    open_regular,
+    parse_json,
+    read_json,
+)
 
 DTYPE_BYTES = {
     "F64": 8,
@@ -144,91 +157,224 @@ class Layout:
     def counts(self) -> dict[tuple[int, str], int]:
         return {key: b.num_experts for b in self.blocks.values() for key in b.keys}
 
+    def params_per_expert(self) -> dict[tuple[int, str], int] | None:
+        """Weights per routed expert of every block, from the headers; None for a quantized checkpoint
+        (packed or scaled weights have other element counts than the model's parameters)."""
+        float_types = {"F64", "F32", "F16", "BF16"}
+        if self.config.get("quantization_config") or any(
+            self.tensors[n].dtype not in float_types for n, r in self.roles.items() if r.kind in ("expert", "fused")
+        ):
+            return None
+        out: dict[tuple[int, str], int] = {}
+        for name, role in self.roles.items():
+            block = self.blocks[role.block] if role.block else None
+            if block is None or block.sets or role.kind not in ("expert", "fused"):
+                continue
+            shape = self.tensors[name].shape
+            if role.kind == "fused":
+                out[block.key] = out.get(block.key, 0) + math.prod(shape[1:])
+            elif role.expert == 0:
+                out[block.key] = out.get(block.key, 0) + math.prod(shape)
+        return out
+
     def block_by_key(self, key: tuple[int, str]) -> Block:
         return next(b for b in self.blocks.values() if b.key == key)
 
 
 def read_config(model_dir: Path) -> dict:
-    """config.json of a model directory, with a clear error when it is missing or corrupt."""
+    """config.json of a model directory, validated (see check_config), with a clear error when it is
+    missing, corrupt or of the wrong shape."""
     model_dir = Path(model_dir)
     if not model_dir.exists():
         raise InputNotFoundError(f"model path {model_dir} does not exist", "", "Check REAP_MODEL_PATH / --model-path")
     if not model_dir.is_dir():
         raise InputNotFoundError(f"model path {model_dir} is not a directory", "", "Point it at the checkpoint folder")
     path = model_dir / "config.json"
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(
             f"{model_dir} has no config.json",
             "it is not a Hugging Face checkpoint folder",
             "Point --model-path at the folder that holds config.json and the safetensors files",
         )
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path} is not valid JSON", str(err), "Restore the file from the original") from None
+    config = read_json(path, CheckpointError, CONFIG_FIX, MAX_CONFIG_BYTES)
+    check_config(config, str(path))
+    return config
+
+
+CONFIG_FIX = "Restore config.json from the original checkpoint"
+
+
+def _config_parts(config: dict) -> list[tuple[str, dict]]:
+    """(prefix, dict) of the config levels that hold MoE keys: text_config first, then the top, then ffn_config."""
+    parts = [(name + ".", config[name]) for name in ("text_config",) if isinstance(config.get(name), dict)]
+    parts.append(("", config))
+    parts += [(name + ".", config[name]) for name in ("ffn_config",) if isinstance(config.get(name), dict)]
+    return parts
+
+
+def _config_int(part: dict, key: str, where: str, source: str, minimum: int) -> int | None:
+    value = part.get(key)
+    if isinstance(value, list) and value and all(type(v) is int for v in value) and len(set(value)) == 1:
+        value = value[0]  # a per-layer list with one value (HunYuan's moe_topk)
+    if value is None:
+        return None
+    if type(value) is not int or value < minimum:
+        raise CheckpointError(
+            f"{source}: {where}{key} is {value!r}",
+            "it must be a whole number"
+            + (f" >= {minimum}" if minimum else " (not negative, not a string or a boolean)"),
+            CONFIG_FIX,
+        )
+    return value
+
+
+def check_config(config, source: str = "config.json") -> None:
+    """Types and cross-checks of the keys this tool reads: the top level is an object, text_config and
+    ffn_config are objects, expert counts / top-k / routing groups are integers (not booleans, not
+    strings), top-k <= experts, n_group divides the expert count, topk_group <= n_group."""
+    if not isinstance(config, dict):
+        raise CheckpointError(
+            f"{source} is not a JSON object", f"its top level is a {type(config).__name__}", CONFIG_FIX
+        )
+    for name in ("text_config", "ffn_config", "vision_config"):
+        if config.get(name) is not None and not isinstance(config[name], dict):
+            raise CheckpointError(
+                f"{source}: {name} is not an object", f"it is a {type(config[name]).__name__}", CONFIG_FIX
+            )
+    if config.get("architectures") is not None and not (
+        isinstance(config["architectures"], list) and all(isinstance(a, str) for a in config["architectures"])
+    ):
+        raise CheckpointError(f"{source}: architectures is not a list of names", "", CONFIG_FIX)
+    if config.get("model_type") is not None and not isinstance(config["model_type"], str):
+        raise CheckpointError(f"{source}: model_type is not a string", "", CONFIG_FIX)
+    for where, part in _config_parts(config):
+        count = next((v for k in COUNT_KEYS if (v := _config_int(part, k, where, source, 0))), None)
+        top_k = next((v for k in TOP_K_KEYS if (v := _config_int(part, k, where, source, 0)) is not None), None)
+        groups = _config_int(part, "n_group", where, source, 0) or 1
+        topk_group = _config_int(part, "topk_group", where, source, 0) or 1
+        if count and top_k is not None and top_k > count:
+            raise CheckpointError(
+                f"{source}: {where}top-k is {top_k} but the model has {count} experts",
+                "a token cannot pick more experts than exist",
+                CONFIG_FIX,
+            )
+        if count and groups > 1 and count % groups:
+            raise CheckpointError(
+                f"{source}: {where}n_group={groups} does not divide the {count} experts",
+                "group-limited routing splits the experts into n_group equal groups",
+                CONFIG_FIX,
+            )
+        if topk_group > groups:
+            raise CheckpointError(
+                f"{source}: {where}topk_group={topk_group} exceeds n_group={groups}",
+                "routing cannot pick more groups than exist",
+                CONFIG_FIX,
+            )
 
 
 def read_header(path: Path) -> tuple[dict, int]:
-    """(header dict, data start offset) of a safetensors file, validated."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as fh:
-            raw = fh.read(8)
-            if len(raw) != 8:
-                raise ValueError("file shorter than 8 bytes")
-            (n,) = struct.unpack("<Q", raw)
-            if n > MAX_HEADER or 8 + n > size:
-                raise ValueError(f"header length {n} exceeds the file")
-            header = json.loads(fh.read(n))
-    except (OSError, ValueError, UnicodeDecodeError) as err:
-        raise CheckpointError(
-            f"{path.name} is not a readable safetensors file", str(err), "Re-download or re-copy that shard"
-        ) from None
+    """(header dict, data start offset) of a safetensors file, validated: every entry's dtype, shape and
+    offsets; shape x dtype equals the entry's byte length; the data lies inside the file; no two tensors
+    share bytes."""
+    fix = "Re-download or re-copy that shard"
+    unreadable = f"{path.name} is not a readable safetensors file"
+    with open_regular(path, CheckpointError, fix) as fh:
+        size = os.fstat(fh.fileno()).st_size
+        raw = fh.read(8)
+        if len(raw) != 8:
+            raise CheckpointError(unreadable, "file shorter than 8 bytes", fix)
+        (n,) = struct.unpack("<Q", raw)
+        if n > MAX_HEADER or 8 + n > size:
+            raise CheckpointError(unreadable, f"header length {n} exceeds the file", fix)
+        blob = fh.read(n)
+    source = f"{path.name} (safetensors header)"
+    header = parse_json(blob, source, CheckpointError, fix)
     if not isinstance(header, dict):
-        raise CheckpointError(f"{path.name} has a corrupt header", "not a JSON object", "Re-copy that shard")
+        raise CheckpointError(f"{path.name} has a corrupt header", "not a JSON object", fix)
+    check(HEADER_METADATA, header.get("__metadata__"), f"{source} __metadata__", CheckpointError, fix)
+    entries = check(HEADER, {k: v for k, v in header.items() if k != "__metadata__"}, source, CheckpointError, fix)
     data_start = 8 + n
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            begin, end = info["data_offsets"]
-            ok = info["dtype"] in DTYPE_BYTES and 0 <= begin <= end and data_start + end <= size
-        except (KeyError, TypeError, ValueError):
-            ok = False
-        if not ok:
+    spans = []
+    for name, e in entries.items():
+        begin, end = e.data_offsets
+        if end < begin or data_start + end > size:
             raise CheckpointError(
                 f"{path.name}: tensor {name} has a corrupt header entry or lies beyond the file end",
-                "the shard is truncated or damaged",
-                "Re-copy that shard",
+                f"data_offsets [{begin}, {end}] in a file of {size} bytes: the shard is truncated or damaged",
+                fix,
             )
+        bits = math.prod(e.shape) * DTYPE_BITS[e.dtype]
+        if bits != 8 * (end - begin):
+            raise CheckpointError(
+                f"{path.name}: tensor {name} has shape {e.shape} of {e.dtype}, which is {bits / 8:g} bytes, "
+                f"but its data_offsets hold {end - begin}",
+                "the header is damaged; a copy would not load",
+                fix,
+            )
+        if end > begin:
+            spans.append((begin, end, name))
+    spans.sort()
+    reach, owner = 0, ""  # the furthest end so far and its tensor
+    for begin, end, name in spans:
+        if begin < reach:
+            raise CheckpointError(
+                f"{path.name}: tensors {owner} and {name} share bytes",
+                "each tensor must own its byte range; copying them would duplicate or corrupt data",
+                fix,
+            )
+        if end > reach:
+            reach, owner = end, name
     return header, data_start
 
 
 def _count(config: dict) -> int:
-    for cfg in (config.get("text_config") or {}, config, config.get("ffn_config") or {}):
+    for _, cfg in _config_parts(config):
         for key in COUNT_KEYS:
-            if isinstance(cfg.get(key), int):
+            if isinstance(cfg.get(key), int) and cfg[key]:
                 return cfg[key]
     return 0
 
 
 def _config_value(config: dict, keys: tuple[str, ...], default=None):
-    for cfg in (config.get("text_config") or {}, config):
+    """The first of `keys` in config.json (text_config first); else the default of transformers' config
+    class for this model type, which is what transformers uses when it loads the checkpoint."""
+    for _, cfg in _config_parts(config)[:2]:
         for key in keys:
-            if cfg.get(key) is not None:
-                return cfg[key]
-    return default
+            value = cfg.get(key)
+            if isinstance(value, list) and value:
+                value = value[0]  # a per-layer list with one value (checked in check_config)
+            if value is not None:
+                return value
+    value = _class_default(config, keys)
+    return default if value is None else value
+
+
+def _class_default(config: dict, keys: tuple[str, ...]):
+    model_type = config.get("model_type")
+    if not model_type:
+        return None
+    try:
+        from transformers import CONFIG_MAPPING
+
+        cls = CONFIG_MAPPING[model_type]
+    except (ImportError, KeyError):
+        return None
+    classes = [cls.sub_configs["text_config"]] if "text_config" in getattr(cls, "sub_configs", {}) else []
+    for klass in [*classes, cls]:
+        for key in keys:
+            value = getattr(klass, key, None)
+            if type(value) is int:
+                return value
+    return None
 
 
 def _shards(src: Path) -> tuple[list[str], dict | None]:
     index_path = src / "model.safetensors.index.json"
-    if index_path.is_file():
-        try:
-            index = json.loads(index_path.read_text())
-            weight_map = index["weight_map"]
-            assert isinstance(weight_map, dict)
-        except (ValueError, KeyError, AssertionError, UnicodeDecodeError):
-            raise CheckpointError(f"{index_path} is corrupt", "no valid weight_map", "Re-copy the index file") from None
+    if index_path.exists():
+        fix = "Re-copy the index file from the original checkpoint"
+        index = read_json(index_path, CheckpointError, fix, MAX_INDEX_BYTES)
+        check(IndexFile, index, str(index_path), CheckpointError, fix)
+        weight_map = index["weight_map"]
         shards = list(dict.fromkeys(weight_map.values()))
         orphans = sorted(p.name for p in src.glob("model*.safetensors") if p.name not in shards)
         if orphans:
@@ -238,7 +384,7 @@ def _shards(src: Path) -> tuple[list[str], dict | None]:
                 "Re-copy the checkpoint",
             )
         for shard in shards:
-            if "/" in shard or shard.startswith(".") or not (src / shard).is_file():
+            if "/" in shard or shard.startswith(".") or not (src / shard).exists():
                 raise CheckpointError(
                     f"the index names shard {shard}, which is not in {src}",
                     "the checkpoint is incomplete",
@@ -246,7 +392,7 @@ def _shards(src: Path) -> tuple[list[str], dict | None]:
                 )
         return shards, index
     single = src / "model.safetensors"
-    if single.is_file():
+    if single.exists():
         return ["model.safetensors"], None
     raise CheckpointError(
         f"{src} has no safetensors weights",
@@ -407,6 +553,14 @@ def inspect_checkpoint(src: Path) -> Layout:
         for b in blocks.values():
             if b.expert_set == "experts":  # the original one-list layout (not the fused text_moe/vision_moe)
                 b.sets = split
+    top_k = _config_value(config, TOP_K_KEYS)
+    if not top_k:
+        raise CheckpointError(
+            f"config.json of {src} does not say how many experts each token uses",
+            "looked for " + ", ".join(TOP_K_KEYS) + " and found none, nor a default in transformers' config "
+            f"class for model_type {config.get('model_type')!r}; a plan could keep fewer experts than it routes to",
+            "Add num_experts_per_tok (the model's top-k) to config.json",
+        )
     roles = {name: _classify(name, info, blocks) for name, info in tensors.items()}
     _check_counts(tensors, roles, blocks, int(_config_value(config, ("zero_expert_num",), 0) or 0))
     return Layout(
@@ -419,7 +573,7 @@ def inspect_checkpoint(src: Path) -> Layout:
         roles,
         blocks,
         num_experts,
-        int(_config_value(config, TOP_K_KEYS, 1)),
+        int(top_k),
         int(_config_value(config, ("n_group",), 1) or 1),
         int(_config_value(config, ("topk_group",), 1) or 1),
     )

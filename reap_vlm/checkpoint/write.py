@@ -25,6 +25,7 @@ import numpy as np
 
 from ..errors import BugError, OutputError, PlanError
 from ..families import MAX_EXTRA_ROWS
+from ..settings import parse_size
 from .layout import COUNT_KEYS, DTYPE_BYTES, Layout, read_header
 
 CHUNK = 16 << 20
@@ -75,22 +76,6 @@ class PrunePlan:
     @property
     def total_bytes(self) -> int:
         return sum(t.nbytes for ts in self.shards.values() for t in ts)
-
-
-def _parse_size(text: str) -> int:
-    text = text.strip().upper()
-    for unit, mult in (
-        ("GIB", 1 << 30),
-        ("MIB", 1 << 20),
-        ("KIB", 1 << 10),
-        ("GB", 10**9),
-        ("MB", 10**6),
-        ("KB", 10**3),
-        ("B", 1),
-    ):
-        if text.endswith(unit):
-            return int(float(text[: -len(unit)]) * mult)
-    return int(text)
 
 
 def _slice_rows(info, kept: list[int], num: int) -> list[tuple[str, int, int]]:
@@ -227,7 +212,7 @@ def plan_prune(
     if len(by_name) != len(out):
         raise BugError("two output tensors have the same name")
     if max_shard_size:
-        limit = _parse_size(max_shard_size)
+        limit = parse_size(max_shard_size, "REAP_MAX_SHARD_SIZE")
         groups: list[list[OutTensor]] = [[]]
         for t in out:
             if groups[-1] and sum(x.nbytes for x in groups[-1]) + t.nbytes > limit:
