@@ -86,8 +86,12 @@ def load_model(
             first.split(". ")[0][:200],
             "Use sdpa or eager, or leave REAP_ATTN_IMPLEMENTATION empty for the model's default",
         ) from None
-    except (OSError, KeyError) as err:
-        raise _load_error(model_dir, (str(err).splitlines() or [type(err).__name__])[0]) from None
+    except (OSError, KeyError, RuntimeError, TypeError, AttributeError, IndexError) as err:
+        # what transformers says about a config.json its model class cannot be built from, or weights
+        # whose sizes do not fit it (RuntimeError: size mismatch); out of memory is not the checkpoint's fault
+        if isinstance(err, torch.OutOfMemoryError):
+            raise
+        raise _load_error(model_dir, f"{type(err).__name__}: " + (str(err).splitlines() or [""])[0][:200]) from None
     model.eval()
     return model, load_processor(model_dir, trust_remote_code), config
 

@@ -93,6 +93,17 @@ class Settings:
                 f"REAP_DEVICE={self.device!r} is not a device", f"expected {DEVICES_HELP}", "Fix REAP_DEVICE"
             )
 
+    def check_finite(self) -> None:
+        """No number setting is NaN or infinite (NaN compares false with everything: a NaN threshold is a
+        gate that never fires). Runs after validate(), whose range checks name the setting's meaning."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                key = env_key(f.name)
+                raise SettingsError(
+                    f"{key}={value} is out of range", "NaN and infinity are not valid values", f"Fix {key}"
+                )
+
     def to_dict(self) -> dict[str, Any]:
         out = {}
         for f in dataclasses.fields(self):
@@ -470,8 +481,6 @@ def _convert(key: str, raw: str, base: type, optional: bool, choices: tuple | No
     except ValueError:
         kind = {bool: "true/false", int: "an integer", float: "a number"}.get(base, base.__name__)
         raise SettingsError(f"{key}={raw!r} is not {kind}", "", f"Set {key} to {kind}") from None
-    if base is float and not math.isfinite(value):  # NaN compares false with everything: a NaN gate never fires
-        raise SettingsError(f"{key}={value} is out of range", "NaN and infinity are not valid values", f"Fix {key}")
     if choices and value not in choices:
         raise SettingsError(
             f"{key}={raw!r} is not a valid choice",
@@ -570,6 +579,7 @@ def load(
         )
     settings = cls(**values)
     settings.validate()
+    settings.check_finite()
     return settings
 
 

@@ -609,7 +609,7 @@ CASES = [
         "silent wrong results",
         "test",
         "--min-agreement nan (switched the gate off)",
-        "--min-agreement=nan is out of range",
+        "REAP_MIN_AGREEMENT=nan is out of range",
         args=["--pruned-model-path", "{model}", "--min-agreement", "nan"],
         inproc=True,
     ),

@@ -335,9 +335,10 @@ def _count(config: dict) -> int:
     return 0
 
 
-def _config_value(config: dict, keys: tuple[str, ...], default=None):
-    """The first of `keys` in config.json (text_config first); else the default of transformers' config
-    class for this model type, which is what transformers uses when it loads the checkpoint."""
+def _config_value(config: dict, keys: tuple[str, ...], default=None, *, class_default: bool = False):
+    """The first of `keys` in config.json (text_config first); else, with class_default, the default of
+    transformers' config class for this model type, which is what transformers uses when it loads the
+    checkpoint (importing transformers costs seconds, so only where a missing key changes the plan)."""
     for _, cfg in _config_parts(config)[:2]:
         for key in keys:
             value = cfg.get(key)
@@ -345,7 +346,7 @@ def _config_value(config: dict, keys: tuple[str, ...], default=None):
                 value = value[0]  # a per-layer list with one value (checked in check_config)
             if value is not None:
                 return value
-    value = _class_default(config, keys)
+    value = _class_default(config, keys) if class_default else None
     return default if value is None else value
 
 
@@ -553,13 +554,20 @@ def inspect_checkpoint(src: Path) -> Layout:
         for b in blocks.values():
             if b.expert_set == "experts":  # the original one-list layout (not the fused text_moe/vision_moe)
                 b.sets = split
-    top_k = _config_value(config, TOP_K_KEYS)
+    top_k = _config_value(config, TOP_K_KEYS, class_default=True)
     if not top_k:
         raise CheckpointError(
             f"config.json of {src} does not say how many experts each token uses",
             "looked for " + ", ".join(TOP_K_KEYS) + " and found none, nor a default in transformers' config "
             f"class for model_type {config.get('model_type')!r}; a plan could keep fewer experts than it routes to",
             "Add num_experts_per_tok (the model's top-k) to config.json",
+        )
+    if top_k > num_experts:
+        raise CheckpointError(
+            f"config.json of {src} routes each token to {top_k} experts but the model has {num_experts}",
+            "a token cannot pick more experts than exist (where config.json has no top-k, transformers uses "
+            "its default for the model type)",
+            "Set num_experts_per_tok in config.json to the model's top-k",
         )
     roles = {name: _classify(name, info, blocks) for name, info in tensors.items()}
     _check_counts(tensors, roles, blocks, int(_config_value(config, ("zero_expert_num",), 0) or 0))
