@@ -178,7 +178,14 @@ def accumulate(
                     "resuming would mix statistics of different runs",
                     "Run without --resume (the checkpoint is then replaced)",
                 )
-            observer.load(saved["state"])
+            try:
+                observer.load(saved["state"])
+            except (KeyError, TypeError, ValueError, RuntimeError) as err:
+                raise SettingsError(
+                    f"the accumulator checkpoint {checkpoint} does not fit this run",
+                    f"{type(err).__name__}: {err}"[:200],
+                    f"Delete {checkpoint} and run again, or run without --resume",
+                ) from None
             start_batch, resumed = saved["batch"], True
             print(f"resuming after batch {start_batch} of {len(batches)} from {checkpoint}")
         tokens_done = 0

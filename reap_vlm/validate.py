@@ -238,6 +238,8 @@ def read_accumulators(path: Path, expected: dict[str, dict], batches: int, error
         ok = theirs is not None and ours is not None and set(theirs) == set(ours)
         ok = ok and all(
             isinstance(theirs[n], torch.Tensor) and theirs[n].shape == t.shape and theirs[n].dtype == t.dtype
+            if isinstance(t, torch.Tensor)
+            else type(theirs[n]) is type(t)  # growing state (the merge statistics' samples): its kind only
             for n, t in ours.items()
         )
         if not ok:

@@ -347,3 +347,38 @@ def test_mutated_inputs_keep_the_contract(seed, world, tmp_path, monkeypatch, ca
 @pytest.mark.parametrize("seed", range(1000, 1600))
 def test_mutated_inputs_keep_the_contract_many(seed, world, tmp_path, monkeypatch, capsys):
     fuzz_one(seed, world, tmp_path, monkeypatch, capsys)
+
+
+def test_a_mutated_file_through_the_real_script(world, tmp_path):
+    """One subprocess smoke: the scripts keep the same contract as the in-process entry points."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    model = Path(shutil.copytree(world["model"], tmp_path / "model"))
+    index = model / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"lm_head.weight": ["model-00001-of-00006.safetensors"]}}))
+    before = _tree(model)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REAP_")} | {"PYTHONPATH": str(root)}
+    cmd = [
+        sys.executable,
+        str(root / "prune_model.py"),
+        "--model-path",
+        str(model),
+        "--metadata-path",
+        str(world["meta"]),
+    ]
+    done = subprocess.run(
+        [*cmd, "--output-path", str(tmp_path / "out")],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert [line for line in done.stderr.splitlines() if line.startswith("error:")] == [
+        f"error: {index}: weight_map.lm_head.weight is list: it should be a valid string. Re-copy the index file "
+        "from the original checkpoint."
+    ]
+    assert _tree(model) == before and not (tmp_path / "out" / "pruned").exists()

@@ -134,6 +134,8 @@ def read(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
     """(per block key: name -> tensor, info) of a side file; a clear error when it is missing or foreign."""
     from safetensors import SafetensorError, safe_open
 
+    from ..validate import check_regular
+
     path = Path(path)
     if not path.is_file():
         raise MetadataError(
@@ -141,6 +143,7 @@ def read(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
             "merging needs the statistics that full-mode scoring writes beside reap_metadata.json",
             "Re-run reap with REAP_SCORING_MODE=full and REAP_MERGE_STATS_MB > 0, or use --method prune",
         )
+    check_regular(path, MetadataError, "Re-run reap to write it again")  # a FIFO would block safe_open
     try:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
