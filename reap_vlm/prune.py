@@ -21,7 +21,10 @@ def _recut(settings: PruneSettings, meta: dict) -> tuple[dict[tuple[int, str], l
         "modality": settings.modality or plan.get("modality", "joint"),
         "round_to": settings.round_to or plan.get("round_to", 1),
     }
-    if all(wanted[k] == plan.get(k) for k in wanted):
+    # an explicit --modality asks for that policy's ranking, also when the metadata's plan came from a search
+    policy = plan.get("policy", plan.get("modality"))
+    same_policy = not settings.modality or settings.modality == policy
+    if same_policy and all(wanted[k] == plan.get(k) for k in wanted):
         return metadata.keep_plan(meta), {**plan, "recut": False}
     mode = meta["scoring"]["mode"]
     if wanted["criterion"] not in scoring.available_criteria(mode):

@@ -403,7 +403,9 @@ def score(settings: ReapSettings, on_batch: Callable[[int], None] | None = None)
 
         eval_batches = list(make_batches(heldout_samples(settings), processor, answers=True, **batch_args))
         search_batches = list(
-            make_batches(search_samples(samples, settings.eval_samples), processor, answers=True, **batch_args)
+            make_batches(
+                search_samples(samples, max(1, settings.eval_samples // 2)), processor, answers=True, **batch_args
+            )
         )
 
     out_dir = meta_path.parent

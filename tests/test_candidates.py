@@ -90,9 +90,10 @@ def test_table_shows_disagreement_and_auto_picks_by_the_objective(disagreeing):
     assert len({round(r["objective"], 9) for r in at_ratio}) > 1  # ... and it shows in the held-out objective
     policies = {r["policy"] for r in table["rows"] if r["ratio"] == 0.5}
     assert policies == {"balanced", "joint", "either", "greedy", "random"}
-    for ratio in (0.25, 0.5, 0.75):  # three random plans beside the criteria at every ratio
-        assert sorted(r["seed"] for r in table["rows"] if r["ratio"] == ratio and r["policy"] == "random") == [0, 1, 2]
-        assert {r["policy"] for r in table["rows"] if r["ratio"] == ratio} >= {"balanced", "random"}
+    # three random plans beside the criteria at the requested ratio; the others ratios show the default policy
+    assert sorted(r["seed"] for r in table["rows"] if r["ratio"] == 0.5 and r["policy"] == "random") == [0, 1, 2]
+    for ratio in (0.25, 0.75):
+        assert {r["policy"] for r in table["rows"] if r["ratio"] == ratio} == {"balanced"}
     chosen = table["chosen"]
     candidates = [r for r in table["rows"] if r["ratio"] == 0.5 and r["policy"] != "random"]
     passing = [r for r in candidates if r["floor"]["ok"]] or candidates

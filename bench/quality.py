@@ -1,0 +1,375 @@
+"""What pruning keeps, measured on written checkpoints: every criterion × modality policy × ratio, the greedy
+search, the `auto` choice and three random plans, each pruned by the prune stage and evaluated with the test
+stage's metrics.
+
+For every ratio the reap stage runs once with the given settings (default: the built-in calibration,
+REAP_CRITERION=auto); its metadata holds the raw sums, the auto plan, the greedy plan and the random plans.
+Then, for every plan:
+  criterion × policy   the prune stage re-cuts it from the raw sums (--criterion C --modality P --prune-ratio R)
+  auto                 the prune stage writes the metadata's plan as it is
+  greedy, random       the prune stage writes the plan from a copy of the metadata whose kept lists are that plan
+Every distinct plan is written once (identical plans share the checkpoint) and evaluated with the test
+stage's functions (reap_vlm.evaluate): the log-perplexity ratio ln(ppl_pruned / ppl_original) per text
+domain (compare) and the exact-match accuracy of greedy answers per image task (generate). The original's
+numbers are measured once. The evaluation samples never include the reap stage's held-out slice (which
+chose the auto plan) nor its calibration samples.
+
+Usage:
+  python bench/quality.py --model-path reap_vlm/demo_vlm --workdir /tmp/quality --out quality.json \\
+      [--ratios 0.25,0.5,0.75] [--per-task 20] [--per-domain 8] [--markdown quality.md] [-- reap flags...]
+Runs on the CPU; the model is evaluated in float32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import io
+import json
+import math
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from reap_vlm import evaluate, metadata, prune, scoring  # noqa: E402
+from reap_vlm.calibration import TEXT_SETS, load_samples, read_source  # noqa: E402
+from reap_vlm.candidates import heldout_samples  # noqa: E402
+from reap_vlm.errors import PlanError  # noqa: E402
+from reap_vlm.loading import load_model  # noqa: E402
+from reap_vlm.reap import score  # noqa: E402
+from reap_vlm.settings import MODALITY_POLICIES, PruneSettings, ReapSettings, TestSettings, load  # noqa: E402
+
+COMMON = ["--device", "cpu", "--dtype", "float32"]
+
+
+def _quiet(fn, *args, **kwargs):
+    """Run a stage with its printout kept in a string (returned beside the result)."""
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        result = fn(*args, **kwargs)
+    return result, buffer.getvalue()
+
+
+def eval_samples(args, reap_settings: ReapSettings) -> list:
+    """Text domains and image tasks from the evaluation split (or a JSONL), minus every sample the reap stage
+    saw: its calibration samples and the held-out slice that chose the plan."""
+    seen = {s.id for s in heldout_samples(reap_settings)}
+    seen |= {
+        s.id
+        for s in load_samples(
+            reap_settings.calibration,
+            "calibration",
+            max_samples=reap_settings.max_samples,
+            seed=reap_settings.seed,
+            image_share=reap_settings.image_share,
+        )
+    }
+    if args.eval_data != "builtin":
+        pool = list(read_source(args.eval_data, "calibration")) + list(read_source(args.eval_data, "evaluation"))
+        sources = sorted({s.source for s in pool})
+    else:
+        sources = [*TEXT_SETS, *args.image_sets.split(",")]
+        pool = [s for name in sources for s in read_source(name, "evaluation")]
+    out = []
+    counts: dict[str, int] = {}
+    for s in pool:
+        if s.id in seen:
+            continue
+        key = (s.task or s.source) if s.answer.strip() else s.source
+        limit = args.per_task if s.answer.strip() else args.per_domain
+        if counts.get(key, 0) < limit:
+            counts[key] = counts.get(key, 0) + 1
+            out.append(s)
+    return out
+
+
+def measure(model, processor, samples, tset: TestSettings, generate: bool) -> dict:
+    """The test stage's metrics of one model: text log-perplexity per domain and, per image task, the exact
+    match of the answer with teacher forcing (compare: the model's top-1 is the reference token at every
+    answer position, which is when greedy decoding reproduces it token for token) and, with `generate`, the
+    exact match of greedy generations (generate: normalised text comparison, as the test stage's verdict)."""
+    metrics = evaluate.compare(model, None, processor, samples, tset)
+    out = {
+        "log_ppl": {d: math.log(m["ppl_pruned"]) for d, m in metrics["text_by_source"].items() if m.get("tokens")},
+        "tf_accuracy": {t: e["teacher_forced_accuracy_pruned"] for t, e in metrics["answers_by_task"].items()},
+        "samples": {t: e["samples"] for t, e in metrics["answers_by_task"].items()},
+    }
+    if generate:
+        answered = [s for s in samples if s.answer.strip()]
+        tasks = evaluate.task_accuracy(evaluate.generate(model, processor, answered, tset.max_new_tokens, tset))
+        out["accuracy"] = {t: e["accuracy_pruned"] for t, e in tasks.items()}
+    return out
+
+
+def _signature(keep: dict) -> tuple:
+    return tuple((k, tuple(v)) for k, v in sorted(keep.items()))
+
+
+def plans_for_ratio(meta: dict, ratio: float) -> list[dict]:
+    """Every plan to write at this ratio: (label, kind, how) with the kept experts per block key."""
+    blocks = meta["model"]["blocks"]
+    mode = meta["scoring"]["mode"]
+    plan = meta["plan"]
+    out = [
+        {
+            "label": f"auto ({plan['criterion']}/{plan['policy']})",
+            "kind": "auto",
+            "kept": {b["key"]: meta["layers"][b["key"]]["kept"] for b in blocks},
+        }
+    ]
+    for criterion in scoring.available_criteria(mode):
+        for policy in MODALITY_POLICIES:
+            try:
+                cut = scoring.plan(
+                    meta["layers"],
+                    blocks,
+                    criterion=criterion,
+                    ratio=ratio,
+                    num_keep=0,
+                    modality=policy,
+                    round_to=plan.get("round_to", 1),
+                    protect_super=plan.get("protect_super_experts", True),
+                    super_factor=plan.get("super_expert_factor", 10.0),
+                )
+            except PlanError as err:  # a plan that cannot be cut is reported, not fatal
+                print(f"  {criterion}/{policy}: skipped ({err})")
+                continue
+            out.append(
+                {
+                    "label": f"{criterion}/{policy}",
+                    "kind": "recut",
+                    "criterion": criterion,
+                    "policy": policy,
+                    "kept": {k: v["kept"] for k, v in cut.items()},
+                }
+            )
+    table = meta.get("candidates") or {}
+    for row in table.get("rows", []):
+        if row["ratio"] != ratio or row["policy"] not in ("greedy", "random"):
+            continue
+        label = "greedy" if row["policy"] == "greedy" else f"random (seed {row['seed']})"
+        out.append({"label": label, "kind": row["policy"], "kept": table["plans"][row["plan_id"]]})
+    order = {"auto": 0, "random": 1, "greedy": 2}
+    return sorted(out, key=lambda e: order.get(e["kind"], 4 if e.get("criterion") != "reap" else 3))
+
+
+def write_plan(entry: dict, meta_path: Path, meta: dict, model_path: str, target: Path, ratio: float) -> str:
+    """The prune stage writes this plan to `target`; returns its printout."""
+    argv = ["--model-path", model_path, "--pruned-model-path", str(target), "--output-path", str(target.parent)]
+    if entry["kind"] == "recut":
+        argv += ["--metadata-path", str(meta_path), "--prune-ratio", str(ratio)]
+        argv += ["--criterion", entry["criterion"], "--modality", entry["policy"]]
+    elif entry["kind"] == "auto":
+        argv += ["--metadata-path", str(meta_path)]
+    else:  # a measured plan the raw sums cannot reproduce: a copy of the metadata that holds it
+        variant = copy.deepcopy(meta)
+        for key, kept in entry["kept"].items():
+            variant["layers"][key]["kept"] = list(kept)
+            variant["layers"][key]["protected"] = {}
+        variant["plan"].update(criterion=entry["kind"], policy=entry["kind"], chosen_by=f"bench: {entry['label']}")
+        path = target.parent / f"{target.name}.reap_metadata.json"
+        metadata.write(path, variant)
+        argv += ["--metadata-path", str(path)]
+    code, log = _quiet(prune.run, load(PruneSettings, argv, {}))
+    if code != 0:
+        raise RuntimeError(f"prune stage exited {code} for {entry['label']}:\n{log}")
+    written = json.loads((target / "config.json").read_text())["reap_pruning"]["kept"]
+    by_key = {f"{b['layer']}.{b['expert_set']}": b["key"] for b in meta["model"]["blocks"]}
+    if {by_key[k]: v for k, v in written.items()} != {k: list(v) for k, v in entry["kept"].items()}:
+        raise RuntimeError(f"the prune stage wrote another plan than {entry['label']}")
+    return log
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model-path", default=str(ROOT / "reap_vlm" / "demo_vlm"))
+    parser.add_argument("--workdir", default="quality-work", help="Folder for metadata and pruned checkpoints.")
+    parser.add_argument("--out", default="quality.json")
+    parser.add_argument("--markdown", default="", help="Also write the tables as markdown to this file.")
+    parser.add_argument("--ratios", default="0.25,0.5,0.75")
+    parser.add_argument("--eval-data", default="builtin", help="'builtin' or a JSONL with held-out rows.")
+    parser.add_argument("--image-sets", default="tasks", help="Built-in image sets evaluated (comma-separated).")
+    parser.add_argument("--per-task", type=int, default=20, help="Image questions per task.")
+    parser.add_argument("--per-domain", type=int, default=8, help="Text samples per domain.")
+    parser.add_argument("--keep-checkpoints", action="store_true")
+    parser.add_argument("--only", default="", help="Measure only these plan kinds (auto,random,greedy,recut).")
+    parser.add_argument(
+        "--generate", default="auto,random", help="Plan kinds whose greedy generations are also scored."
+    )
+    parser.add_argument("reap_args", nargs="*", help="Extra flags for the reap stage (after --).")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+
+    base_reap = load(ReapSettings, ["--model-path", args.model_path, *COMMON, *args.reap_args], {})
+    tset = load(TestSettings, ["--model-path", args.model_path, "--batch-size", "16", *COMMON], {})
+    samples = eval_samples(args, base_reap)
+    model, processor, _ = load_model(args.model_path, device="cpu", dtype="float32")
+    print(f"evaluation: {len(samples)} samples ({sum(bool(s.answer.strip()) for s in samples)} image questions)")
+    t0 = time.perf_counter()
+    original = measure(model, processor, samples, tset, generate=True)
+    print(f"original measured in {time.perf_counter() - t0:.0f} s: {original}")
+    del model
+
+    results = {
+        "model": args.model_path,
+        "command": "python bench/quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "original": original,
+        "evaluation": {"samples": len(samples), "per_task": args.per_task, "per_domain": args.per_domain},
+        "ratios": {},
+    }
+    for ratio in [float(r) for r in args.ratios.split(",")]:
+        out_dir = work / f"r{ratio:g}"
+        reap_settings = load(
+            ReapSettings,
+            [
+                "--model-path",
+                args.model_path,
+                "--output-path",
+                str(out_dir),
+                "--prune-ratio",
+                str(ratio),
+                "--no-plots",
+                "--eval-ratios",  # the table at other ratios does not change the choice; it costs time
+                f"{ratio:g}",
+                *COMMON,
+                *args.reap_args,
+            ],
+            {},
+        )
+        t0 = time.perf_counter()
+        meta, _ = _quiet(score, reap_settings)
+        reap_seconds = time.perf_counter() - t0
+        meta_path = reap_settings.metadata_file
+        print(f"ratio {ratio}: reap stage {reap_seconds:.0f} s; {meta['plan']['chosen_by']}")
+        written: dict[tuple, dict] = {}
+        rows = []
+        for entry in plans_for_ratio(meta, ratio):
+            if args.only and entry["kind"] not in args.only.split(","):
+                continue
+            sig = _signature(entry["kept"])
+            if sig not in written:
+                target = out_dir / "plans" / f"p{len(written):03d}"
+                if target.exists():
+                    shutil.rmtree(target)
+                t0 = time.perf_counter()
+                write_plan(entry, meta_path, meta, args.model_path, target, ratio)
+                pruned, _, _ = load_model(target, device="cpu", dtype="float32")
+                measured = measure(pruned, processor, samples, tset, entry["kind"] in args.generate.split(","))
+                del pruned
+                written[sig] = {"id": len(written), "first": entry["label"], **measured}
+                written[sig]["seconds"] = round(time.perf_counter() - t0, 1)
+                if not args.keep_checkpoints:
+                    shutil.rmtree(target)
+                print(f"  {entry['label']}: {_line(measured, original)}", flush=True)
+            m = written[sig]
+            rows.append({"label": entry["label"], "kind": entry["kind"], "checkpoint": m["id"], **_row(m, original)})
+        results["ratios"][f"{ratio:g}"] = {
+            "reap_seconds": round(reap_seconds, 1),
+            "chosen_by": meta["plan"]["chosen_by"],
+            "checkpoints_written": len(written),
+            "rows": rows,
+            "random_median": _random_median(rows),
+        }
+        Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+    results["seconds"] = round(time.perf_counter() - started, 1)
+    Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+    text = markdown(results)
+    print(text)
+    if args.markdown:
+        Path(args.markdown).write_text(text)
+    return 0
+
+
+def _row(m: dict, original: dict) -> dict:
+    ratios = {d: m["log_ppl"][d] - original["log_ppl"][d] for d in original["log_ppl"] if d in m["log_ppl"]}
+    out = {"log_ppl_ratio": ratios, "text_mean": statistics.fmean(ratios.values()) if ratios else None}
+    for key in ("tf_accuracy", "accuracy"):
+        if key in m:
+            drops = {t: 100 * (original[key][t] - m[key][t]) for t in original[key] if t in m[key]}
+            out[key] = m[key]
+            out[key.replace("accuracy", "drop_points")] = drops
+            out[key.replace("accuracy", "worst_drop")] = max(drops.values()) if drops else None
+    return out
+
+
+def _line(m: dict, original: dict) -> str:
+    r = _row(m, original)
+    acc = " ".join(f"{t} {100 * a:.0f}" for t, a in sorted(m["tf_accuracy"].items()))
+    gen = " ".join(f"{t} {100 * a:.0f}" for t, a in sorted(m.get("accuracy", {}).items()))
+    return f"text {r['text_mean']:+.3f}; teacher-forced {acc}" + (f"; generated {gen}" if gen else "")
+
+
+def _random_median(rows: list[dict]) -> dict:
+    randoms = [r for r in rows if r["kind"] == "random"]
+    if not randoms:
+        return {}
+    out = {"text_mean": statistics.median(r["text_mean"] for r in randoms)}
+    for key in ("tf_accuracy", "accuracy"):
+        if all(key in r for r in randoms):
+            out[key] = {t: statistics.median(r[key][t] for r in randoms) for t in randoms[0][key]}
+    return out
+
+
+def markdown(results: dict) -> str:
+    """Per ratio one table: text Δ log-ppl per domain and mean, teacher-forced exact match per task, the
+    worst drop; generated exact match where it was measured (auto, random, original)."""
+    orig = results["original"]
+    tasks = sorted(orig["tf_accuracy"])
+    domains = sorted(orig["log_ppl"])
+    head = [
+        "| plan | text Δ log-ppl, mean | "
+        + " | ".join(domains)
+        + " | "
+        + " | ".join(tasks)
+        + " | worst drop (points) | generated exact match (worst drop) |",
+        "|---" * (5 + len(domains) + len(tasks)) + "|",
+    ]
+
+    def pct(values: dict, t: str) -> str:
+        return f"{100 * values[t]:.0f}" if t in values else ""
+
+    ppl = ", ".join(f"{d} {orig['log_ppl'][d]:.3f}" for d in domains)
+    acc = ", ".join(f"{t} {pct(orig['tf_accuracy'], t)} / {pct(orig['accuracy'], t)}" for t in tasks)
+    out = [
+        f"Original: text log-ppl {ppl}; image exact match % (teacher-forced / generated) {acc}.",
+        "",
+    ]
+    for ratio, entry in results["ratios"].items():
+        out += [f"### {float(ratio):.0%} of the experts removed", "", f"auto: {entry['chosen_by']}", ""]
+        out += head
+        for r in entry["rows"]:
+            generated = ""
+            if "accuracy" in r:
+                generated = " ".join(f"{t} {pct(r['accuracy'], t)}" for t in tasks) + f" ({r['worst_drop']:.0f})"
+            cells = [
+                r["label"],
+                f"{r['text_mean']:+.3f}",
+                *(f"{r['log_ppl_ratio'][d]:+.3f}" for d in domains),
+                *(pct(r["tf_accuracy"], t) for t in tasks),
+                f"{r['tf_worst_drop']:.0f}",
+                generated,
+            ]
+            out.append("| " + " | ".join(cells) + " |")
+        med = entry["random_median"]
+        if med:
+            cells = ["median random", f"{med['text_mean']:+.3f}", *("" for _ in domains)]
+            cells += [pct(med["tf_accuracy"], t) for t in tasks] + [""]
+            cells += [" ".join(f"{t} {pct(med['accuracy'], t)}" for t in tasks) if "accuracy" in med else ""]
+            out.append("| " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
