@@ -254,9 +254,11 @@ def random_plan(blocks_meta: list[dict], *, ratio, num_keep: int, round_to: int,
     return out
 
 
-def _run_plans(model, blocks: list[MoEBlock], batches: list, plans: list[dict], *, usage: bool, progress=None):
+def _run_plans(
+    model, blocks: list[MoEBlock], batches: list, plans: list[dict], *, usage: bool, progress=None, swaps=None
+):
     """Per-sample rows of the unpruned model and of every plan (masked), and expert usage counts per plan
-    (index 0: unpruned) when `usage`."""
+    (index 0: unpruned) when `usage`. swaps[i] (merge plans): weights swapped in while plan i runs."""
     per_plan_rows: list[list[dict]] = [[] for _ in plans]
     baseline_rows: list[dict] = []
     counts = [{b.key: torch.zeros(b.num_experts, dtype=torch.float64) for b in blocks} for _ in range(len(plans) + 1)]
@@ -278,7 +280,13 @@ def _run_plans(model, blocks: list[MoEBlock], batches: list, plans: list[dict], 
                 if pi == -1:
                     logits = reference = model(**inputs, use_cache=False).logits
                 else:
-                    with masked(model, blocks, removed_from_kept(blocks, plans[pi])):
+                    swap = swaps[pi] if swaps and swaps[pi] is not None else None
+                    with contextlib.ExitStack() as weights:
+                        if swap is not None:
+                            from .methods.merge_memory import swapped
+
+                            weights.enter_context(swapped(swap))
+                        weights.enter_context(masked(model, blocks, removed_from_kept(blocks, plans[pi])))
                         logits = model(**inputs, use_cache=False).logits
                 if observing is not None:
                     for key, total in observing.totals().items():
@@ -403,10 +411,15 @@ def measure_plans(
     search_batches: list | None = None,
     greedy_base: str | None = None,
     progress=None,
+    merge_stats: dict | None = None,
 ) -> dict:
     """Measure every candidate: criteria under `modality` at every ratio; at the first ratio also under every
     other policy of `policies`, the greedy search (with `search_batches`, from `greedy_base`) and
-    `random_seeds` random plans. Each distinct plan runs once."""
+    `random_seeds` random plans. Each distinct plan runs once.
+
+    With `merge_stats` (the merge statistics per block key), REAM merging of `greedy_base`'s criterion is
+    measured at every ratio too (policy "merge"): the merged weights swapped into the live model, the other
+    group members masked. Shown beside the pruning plans; `choose` keeps choosing among pruning plans."""
     started = time.perf_counter()
     blocks_meta = meta["model"]["blocks"]
     candidates: list[dict] = []
@@ -415,11 +428,14 @@ def measure_plans(
     plans: list[dict] = []
     cut = dict(num_keep=num_keep, round_to=round_to, protect_super=protect_super, super_factor=super_factor)
 
-    def add(kept: dict[str, list[int]], **info) -> None:
-        signature = tuple(tuple(kept[b.key]) for b in blocks)
+    swaps: list = []
+
+    def add(kept: dict[str, list[int]], swap=None, **info) -> None:
+        signature = tuple(tuple(kept[b.key]) for b in blocks) + ((id(swap),) if swap is not None else ())
         if signature not in by_signature:
             by_signature[signature] = len(plans)
             plans.append(kept)
+            swaps.append(swap)
         candidates.append({**info, "plan": by_signature[signature], "n_keep": {k: len(v) for k, v in kept.items()}})
 
     greedy_seconds = 0.0
@@ -467,9 +483,17 @@ def measure_plans(
                 notes.append(f"random plan at ratio {ratio}: skipped ({err.what})")
                 break
             add(kept, criterion="random", policy="random", ratio=ratio, seed=seed)
+        if merge_stats is not None and greedy_base:
+            try:
+                kept, swap, info = _merge_candidate(
+                    model, blocks, meta, merge_stats, greedy_base, ratio, num_keep, round_to
+                )
+                add(kept, swap, criterion=greedy_base.split("/")[0], policy="merge", ratio=ratio, merge=info)
+            except PlanError as err:
+                notes.append(f"merge at ratio {ratio}: skipped ({err.what})")
 
     baseline_rows, per_plan_rows, plan_counts = _run_plans(
-        model, blocks, eval_batches, plans, usage=True, progress=progress
+        model, blocks, eval_batches, plans, usage=True, progress=progress, swaps=swaps
     )
 
     def entropy(counts: dict[str, torch.Tensor], kept: dict[str, list[int]] | None) -> float:
@@ -491,7 +515,7 @@ def measure_plans(
             **described[c["plan"]],
             "entropy": usage[c["plan"] + 1],
         }
-        for extra in ("seed", "search"):
+        for extra in ("seed", "search", "merge"):
             if extra in c:
                 row[extra] = c[extra]
         rows.append(row)
@@ -513,6 +537,23 @@ def measure_plans(
         "plans": plans,
         "_rows": {"baseline": baseline_rows, "plans": per_plan_rows},
     }
+
+
+def _merge_candidate(model, blocks, meta, merge_stats, base: str, ratio, num_keep: int, round_to: int):
+    """(kept centroids, weight swap, description) of REAM merging at this ratio with the default settings
+    of the prune stage's merge method (C = 16, centroid router rows)."""
+    from .methods import merge, merge_checkpoint, merge_memory
+
+    criterion, policy = base.split("/")
+    counts = {_n_keep(b, ratio, num_keep, round_to) for b in meta["model"]["blocks"]}
+    if len(counts) != 1:
+        raise PlanError("the blocks would keep different numbers of experts", "", "")
+    k = counts.pop()
+    groups, saliency, acts = merge_checkpoint.build_groups(meta, merge_stats, k, criterion, modality=policy)
+    device = next(model.parameters()).device
+    swap = merge_memory.prepare(model, blocks, groups, saliency, acts, device=device)
+    kept = {f"{layer}.{s}": sorted(g[0] for g in gs) for (layer, s), gs in groups.items()}
+    return kept, swap, {"grouping": "ream", "group_size": merge.REAM_GROUP_SIZE, "router": "centroid"}
 
 
 def _ratio_key(ratio) -> str:
@@ -565,7 +606,7 @@ def choose(table: dict, *, requested, default: tuple[str, str], fixed: tuple[str
     then the other criteria of the default policy, the other policies, the greedy search — and keep the first
     that is not measurably worse than the best (paired, source-stratified bootstrap, 95 %).
     fixed: that (criterion, policy), with a note when another plan is measurably better or it fails the floor."""
-    rows = [r for r in table["rows"] if r["ratio"] == requested and r["policy"] != "random"]
+    rows = [r for r in table["rows"] if r["ratio"] == requested and r["policy"] not in ("random", "merge")]
     rows = [r for r in rows if r["objective"] is not None]
     if not rows:
         return {}
@@ -633,7 +674,9 @@ def choose(table: dict, *, requested, default: tuple[str, str], fixed: tuple[str
     }
 
 
-def measure_and_choose(model, blocks: list[MoEBlock], meta: dict, eval_batches: list, settings, search_batches=None):
+def measure_and_choose(
+    model, blocks: list[MoEBlock], meta: dict, eval_batches: list, settings, search_batches=None, merge_stats=None
+):
     """(chosen, table): `chosen` has the criterion, the policy, the kept plan and the reason (empty when
     nothing could be measured); `table` is every candidate's measurement (the metadata's candidates)."""
     mode = settings.scoring_mode
@@ -657,6 +700,7 @@ def measure_and_choose(model, blocks: list[MoEBlock], meta: dict, eval_batches: 
         super_factor=settings.super_expert_factor,
         search_batches=search_batches if fixed is None else None,
         greedy_base=f"{default_criterion}/{settings.modality}",
+        merge_stats=merge_stats if settings.eval_merge else None,
     )
     chosen = choose(
         table, requested=requested, default=(default_criterion, settings.modality), fixed=fixed, seed=settings.seed

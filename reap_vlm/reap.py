@@ -228,7 +228,13 @@ def accumulate_streamed(settings: ReapSettings, streamed, blocks, batches, merge
 
 
 def choose_plan(
-    settings: ReapSettings, model, blocks, meta: dict, eval_batches: list | None, search_batches: list | None = None
+    settings: ReapSettings,
+    model,
+    blocks,
+    meta: dict,
+    eval_batches: list | None,
+    search_batches: list | None = None,
+    merge_stats: dict | None = None,
 ) -> None:
     """Fill meta['plan'], meta['candidates'] and every layer's kept / protected."""
     blocks_meta = meta["model"]["blocks"]
@@ -244,7 +250,7 @@ def choose_plan(
     if eval_batches:
         from .candidates import measure_and_choose
 
-        chosen, table = measure_and_choose(model, blocks, meta, eval_batches, settings, search_batches)
+        chosen, table = measure_and_choose(model, blocks, meta, eval_batches, settings, search_batches, merge_stats)
         meta["candidates"] = table
         if chosen:
             criterion, policy, chosen_by, kept = chosen["criterion"], chosen["policy"], chosen["reason"], chosen["kept"]
@@ -447,8 +453,11 @@ def score(settings: ReapSettings, on_batch: Callable[[int], None] | None = None)
             "stats": stats[b.key],
             "scores": scoring.all_scores(stats[b.key], settings.scoring_mode),
         }
+    stats_by_block = None
     if merge is not None:
         from .observe import merge_stats
+
+        stats_by_block = merge_stats.by_block(merge.tensors())
 
         info = {
             "config_sha256": fingerprint["config_sha256"],
@@ -457,7 +466,7 @@ def score(settings: ReapSettings, on_batch: Callable[[int], None] | None = None)
         }
         merge_stats.write(out_dir / merge_stats.FILE_NAME, merge, info)
         meta["merge_stats"] = {"file": merge_stats.FILE_NAME, **info}
-    choose_plan(settings, model, blocks, meta, eval_batches, search_batches)
+    choose_plan(settings, model, blocks, meta, eval_batches, search_batches, stats_by_block)
     metadata.write(meta_path, meta)
     (out_dir / CHECKPOINT_NAME).unlink(missing_ok=True)
     dump(settings, out_dir / "reap_settings.json")

@@ -76,11 +76,15 @@ def candidates_png(table: dict, path: Path) -> Path:
     """Held-out loss vs prune ratio, one line per criterion, with the unpruned baseline."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
-    for criterion in sorted({r["criterion"] for r in table["rows"]}):
+
+    def line(r: dict) -> str:  # merge plans get their own line beside the pruning criteria
+        return f"merge ({r['criterion']})" if r.get("policy") == "merge" else r["criterion"]
+
+    for criterion in sorted({line(r) for r in table["rows"]}):
         pts = sorted(
             (r["ratio"], r["loss"])
             for r in table["rows"]
-            if r["criterion"] == criterion and r["ratio"] is not None and r["loss"] is not None
+            if line(r) == criterion and r["ratio"] is not None and r["loss"] is not None
         )
         if pts:
             ax.plot(*zip(*pts, strict=True), marker="o", label=criterion)

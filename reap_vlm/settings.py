@@ -222,6 +222,11 @@ class ReapSettings(Settings):
     eval_samples: int = opt(16, "Held-out samples used to measure candidate plans (0 = skip the measurement).")
     eval_ratios: str = opt("0.25,0.5,0.75", "Extra prune ratios measured for every criterion (comma-separated).")
     plots: bool = opt(True, "Write heatmap and candidate-plan PNGs next to the metadata.")
+    eval_merge: bool = opt(
+        False,
+        "Also measure REAM expert merging (C 16, centroid router rows) at every ratio, beside the pruning plans "
+        "(full mode with merge statistics; shown in the table, not chosen by auto).",
+    )
     merge_stats_mb: int = opt(
         512,
         "Size bound (MiB) of reap_merge_stats.safetensors, the statistics expert merging needs (full mode; "

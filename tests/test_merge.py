@@ -13,6 +13,8 @@ from reap_vlm.errors import PlanError
 from reap_vlm.methods import merge, merge_checkpoint, merge_memory
 from reap_vlm.moe import find_moe_blocks
 
+PIXELS = {"min_pixels": 1024, "max_pixels": 16384}
+
 
 def _layer(E=8, inter=6, hidden=5, seed=0, bias=False) -> merge.LayerExperts:
     g = torch.Generator().manual_seed(seed)
@@ -476,3 +478,61 @@ def test_prune_stage_merge_method_end_to_end(tiny_vl_dir, tmp_path, capsys):
     )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and "another scoring run" in err[-1] and not dst.exists()
+
+
+@pytest.mark.slow  # about 2 minutes on two cores: scoring with plan measurement, then the direct check
+def test_candidate_table_measures_merge_plans_in_the_live_model(tiny_vl_dir, tmp_path):
+    """REAP_EVAL_MERGE: the merged weights are swapped in for the merge rows only (restored after), the rows'
+    per-sample KL equals a direct forward of the merged, masked model, and auto never picks a merge row."""
+    from test_scoring import _settings
+
+    from reap_vlm.calibration import make_batches
+    from reap_vlm.candidates import _token_metrics, heldout_samples, measure_plans
+    from reap_vlm.loading import load_model
+    from reap_vlm.masking import masked, removed_from_kept
+    from reap_vlm.observe import merge_stats
+    from reap_vlm.reap import score
+
+    settings = _settings(tiny_vl_dir, tmp_path, eval_merge=True, eval_samples=6, criterion="reap")
+    meta = score(settings)
+    rows = [r for r in meta["candidates"]["rows"] if r["policy"] == "merge"]
+    assert {r["ratio"] for r in rows} == {0.25, 0.5, 0.75} and all(r["merge"]["group_size"] == 16 for r in rows)
+    assert meta["candidates"]["chosen"]["policy"] != "merge"
+
+    model, processor, _ = load_model(tiny_vl_dir, device="cpu", dtype="float32")
+    blocks = find_moe_blocks(model)
+    batches = list(
+        make_batches(heldout_samples(settings), processor, answers=True, max_seq_len=96, batch_size=3, **PIXELS)
+    )
+    stats, _ = merge_stats.read(tmp_path / merge_stats.FILE_NAME)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    table = measure_plans(
+        model,
+        blocks,
+        meta,
+        batches,
+        criteria=("reap",),
+        ratios=[0.5],
+        modality="balanced",
+        random_seeds=(),
+        greedy_base="reap/balanced",
+        merge_stats=stats,
+    )
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # restored
+    merge_row = next(r for r in table["rows"] if r["policy"] == "merge")
+    prune_row = next(r for r in table["rows"] if r["policy"] == "balanced")
+    kept = table["plans"][merge_row["plan_id"]]
+    assert merge_row["plan_id"] != prune_row["plan_id"]
+    groups, saliency, acts = merge_checkpoint.build_groups(meta, stats, 4, "reap", modality="balanced")
+    got = [r["kl"] for r in table["_rows"]["plans"][merge_row["plan_id"]]]
+    want = []
+    with torch.inference_mode():
+        references = [model(**b.inputs).logits for b in batches]
+    merge_memory.apply_merge(model, blocks, groups, saliency, acts)
+    with torch.inference_mode(), masked(model, blocks, removed_from_kept(blocks, kept)):
+        for b, ref in zip(batches, references, strict=True):
+            logits = model(**b.inputs).logits
+            m = _token_metrics(ref, logits, b.inputs["input_ids"], b.modality, b.answer_mask)
+            want += m["kl"].tolist()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    assert sum(want) > 0

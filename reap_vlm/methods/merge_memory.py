@@ -21,7 +21,7 @@ def _views(model: torch.nn.Module, block: MoEBlock) -> merge.LayerExperts:
 
 
 @torch.no_grad()
-def apply_merge(
+def prepare(
     model: torch.nn.Module,
     blocks: list[MoEBlock],
     groups: dict[tuple[int, str], list[list[int]]],
@@ -30,41 +30,47 @@ def apply_merge(
     *,
     router_mode: str = "centroid",
     pca_dim: int = merge.PCA_DIM,
-) -> None:
-    """Overwrite each merged group's centroid with the merged expert (and router row, `average`)."""
+    device: str | torch.device = "cpu",
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(target, value) pairs: `target` a view of a centroid's slot in the model's parameters, `value` the
+    merged weights in the parameter's dtype (kept on `device`). Computed once; applied by copying."""
+    updates = []
     for b in blocks:
         key = (b.layer, b.expert_set)
         multi = [g for g in groups[key] if len(g) > 1]
         if not multi:
             continue
         views = _views(model, b)
-        act = acts.get(key)
-        for m in merge.merge_layer(views, multi, saliency[key], act, pca_dim=pca_dim):
-            c = m.centroid
+        for m in merge.merge_layer(views, multi, saliency[key], acts.get(key), pca_dim=pca_dim):
             for name in ("gate", "up", "down", "gate_bias", "up_bias", "down_bias"):
-                target, value = getattr(views, name), getattr(m, name)
+                target = getattr(views, name)
                 if target is not None:
-                    target[c].copy_(value)
+                    updates.append((target[m.centroid], getattr(m, name).to(device, target.dtype)))
         if router_mode == "average":
             weight = model.get_parameter(b.router_weight)
             rows = merge.merged_router(weight.double(), multi, saliency[key], "average")
-            for g, row in zip(multi, rows, strict=True):
-                weight[g[0]].copy_(row)
+            updates += [(weight[g[0]], row.to(device, weight.dtype)) for g, row in zip(multi, rows, strict=True)]
+    return updates
+
+
+@torch.no_grad()
+def apply_merge(model, blocks, groups, saliency, acts, *, router_mode="centroid", pca_dim=merge.PCA_DIM) -> None:
+    """Overwrite each merged group's centroid with the merged expert (and router row, `average`)."""
+    for target, value in prepare(model, blocks, groups, saliency, acts, router_mode=router_mode, pca_dim=pca_dim):
+        target.copy_(value)
 
 
 @contextlib.contextmanager
-def merged(model, blocks, groups, saliency, acts, *, router_mode="centroid", pca_dim=merge.PCA_DIM):
-    """Temporarily the merged weights (restored on exit): for measuring a merge plan in the live model."""
-    saved = []
-    for b in blocks:
-        saved += [(p, p.detach().clone()) for p in model.get_submodule(b.experts).parameters(recurse=False)]
-        if router_mode == "average":
-            p = model.get_parameter(b.router_weight)
-            saved.append((p, p.detach().clone()))
+def swapped(updates: list[tuple[torch.Tensor, torch.Tensor]]):
+    """The merged weights in place while the context is active; the original values restored on exit."""
+    with torch.no_grad():
+        saved = [target.detach().clone() for target, _ in updates]
     try:
-        apply_merge(model, blocks, groups, saliency, acts, router_mode=router_mode, pca_dim=pca_dim)
+        with torch.no_grad():
+            for target, value in updates:
+                target.copy_(value)
         yield
     finally:
         with torch.no_grad():
-            for p, value in saved:
-                p.copy_(value)
+            for (target, _), value in zip(updates, saved, strict=True):
+                target.copy_(value)

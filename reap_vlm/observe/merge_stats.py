@@ -116,6 +116,15 @@ class MergeStats:
         self._gen.set_state(state["gen"])
 
 
+def by_block(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """'<block key>.<name>' -> tensor, regrouped as block key -> name -> tensor."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for name, t in tensors.items():
+        key, field = name.rsplit(".", 1)
+        out.setdefault(key, {})[field] = t
+    return out
+
+
 def write(path: Path, stats: MergeStats, info: dict) -> Path:
     """Atomically write the side file (temporary name beside it, then rename)."""
     from safetensors.torch import save_file
@@ -149,10 +158,7 @@ def read(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
             meta = f.metadata() or {}
             if meta.get("format") != FORMAT:
                 raise MetadataError(f"{path} is not a merge statistics file of this tool", "", "Re-run reap")
-            out: dict[str, dict[str, torch.Tensor]] = {}
-            for name in f.keys():
-                key, field = name.rsplit(".", 1)
-                out.setdefault(key, {})[field] = f.get_tensor(name)
+            out = by_block({name: f.get_tensor(name) for name in f.keys()})
             info = json.loads(meta.get("info") or "{}")
     except (SafetensorError, OSError, ValueError) as err:
         if isinstance(err, MetadataError):
