@@ -170,6 +170,11 @@ def run(settings: PruneSettings) -> int:
         modality = plan_info.get("modality") or "joint"
         plan, groups = _merge_plan(settings, layout, meta, n_keep, plan_info["criterion"], modality)
         keep = plan.keep  # the groups' centroids: where the merged experts sit
+        sizes = [len(g) for gs in groups.values() for g in gs]
+        print(
+            f"merge: {settings.merge_grouping} grouping (C {settings.merge_group_size}), {n_keep} groups per block, "
+            f"{sum(s > 1 for s in sizes) / len(groups):.1f} merged per block on average, largest {max(sizes)} experts"
+        )
     else:
         plan = plan_prune(
             layout, keep, collapse_groups=settings.collapse_groups, max_shard_size=settings.max_shard_size
