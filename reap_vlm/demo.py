@@ -14,8 +14,11 @@ import sys
 import time
 from pathlib import Path
 
+from . import outputs
+from .cli import guarded
 from .cli import main as stage_main
-from .errors import EXIT_OK, EXIT_USAGE
+from .errors import EXIT_OK, SettingsError
+from .settings import Parser
 
 
 def _run_stage(name: str, run, argv: list[str]) -> int:
@@ -24,7 +27,7 @@ def _run_stage(name: str, run, argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="./run.sh demo",
         description="Run reap -> prune -> test on a generated tiny Qwen3-VL-MoE (CPU, no downloads).",
     )
@@ -33,24 +36,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scoring-mode", default="full", choices=("full", "routed", "router"))
     parser.add_argument("--prune-ratio", default="0.5")
     parser.add_argument("--max-samples", default="64")
-    args = parser.parse_args(argv)
 
+    def demo() -> int:
+        args = parser.parse_args(argv)
+        out = Path(args.output_path)
+        from .tiny import _builder
+
+        if _builder(args.family) is None:  # before anything is created or removed
+            raise SettingsError(
+                f"unknown tiny family {args.family!r}",
+                "the demo builds one of the model types listed in docs/supported-models.md",
+                "Pass e.g. --family qwen3_vl_moe",
+            )
+        # A folder of the user's is refused; an earlier demo folder (it carries the marker) is replaced.
+        outputs.guard_dir(out, what="demo folder", setting="--output-path", replace=True)
+        with outputs.locked(out):
+            if outputs.is_own(out):
+                shutil.rmtree(out)  # start clean so every artifact is from this run
+            out.mkdir(parents=True, exist_ok=True)
+            outputs.write_marker(out, "demo folder")
+            return _demo(args, out)
+
+    return guarded("demo", demo)
+
+
+def _demo(args: argparse.Namespace, out: Path) -> int:
     from . import evaluate, prune, reap
-    from .tiny import _builder, make_tiny
+    from .tiny import make_tiny
 
-    if _builder(args.family) is None:  # before anything is created or removed
-        print(
-            f"error: unknown tiny family {args.family!r}: the demo builds one of the model types listed in "
-            "docs/supported-models.md. Pass e.g. --family qwen3_vl_moe.",
-            file=sys.stderr,
-        )
-        return EXIT_USAGE
-
-    out = Path(args.output_path)
     model_dir = out / "model"
     started = time.perf_counter()
-    if out.exists():
-        shutil.rmtree(out)  # the demo folder is ours: start clean so every artifact is from this run
     make_tiny(args.family, model_dir)
     print(f"tiny {args.family} checkpoint written to {model_dir}")
 

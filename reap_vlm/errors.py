@@ -9,7 +9,8 @@ EXIT_OK = 0
 EXIT_FAILED = 1  # the stage ran and its verdict is "fail" (test stage thresholds)
 EXIT_USAGE = 2  # bad input: settings, paths, checkpoint, metadata, data
 EXIT_BUG = 3  # an invariant broke: a bug in this tool
-EXIT_INTERRUPTED = 130  # SIGINT / SIGTERM
+EXIT_INTERRUPTED = 130  # SIGINT (Ctrl-C): 128 + 2, as a shell reports it
+EXIT_TERMINATED = 143  # SIGTERM (docker stop, a scheduler): 128 + 15
 
 
 class ReapError(Exception):

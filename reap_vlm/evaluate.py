@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 from pathlib import Path
 
 import torch
 
-from . import metadata
+from . import metadata, outputs
 from .calibration import load_samples, make_batches, read_source
 from .candidates import _token_metrics
 from .checkpoint import inspect_checkpoint
@@ -511,13 +510,29 @@ def _agreement_png(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(report: dict, target: Path, meta_path: Path, images: dict | None = None) -> None:
-    """report.json, report.md, figures and the example images (`images`: report-relative name -> PIL image),
-    written to a temporary folder and renamed into place."""
+def _report_guard(models: list, meta_path: Path) -> dict:
+    return dict(
+        what="report folder",
+        setting="REAP_REPORT_PATH (--report-path)",
+        models=[Path(m) for m in models if m],
+        files=[meta_path],
+        replace=True,  # a report of this tool is replaced by the next test run; any other folder never is
+    )
+
+
+def write_report(
+    report: dict, target: Path, meta_path: Path, images: dict | None = None, settings: TestSettings | None = None
+) -> None:
+    """report.json, report.md, figures, the example images (`images`: report-relative name -> PIL image) and
+    the settings, written to a temporary folder and renamed into place.
+
+    Call with the target's lock held (run does). The target is guarded again here: it never overlaps a model
+    folder nor holds the metadata, and only a folder with the tool's marker is replaced (reap_vlm.outputs)."""
     target = Path(target)
+    outputs.guard_dir(target, **_report_guard([report.get("pruned"), report.get("original")], meta_path))
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.reap-tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    outputs.resolve_leftovers(target)
+    tmp = outputs.temp_dir(target)
     tmp.mkdir()
     try:
         figures = []
@@ -541,9 +556,10 @@ def write_report(report: dict, target: Path, meta_path: Path, images: dict | Non
                 figures.append("saliency_heatmap.png")
         (tmp / "report.json").write_text(json.dumps(report, indent=1) + "\n")
         (tmp / "report.md").write_text(_markdown(report, figures))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        if settings is not None:
+            dump(settings, tmp / "test_settings.json")
+        outputs.write_marker(tmp, "test report")  # last: a folder with the marker is complete
+        outputs.put_in_place(tmp, target, "report folder", replace=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -593,6 +609,14 @@ def _share(generations: list[dict], flag) -> float | None:
 
 
 def run(settings: TestSettings) -> int:
+    """The stage, holding the report folder's lock: a second test run on the same report fails at once."""
+    models = [settings.pruned_dir, settings.original_model_path or settings.model_path]
+    outputs.guard_dir(settings.report_dir, **_report_guard(models, settings.metadata_file))
+    with outputs.locked(settings.report_dir):
+        return _run(settings)
+
+
+def _run(settings: TestSettings) -> int:
     pruned_dir = settings.pruned_dir
     checks = structural_check(pruned_dir, settings.metadata_file)
     original_dir = settings.original_model_path or settings.model_path
@@ -660,8 +684,7 @@ def run(settings: TestSettings) -> int:
     }
     report["failures"] = verdict(report, settings)
     report["passed"] = not report["failures"]
-    write_report(report, settings.report_dir, settings.metadata_file, images)
-    dump(settings, Path(settings.report_dir) / "test_settings.json")
+    write_report(report, settings.report_dir, settings.metadata_file, images, settings)
     o = metrics["overall"]
     share = report["generation"]["pruned_degenerate_share"]
     print(

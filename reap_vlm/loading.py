@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
 from .checkpoint.layout import read_config
-from .errors import CheckpointError, DeviceError, SettingsError
+from .errors import CheckpointError, DeviceError, SettingsError, UnsupportedModelError
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -17,6 +18,52 @@ def is_vision_language(config: dict) -> bool:
     if any(a.endswith("ForCausalLM") for a in architectures):
         return False  # a text model whose config also describes a vision tower (Mistral 4)
     return "vision_config" in config or any(a.endswith("ForConditionalGeneration") for a in architectures)
+
+
+CODE_FILES = ("config.json", "tokenizer_config.json", "processor_config.json", "preprocessor_config.json")
+
+
+def _auto_maps(model_dir: Path, config: dict) -> dict[str, dict]:
+    """file name -> its `auto_map` (the custom classes transformers would import from the folder's .py files)."""
+    found = {"config.json": config.get("auto_map")} if isinstance(config.get("auto_map"), dict) else {}
+    for name in CODE_FILES[1:]:
+        path = Path(model_dir) / name
+        try:
+            if path.is_file() and path.stat().st_size < 1 << 20:
+                data = json.loads(path.read_text())
+                if isinstance(data, dict) and isinstance(data.get("auto_map"), dict):
+                    found[name] = data["auto_map"]
+        except (OSError, ValueError):
+            continue  # an unreadable file is the loader's to report
+    return found
+
+
+def remote_code(model_dir: Path, config: dict, trust: bool) -> str | None:
+    """What custom code the checkpoint ships and what happens to it, as one line (None when there is none).
+
+    transformers is always called with an explicit trust_remote_code, so it never prompts. Without trust, a
+    model type that transformers has built in is loaded with the built-in classes (said here); any other
+    model type is refused, naming REAP_TRUST_REMOTE_CODE."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    maps = _auto_maps(model_dir, config)
+    if not maps:
+        return None
+    where = ", ".join(f"{name} ({', '.join(sorted(m))})" for name, m in maps.items())
+    model_type = config.get("model_type")
+    if trust:
+        return f"the checkpoint's custom code runs (REAP_TRUST_REMOTE_CODE=true): auto_map in {where}"
+    if "config.json" in maps and model_type not in CONFIG_MAPPING:
+        raise UnsupportedModelError(
+            f"{model_dir} needs its own modelling code (auto_map in {where})",
+            f"model type {model_type!r} is not built into transformers, and REAP_TRUST_REMOTE_CODE is off",
+            "Set REAP_TRUST_REMOTE_CODE=true (or --trust-remote-code) only if you have read and trust the .py "
+            "files in that folder",
+        )
+    return (
+        f"auto_map in {where} names custom code that is not run: transformers' built-in classes for "
+        f"{model_type!r} are used (REAP_TRUST_REMOTE_CODE=true would run the checkpoint's code instead)"
+    )
 
 
 def resolve_device(device: str) -> str:
@@ -67,6 +114,9 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     config = read_config(model_dir)
+    note = remote_code(model_dir, config, trust_remote_code)
+    if note:
+        print(f"note: {note}")
     device = resolve_device(device)
     kwargs: dict = {"dtype": resolve_dtype(dtype, device), "trust_remote_code": trust_remote_code}
     kwargs["device_map"] = device

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import metadata, scoring
+from . import metadata, outputs, scoring
 from .checkpoint import check_target, inspect_checkpoint, plan_prune, write_pruned
 from .errors import MetadataError, SettingsError
 from .provenance import tool_version
@@ -196,7 +196,9 @@ def run(settings: PruneSettings) -> int:
             print(f"  layer {key[0]} ({key[1]}): remove {removed}")
         print("dry run: nothing written")
         return 0
-    check_target(src, dst, settings.overwrite)
+    check_target(src, dst, settings.overwrite, settings.metadata_file)
+    settings_file = Path(settings.output_path) / "prune_settings.json"
+    outputs.guard_file(settings_file, what="settings file", setting="REAP_OUTPUT_PATH (--output-path)", models=[src])
     provenance = {
         "tool": f"reap-vlm {tool_version()}",
         "source": {
@@ -230,14 +232,16 @@ def run(settings: PruneSettings) -> int:
             plan,
             dst,
             overwrite=settings.overwrite,
+            metadata=settings.metadata_file,
             provenance=provenance,
             model_card=model_card(provenance, layout, n_keep),
             hash_check_mb=settings.hash_check_mb,
             hash_check_all=settings.hash_check_all,
             progress=lambda _name, n: bar.update(task, advance=n),
         )
-    Path(settings.output_path).mkdir(parents=True, exist_ok=True)
-    dump(settings, Path(settings.output_path) / "prune_settings.json")
+    settings_file.parent.mkdir(parents=True, exist_ok=True)
+    with outputs.staged(settings_file.parent) as files:
+        dump(settings, files.path(settings_file.name))
     print(
         f"pruned checkpoint written to {dst}: {summary['shards']} shard(s), {summary['tensors']} tensors "
         f"({summary['hashed']} hash-verified against the source), {summary['bytes'] / 2**30:.3f} GiB"

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from . import metadata, scoring
+from . import metadata, outputs, scoring
 from .calibration import load_samples, make_batches, token_budget
-from .errors import OutputError, SettingsError
+from .errors import SettingsError
 from .execution import choose as choose_execution
 from .execution.memory import forward
 from .loading import load_model, read_config
@@ -36,15 +36,13 @@ def _check_paths(settings: ReapSettings) -> Path:
             "the reap stage needs a model to score",
             "Set REAP_MODEL_PATH in .env or pass --model-path",
         )
-    model_dir = Path(settings.model_path).resolve()
-    out = settings.metadata_file.resolve()
-    if out.is_relative_to(model_dir):
-        raise OutputError(
-            f"the metadata path {out} is inside the model directory",
-            "reap never writes into the model",
-            "Set REAP_OUTPUT_PATH (or --metadata-path) to a folder outside the model",
-        )
-    return out
+    # the metadata's folder also gets the settings, the plots and the accumulator checkpoint
+    return outputs.guard_file(
+        settings.metadata_file,
+        what="metadata path",
+        setting="REAP_OUTPUT_PATH (or --metadata-path)",
+        models=[settings.model_path],
+    )
 
 
 def _expert_shapes(model, blocks) -> dict:
@@ -343,11 +341,27 @@ def _print_candidates(table: dict) -> None:
         print(f"plan: {chosen['reason']}")
 
 
+OUTPUT_FILES = (
+    "reap_settings.json",
+    "reap_merge_stats.safetensors",
+    "reap_heatmap.png",
+    "reap_modality.png",
+    "reap_candidates.png",
+)
+
+
 def score(settings: ReapSettings, on_batch: Callable[[int], None] | None = None) -> dict:
-    """The whole stage; returns the metadata it wrote."""
+    """The whole stage, holding the metadata path's lock; returns the metadata it wrote."""
     if settings.model_path is not None:
         read_config(settings.model_path)  # a missing or broken model is the first thing to say
     meta_path = _check_paths(settings)
+    meta_path.parent.mkdir(parents=True, exist_ok=True)
+    with outputs.locked(meta_path):
+        outputs.StagedFiles(meta_path.parent).leftovers([meta_path.name, *OUTPUT_FILES])
+        return _score(settings, meta_path, on_batch)
+
+
+def _score(settings: ReapSettings, meta_path: Path, on_batch: Callable[[int], None] | None) -> dict:
     config = read_config(settings.model_path)
     execution = choose_execution(settings)
     print(f"execution: {execution.mode} ({execution.reason})")
@@ -458,26 +472,28 @@ def score(settings: ReapSettings, on_batch: Callable[[int], None] | None = None)
         from .observe import merge_stats
 
         stats_by_block = merge_stats.by_block(merge.tensors())
-
         info = {
             "config_sha256": fingerprint["config_sha256"],
             "created": meta["created"],
             "samples_per_block": merge.samples,
         }
-        merge_stats.write(out_dir / merge_stats.FILE_NAME, merge, info)
         meta["merge_stats"] = {"file": merge_stats.FILE_NAME, **info}
     choose_plan(settings, model, blocks, meta, eval_batches, search_batches, stats_by_block)
-    metadata.write(meta_path, meta)
-    (out_dir / CHECKPOINT_NAME).unlink(missing_ok=True)
-    dump(settings, out_dir / "reap_settings.json")
-    if settings.plots:
-        from .report import candidates_png, heatmap_png, modality_png
+    # Every file appears together at the end, or none does: staged beside its final name, renamed last.
+    with outputs.staged(out_dir) as files:
+        metadata.write(files.path(meta_path.name), meta)
+        if merge is not None:
+            merge_stats.write(files.path(merge_stats.FILE_NAME), merge, info)
+        dump(settings, files.path("reap_settings.json"))
+        if settings.plots:
+            from .report import candidates_png, heatmap_png, modality_png
 
-        heatmap_png(meta, out_dir / "reap_heatmap.png", meta["plan"]["criterion"])
-        if any(stats[b.key]["image"]["tokens"] for b in blocks):
-            modality_png(meta, out_dir / "reap_modality.png")
-        if meta.get("candidates", {}).get("rows"):
-            candidates_png(meta["candidates"], out_dir / "reap_candidates.png")
+            heatmap_png(meta, files.path("reap_heatmap.png"), meta["plan"]["criterion"])
+            if any(stats[b.key]["image"]["tokens"] for b in blocks):
+                modality_png(meta, files.path("reap_modality.png"))
+            if meta.get("candidates", {}).get("rows"):
+                candidates_png(meta["candidates"], files.path("reap_candidates.png"))
+    (out_dir / CHECKPOINT_NAME).unlink(missing_ok=True)
     _print_plan(meta)
     print(f"metadata written to {meta_path}")
     return meta

@@ -525,8 +525,34 @@ def read_env_file(environ: dict[str, str]) -> tuple[Path | None, dict[str, str]]
     return path, values
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a mistake is one SettingsError line (exit 2 through reap_vlm.cli), not the usage text,
+    and an unknown option names the closest valid one."""
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        parsed, extra = self.parse_known_args(args, namespace)
+        if extra:
+            word = next((e for e in extra if e.startswith("-")), extra[0])
+            if not word.startswith("-"):
+                raise SettingsError(
+                    f"unexpected argument {word!r}", "options take the form --name value", f"Run {self.prog} --help"
+                )
+            name = word.split("=", 1)[0]
+            options = [o for o in self._option_string_actions if o.startswith("--")]
+            close = difflib.get_close_matches(name, options, n=1, cutoff=0.6)
+            raise SettingsError(
+                f"unknown option {name}",
+                f"did you mean {close[0]}?" if close else "",
+                f"Run {self.prog} --help to list every option",
+            )
+        return parsed
+
+    def error(self, message: str):  # type: ignore[override]
+        raise SettingsError(message, "", f"Run {self.prog} --help")
+
+
 def build_parser(cls: type[Settings], prog: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog=prog or f"{cls.stage}",
         description=cls.description
         + " Every option can also be set as an environment variable or in .env (shown in brackets); "

@@ -16,7 +16,9 @@ from pathlib import Path
 
 from .checkpoint import inspect_checkpoint
 from .checkpoint.layout import DTYPE_BYTES
-from .errors import EXIT_USAGE, ReapError, SettingsError
+from .cli import guarded
+from .errors import ReapError, SettingsError
+from .settings import Parser
 
 
 def _meta_blocks(model_dir: Path, config: dict):
@@ -27,10 +29,12 @@ def _meta_blocks(model_dir: Path, config: dict):
     from .loading import is_vision_language
     from .moe import find_moe_blocks
 
-    cfg = AutoConfig.from_pretrained(str(model_dir))
+    # verify never runs a checkpoint's own code: with trust_remote_code=False transformers builds its built-in
+    # class or refuses, and never prompts
+    cfg = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False)
     auto = AutoModelForImageTextToText if is_vision_language(config) else AutoModelForCausalLM
     with torch.device("meta"):
-        model = auto.from_config(cfg)
+        model = auto.from_config(cfg, trust_remote_code=False)
     blocks = find_moe_blocks(model)
     shared = sorted(
         {name.split(".")[-1] for name, _ in model.named_modules() if "shared_expert" in name.split(".")[-1]}
@@ -54,6 +58,12 @@ def describe(model_dir: Path, ratio: float | None) -> dict:
         "shards": len(layout.shards),
         "quantization": (config.get("quantization_config") or {}).get("quant_method"),
     }
+    from .loading import remote_code
+
+    try:
+        info["custom_code"] = remote_code(model_dir, config, trust=False) or "none"
+    except ReapError as err:  # what reap and test would refuse: said here, verify itself runs no code
+        info["custom_code"] = f"refused by reap/test: {err}"
     try:
         blocks, shared = _meta_blocks(model_dir, config)
         info["routing"] = sorted(
@@ -112,27 +122,26 @@ def check_ratio(ratio: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="./run.sh verify", description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="./run.sh verify", description=__doc__.split("\n\n")[0])
     parser.add_argument("model", type=Path, help="checkpoint folder")
     parser.add_argument("--prune-ratio", type=float, default=0.5, help="show sizes after removing this fraction")
     parser.add_argument("--metadata-path", type=Path, help="also check this reap_metadata.json against the model")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    args = parser.parse_args(argv)
-    try:
-        check_ratio(args.prune_ratio)
-        info = describe(args.model, args.prune_ratio)
-        if args.metadata_path:
-            from . import metadata
+    return guarded("verify", lambda: _show(parser.parse_args(argv)))
 
-            layout = inspect_checkpoint(args.model)
-            meta = metadata.read(args.metadata_path)
-            info["metadata_notes"] = metadata.check_against(
-                meta, layout.config, layout.counts(), str(args.model), layout.params_per_expert()
-            )
-            info["metadata"] = "matches this checkpoint"
-    except ReapError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_USAGE
+
+def _show(args: argparse.Namespace) -> int:
+    check_ratio(args.prune_ratio)
+    info = describe(args.model, args.prune_ratio)
+    if args.metadata_path:
+        from . import metadata
+
+        layout = inspect_checkpoint(args.model)
+        meta = metadata.read(args.metadata_path)
+        info["metadata_notes"] = metadata.check_against(
+            meta, layout.config, layout.counts(), str(args.model), layout.params_per_expert()
+        )
+        info["metadata"] = "matches this checkpoint"
     if args.json:
         print(json.dumps(info, indent=1))
         return 0

@@ -199,11 +199,16 @@ def test_output_refusals(tmp_path):
         write_pruned(plan, src / "inside")
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "x").write_text("keep me")
-    with pytest.raises(OutputError, match=r"already exists and is not empty.*--overwrite"):
-        write_pruned(plan, tmp_path / "busy")
+    for overwrite in (False, True):  # a folder the tool did not write is never replaced, not even with --overwrite
+        with pytest.raises(OutputError, match=r"already exists and is not empty.*no \.reap-vlm-output marker"):
+            write_pruned(plan, tmp_path / "busy", overwrite=overwrite)
     assert (tmp_path / "busy" / "x").read_text() == "keep me"
-    write_pruned(plan, tmp_path / "busy", overwrite=True)
-    assert not (tmp_path / "busy" / "x").exists() and (tmp_path / "busy" / "config.json").exists()
+    write_pruned(plan, tmp_path / "own")  # an earlier output of the tool: replaced with --overwrite only
+    with pytest.raises(OutputError, match=r"earlier reap-vlm output.*pass --overwrite"):
+        write_pruned(plan, tmp_path / "own")
+    (tmp_path / "own" / "x").write_text("stale")
+    write_pruned(plan, tmp_path / "own", overwrite=True)
+    assert not (tmp_path / "own" / "x").exists() and (tmp_path / "own" / "config.json").exists()
 
 
 def test_rebalanced_shards_and_single_file(tmp_path):

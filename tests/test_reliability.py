@@ -218,7 +218,7 @@ CASES = [
         "paths",
         "reap",
         "output inside the model folder",
-        "inside the model directory",
+        "is inside the model folder",
         args=["--model-path", "{model}", "--metadata-path", "{model}/reap_metadata.json"],
     ),
     Case(
@@ -366,7 +366,7 @@ CASES = [
         "prune",
         "SIGTERM during pruning",
         "prune interrupted (SIGTERM)",
-        code=130,
+        code=143,
         args=["--model-path", "{model}", "--metadata-path", "{meta}", "--pruned-model-path", "{tmp}/out"],
         setup="signal",
     ),

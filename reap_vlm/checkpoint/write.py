@@ -4,8 +4,9 @@ Every output tensor is described as a list of byte ranges of the source files (u
 one range; kept experts of a fused tensor or router rows: one range per kept expert, since the
 expert axis is the outermost) or, for the rare slice along an inner axis (a transposed router),
 a small gathered array. The writer streams those pieces into new safetensors files in a temporary
-folder beside the target, writes config.json and the index last, verifies, then renames the
-folder into place. Memory stays at one copy buffer plus the small gathered arrays.
+folder beside the target, writes config.json and the index last, verifies, writes the tool's marker, then
+renames the folder into place (reap_vlm.outputs: the guard, the lock and the crash recovery). Memory stays
+at one copy buffer plus the small gathered arrays.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 import math
 import os
 import shutil
+import stat
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,14 +25,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import BugError, OutputError, PlanError
+from .. import outputs
+from ..errors import BugError, CheckpointError, OutputError, PlanError
 from ..families import MAX_EXTRA_ROWS
 from ..settings import parse_size
 from .layout import COUNT_KEYS, DTYPE_BYTES, Layout, read_header
 
 CHUNK = 16 << 20
-TMP_TAG = ".reap-tmp-"
 SKIP_FILES = {"model.safetensors.index.json", "config.json"}
+SKIP_DIRS = {".git", ".cache"}  # version control and huggingface_hub's download cache: not the checkpoint
 
 
 @dataclass(eq=False)
@@ -368,27 +371,77 @@ def _verify_pieces(src: Path, path: Path, start: int, t: OutTensor) -> None:
         offset += size
 
 
-def _stale_temps(dst: Path) -> None:
-    for old in dst.parent.glob(f".{dst.name}{TMP_TAG}*"):
-        pid = old.name.rsplit("-", 1)[-1]
-        alive = pid.isdigit() and Path(f"/proc/{pid}").exists() and int(pid) != os.getpid()
-        if not alive:
-            print(f"removing the unfinished output of an earlier run: {old}")
-            shutil.rmtree(old, ignore_errors=True)
+def check_target(src: Path, dst: Path, overwrite: bool, metadata: Path | None = None) -> Path:
+    """Refuse a target that overlaps the source, holds the metadata the run reads, is the home folder, or is a
+    folder the tool did not write; an earlier output of the tool is replaced only with `overwrite`."""
+    return outputs.guard_dir(
+        dst,
+        what="output",
+        setting="REAP_PRUNED_MODEL_PATH (--pruned-model-path)",
+        models=[src],
+        files=[metadata],
+        replace=overwrite,
+    )
 
 
-def check_target(src: Path, dst: Path, overwrite: bool) -> None:
-    s, d = src.resolve(), dst.resolve()
-    if d == s or d.is_relative_to(s) or s.is_relative_to(d):
-        raise OutputError(
-            f"the output {dst} overlaps the input {src}",
-            "the source checkpoint must never change",
-            "Choose an output folder outside the model folder",
-        )
-    if d.exists() and (not d.is_dir() or any(d.iterdir())) and not overwrite:
-        raise OutputError(
-            f"the output {dst} already exists and is not empty", "", "Choose another folder or pass --overwrite"
-        )
+def _confinement(src: Path) -> list[Path]:
+    roots = [src]
+    # A Hugging Face cache snapshot (models--org--name/snapshots/<revision>) links its files into ../../blobs.
+    if src.parent.name == "snapshots" and src.parent.parent.name.startswith("models--"):
+        roots.append(src.parent.parent / "blobs")
+    return roots
+
+
+def _refuse(src: Path, rel: Path, what: str) -> CheckpointError:
+    return CheckpointError(
+        f"{rel} in the model folder {src} {what}",
+        "the pruner copies only regular files that lie inside the model folder (a device, FIFO or link loop "
+        "would be copied forever)",
+        "Replace it with a regular file, or remove it from the model folder",
+    )
+
+
+def non_weight_files(src: Path) -> list[tuple[Path, Path]]:
+    """(path relative to the checkpoint, resolved regular file) for every file copied verbatim: tokenizer,
+    processor, chat template, custom code. Refuses, before anything is written, a FIFO, device or socket, a
+    link that leaves the model folder or loops, and a link to a folder."""
+    src = Path(src).resolve()
+    roots = _confinement(src)
+    found: list[tuple[Path, Path]] = []
+    for dirpath, dirnames, filenames in os.walk(src, followlinks=False):
+        here = Path(dirpath)
+        if here == src:  # version-control and download caches are not part of the checkpoint
+            dirnames[:] = [d for d in dirnames if d not in SKIP_DIRS]
+        for name in sorted(dirnames):
+            if (here / name).is_symlink():
+                raise _refuse(src, (here / name).relative_to(src), "is a link to a folder")
+        for name in sorted(filenames):
+            path = here / name
+            rel = path.relative_to(src)
+            if here == src and (name in SKIP_FILES or name.endswith(".safetensors") or name == outputs.MARKER):
+                continue
+            try:
+                real = path.resolve(strict=True)
+            except (OSError, RuntimeError):
+                raise _refuse(src, rel, "is a broken link or a link loop") from None
+            if not any(real.is_relative_to(root) for root in roots):
+                raise _refuse(src, rel, f"links to {real}, outside the model folder")
+            if not stat.S_ISREG(os.stat(real).st_mode):
+                raise _refuse(src, rel, "is not a regular file (a FIFO, device or socket)")
+            found.append((rel, real))
+    return found
+
+
+def _copy_regular(real: Path, dst: Path) -> None:
+    """Copy one file, re-checking on the open handle that it is still a regular file (never blocks on a FIFO)."""
+    fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OutputError(f"{real} changed into a special file while copying", "", "Re-copy the checkpoint")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        with open(dst, "wb") as out:
+            shutil.copyfileobj(fh, out, CHUNK)
+    shutil.copystat(real, dst)
 
 
 def write_pruned(
@@ -396,37 +449,43 @@ def write_pruned(
     dst: Path,
     *,
     overwrite: bool = False,
+    metadata: Path | None = None,
     provenance: dict | None = None,
     model_card: str = "",
     hash_check_mb: int = 256,
     hash_check_all: bool = False,
     progress: Callable[[str, int], None] | None = None,
 ) -> dict:
-    """Write the pruned checkpoint to `dst` atomically (temporary folder beside it, then rename)."""
+    """Write the pruned checkpoint to `dst` atomically (temporary folder beside it, then rename), holding the
+    target's lock. `metadata`: the file the run reads, which the target must not hold."""
     layout = plan.layout
     dst = Path(dst)
-    check_target(layout.src, dst, overwrite)
+    check_target(layout.src, dst, overwrite, metadata)
+    extra = non_weight_files(layout.src)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    _stale_temps(dst)
+    with outputs.locked(dst):
+        outputs.resolve_leftovers(dst)
+        check_target(layout.src, dst, overwrite, metadata)  # again: the leftovers may have restored it
+        return _write_locked(
+            plan, dst, extra, overwrite, provenance, model_card, hash_check_mb, hash_check_all, progress
+        )
+
+
+def _write_locked(plan, dst, extra, overwrite, provenance, model_card, hash_check_mb, hash_check_all, progress):
+    layout = plan.layout
+    needed = plan.total_bytes + sum(real.stat().st_size for _, real in extra)
     free = shutil.disk_usage(dst.parent).free
-    if free < plan.total_bytes * 1.02 + (64 << 20):
+    if free < needed * 1.02 + (64 << 20):
         raise OutputError(
             f"not enough disk space in {dst.parent}",
-            f"{plan.total_bytes / 2**30:.2f} GiB needed, {free / 2**30:.2f} GiB free",
+            f"{needed / 2**30:.2f} GiB needed, {free / 2**30:.2f} GiB free",
             "Free space or choose another output folder",
         )
-    tmp = dst.parent / f".{dst.name}{TMP_TAG}{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    tmp = outputs.temp_dir(dst)
     tmp.mkdir()
     try:
-        for item in sorted(layout.src.iterdir()):  # tokenizer, processor, chat template, custom code: verbatim
-            if item.name in SKIP_FILES or item.name.endswith(".safetensors"):
-                continue
-            if item.is_dir():
-                shutil.copytree(item, tmp / item.name)
-            else:
-                shutil.copy2(item, tmp / item.name)
+        for rel, real in extra:  # tokenizer, processor, chat template, custom code: verbatim
+            _copy_regular(real, tmp / rel)
         for shard, tensors in plan.shards.items():
             _write_shard(tmp / shard, tensors, layout.shard_meta.get(shard, {}), layout.src, progress)
         config = dict(plan.config)
@@ -445,13 +504,8 @@ def write_pruned(
             index = {"metadata": meta, "weight_map": dict(sorted(weight_map.items()))}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         checked = verify(plan, tmp, hash_check_mb=hash_check_mb, hash_check_all=hash_check_all)
-        if dst.exists():
-            old = dst.parent / f".{dst.name}.reap-old-{os.getpid()}"
-            os.replace(dst, old)
-            os.replace(tmp, dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dst)
+        outputs.write_marker(tmp, "pruned checkpoint")  # last: a folder with the marker is finished and verified
+        outputs.put_in_place(tmp, dst, "output", replace=overwrite)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(err, OutputError):
