@@ -355,8 +355,7 @@ def score(settings: ReapSettings, on_batch: Callable[[int], None] | None = None)
     if settings.model_path is not None:
         read_config(settings.model_path)  # a missing or broken model is the first thing to say
     meta_path = _check_paths(settings)
-    meta_path.parent.mkdir(parents=True, exist_ok=True)
-    with outputs.locked(meta_path):
+    with outputs.locked(meta_path):  # makes the folder, and removes it again if the run leaves it empty
         outputs.StagedFiles(meta_path.parent).leftovers([meta_path.name, *OUTPUT_FILES])
         return _score(settings, meta_path, on_batch)
 

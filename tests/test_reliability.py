@@ -289,6 +289,197 @@ CASES = [
         args=["--model-path", "{model}", "--metadata-path", "{meta}", "--pruned-model-path", "{tmp}/busy"],
         setup="busy",
     ),
+    # ---- outputs: data loss, concurrency, runaway copies, custom code (reap_vlm.outputs) ----
+    Case(
+        "report-into-model",
+        "data loss",
+        "test",
+        "--report-path is the original model's folder (the report replaces its folder)",
+        "overlaps the input",
+        args=["--model-path", "{model}", "--pruned-model-path", "{tmp}/x", "--report-path", "{model}"],
+        inproc=True,
+    ),
+    Case(
+        "report-is-home",
+        "data loss",
+        "test",
+        "--report-path ~ (the home folder)",
+        "is the home folder",
+        args=["--model-path", "{model}", "--pruned-model-path", "{tmp}/x", "--report-path", "~"],
+        env={"HOME": "{tmp}/home"},
+        setup="home",
+        inproc=True,
+    ),
+    Case(
+        "report-holds-metadata",
+        "data loss",
+        "test",
+        "--report-path is the folder of the metadata the run reads",
+        "which this run reads",
+        args=[
+            "--pruned-model-path",
+            "{tmp}/x",
+            "--metadata-path",
+            "{tmp}/runs/reap_metadata.json",
+            "--report-path",
+            "{tmp}/runs",
+        ],
+        setup="runs",
+        inproc=True,
+    ),
+    Case(
+        "demo-into-user-folder",
+        "data loss",
+        "demo",
+        "demo --output-path is a folder with the user's files",
+        "no .reap-vlm-output marker",
+        args=["--output-path", "{tmp}/busy"],
+        setup="busy",
+        inproc=True,
+    ),
+    Case(
+        "overwrite-user-folder",
+        "data loss",
+        "prune",
+        "--overwrite into a folder the tool did not write",
+        "never replaces it (not even with --overwrite)",
+        args=[
+            "--model-path",
+            "{model}",
+            "--metadata-path",
+            "{meta}",
+            "--pruned-model-path",
+            "{tmp}/busy",
+            "--overwrite",
+        ],
+        setup="busy",
+        inproc=True,
+    ),
+    Case(
+        "overwrite-holds-metadata",
+        "data loss",
+        "prune",
+        "--overwrite into the folder that holds the run's own reap_metadata.json",
+        "which this run reads",
+        args=[
+            "--model-path",
+            "{model}",
+            "--metadata-path",
+            "{tmp}/runs/reap_metadata.json",
+            "--pruned-model-path",
+            "{tmp}/runs",
+            "--overwrite",
+        ],
+        setup="runs",
+        inproc=True,
+    ),
+    Case(
+        "settings-into-model",
+        "data loss",
+        "prune",
+        "--output-path is the model folder (prune_settings.json would go into the source)",
+        "is inside the model folder",
+        args=[
+            "--model-path",
+            "{model}",
+            "--metadata-path",
+            "{meta}",
+            "--output-path",
+            "{model}",
+            "--pruned-model-path",
+            "{tmp}/out",
+        ],
+        inproc=True,
+    ),
+    Case(
+        "metadata-into-home",
+        "data loss",
+        "reap",
+        "reap --output-path ~ (metadata, settings and plots into the home folder)",
+        "would be written into the home folder",
+        args=["--model-path", "{model}", "--output-path", "~"],
+        env={"HOME": "{tmp}/home"},
+        setup="home",
+        inproc=True,
+    ),
+    Case(
+        "target-locked",
+        "concurrency and crash leftovers",
+        "prune",
+        "a second run on a target another run is writing (its lock is held)",
+        "another reap-vlm run",
+        args=["--model-path", "{model}", "--metadata-path", "{meta}", "--pruned-model-path", "{tmp}/out"],
+        setup="locked",
+        inproc=True,
+    ),
+    Case(
+        "model-file-to-dev-zero",
+        "hangs and runaway copies",
+        "prune",
+        "tokenizer.model -> /dev/zero in the model folder",
+        "links to /dev/zero, outside the model folder",
+        args=["--model-path", "{tmp}/zero", "--metadata-path", "{meta}", "--pruned-model-path", "{tmp}/out"],
+        setup="dev_zero",
+        inproc=True,
+    ),
+    Case(
+        "model-file-fifo",
+        "hangs and runaway copies",
+        "prune",
+        "a FIFO in the model folder",
+        "is not a regular file",
+        args=["--model-path", "{tmp}/fifo", "--metadata-path", "{meta}", "--pruned-model-path", "{tmp}/out"],
+        setup="fifo",
+        inproc=True,
+    ),
+    Case(
+        "model-folder-link-loop",
+        "hangs and runaway copies",
+        "prune",
+        "a symlink loop in the model folder (loop -> .)",
+        "is a link to a folder",
+        args=["--model-path", "{tmp}/loop", "--metadata-path", "{meta}", "--pruned-model-path", "{tmp}/out"],
+        setup="link_loop",
+        inproc=True,
+    ),
+    Case(
+        "model-file-link-loop",
+        "hangs and runaway copies",
+        "prune",
+        "a file symlink that points at itself",
+        "is a broken link or a link loop",
+        args=["--model-path", "{tmp}/selflink", "--metadata-path", "{meta}", "--pruned-model-path", "{tmp}/out"],
+        setup="self_link",
+        inproc=True,
+    ),
+    Case(
+        "custom-code-unknown-type",
+        "security",
+        "reap",
+        "config.json with auto_map for a model type transformers does not have",
+        "REAP_TRUST_REMOTE_CODE is off",
+        args=["--model-path", "{tmp}/custom"],
+        setup="custom_code",
+        inproc=True,
+    ),
+    Case(
+        "unknown-option",
+        "unclear messages",
+        "prune",
+        "a misspelt option (--prune-ration)",
+        "unknown option --prune-ration: did you mean --prune-ratio?",
+        args=["--prune-ration", "0.3"],
+        inproc=True,
+    ),
+    Case(
+        "verify-unknown-option",
+        "unclear messages",
+        "verify",
+        "a misspelt verify option",
+        "unknown option --prune-rato: did you mean --prune-ratio?",
+        args=["{model}", "--prune-rato", "0.3"],
+        inproc=True,
+    ),
     Case(
         "truncated-header",
         "checkpoint",
@@ -822,9 +1013,50 @@ def world(tmp_path_factory):
     return model, base / "meta" / "reap_metadata.json"
 
 
+_HELD: list[int] = []  # lock files held by the test process (the "locked" setup)
+
+
+def _setup_outputs(name: str, tmp: Path, model: Path, meta: Path) -> None:
+    """Setups of the output cases: user folders, a held lock, special files in a model folder, custom code."""
+    import fcntl
+    import shutil
+
+    if name == "home":
+        (tmp / "home").mkdir()
+        (tmp / "home" / "notes.txt").write_text("mine")
+    elif name == "runs":
+        (tmp / "runs").mkdir()
+        shutil.copy(meta, tmp / "runs" / "reap_metadata.json")
+        (tmp / "runs" / "notes.txt").write_text("mine")
+    elif name == "locked":
+        fd = os.open(tmp / ".out.reap-lock", os.O_RDWR | os.O_CREAT)
+        os.write(fd, b"4242")
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _HELD.append(fd)
+    elif name in ("dev_zero", "fifo", "link_loop", "self_link", "custom_code"):
+        folder = tmp / {"dev_zero": "zero", "link_loop": "loop", "self_link": "selflink", "custom_code": "custom"}.get(
+            name, name
+        )
+        shutil.copytree(model, folder)
+        if name == "dev_zero":
+            (folder / "tokenizer.model").symlink_to("/dev/zero")
+        elif name == "fifo":
+            os.mkfifo(folder / "tokenizer.model")
+        elif name == "link_loop":
+            (folder / "loop").symlink_to(".")
+        elif name == "self_link":
+            (folder / "vocab.txt").symlink_to("vocab.txt")
+        else:
+            config = json.loads((folder / "config.json").read_text())
+            config.update(model_type="my_custom_moe", auto_map={"AutoModelForCausalLM": "custom.CustomModel"})
+            (folder / "config.json").write_text(json.dumps(config))
+            (folder / "custom.py").write_text("raise SystemExit('the custom code ran')\n")
+
+
 def _setup(name: str, tmp: Path, model: Path, meta: Path) -> None:
     import shutil
 
+    _setup_outputs(name, tmp, model, meta)
     if name == "file":
         (tmp / "file").write_text("not a model")
     elif name == "bad_config":
@@ -1093,7 +1325,7 @@ def _run_inprocess(case: Case, args: list[str], tmp: Path, monkeypatch, capsys) 
     for key in [k for k in os.environ if k.startswith("REAP_")]:
         monkeypatch.delenv(key)
     for key, value in case.env.items():
-        monkeypatch.setenv(key, value)
+        monkeypatch.setenv(key, value.format(tmp=str(tmp)))  # e.g. HOME={tmp}/home
     monkeypatch.chdir(tmp)
     previous = signal.getsignal(signal.SIGTERM)
     capsys.readouterr()
@@ -1131,8 +1363,10 @@ def _command(case: Case, args: list[str]) -> list[str]:
 
 def _run_child(case: Case, cmd: list[str], tmp: Path) -> tuple[int, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("REAP_")}
-    env.update({"PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": "", **case.env})
-    kwargs = dict(cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env.update({"PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""})
+    env.update({k: v.format(tmp=str(tmp)) for k, v in case.env.items()})  # e.g. HOME={tmp}/home
+    kwargs = dict(cwd=tmp, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    kwargs["text"] = True  # with no stdin, nothing may prompt
     if case.setup == "fsize":
         import resource
 
@@ -1176,6 +1410,17 @@ def test_hostile_input(case: Case, world, tmp_path, monkeypatch, capsys):
         assert (tmp_path / "busy" / "keep.txt").read_text() == "mine"
     if case.code == 2:  # refused: not one file written, changed or removed anywhere under the test's folder
         assert _tree(tmp_path) == files_before
+    if case.setup in ("home", "runs"):  # the user's files, and the metadata the run reads, are untouched
+        assert sorted(p.name for p in (tmp_path / case.setup).iterdir()) == sorted(
+            ["notes.txt", *(["reap_metadata.json"] if case.setup == "runs" else [])]
+        )
+        assert (tmp_path / case.setup / "notes.txt").read_text() == "mine"
+    if case.setup == "runs":
+        assert (tmp_path / "runs" / "reap_metadata.json").read_bytes() == meta.read_bytes()
+    if case.setup == "custom_code":
+        assert not (tmp_path / "outputs").exists()  # the lock's folder is removed again
+    while _HELD:
+        os.close(_HELD.pop())
 
 
 def render_doc() -> str:
@@ -1189,12 +1434,16 @@ def render_doc() -> str:
         "place when complete).",
         "",
         "Exit codes: 0 success, 1 the test stage's verdict is fail, 2 bad input, 3 a bug (with traceback), "
-        "130 interrupted.",
+        "130 interrupted (SIGINT), 143 stopped (SIGTERM).",
         "",
         "Beyond these tables: a SIGKILL at 20 points during writing leaves the target absent or complete "
-        "(`tests/test_prune.py::test_killed_writer_leaves_nothing_and_rerun_succeeds`); the next run removes "
-        "stale temporary folders with a message; an interrupted scoring run continues with `--resume` to the "
-        "same metadata (`tests/test_scoring.py`); `trust_remote_code` is off unless `REAP_TRUST_REMOTE_CODE=1`; "
+        "(`tests/test_prune.py::test_killed_writer_leaves_nothing_and_rerun_succeeds`); the next run on a target "
+        "resolves what a killed run left (a kill between the two renames of --overwrite: the finished output is "
+        "put in place; unfinished folders are removed, each with a message), a second run on a target another "
+        "run is writing stops at once, `reap` leaves no metadata, settings or plots when it fails, and a bug "
+        "exits 3 with its traceback (`tests/test_outputs_safety.py`); an interrupted scoring run continues with "
+        "`--resume` to the same metadata (`tests/test_scoring.py`); `trust_remote_code` is passed explicitly and "
+        "is off unless `REAP_TRUST_REMOTE_CODE=1` (nothing prompts; `verify` reports `auto_map`); "
         "the container runs as uid 1000; JSON and JSONL inputs are parsed strictly (no NaN/Infinity) and "
         "size-limited; calibration image paths are confined to their JSONL's folder; nothing downloads unless "
         "a `hf:` calibration source is asked for.",

@@ -437,3 +437,25 @@ def test_local_mode_runs_the_real_stage(this_python_as_venv, tmp_path, command, 
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage:") and expected in result.stdout
     assert result.stderr == ""  # the stamp matched: nothing was installed
+
+
+def test_demo_refuses_a_folder_of_the_users(this_python_as_venv, tmp_path):
+    """./run.sh demo --output-path X never deletes a non-empty folder without the tool's marker."""
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "thesis.tex").write_text("years of work")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REAP_")}
+    env.update(REAP_RUNTIME="local", REAP_VENV=str(this_python_as_venv))
+    result = subprocess.run(
+        [str(ROOT / "run.sh"), "demo", "--output-path", str(folder)],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("error: the demo folder") and "no .reap-vlm-output marker" in line
+    assert sorted(p.name for p in folder.iterdir()) == ["thesis.tex"]
+    assert (folder / "thesis.tex").read_text() == "years of work"

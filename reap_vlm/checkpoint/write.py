@@ -462,8 +462,7 @@ def write_pruned(
     dst = Path(dst)
     check_target(layout.src, dst, overwrite, metadata)
     extra = non_weight_files(layout.src)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    with outputs.locked(dst):
+    with outputs.locked(dst):  # makes the parent folder, and removes it again if the run leaves it empty
         outputs.resolve_leftovers(dst)
         check_target(layout.src, dst, overwrite, metadata)  # again: the leftovers may have restored it
         return _write_locked(
