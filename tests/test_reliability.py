@@ -974,6 +974,7 @@ if stage == "reap":
     import reap_vlm.observe.observer as o
     original = o.Observer.set_modality
     def slow(self, m):
+        print("working", flush=True)
         time.sleep(0.4)
         return original(self, m)
     o.Observer.set_modality = slow
@@ -982,6 +983,7 @@ else:
     import reap_vlm.checkpoint.write as w
     original = w._copy_range
     def slow(*a):
+        print("working", flush=True)
         time.sleep(0.05)
         return original(*a)
     w._copy_range = slow
@@ -1378,7 +1380,9 @@ def _run_child(case: Case, cmd: list[str], tmp: Path) -> tuple[int, str]:
     child = subprocess.Popen(cmd, **kwargs)
     if case.setup == "signal":
         assert child.stdout.readline().strip() == "started"
-        time.sleep(6 if case.stage == "reap" else 3.5)  # model loaded, work under way
+        while child.stdout.readline().strip() != "working":  # the model is loaded, the work under way
+            assert child.poll() is None, child.stderr.read()
+        time.sleep(1.0)
         child.send_signal(signal.SIGINT if case.stage == "reap" else signal.SIGTERM)
     _, stderr = child.communicate(timeout=300)
     return child.returncode, stderr
