@@ -153,7 +153,15 @@ def load_processor(model_dir: Path, trust_remote_code: bool = False):
     try:
         return AutoProcessor.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError):
-        return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+        try:
+            return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+        except (OSError, ValueError, TypeError) as err:  # no tokenizer files, or one that needs custom code
+            raise CheckpointError(
+                f"transformers could not load a processor or tokenizer from {model_dir}",
+                (str(err).splitlines() or [type(err).__name__])[0][:300],
+                "Check the tokenizer files (tokenizer.json, tokenizer_config.json); custom tokenizer code needs "
+                "REAP_TRUST_REMOTE_CODE=true",
+            ) from None
 
 
 def _load_error(model_dir: Path, first: str) -> CheckpointError:
