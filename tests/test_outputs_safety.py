@@ -214,6 +214,28 @@ def test_a_second_prune_on_the_same_target_fails_fast(world, tmp_path):
     assert inspect_checkpoint(out).num_experts == 4 and not outputs.lock_path(out).exists()
 
 
+@pytest.mark.parametrize("stage", ["reap", "prune", "test"])
+def test_every_stage_refuses_a_target_another_run_holds(world, tmp_path, stage):
+    """Each stage takes its target's lock before any work: a held lock is one line at once."""
+    from reap_vlm import evaluate, prune, reap
+    from reap_vlm.settings import ReapSettings, TestSettings
+
+    model, meta = world
+    out = tmp_path / "outputs"
+    common = ["--model-path", str(model), "--output-path", str(out)]
+    settings, run, target = {
+        "reap": (lambda: load(ReapSettings, [*common, *BASE], {}), reap.run, out / "reap_metadata.json"),
+        "prune": (lambda: load(PruneSettings, [*common, "--metadata-path", str(meta)], {}), prune.run, out / "pruned"),
+        "test": (lambda: load(TestSettings, [*common, "--device", "cpu"], {}), evaluate.run, out / "report"),
+    }[stage]
+    with outputs.locked(target):
+        started = time.monotonic()
+        with pytest.raises(OutputError, match=f"another reap-vlm run \\(pid {os.getpid()}\\) is writing"):
+            run(settings())
+        assert time.monotonic() - started < 20
+    assert not out.exists()  # made for the held lock and removed with it: the stage wrote nothing there
+
+
 # ---- crash leftovers ---------------------------------------------------------------------------------------------
 
 
