@@ -12,8 +12,8 @@
    the bounds of docs/design.md ("Streamed execution"), and the largest relative difference of the
    raw sums between the two metadata files.
 
-The candidate-plan measurement is not part of it: streamed mode refuses it (REAP_EVAL_SAMPLES=0 in
-both runs, so both do the same work).
+`--eval-samples N` adds the default candidate-plan measurement on N held-out samples to both runs
+(default 16; 0 = statistics only).
 
 Usage:  python bench/bench_stream.py [--layers 12] [--samples 1024] [--seq-len 512] [--work DIR] [--out result.json]
         python bench/bench_stream.py --small      # CPU smoke test (tiny widths, a few samples)
@@ -172,7 +172,7 @@ def child(args) -> None:
     argv = ["--model-path", str(model_dir), "--output-path", str(args.work / args.child)]
     argv += ["--device", "cuda" if cuda else "cpu", "--dtype", "bfloat16" if cuda else "float32"]
     argv += ["--max-samples", str(args.samples), "--max-seq-len", str(args.seq_len)]
-    argv += ["--batch-size", str(args.batch_size), "--eval-samples", "0", "--no-plots", "--criterion", "reap"]
+    argv += ["--batch-size", str(args.batch_size), "--eval-samples", str(args.eval_samples), "--no-plots"]
     argv += ["--execution", args.child, "--stream-cache-gb", str(args.cache_gb)]
     if args.small:
         argv += ["--min-pixels", "1024", "--max-pixels", "16384"]
@@ -213,6 +213,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=1024, help="calibration samples (combined: text + images)")
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--eval-samples", type=int, default=16, help="held-out samples for the candidate plans")
     parser.add_argument("--cache-gb", type=float, default=32.0, help="REAP_STREAM_CACHE_GB of the streamed run")
     parser.add_argument("--work", type=Path, default=Path("bench_stream_work"))
     parser.add_argument("--small", action="store_true", help="tiny widths on the CPU (a smoke test)")
@@ -221,6 +222,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.small:
         args.layers, args.samples, args.seq_len, args.batch_size = min(args.layers, 4), min(args.samples, 12), 96, 3
+        args.eval_samples = min(args.eval_samples, 2)
     if args.child:
         child(args)
         return
@@ -233,7 +235,7 @@ def main() -> None:
     for mode in ("memory", "stream"):
         cmd = [sys.executable, __file__, "--child", mode, "--work", str(args.work), "--layers", str(args.layers)]
         cmd += ["--samples", str(args.samples), "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size)]
-        cmd += ["--cache-gb", str(args.cache_gb)] + (["--small"] if args.small else [])
+        cmd += ["--cache-gb", str(args.cache_gb), "--eval-samples", str(args.eval_samples)] + (["--small"] if args.small else [])
         subprocess.run(cmd, check=True)
         runs[mode] = json.loads((args.work / f"{mode}.json").read_text())
     from reap_vlm import metadata

@@ -30,7 +30,7 @@ import torch
 
 from . import scoring
 from .calibration import load_samples
-from .errors import PlanError
+from .errors import BugError, PlanError
 from .loading import input_device
 from .masking import masked, removed_from_kept
 from .moe.spec import MoEBlock
@@ -259,6 +259,10 @@ def _run_plans(
 ):
     """Per-sample rows of the unpruned model and of every plan (masked), and expert usage counts per plan
     (index 0: unpruned) when `usage`. swaps[i] (merge plans): weights swapped in while plan i runs."""
+    if hasattr(model, "run_plans"):  # streamed execution: the same rows, one decoder layer at a time
+        if swaps and any(swap is not None for swap in swaps):
+            raise BugError("merge plans (swapped weights) reached the streamed plan measurement")
+        return model.run_plans(blocks, batches, plans, usage=usage, progress=progress)
     per_plan_rows: list[list[dict]] = [[] for _ in plans]
     baseline_rows: list[dict] = []
     counts = [{b.key: torch.zeros(b.num_experts, dtype=torch.float64) for b in blocks} for _ in range(len(plans) + 1)]

@@ -221,7 +221,6 @@ def accumulate_streamed(settings: ReapSettings, streamed, blocks, batches, merge
         stats, merged = observe(
             streamed, blocks, batches, settings.scoring_mode, settings.chunk_memory_mb, on_layer, merge, settings.seed
         )
-    streamed.close()
     return stats, False, time.perf_counter() - started, merged
 
 
@@ -477,7 +476,15 @@ def _score(settings: ReapSettings, meta_path: Path, on_batch: Callable[[int], No
             "samples_per_block": merge.samples,
         }
         meta["merge_stats"] = {"file": merge_stats.FILE_NAME, **info}
-    choose_plan(settings, model, blocks, meta, eval_batches, search_batches, stats_by_block)
+    if streamed is not None:
+        # the plans run through the same layer-by-layer driver (candidates._run_plans dispatches to it);
+        # merge candidates need the experts' weights in memory, so streamed scoring does not measure them
+        if stats_by_block is not None and eval_batches:
+            print("note: streamed execution does not measure merge candidates (the prune candidates are measured)")
+        choose_plan(settings, streamed, blocks, meta, eval_batches, search_batches, None)
+        streamed.close()
+    else:
+        choose_plan(settings, model, blocks, meta, eval_batches, search_batches, stats_by_block)
     # Every file appears together at the end, or none does: staged beside its final name, renamed last.
     with outputs.staged(out_dir) as files:
         metadata.write(files.path(meta_path.name), meta)

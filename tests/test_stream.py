@@ -32,7 +32,7 @@ def _settings(model_dir: Path, out: Path, **extra) -> ReapSettings:
     argv += ["--max-seq-len", "96", "--batch-size", "3", "--eval-samples", "0", "--no-plots"]
     argv += ["--min-pixels", "1024", "--max-pixels", "16384"]
     for k, v in extra.items():
-        argv += [f"--{k.replace('_', '-')}", str(v)]
+        argv += [f"--{k.replace('_', '-')}"] + ([] if v is True else [str(v)])
     return load(ReapSettings, argv, {})
 
 
@@ -55,31 +55,51 @@ def _close(a, b, path: str = "") -> None:
         assert a == b, f"{path}: {a!r} vs {b!r}"
 
 
+def _untimed(table: dict) -> dict:
+    table = json.loads(json.dumps(table))
+    for key in ("seconds", "greedy_seconds"):
+        table.pop(key, None)
+    for row in table.get("rows", []):
+        row.get("search", {}).pop("seconds", None)
+    return table
+
+
 def _same_metadata(memory: dict, streamed: dict) -> None:
     assert memory["scoring"]["execution"]["mode"] == "memory"
     assert streamed["scoring"]["execution"]["mode"] == "stream"
     _close(memory["layers"], streamed["layers"])  # raw sums, scores, kept, protected
     assert memory["plan"] == streamed["plan"]
+    assert ("candidates" in memory) == ("candidates" in streamed)
+    if "candidates" in memory:  # every candidate's loss, KL, agreement, entropy, floor; the choice
+        _close(_untimed(memory["candidates"]), _untimed(streamed["candidates"]))
     assert memory["calibration"] == streamed["calibration"]
     assert memory["model"] == streamed["model"]
 
 
 @pytest.mark.parametrize(
-    "family, calibration",
-    [("qwen3_vl_moe", "code:3,writing:2,vision:4"), ("qwen3_moe", "code:5,writing:4")],
-    ids=["qwen3_vl_moe-image+text", "qwen3_moe-text"],
+    "family, calibration, eval_samples",
+    [
+        ("qwen3_vl_moe", "code:3,writing:2,vision:4", 0),
+        ("qwen3_moe", "code:5,writing:4", 0),
+        pytest.param("qwen3_vl_moe", "code:3,writing:2,vision:4", 4, marks=pytest.mark.slow),  # every candidate
+    ],
+    ids=["qwen3_vl_moe-image+text", "qwen3_moe-text", "qwen3_vl_moe-image+text-all-candidates"],
 )
 def test_streamed_stage_writes_the_same_metadata_as_in_memory(
-    family, calibration, tiny_vl_dir, tiny_text_dir, tmp_path
+    family, calibration, eval_samples, tiny_vl_dir, tiny_text_dir, tmp_path
 ):
     from reap_vlm.reap import score
 
     model_dir = tiny_vl_dir if family == "qwen3_vl_moe" else tiny_text_dir
-    memory = score(_settings(model_dir, tmp_path / "memory", calibration=calibration, execution="memory"))
-    streamed = score(_settings(model_dir, tmp_path / "stream", calibration=calibration, execution="stream"))
+    run = dict(calibration=calibration, eval_samples=eval_samples)
+    memory = score(_settings(model_dir, tmp_path / "memory", execution="memory", **run))
+    streamed = score(_settings(model_dir, tmp_path / "stream", execution="stream", **run))
     _same_metadata(memory, streamed)
     if family == "qwen3_vl_moe":
         assert memory["calibration"]["tokens"]["image"] > 0
+        if eval_samples:
+            rows = memory["candidates"]["rows"]
+            assert len(rows) > 10 and any(r["policy"] == "greedy" for r in rows)
     assert json.loads((tmp_path / "stream" / "reap_metadata.json").read_text())["layers"] == streamed["layers"]
     # the merge statistics: every sum the same; the sampled activations a draw of the same size
     from reap_vlm.observe import merge_stats
@@ -97,6 +117,36 @@ def test_streamed_stage_writes_the_same_metadata_as_in_memory(
                 assert t.shape == b[key][name].shape
             else:
                 assert torch.allclose(t.double(), b[key][name].double(), rtol=RTOL, atol=0), (key, name)
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl_moe", "qwen3_moe"])
+def test_streamed_plan_measurement_gives_the_same_candidate_table(family, tiny_vl_dir, tiny_text_dir, tmp_path):
+    """Held-out rows of the unpruned model and of every plan, one pass over the layers; the same table."""
+    from reap_vlm import candidates
+    from reap_vlm.reap import score
+
+    model_dir = tiny_vl_dir if family == "qwen3_vl_moe" else tiny_text_dir
+    settings = _settings(model_dir, tmp_path, calibration="code:3,vision:3", execution="memory", eval_samples=4)
+    settings.eval_samples = 0
+    meta = score(settings)  # the statistics the plans are cut from
+    settings.eval_samples = 4
+    model, processor, _ = load_model(model_dir, device="cpu")
+    batches = list(
+        make_batches(
+            candidates.heldout_samples(settings), processor, answers=True, max_seq_len=96, batch_size=3, **PIXELS
+        )
+    )
+    streamed = StreamedModel(model_dir, device="cpu")
+    tables = []
+    for driver in (model, streamed):
+        blocks = find_moe_blocks(model if driver is model else streamed.model)
+        table = candidates.measure_plans(
+            driver, blocks, meta, batches, criteria=("reap", "frequency"), ratios=[0.5, 0.25], random_seeds=(0,)
+        )
+        tables.append(_untimed({k: v for k, v in table.items() if k != "_rows"}))
+    streamed.close()
+    assert tables[0]["plans_evaluated"] >= 4 and tables[0]["heldout"]["samples"] > 0
+    _close(tables[0], tables[1])
 
 
 def test_spill_to_disk_gives_identical_metadata_and_removes_its_folder(tiny_vl_dir, tmp_path):
@@ -216,17 +266,17 @@ def test_every_streamable_family_observes_the_same_statistics(family, mode, tmp_
     _close(memory, streamed)
 
 
-def test_unverified_families_and_plan_measurement_are_refused_before_loading(tiny_vl_dir, tmp_path):
+def test_unverified_families_and_checkpoints_are_refused_before_loading(tiny_vl_dir, tmp_path):
     from reap_vlm.reap import score
 
     with pytest.raises(UnsupportedModelError, match="REAP_EXECUTION=stream does not support jamba"):
         check_streamable({"model_type": "jamba"})
     with pytest.raises(UnsupportedModelError, match="does not read fp8-quantized checkpoints"):
         check_streamable({"model_type": "qwen3_moe", "quantization_config": {"quant_method": "fp8"}})
-    with pytest.raises(SettingsError, match=r"does not measure candidate plans yet.*REAP_EVAL_SAMPLES=0"):
-        score(_settings(tiny_vl_dir, tmp_path / "a", execution="stream", eval_samples=4))
     with pytest.raises(SettingsError, match="no accumulator checkpoints"):
-        score(_settings(tiny_vl_dir, tmp_path / "b", execution="stream", checkpoint_every=1))
+        score(_settings(tiny_vl_dir, tmp_path / "a", execution="stream", checkpoint_every=1))
+    with pytest.raises(SettingsError, match="no accumulator checkpoints"):
+        score(_settings(tiny_vl_dir, tmp_path / "b", execution="stream", resume=True))
     assert not any(p.exists() for p in (tmp_path / "a", tmp_path / "b"))
 
 

@@ -82,12 +82,6 @@ def check_settings(settings, config: dict) -> None:
     from ..errors import SettingsError
 
     check_streamable(config)
-    if settings.eval_samples > 0:
-        raise SettingsError(
-            "REAP_EXECUTION=stream does not measure candidate plans yet",
-            "the held-out plan measurement needs the whole model in memory",
-            "Set REAP_EVAL_SAMPLES=0 (and a fixed REAP_CRITERION, default reap), or use REAP_EXECUTION=memory",
-        )
     if settings.resume or settings.checkpoint_every:
         raise SettingsError(
             "REAP_EXECUTION=stream has no accumulator checkpoints",
@@ -315,12 +309,16 @@ class StreamedModel:
         captured: dict[tuple[int, int], Captured] = {}
         try:
             with torch.inference_mode():
+                by_batch: dict[int, Captured] = {}  # streams of the same batches (plans) share one capture
                 for s, stream in enumerate(streams):
                     for b, batch in enumerate(stream.batches):
-                        record = self.capture(batch)
+                        record = by_batch.get(id(batch))
+                        if record is None:
+                            record = by_batch[id(batch)] = self.capture(batch)
                         cache.put((s, b), record.hidden)
-                        record.hidden = None
                         captured[(s, b)] = record
+                for record in by_batch.values():
+                    record.hidden = None
                 n = len(self.layers)
                 if self.prefetch:
                     self.reader.prefetch(0)
@@ -350,6 +348,91 @@ class StreamedModel:
         for name, a, k in record.between.get(i, []):
             hidden = getattr(self.decoder, name)(hidden, *_to(a, self.device), **_to(k, self.device))
         return hidden
+
+    def blocks_by_layer(self, blocks: list) -> dict[int, list]:
+        """Decoder layer index -> the MoE blocks in it."""
+        head = self.layers_path + "."
+        by_layer: dict[int, list] = {}
+        for b in blocks:
+            if not b.block.startswith(head):
+                raise BugError(f"MoE block {b.block} is outside the decoder layers {self.layers_path}")
+            by_layer.setdefault(int(b.block[len(head) :].split(".", 1)[0]), []).append(b)
+        return by_layer
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """What the model's forward does after the last layer: the final norm, then the LM head."""
+        return self.model.get_output_embeddings()(self.decoder.norm(hidden.to(self.device)))
+
+    def run_plans(self, blocks: list, batches: list, plans: list[dict], *, usage: bool, progress=None):
+        """candidates._run_plans in one pass over the weights: the unpruned model and every plan side by
+        side as streams of the held-out batches. A plan's stream runs each layer with that layer's removed
+        experts masked (masking.masked, as in memory); expert usage is the router-mode observer of the
+        layer's blocks. At the end the final norm and the LM head give the logits that
+        candidates._token_metrics compares, batch by batch. Same return value as _run_plans."""
+        from ..candidates import _token_metrics
+        from ..masking import masked, removed_from_kept
+        from ..observe.usage import ExpertUsage
+
+        by_layer = self.blocks_by_layer(blocks)
+        counts = [
+            {b.key: torch.zeros(b.num_experts, dtype=torch.float64) for b in blocks} for _ in range(len(plans) + 1)
+        ]
+        current: list = []
+
+        def context(pi: int):
+            @contextlib.contextmanager
+            def layer_context(i: int):
+                mine = by_layer.get(i)
+                if not mine:
+                    yield
+                    return
+                with contextlib.ExitStack() as stack:
+                    if pi >= 0:
+                        stack.enter_context(masked(self.model, mine, removed_from_kept(mine, plans[pi])))
+                    observing = stack.enter_context(ExpertUsage(self.model, mine)) if usage else None
+                    current.append(observing)
+                    try:
+                        yield
+                    finally:
+                        current.pop()
+                    if observing is not None:
+                        for key, total in observing.totals().items():
+                            counts[pi + 1][key] += total
+
+            return layer_context
+
+        def before_batch(batch) -> None:
+            if current and current[-1] is not None:
+                current[-1].batch(batch.modality)
+
+        streams = [Stream(batches, context(pi), before_batch) for pi in range(-1, len(plans))]
+        cache = self.run(streams, (lambda done, total: progress(done, total)) if progress else None)
+        baseline_rows: list[dict] = []
+        per_plan_rows: list[list[dict]] = [[] for _ in plans]
+        try:
+            with torch.inference_mode():
+                for b, batch in enumerate(batches):
+                    reference = self.logits(cache.get((0, b)))
+                    input_ids = batch.inputs["input_ids"].to(self.device)
+                    for pi in range(-1, len(plans)):
+                        logits = reference if pi == -1 else self.logits(cache.get((pi + 1, b)))
+                        m = _token_metrics(
+                            reference, logits, input_ids, batch.modality.to(logits.device), batch.answer_mask
+                        )
+                        rows = baseline_rows if pi == -1 else per_plan_rows[pi]
+                        for r, sample in enumerate(batch.samples):
+                            rows.append(
+                                {
+                                    "source": sample.source,
+                                    "kind": sample.kind,
+                                    "task": sample.task,
+                                    "sample": sample.id,
+                                    **{k: float(v[r]) for k, v in m.items()},
+                                }
+                            )
+        finally:
+            cache.close()
+        return baseline_rows, per_plan_rows, counts
 
     def close(self) -> None:
         self.reader.close()
@@ -391,12 +474,7 @@ def observe(
     generator per layer (in memory one generator runs over all blocks batch by batch)."""
     from ..observe import Observer
 
-    head = streamed.layers_path + "."
-    by_layer: dict[int, list] = {}
-    for b in blocks:
-        if not b.block.startswith(head):
-            raise BugError(f"MoE block {b.block} is outside the decoder layers {streamed.layers_path}")
-        by_layer.setdefault(int(b.block[len(head) :].split(".", 1)[0]), []).append(b)
+    by_layer = streamed.blocks_by_layer(blocks)
     stats: dict = {}
     active: list = []
     merged = MergedLayers(merge.samples) if merge is not None else None

@@ -85,7 +85,7 @@ class LayerReader:
         self.resident: set[int] = set()
         self.peak_resident = 0  # decoder layers only; OUTER is not a layer
         self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reap-prefetch")
+        self._pool: ThreadPoolExecutor | None = None
         self._pending: dict[int, Future] = {}
 
     # ---- sizes ---------------------------------------------------------------------------------
@@ -122,6 +122,8 @@ class LayerReader:
 
     def prefetch(self, group: int) -> None:
         if group in self.groups and group not in self._pending:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reap-prefetch")
             self._pending[group] = self._pool.submit(self._read, group)
 
     def load(self, group: int) -> int:
@@ -194,4 +196,6 @@ class LayerReader:
         for pending in self._pending.values():
             pending.cancel()
         self._pending.clear()
-        self._pool.shutdown(wait=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
