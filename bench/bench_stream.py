@@ -235,7 +235,8 @@ def main() -> None:
     for mode in ("memory", "stream"):
         cmd = [sys.executable, __file__, "--child", mode, "--work", str(args.work), "--layers", str(args.layers)]
         cmd += ["--samples", str(args.samples), "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size)]
-        cmd += ["--cache-gb", str(args.cache_gb), "--eval-samples", str(args.eval_samples)] + (["--small"] if args.small else [])
+        cmd += ["--cache-gb", str(args.cache_gb), "--eval-samples", str(args.eval_samples)]
+        cmd += ["--small"] if args.small else []
         subprocess.run(cmd, check=True)
         runs[mode] = json.loads((args.work / f"{mode}.json").read_text())
     from reap_vlm import metadata
