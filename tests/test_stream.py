@@ -119,7 +119,7 @@ def test_streamed_stage_writes_the_same_metadata_as_in_memory(
                 assert torch.allclose(t.double(), b[key][name].double(), rtol=RTOL, atol=0), (key, name)
 
 
-@pytest.mark.parametrize("family", ["qwen3_vl_moe", "qwen3_moe"])
+@pytest.mark.parametrize("family", ["qwen3_vl_moe", pytest.param("qwen3_moe", marks=pytest.mark.slow)])
 def test_streamed_plan_measurement_gives_the_same_candidate_table(family, tiny_vl_dir, tiny_text_dir, tmp_path):
     """Held-out rows of the unpruned model and of every plan, one pass over the layers; the same table."""
     from reap_vlm import candidates
@@ -141,11 +141,11 @@ def test_streamed_plan_measurement_gives_the_same_candidate_table(family, tiny_v
     for driver in (model, streamed):
         blocks = find_moe_blocks(model if driver is model else streamed.model)
         table = candidates.measure_plans(
-            driver, blocks, meta, batches, criteria=("reap", "frequency"), ratios=[0.5, 0.25], random_seeds=(0,)
+            driver, blocks, meta, batches, criteria=("reap", "frequency"), ratios=[0.5], random_seeds=(0,)
         )
         tables.append(_untimed({k: v for k, v in table.items() if k != "_rows"}))
     streamed.close()
-    assert tables[0]["plans_evaluated"] >= 4 and tables[0]["heldout"]["samples"] > 0
+    assert tables[0]["plans_evaluated"] >= 2 and tables[0]["heldout"]["samples"] > 0
     _close(tables[0], tables[1])
 
 
