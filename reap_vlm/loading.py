@@ -111,6 +111,7 @@ def load_model(
 ):
     """(model, processor, config dict). The model is in eval mode; the processor is the checkpoint's own
     (a tokenizer for text-only models)."""
+    from huggingface_hub.errors import StrictDataclassError  # transformers' typed config fields
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     config = read_config(model_dir)
@@ -136,7 +137,7 @@ def load_model(
             first.split(". ")[0][:200],
             "Use sdpa or eager, or leave REAP_ATTN_IMPLEMENTATION empty for the model's default",
         ) from None
-    except (OSError, KeyError, RuntimeError, TypeError, AttributeError, IndexError) as err:
+    except (OSError, KeyError, RuntimeError, TypeError, AttributeError, IndexError, StrictDataclassError) as err:
         # what transformers says about a config.json its model class cannot be built from, or weights
         # whose sizes do not fit it (RuntimeError: size mismatch); out of memory is not the checkpoint's fault
         if isinstance(err, torch.OutOfMemoryError):

@@ -203,6 +203,13 @@ class HeaderEntry(_Strict):
     data_offsets: Annotated[list[Count], Field(min_length=2, max_length=2)]
 
 
+class Provenance(_Strict):
+    """config.json's `reap_pruning` of a pruned checkpoint (written by the prune stage, read by the test stage)."""
+
+    source: dict[StrictStr, Any] = {}
+    kept: dict[StrictStr, list[Count]] = {}
+
+
 HEADER = TypeAdapter(dict[StrictStr, HeaderEntry])
 HEADER_METADATA = TypeAdapter(dict[StrictStr, StrictStr] | None)
 

@@ -61,6 +61,8 @@ CONFIG_KEYS = (
     "model_type",
     "text_config",
     "norm_topk_prob",
+    "reap_pruning",
+    "kept",
 )
 VALUES = [
     None,

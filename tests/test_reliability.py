@@ -669,6 +669,36 @@ CASES = [
         inproc=True,
     ),
     Case(
+        "metadata-blocks-lists",
+        "malformed input",
+        "prune",
+        "metadata whose blocks are lists",
+        "model.blocks.0 is list",
+        args=["--model-path", "{model}", "--metadata-path", "{tmp}/x.json"],
+        setup="meta_blocks_lists",
+        inproc=True,
+    ),
+    Case(
+        "metadata-layers-int",
+        "malformed input",
+        "prune",
+        "metadata whose layers is an int",
+        "layers is 7",
+        args=["--model-path", "{model}", "--metadata-path", "{tmp}/x.json"],
+        setup="meta_layers_int",
+        inproc=True,
+    ),
+    Case(
+        "provenance-kept-string",
+        "malformed input",
+        "test",
+        "a pruned config whose reap_pruning.kept holds a string",
+        "reap_pruning.kept.0.experts is 'all'",
+        args=["--pruned-model-path", "{tmp}/m"],
+        setup="provenance_string",
+        inproc=True,
+    ),
+    Case(
         "deep-config",
         "malformed input",
         "reap",
@@ -1258,6 +1288,13 @@ SETUPS = {
     ),
     "deep_header": lambda tmp, model, meta: _edit_header(_first_shard(_copy(model, tmp)), lambda h: DEEP.encode()),
     "meta_layers_list": lambda tmp, model, meta: _meta_copy(meta, tmp, lambda m: m.update(layers=[])),
+    "meta_blocks_lists": lambda tmp, model, meta: _meta_copy(
+        meta, tmp, lambda m: m["model"].update(blocks=[list(b.values()) for b in m["model"]["blocks"]])
+    ),
+    "meta_layers_int": lambda tmp, model, meta: _meta_copy(meta, tmp, lambda m: m.update(layers=7)),
+    "provenance_string": lambda tmp, model, meta: _edit_json(
+        _copy(model, tmp) / "config.json", lambda c: c.update(reap_pruning={"kept": {"0.experts": "all"}})
+    ),
     "meta_blocks_int": lambda tmp, model, meta: _meta_copy(meta, tmp, lambda m: m["model"].update(blocks=3)),
     "meta_block_no_key": lambda tmp, model, meta: _meta_copy(meta, tmp, lambda m: m["model"]["blocks"][0].pop("key")),
     "meta_kept_bool": lambda tmp, model, meta: _meta_copy(
@@ -1451,6 +1488,18 @@ def render_doc() -> str:
         "the container runs as uid 1000; JSON and JSONL inputs are parsed strictly (no NaN/Infinity) and "
         "size-limited; calibration image paths are confined to their JSONL's folder; nothing downloads unless "
         "a `hf:` calibration source is asked for.",
+        "",
+        "Every file the tool reads goes through one reading layer (`reap_vlm/validate.py`): only regular files "
+        "are opened (a FIFO, a device or a symlink loop is refused, never read); each kind of file has a size "
+        "limit; JSON is strict UTF-8 without NaN/Infinity and at most 64 levels deep; config.json, the "
+        "safetensors index and headers, reap_metadata.json, the `--resume` accumulators and calibration rows are "
+        'checked against schemas with strict types (a boolean is not an integer, "2" is not a number) and '
+        "cross-checks (a tensor's shape × dtype equals its bytes, no two tensors share bytes, top-k ≤ experts, "
+        "n_group divides them, kept experts unique and in range). Where config.json has no top-k, the default "
+        "of transformers' config class for the model type is used, as transformers does when it loads the "
+        "model. A property test (`tests/test_fuzz.py`) feeds randomly mutated config, index, header, metadata "
+        "and JSONL files to reap, prune, test and verify and checks the same contract: exit 0 or 2 (1 only for "
+        "the test stage's verdict), one line, no traceback, the inputs byte-identical, nothing partial.",
         "",
     ]
     for group, promise in GROUPS.items():

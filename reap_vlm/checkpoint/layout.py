@@ -28,6 +28,7 @@ from ..validate import (
     MAX_CONFIG_BYTES,
     MAX_INDEX_BYTES,
     IndexFile,
+    Provenance,
     check,
     open_regular,
     parse_json,
@@ -247,6 +248,8 @@ def check_config(config, source: str = "config.json") -> None:
         raise CheckpointError(f"{source}: architectures is not a list of names", "", CONFIG_FIX)
     if config.get("model_type") is not None and not isinstance(config["model_type"], str):
         raise CheckpointError(f"{source}: model_type is not a string", "", CONFIG_FIX)
+    if config.get("reap_pruning") is not None:
+        check(Provenance, config["reap_pruning"], source, CheckpointError, "Re-run ./run.sh prune", "reap_pruning.")
     for where, part in _config_parts(config):
         count = next((v for k in COUNT_KEYS if (v := _config_int(part, k, where, source, 0))), None)
         top_k = next((v for k in TOP_K_KEYS if (v := _config_int(part, k, where, source, 0)) is not None), None)
