@@ -1,9 +1,13 @@
-"""`./run.sh demo`: the whole pipeline on a generated tiny Qwen3-VL-MoE, on the CPU, offline.
+"""`./run.sh demo`: the whole pipeline on a small vision-language MoE, on the CPU, offline.
 
-make_tiny → reap (full mode, built-in `combined` calibration: text + real images) → prune (50 %)
-→ test against the original. Every stage runs through the same `run(settings)` as the scripts.
-Extra flags are passed to every stage (e.g. `--scoring-mode routed`); the defaults below keep
-the demo under a few minutes on two CPU cores.
+The model (`--model`): `tiny` (default) generates a random-weight tiny checkpoint of `--family`
+(reap_vlm.tiny); `trained` is the shipped demo VLM (reap_vlm/demo_vlm/, a small Qwen3-VL-MoE trained on
+the four text domains and seven image tasks; its card says how), copied into the demo folder.
+Then reap (full mode, built-in `combined` calibration: text + images) → prune (50 %) → test against
+the original on held-out text and image questions (per-domain perplexity, per-task exact match and
+answer loss, before → after). Every stage runs through the same `run(settings)` as the scripts. The
+tiny demo takes well under a minute on two CPU cores; the trained one several minutes (its plan
+measurement and the test stage's generations dominate).
 """
 
 from __future__ import annotations
@@ -20,19 +24,70 @@ from .cli import main as stage_main
 from .errors import EXIT_OK, SettingsError
 from .settings import Parser
 
+DEMO_VLM = Path(__file__).resolve().parent / "demo_vlm"
+# the test stage's held-out mix for the trained model: about 10 questions per image task of the `tasks` set
+# (7 tasks), and each text domain
+TRAINED_EVAL = "tasks:70,general:3,code:3,math:3,writing:3"
+
 
 def _run_stage(name: str, run, argv: list[str]) -> int:
     print(f"\n=== {name}: {' '.join(argv)}", flush=True)
     return stage_main(name, run, argv, prog=f"demo {name}")
 
 
+def stage_argvs(
+    model_dir: Path, out: Path, *, trained: bool, scoring_mode: str = "full", prune_ratio="0.5", max_samples="64"
+) -> dict[str, list[str]]:
+    """The demo's flags for each stage (tests run the test stage with the same ones)."""
+    common = ["--model-path", str(model_dir), "--output-path", str(out), "--device", "cpu", "--dtype", "float32"]
+    if trained:
+        held_out = ["--eval-data", TRAINED_EVAL, "--max-new-tokens", "16", "--batch-size", "8"]
+        # the image sizes the model was trained at (its processor's own bounds: 32 x 32 to 128 x 128), and the
+        # candidate plans measured at the requested ratio only, to keep the demo at about a minute
+        pixels, ratios = ["--min-pixels", "1024", "--max-pixels", "16384"], ["--eval-ratios", ""]
+    else:
+        held_out = ["--eval-samples", "16", "--max-new-tokens", "12"]
+        pixels, ratios = [], []
+    return {
+        "reap": [
+            *common,
+            "--scoring-mode",
+            scoring_mode,
+            "--calibration",
+            "combined",
+            "--max-samples",
+            str(max_samples),
+            "--max-seq-len",
+            "256",
+            "--batch-size",
+            "4",
+            "--prune-ratio",
+            str(prune_ratio),
+            "--eval-samples",
+            "8",
+            *pixels,
+            *ratios,
+        ],
+        "prune": [*common, "--overwrite"],
+        "test": [*common, "--original-model-path", str(model_dir), "--max-seq-len", "256", *held_out],
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = Parser(
         prog="./run.sh demo",
-        description="Run reap -> prune -> test on a generated tiny Qwen3-VL-MoE (CPU, no downloads).",
+        description="Run reap -> prune -> test on the shipped demo VLM or a generated tiny MoE (CPU, no downloads).",
     )
     parser.add_argument("--output-path", default="outputs/demo", help="Folder for the demo's model and artifacts.")
-    parser.add_argument("--family", default="qwen3_vl_moe", help="Tiny family to generate (qwen3_vl_moe, qwen3_moe).")
+    parser.add_argument(
+        "--model",
+        default="tiny",
+        choices=("trained", "tiny"),
+        help="trained: the shipped demo VLM (reap_vlm/demo_vlm); tiny: a generated random-weight model of --family.",
+    )
+    parser.add_argument(
+        "--family", default="qwen3_vl_moe", help="Tiny family to generate with --model tiny (qwen3_vl_moe, qwen3_moe)."
+    )
     parser.add_argument("--scoring-mode", default="full", choices=("full", "routed", "router"))
     parser.add_argument("--prune-ratio", default="0.5")
     parser.add_argument("--max-samples", default="64")
@@ -47,6 +102,12 @@ def main(argv: list[str] | None = None) -> int:
                 f"unknown tiny family {args.family!r}",
                 "the demo builds one of the model types listed in docs/supported-models.md",
                 "Pass e.g. --family qwen3_vl_moe",
+            )
+        if args.model == "trained" and not (DEMO_VLM / "config.json").is_file():
+            raise SettingsError(
+                "the trained demo model is not in this checkout",
+                f"{DEMO_VLM} has no config.json",
+                "Restore it from git, or run the demo with --model tiny",
             )
         # A folder of the user's is refused; an earlier demo folder (it carries the marker) is replaced.
         outputs.guard_dir(out, what="demo folder", setting="--output-path", replace=True)
@@ -66,41 +127,24 @@ def _demo(args: argparse.Namespace, out: Path) -> int:
 
     model_dir = out / "model"
     started = time.perf_counter()
-    make_tiny(args.family, model_dir)
-    print(f"tiny {args.family} checkpoint written to {model_dir}")
-
-    common = ["--model-path", str(model_dir), "--output-path", str(out), "--device", "cpu", "--dtype", "float32"]
-    stages = [
-        (
-            "reap",
-            reap.run,
-            [
-                *common,
-                "--scoring-mode",
-                args.scoring_mode,
-                "--calibration",
-                "combined",
-                "--max-samples",
-                args.max_samples,
-                "--max-seq-len",
-                "256",
-                "--batch-size",
-                "4",
-                "--prune-ratio",
-                args.prune_ratio,
-                "--eval-samples",
-                "8",
-            ],
-        ),
-        ("prune", prune.run, [*common, "--overwrite"]),
-        (
-            "test",
-            evaluate.run,
-            [*common, "--original-model-path", str(model_dir), "--eval-samples", "16", "--max-new-tokens", "12"],
-        ),
-    ]
-    for name, run, stage_argv in stages:
-        code = _run_stage(name, run, stage_argv)
+    trained = args.model == "trained"
+    if trained:
+        shutil.copytree(DEMO_VLM, model_dir)  # a copy: the stages read it, and the shipped files stay untouched
+        print(f"trained demo VLM copied from {DEMO_VLM} to {model_dir}")
+    else:
+        make_tiny(args.family, model_dir)
+        print(f"tiny {args.family} checkpoint written to {model_dir}")
+    stages = stage_argvs(
+        model_dir,
+        out,
+        trained=trained,
+        scoring_mode=args.scoring_mode,
+        prune_ratio=args.prune_ratio,
+        max_samples=args.max_samples,
+    )
+    runs = {"reap": reap.run, "prune": prune.run, "test": evaluate.run}
+    for name, stage_argv in stages.items():
+        code = _run_stage(name, runs[name], stage_argv)
         if code != EXIT_OK:
             print(f"\ndemo stopped: the {name} stage exited with code {code}", file=sys.stderr)
             return code
@@ -108,7 +152,7 @@ def _demo(args: argparse.Namespace, out: Path) -> int:
     seconds = time.perf_counter() - started
     print(f"\nDemo finished in {seconds:.0f} s. Artifacts:")
     for label, path in [
-        ("tiny original model", model_dir),
+        ("original model", model_dir),
         ("scores and keep plan", out / "reap_metadata.json"),
         ("pruned model", out / "pruned"),
         ("test report", out / "report" / "report.md"),
