@@ -6,8 +6,7 @@ the four text domains and seven image tasks; its card says how), copied into the
 Then reap (full mode, built-in `combined` calibration: text + images) → prune (50 %) → test against
 the original on held-out text and image questions (per-domain perplexity, per-task exact match and
 answer loss, before → after). Every stage runs through the same `run(settings)` as the scripts. The
-tiny demo takes well under a minute on two CPU cores; the trained one several minutes (its plan
-measurement and the test stage's generations dominate).
+tiny demo takes about 20 seconds on two idle CPU cores, the trained one about 30 seconds.
 """
 
 from __future__ import annotations
@@ -43,7 +42,7 @@ def stage_argvs(
     if trained:
         held_out = ["--eval-data", TRAINED_EVAL, "--max-new-tokens", "16", "--batch-size", "8"]
         # the image sizes the model was trained at (its processor's own bounds: 32 x 32 to 128 x 128), and the
-        # candidate plans measured at the requested ratio only, to keep the demo at about a minute
+        # candidate plans measured at the requested ratio only, to keep the demo short
         pixels, ratios = ["--min-pixels", "1024", "--max-pixels", "16384"], ["--eval-ratios", ""]
     else:
         held_out = ["--eval-samples", "16", "--max-new-tokens", "12"]

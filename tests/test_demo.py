@@ -58,7 +58,7 @@ def test_trained_model_is_refused_clearly_when_missing(tmp_path, monkeypatch, ca
 
 @pytest.mark.slow
 def test_demo_on_the_trained_model_reports_before_and_after(tmp_path):
-    """Minutes on two cores. The verdict is not asserted: at 50 % the measured plan loses image accuracy
+    """About 30 s on two idle cores. The verdict is not asserted: at 50 % the measured plan loses image accuracy
     (see the report); the report's content is."""
     out = tmp_path / "demo"
     result = _demo(out, "--model", "trained")
