@@ -172,7 +172,9 @@ def run(settings: PruneSettings) -> int:
         keep = plan.keep  # the groups' centroids: where the merged experts sit
         sizes = [len(g) for gs in groups.values() for g in gs]
         print(
-            f"merge: {settings.merge_grouping} grouping (C {settings.merge_group_size}), {n_keep} groups per block, "
+            f"merge: {settings.merge_grouping} grouping"
+            + (f" (C {settings.merge_group_size})" if settings.merge_grouping == "ream" else "")
+            + f", {n_keep} groups per block, "
             f"{sum(s > 1 for s in sizes) / len(groups):.1f} merged per block on average, largest {max(sizes)} experts"
         )
     else:
