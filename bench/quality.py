@@ -157,7 +157,9 @@ def plans_for_ratio(meta: dict, ratio: float) -> list[dict]:
             continue
         label = "greedy" if row["policy"] == "greedy" else f"random (seed {row['seed']})"
         out.append({"label": label, "kind": row["policy"], "kept": table["plans"][row["plan_id"]]})
-    order = {"auto": 0, "random": 1, "greedy": 2}
+    if meta.get("merge_stats"):  # REAM merging from the same saliency as the auto plan (prune_model.py --method merge)
+        out.append({"label": f"merge (REAM C 16, {plan['criterion']}/{plan['policy']})", "kind": "merge", "kept": {}})
+    order = {"auto": 0, "merge": 0.5, "random": 1, "greedy": 2}
     return sorted(out, key=lambda e: order.get(e["kind"], 4 if e.get("criterion") != "reap" else 3))
 
 
@@ -169,6 +171,8 @@ def write_plan(entry: dict, meta_path: Path, meta: dict, model_path: str, target
         argv += ["--criterion", entry["criterion"], "--modality", entry["policy"]]
     elif entry["kind"] == "auto":
         argv += ["--metadata-path", str(meta_path)]
+    elif entry["kind"] == "merge":  # the groups' centroids are the kept experts: known once written
+        argv += ["--metadata-path", str(meta_path), "--method", "merge"]
     else:  # a measured plan the raw sums cannot reproduce: a copy of the metadata that holds it
         variant = copy.deepcopy(meta)
         for key, kept in entry["kept"].items():
@@ -183,6 +187,8 @@ def write_plan(entry: dict, meta_path: Path, meta: dict, model_path: str, target
         raise RuntimeError(f"prune stage exited {code} for {entry['label']}:\n{log}")
     written = json.loads((target / "config.json").read_text())["reap_pruning"]["kept"]
     by_key = {f"{b['layer']}.{b['expert_set']}": b["key"] for b in meta["model"]["blocks"]}
+    if entry["kind"] == "merge":
+        entry["kept"] = {by_key[k]: v for k, v in written.items()}
     if {by_key[k]: v for k, v in written.items()} != {k: list(v) for k, v in entry["kept"].items()}:
         raise RuntimeError(f"the prune stage wrote another plan than {entry['label']}")
     return log
@@ -200,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-task", type=int, default=20, help="Image questions per task.")
     parser.add_argument("--per-domain", type=int, default=8, help="Text samples per domain.")
     parser.add_argument("--keep-checkpoints", action="store_true")
-    parser.add_argument("--only", default="", help="Measure only these plan kinds (auto,random,greedy,recut).")
+    parser.add_argument("--only", default="", help="Measure only these plan kinds (auto,random,greedy,recut,merge).")
     parser.add_argument(
         "--generate", default="auto,random", help="Plan kinds whose greedy generations are also scored."
     )
@@ -264,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         for entry in plans_for_ratio(meta, ratio):
             if args.only and entry["kind"] not in args.only.split(","):
                 continue
-            sig = _signature(entry["kept"])
+            sig = ("merge",) if entry["kind"] == "merge" else _signature(entry["kept"])
             if sig not in written:
                 target = out_dir / "plans" / f"p{len(written):03d}"
                 if target.exists():
