@@ -125,6 +125,22 @@ OBJECTIVE = (
 )
 
 
+def sample_rows(batch, reference: torch.Tensor, logits: torch.Tensor, input_ids: torch.Tensor) -> list[dict]:
+    """One row per sample of the batch: its source, kind, task and id with its _token_metrics sums. Used by the
+    in-memory and the streamed plan measurement, so both tables are built from the same rows."""
+    m = _token_metrics(reference, logits, input_ids, batch.modality.to(logits.device), batch.answer_mask)
+    return [
+        {
+            "source": sample.source,
+            "kind": sample.kind,
+            "task": sample.task,
+            "sample": sample.id,
+            **{k: float(v[r]) for k, v in m.items()},
+        }
+        for r, sample in enumerate(batch.samples)
+    ]
+
+
 def _group(row: dict) -> str:
     """What the objective and the floor weigh equally: a source, or a source's task where rows have one."""
     return f"{row['source']}/{row['task']}" if row.get("task") else row["source"]
@@ -295,20 +311,8 @@ def _run_plans(
                 if observing is not None:
                     for key, total in observing.totals().items():
                         counts[pi + 1][key] += total - before[key]
-                m = _token_metrics(
-                    reference, logits, inputs["input_ids"], batch.modality.to(logits.device), batch.answer_mask
-                )
                 rows = baseline_rows if pi == -1 else per_plan_rows[pi]
-                for r, sample in enumerate(batch.samples):
-                    rows.append(
-                        {
-                            "source": sample.source,
-                            "kind": sample.kind,
-                            "task": sample.task,
-                            "sample": sample.id,
-                            **{k: float(v[r]) for k, v in m.items()},
-                        }
-                    )
+                rows.extend(sample_rows(batch, reference, logits, inputs["input_ids"]))
             if progress:
                 progress(bi + 1, len(batches))
     return baseline_rows, per_plan_rows, counts

@@ -369,7 +369,7 @@ class StreamedModel:
         experts masked (masking.masked, as in memory); expert usage is the router-mode observer of the
         layer's blocks. At the end the final norm and the LM head give the logits that
         candidates._token_metrics compares, batch by batch. Same return value as _run_plans."""
-        from ..candidates import _token_metrics
+        from ..candidates import sample_rows
         from ..masking import masked, removed_from_kept
         from ..observe.usage import ExpertUsage
 
@@ -416,20 +416,8 @@ class StreamedModel:
                     input_ids = batch.inputs["input_ids"].to(self.device)
                     for pi in range(-1, len(plans)):
                         logits = reference if pi == -1 else self.logits(cache.get((pi + 1, b)))
-                        m = _token_metrics(
-                            reference, logits, input_ids, batch.modality.to(logits.device), batch.answer_mask
-                        )
                         rows = baseline_rows if pi == -1 else per_plan_rows[pi]
-                        for r, sample in enumerate(batch.samples):
-                            rows.append(
-                                {
-                                    "source": sample.source,
-                                    "kind": sample.kind,
-                                    "task": sample.task,
-                                    "sample": sample.id,
-                                    **{k: float(v[r]) for k, v in m.items()},
-                                }
-                            )
+                        rows.extend(sample_rows(batch, reference, logits, input_ids))
         finally:
             cache.close()
         return baseline_rows, per_plan_rows, counts
