@@ -29,7 +29,20 @@ from .errors import CalibrationError
 from .validate import MAX_PROMPT_BYTES, check, open_regular, parse_json, read_text
 
 log = logging.getLogger(__name__)
-CALIBRATION_DIR = Path(__file__).resolve().parents[1] / "calibration"
+
+
+def _builtin_dir() -> Path:
+    """The built-in sets: the installed package data (calibration/ goes into the wheel as
+    reap_vlm/calibration_data, see pyproject.toml), else the calibration/ folder of a source checkout."""
+    import importlib.resources
+
+    packaged = importlib.resources.files("reap_vlm") / "calibration_data"
+    if packaged.is_dir() and (packaged / "LICENSES").is_file():
+        return Path(str(packaged))
+    return Path(__file__).resolve().parents[1] / "calibration"
+
+
+CALIBRATION_DIR = _builtin_dir()
 TEXT_SETS = ("general", "code", "math", "writing")
 IMAGE_SETS = ("tasks", "vision")  # `combined` splits its image share evenly over these
 BUILTIN = (*TEXT_SETS, *IMAGE_SETS, "combined")
