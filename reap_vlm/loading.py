@@ -119,7 +119,20 @@ def load_model(
     if note:
         print(f"note: {note}")
     device = resolve_device(device)
+    quant = quantization_of(model_dir, config)
+    if quant is not None and (quant.format != "fp8" or quant.source != "config.json"):
+        model = _load_dequantizing(model_dir, config, device, dtype, trust_remote_code, attn_implementation)
+        return model, load_processor(model_dir, trust_remote_code), config
     kwargs: dict = {"dtype": resolve_dtype(dtype, device), "trust_remote_code": trust_remote_code}
+    if quant is not None:  # transformers' fine-grained FP8 loader, dequantizing on load (as it does on a CPU)
+        from transformers import FineGrainedFP8Config
+
+        qc = config.get("quantization_config") or {}
+        kwargs["quantization_config"] = FineGrainedFP8Config(
+            weight_block_size=qc.get("weight_block_size"),
+            modules_to_not_convert=qc.get("modules_to_not_convert"),
+            dequantize=True,
+        )
     kwargs["device_map"] = device
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
@@ -145,6 +158,54 @@ def load_model(
         raise _load_error(model_dir, f"{type(err).__name__}: " + (str(err).splitlines() or [""])[0][:200]) from None
     model.eval()
     return model, load_processor(model_dir, trust_remote_code), config
+
+
+def quantization_of(model_dir: Path, config: dict):
+    """reap_vlm.quantization.detect on the checkpoint's config and safetensors headers (None: plain)."""
+    from .checkpoint.layout import inspect_checkpoint
+    from .quantization import detect
+
+    qc = config.get("quantization_config") or (config.get("text_config") or {}).get("quantization_config")
+    if not qc and not _has_quantized_names(model_dir):
+        return None
+    return detect(config, inspect_checkpoint(model_dir))
+
+
+def _has_quantized_names(model_dir: Path) -> bool:
+    from .checkpoint.layout import inspect_checkpoint
+    from .quantization import _modules_from_names
+
+    return bool(_modules_from_names(inspect_checkpoint(model_dir).tensors, {})[1])
+
+
+def _load_dequantizing(model_dir: Path, config: dict, device: str, dtype: str, trust: bool, attn: str):
+    """A quantized checkpoint transformers cannot load on this machine (compressed-tensors, AWQ and GPTQ
+    want GPU kernels; an export without quantization_config would be loaded with random weights): the
+    model is built on the meta device and every tensor is read and dequantized by the streamed path's
+    layer reader (execution.weights), all layers kept. One device: the first GPU under `auto`."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    from .execution.stream import resolve_dtype as stream_dtype
+    from .execution.weights import OUTER, LayerReader
+
+    target = torch.device("cuda:0" if device == "auto" else ("cuda:0" if device == "cuda" else device))
+    compute = stream_dtype(dtype, target, config)
+    hf_config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust)
+    auto = AutoModelForImageTextToText if is_vision_language(config) else AutoModelForCausalLM
+    kwargs: dict = {"dtype": compute, "trust_remote_code": trust}
+    if attn:
+        kwargs["attn_implementation"] = attn
+    with init_empty_weights(include_buffers=False):
+        model = auto.from_config(hf_config, **kwargs)
+    reader = LayerReader(model_dir, model, device=target, dtype=compute)
+    try:
+        for group in [OUTER, *range(len(reader.layers))]:
+            reader.load(group)
+    finally:
+        reader.close()
+    model.eval()
+    return model
 
 
 def load_processor(model_dir: Path, trust_remote_code: bool = False):

@@ -307,3 +307,17 @@ def check_against(
             "the expert structure matches, so the plan applies"
         )
     return warnings
+
+
+def quantized_pair(meta: dict, quant, source: str = "checkpoint") -> str | None:
+    """One line when the metadata was scored on another precision of this checkpoint (a quantized export
+    and its bf16 original, or two exports): check_against has accepted the pair, since the architecture
+    and the expert counts of every MoE layer match; the plan is by expert index, so it applies as is."""
+    scored = (meta["model"].get("quantization") or {}).get("format", "unquantized")
+    here = quant.format if quant is not None else "unquantized"
+    if scored == here:
+        return None
+    return (
+        f"the metadata was scored on the {scored} checkpoint and {source} is {here}: same architecture and "
+        "expert counts per MoE layer, so the plan (expert indices) applies to it"
+    )

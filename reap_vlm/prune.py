@@ -151,6 +151,12 @@ def model_card(provenance: dict, layout, n_keep: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def quantization_of(src: Path, config: dict):
+    from .loading import quantization_of as detect
+
+    return detect(src, config)
+
+
 def run(settings: PruneSettings) -> int:
     if settings.model_path is None:
         raise SettingsError(
@@ -163,6 +169,9 @@ def run(settings: PruneSettings) -> int:
     meta = metadata.read(settings.metadata_file)
     for warning in metadata.check_against(meta, layout.config, layout.counts(), str(src), layout.params_per_expert()):
         print(f"note: {warning}")
+    note = metadata.quantized_pair(meta, quantization_of(src, layout.config), str(src))
+    if note:
+        print(f"note: {note}")
     keep, plan_info = _recut(settings, meta)
     n_keep = len(next(iter(keep.values())))
     groups = None

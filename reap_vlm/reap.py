@@ -359,6 +359,18 @@ def score(settings: ReapSettings, on_batch: Callable[[int], None] | None = None)
         return _score(settings, meta_path, on_batch)
 
 
+def _quantization(model_dir: Path, config: dict, model) -> dict | None:
+    """What the metadata records about a quantized input: its format (reap_vlm.quantization) and the
+    precision the statistics were computed in (the dequantized weights, in the model's dtype)."""
+    from .loading import quantization_of
+
+    quant = quantization_of(model_dir, config)
+    if quant is None:
+        return None
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    return {**quant.summary(), "statistics_from": f"the dequantized weights in {dtype}"}
+
+
 def _score(settings: ReapSettings, meta_path: Path, on_batch: Callable[[int], None] | None) -> dict:
     config = read_config(settings.model_path)
     execution = choose_execution(settings)
@@ -435,6 +447,7 @@ def _score(settings: ReapSettings, meta_path: Path, on_batch: Callable[[int], No
         stats, resumed, seconds = accumulate(settings, model, blocks, batches, out_dir, on_batch, merge)
 
     fingerprint = metadata.model_fingerprint(config, blocks, _expert_shapes(model, blocks), str(settings.model_path))
+    fingerprint["quantization"] = _quantization(settings.model_path, config, model)
     score_fn = sorted({b.score_fn for b in blocks})
     meta = metadata.new(
         model=fingerprint,

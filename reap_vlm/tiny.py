@@ -441,3 +441,97 @@ def make_tiny(
         json.dumps({"family": family, "seed": seed, "generator": "reap_vlm.tiny.make_tiny"}, indent=1) + "\n"
     )
     return out_dir
+
+
+# ---- quantized twins (tests and benchmarks) -------------------------------------------------------
+QUANTIZED_PARTS = ("experts.", "self_attn.")  # what the quantizers below quantize: experts and attention
+
+
+def _quantizable(name: str, tensor: torch.Tensor, parts: tuple[str, ...]) -> bool:
+    return name.endswith(".weight") and tensor.ndim == 2 and any(p in name for p in parts) and "visual" not in name
+
+
+def quantize_checkpoint(
+    src: Path, dst: Path, fmt: str, *, block: int = 16, group: int = 16, parts: tuple[str, ...] = QUANTIZED_PARTS
+) -> Path:
+    """A quantized copy of the checkpoint `src` (per-expert on-disk names) in `dst`, made by the formats'
+    own producers: fp8 block-wise by transformers' `Fp8Quantize` (e4m3 + weight_scale_inv per
+    [block, block]); `ct-int4` (pack-quantized, asymmetric, groups of `group`) and `ct-fp8` (float-quantized,
+    per channel) by compressed-tensors' compressors, with the scales of its `calculate_qparams`. Only the
+    2-D weights of `parts` are quantized (routers, norms, embeddings, head and vision tower stay)."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    src, dst = Path(src), Path(dst)
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "config.json").read_text())
+    if fmt == "fp8":
+        import types
+
+        from transformers.integrations.finegrained_fp8 import Fp8Quantize
+        from transformers.utils.quantization_config import FineGrainedFP8Config
+
+        qconfig = FineGrainedFP8Config(weight_block_size=[block, block], modules_to_not_convert=["lm_head"])
+        fp8 = Fp8Quantize(types.SimpleNamespace(quantization_config=qconfig))
+
+        def convert(name, tensor):
+            return fp8._quantize_one(name, tensor)
+
+        qc = qconfig.to_dict()
+        qc["quant_method"] = "fp8"
+    elif fmt in ("ct-int4", "ct-fp8"):
+        from compressed_tensors.compressors import BaseCompressor
+        from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+        from compressed_tensors.quantization.utils import calculate_qparams
+
+        if fmt == "ct-int4":
+            args = QuantizationArgs(num_bits=4, type="int", symmetric=False, strategy="group", group_size=group)
+            form = "pack-quantized"
+        else:
+            args = QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy="channel")
+            form = "float-quantized"
+        import re
+
+        targets = [f"re:.*{re.escape(p)}.*" for p in parts]  # module names: what _quantizable quantizes
+        scheme = QuantizationScheme(targets=targets, weights=args, format=form)
+        compressor = BaseCompressor.get_value_from_registry(form)
+
+        def convert(name, tensor):
+            w = tensor.to(torch.bfloat16)
+            if args.strategy == "group":
+                grouped = w.float().reshape(w.shape[0], -1, group)
+                lo, hi = grouped.amin(-1), grouped.amax(-1)
+            else:
+                lo, hi = w.float().amin(-1, keepdim=True), w.float().amax(-1, keepdim=True)
+            scale, zero = calculate_qparams(lo, hi, args)
+            state = {"weight": w, "weight_scale": scale.to(torch.bfloat16), "weight_zero_point": zero}
+            prefix = name.rpartition(".")[0]
+            return {f"{prefix}.{k}": v for k, v in compressor.compress(state, scheme).items()}
+
+        qc = QuantizationConfig(
+            config_groups={"group_0": scheme},
+            format=form,
+            ignore=["lm_head", "re:.*visual.*"],
+            quantization_status="compressed",
+        ).model_dump(mode="json")
+        qc["quant_method"] = "compressed-tensors"
+    else:
+        raise BugError(f"unknown quantized format {fmt!r}")
+    index_path = dst / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    weight_map = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        out = {}
+        with safe_open(str(src / shard), framework="pt") as f:
+            for name in f.keys():
+                tensor = f.get_tensor(name)
+                out.update(convert(name, tensor) if _quantizable(name, tensor, parts) else {name: tensor})
+        save_file(out, str(dst / shard), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(out, shard))
+    index["weight_map"] = weight_map
+    index_path.write_text(json.dumps(index, indent=1) + "\n")
+    config["quantization_config"] = qc
+    (dst / "config.json").write_text(json.dumps(config, indent=1) + "\n")
+    return dst

@@ -56,8 +56,14 @@ def describe(model_dir: Path, ratio: float | None) -> dict:
         "topk_group": layout.topk_group,
         "layout": sorted(set().union(*(b.layout for b in layout.blocks.values()))),
         "shards": len(layout.shards),
-        "quantization": (config.get("quantization_config") or {}).get("quant_method"),
     }
+    from .quantization import detect
+
+    try:
+        quant = detect(config, layout)
+        info["quantization"] = quant.summary() if quant is not None else None
+    except ReapError as err:  # a method scoring does not read: said here, refused by reap
+        info["quantization"] = f"refused by reap: {err}"
     from .loading import remote_code
 
     try:

@@ -271,8 +271,9 @@ def test_unverified_families_and_checkpoints_are_refused_before_loading(tiny_vl_
 
     with pytest.raises(UnsupportedModelError, match="REAP_EXECUTION=stream does not support jamba"):
         check_streamable({"model_type": "jamba"})
-    with pytest.raises(UnsupportedModelError, match="does not read fp8-quantized checkpoints"):
-        check_streamable({"model_type": "qwen3_moe", "quantization_config": {"quant_method": "fp8"}})
+    with pytest.raises(UnsupportedModelError, match="does not read bitsandbytes-quantized checkpoints"):
+        check_streamable({"model_type": "qwen3_moe", "quantization_config": {"quant_method": "bitsandbytes"}})
+    check_streamable({"model_type": "qwen3_moe", "quantization_config": {"quant_method": "fp8"}})  # read
     with pytest.raises(SettingsError, match="no accumulator checkpoints"):
         score(_settings(tiny_vl_dir, tmp_path / "a", execution="stream", checkpoint_every=1))
     with pytest.raises(SettingsError, match="no accumulator checkpoints"):

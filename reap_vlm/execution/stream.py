@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from ..errors import BugError, UnsupportedModelError
+from ..quantization import FORMATS as QUANT_METHODS
 from .memory import prepare_inputs
 from .weights import OUTER, LayerReader, decoder_layers, text_decoder
 
@@ -69,11 +70,11 @@ def check_streamable(config: dict) -> None:
             "Use REAP_EXECUTION=memory (the model must fit the GPUs, or CPU memory)",
         )
     quantization = (config.get("quantization_config") or {}).get("quant_method")
-    if quantization:
+    if quantization and quantization not in QUANT_METHODS:
         raise UnsupportedModelError(
-            f"REAP_EXECUTION=stream does not read {quantization}-quantized checkpoints yet",
-            "the layer reader converts plain safetensors weights only",
-            "Score the unquantized (bf16) checkpoint, or use REAP_EXECUTION=memory",
+            f"REAP_EXECUTION=stream does not read {quantization}-quantized checkpoints",
+            "the layer reader dequantizes " + ", ".join(QUANT_METHODS) + " checkpoints",
+            "Score the unquantized (bf16) checkpoint, or a supported export of it",
         )
 
 

@@ -10,6 +10,10 @@ tensor with `safe_open` (never a whole shard), converts them with
 layer is left on the meta device; `release(i)` puts the layer's parameters back on the meta device.
 `prefetch(i)` reads layer i's tensors in a background thread while the current layer computes.
 
+A quantized checkpoint (reap_vlm.quantization) is read module by module: the on-disk parts of each
+quantized weight (`weight` + `weight_scale_inv`, `qweight` / `qzeros` / `scales`, ...) are read together,
+moved to the compute device and dequantized there, and transformers' conversions see plain weights.
+
 Instrumented: `reads` counts how often each tensor was read, `peak_resident` is the largest number of
 decoder layers whose weights were in memory at once (read, loaded or prefetched, not yet released).
 """
@@ -25,6 +29,7 @@ import torch
 
 from ..checkpoint.layout import inspect_checkpoint
 from ..errors import BugError, CheckpointError
+from ..quantization import Dequantizer, canonical, detect
 
 OUTER = -1  # the group of every tensor outside the decoder layers (embeddings, vision tower, final norm, head)
 
@@ -68,10 +73,18 @@ class LayerReader:
         targets = model.state_dict()
         prefix = model.base_model_prefix
         self.groups: dict[int, list[str]] = {OUTER: [], **{i: [] for i in range(len(self.layers))}}
-        self.target: dict[str, str] = {}  # on-disk name -> in-memory parameter it (partly) becomes
+        self.target: dict[str, str] = {}  # weight name -> in-memory parameter it (partly) becomes
         self.unused: list[str] = []  # tensors the model has no parameter for (an MTP layer, ...): never read
+        # weight name -> the on-disk tensors it is read from: itself, or a quantized module's parts
+        self.quantization = detect(self.layout.config, self.layout)
+        self.dequantizer = None
+        self.parts: dict[str, tuple[str, ...]] = {n: (n,) for n in self.layout.tensors}
+        if self.quantization is not None:
+            self.dequantizer = Dequantizer(model_dir, self.layout.config, self.quantization)
+            plan, self.unused = self.dequantizer.plan(self.layout.tensors)
+            self.parts = {canonical(n): parts for n, parts in plan.items()}
         head = self.layers_path + "."
-        for name in self.layout.tensors:
+        for name in self.parts:
             renamed, _ = rename_source_key(name, renamings, converters, prefix, targets)
             if renamed not in targets and name in targets:
                 renamed, _ = rename_source_key(name, [], [], prefix, targets)
@@ -90,7 +103,7 @@ class LayerReader:
 
     # ---- sizes ---------------------------------------------------------------------------------
     def nbytes(self, group: int) -> int:
-        return sum(self.layout.tensors[n].nbytes for n in self.groups[group])
+        return sum(self.layout.tensors[p].nbytes for n in self.groups[group] for p in self.parts[n])
 
     def largest_layer_bytes(self) -> int:
         return max((self.nbytes(i) for i in range(len(self.layers))), default=0)
@@ -109,15 +122,25 @@ class LayerReader:
         self._mark(group)
         by_shard: dict[str, list[str]] = {}
         for name in self.groups[group]:
-            by_shard.setdefault(self.layout.tensors[name].shard, []).append(name)
-        out = {}
+            for part in self.parts[name]:
+                by_shard.setdefault(self.layout.tensors[part].shard, []).append(part)
+        read = {}
         for shard, names in by_shard.items():
             names.sort(key=lambda n: self.layout.tensors[n].start)
             with safe_open(str(self.model_dir / shard), framework="pt", device="cpu") as f:
                 for name in names:
-                    out[name] = f.get_tensor(name)
+                    read[name] = f.get_tensor(name)
                     with self._lock:
                         self.reads[name] += 1
+        if self.dequantizer is None:
+            return read
+        out = {}
+        for name in self.groups[group]:
+            if len(self.parts[name]) == 1:  # a plain tensor
+                out[name] = read.pop(self.parts[name][0])
+                continue
+            weight = self.dequantizer.weight({p: read.pop(p).to(self.device) for p in self.parts[name]})
+            out[name] = weight.to(self.dtype)
         return out
 
     def prefetch(self, group: int) -> None:

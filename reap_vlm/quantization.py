@@ -1,0 +1,304 @@
+"""Quantized checkpoints: which format a checkpoint is in, and its weights dequantized as they are read.
+
+Formats, detected from config.json's `quantization_config`, or, for an export that carries none, from the
+tensor names and dtypes of the safetensors headers:
+
+  fp8                 block-wise e4m3 `weight` + fp32 `weight_scale_inv` per [bm, bn] block (Qwen's and
+                      DeepSeek's FP8 releases, `weight_block_size` [128, 128]). Dequantized by transformers'
+                      own `Fp8Dequantize`, the op its fine-grained FP8 loader runs on a CPU.
+  compressed-tensors  llm-compressor's exports: `weight_packed` / `weight_scale` / `weight_shape`
+                      (+ `weight_zero_point`, `weight_g_idx`) for pack-quantized int4/int8, fp8 `weight` +
+                      `weight_scale` for float-quantized. Decompressed by the compressed-tensors package's
+                      own `CompressedTensorsDequantizer` (its decompressors, per module).
+  awq                 AutoAWQ GEMM: `qweight` int32 [in, out*bits/32], `qzeros` int32 [in/g, out*bits/32],
+                      `scales` fp16 [in/g, out]. compressed-tensors' `AutoAWQConverter` turns each module into
+                      its pack-quantized form, whose decompressor gives the weight.
+  gptq                AutoGPTQ / GPTQModel `gptq` format: `qweight` int32 [in*bits/32, out] (input rows packed
+                      along dim 0, value k of a word in bits [k*bits, (k+1)*bits)), `qzeros` int32
+                      [groups, out*bits/32] storing zero-1 (`checkpoint_format` gptq; gptq_v2 stores the
+                      zero itself), `scales` fp16 [groups, out], `g_idx` int32 [in] the group of every input
+                      row (act-order: not i // group_size). No maintained library unpacks it without a GPU,
+                      so `_gptq_weight` does, as W[o, i] = scales[g_idx[i], o] * (q[i, o] - z[g_idx[i], o])
+                      in the scales' dtype, the arithmetic of the reference packers' torch kernels.
+
+The result of every format is the module's `weight` in the scales' precision (bf16/fp16/fp32), then cast to
+the compute dtype: the statistics are computed from exactly the dequantized weights the quantized model
+multiplies by. `Dequantizer.plan` maps each logical weight to the on-disk tensors it is made of, so the
+layer reader (execution.weights) reads those, calls `Dequantizer.weight`, and hands transformers' loading
+conversions plain weights.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import UnsupportedModelError
+
+FORMATS = ("fp8", "compressed-tensors", "awq", "gptq")
+# (marker suffix, companion suffixes) per format: a module is quantized when its marker tensor is present
+_PARTS = {
+    "fp8": ("weight_scale_inv", ("weight", "weight_scale_inv")),
+    "compressed-tensors": (
+        None,  # the marker depends on the scheme: weight_packed, or weight + weight_scale
+        ("weight_packed", "weight", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx"),
+    ),
+    "awq": ("qweight", ("qweight", "qzeros", "scales")),
+    "gptq": ("qweight", ("qweight", "qzeros", "scales", "g_idx")),
+}
+# activation / KV-cache scales of static schemes: no weight is made from them, the reader skips them
+_ACTIVATION = ("input_scale", "activation_scale", "output_scale", "k_scale", "v_scale", "input_global_scale")
+_PER_EXPERT_SWAPPED = re.compile(r"^(?P<head>.+\.experts)\.(?P<proj>[A-Za-z_]\w*)\.(?P<j>\d+)\.(?P<rest>.+)$")
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """What `verify` reports and the metadata records about a quantized checkpoint."""
+
+    format: str  # one of FORMATS
+    bits: int
+    scheme: str = ""  # "block", "pack-quantized", "float-quantized", "gemm", "act-order", ...
+    group_size: int | None = None  # int formats: weights per scale (None: per channel)
+    block_size: tuple[int, int] | None = None  # fp8: [rows, cols] per scale
+    source: str = "config.json"  # or "tensor names"
+    modules: dict[str, int] = field(default_factory=dict)  # kind -> quantized weights of that kind
+
+    def summary(self) -> dict:
+        out = {"format": self.format, "bits": self.bits, "scheme": self.scheme, "source": self.source}
+        if self.group_size is not None:
+            out["group_size"] = self.group_size
+        if self.block_size is not None:
+            out["block_size"] = list(self.block_size)
+        out["quantized"] = dict(sorted(self.modules.items()))
+        out["quantized_kinds"] = "experts only" if set(self.modules) == {"experts"} else ", ".join(sorted(self.modules))
+        return out
+
+
+def _kind(name: str, role_kind: str) -> str:
+    if role_kind in ("expert", "fused"):
+        return "experts"
+    if role_kind in ("router", "buffer"):
+        return "router"
+    if "shared_expert" in name:
+        return "shared experts"
+    if "visual." in name or "vision" in name:
+        return "vision"
+    if "attn." in name or "attention." in name:
+        return "attention"
+    return "other"
+
+
+def _modules_from_names(names: Iterable[str], dtypes: dict[str, str]) -> tuple[str | None, dict[str, set[str]]]:
+    """(format guessed from the names, {module prefix: its quantization suffixes})."""
+    modules: dict[str, set[str]] = {}
+    for name in names:
+        prefix, _, leaf = name.rpartition(".")
+        modules.setdefault(prefix, set()).add(leaf)
+    quantized = {}
+    guess = None
+    for prefix, leaves in modules.items():
+        if "qweight" in leaves:
+            guess = guess or ("gptq" if "g_idx" in leaves else "awq")
+        elif "weight_packed" in leaves or ("weight" in leaves and "weight_scale" in leaves):
+            guess = guess or "compressed-tensors"
+        elif "weight_scale_inv" in leaves:
+            guess = guess or "fp8"
+        else:
+            continue
+        quantized[prefix] = leaves
+    # AWQ and GPTQ without g_idx share names; their qweight shapes differ (AWQ packs the output dim)
+    return guess, quantized
+
+
+def _config_of(config: dict) -> dict:
+    text = config.get("text_config") or {}
+    return config.get("quantization_config") or text.get("quantization_config") or {}
+
+
+def detect(config: dict, layout=None) -> Quantization | None:
+    """The checkpoint's quantization, or None for plain weights. `layout`: checkpoint.layout.Layout (the
+    tensor names, dtypes and roles); without it only config.json is read."""
+    qc = _config_of(config)
+    method = str(qc.get("quant_method") or "")
+    names = list(layout.tensors) if layout is not None else []
+    dtypes = {n: t.dtype for n, t in layout.tensors.items()} if layout is not None else {}
+    guess, modules = _modules_from_names(names, dtypes)
+    if not method and guess is None:
+        return None
+    fmt = {"fp8": "fp8", "compressed-tensors": "compressed-tensors", "awq": "awq", "gptq": "gptq"}.get(method)
+    if method and fmt is None:
+        raise UnsupportedModelError(
+            f"{method}-quantized checkpoints are not supported",
+            "scoring reads fp8 (block-wise), compressed-tensors, AWQ (GEMM) and GPTQ exports",
+            "Score the unquantized checkpoint, or a supported export of it",
+        )
+    fmt = fmt or guess
+    kinds: dict[str, int] = {}
+    if layout is not None:
+        for prefix, leaves in modules.items():
+            marker = next(f"{prefix}.{leaf}" for leaf in sorted(leaves))
+            role = layout.roles.get(marker)
+            kind = _kind(prefix, role.kind if role is not None else "copy")
+            kinds[kind] = kinds.get(kind, 0) + 1
+    source = "config.json" if method else "tensor names"
+    if fmt == "fp8":
+        block = qc.get("weight_block_size")
+        if block is None and layout is not None and modules:
+            prefix = next(iter(modules))
+            w, s = layout.tensors[f"{prefix}.weight"].shape, layout.tensors[f"{prefix}.weight_scale_inv"].shape
+            block = [-(-w[-2] // s[-2]), -(-w[-1] // s[-1])] if len(s) >= 2 else None
+        scheme = "block" if block else "tensor"
+        return Quantization("fp8", 8, scheme, None, tuple(block) if block else None, source, kinds)
+    if fmt == "compressed-tensors":
+        groups = list((qc.get("config_groups") or {}).values())
+        weights = (groups[0].get("weights") or {}) if groups else {}
+        scheme = str(qc.get("format") or (groups[0].get("format") if groups else "") or "")
+        if not scheme and modules:
+            scheme = "pack-quantized" if any("weight_packed" in v for v in modules.values()) else "float-quantized"
+        return Quantization(
+            "compressed-tensors",
+            int(weights.get("num_bits") or (4 if scheme == "pack-quantized" else 8)),
+            scheme,
+            weights.get("group_size"),
+            tuple(weights["block_structure"]) if weights.get("block_structure") else None,
+            source,
+            kinds,
+        )
+    bits = int(qc.get("bits") or qc.get("w_bit") or 4)
+    group = qc.get("group_size", qc.get("q_group_size"))
+    if fmt == "awq":
+        version = str(qc.get("version") or "gemm").lower()
+        return Quantization("awq", bits, version, group, None, source, kinds)
+    act_order = bool(qc.get("desc_act"))
+    return Quantization("gptq", bits, "act-order" if act_order else "in-order", group, None, source, kinds)
+
+
+def canonical(name: str) -> str:
+    """Per-expert names in the order transformers' conversions expect: `experts.gate_proj.3.weight` (the
+    ModelOpt order some AWQ exports use) -> `experts.3.gate_proj.weight`."""
+    m = _PER_EXPERT_SWAPPED.match(name)
+    return f"{m['head']}.{m['j']}.{m['proj']}.{m['rest']}" if m else name
+
+
+class Dequantizer:
+    """Turns a quantized checkpoint's tensors into plain weights, module by module."""
+
+    def __init__(self, model_dir: Path, config: dict, quant: Quantization):
+        self.quant, self.config = quant, config
+        self.qc = _config_of(config)
+        self._ct = None
+        if quant.format == "compressed-tensors":
+            from compressed_tensors.entrypoints.convert.converters.ct_dequantizer import CompressedTensorsDequantizer
+
+            # dtype=None: the decompressor's own result dtype (the scales'); the reader casts afterwards
+            self._ct = CompressedTensorsDequantizer(str(model_dir), dtype=torch.float32)
+        if quant.format == "awq":
+            if quant.scheme != "gemm":
+                raise UnsupportedModelError(
+                    f"AWQ version {quant.scheme!r} is not supported",
+                    "scoring unpacks AutoAWQ GEMM exports",
+                    "Use a GEMM export of the model",
+                )
+            from compressed_tensors.entrypoints.convert.converters.autoawq import AutoAWQConverter
+
+            self._awq = AutoAWQConverter.from_autoawq_config({**self.qc, "modules_to_not_convert": []})
+
+    def plan(self, names: Iterable[str]) -> tuple[dict[str, tuple[str, ...]], list[str]]:
+        """({logical name: on-disk tensors it is made of}, on-disk tensors no weight is made of). Plain
+        tensors map to themselves; a quantized module's parts map to `<module>.weight`."""
+        names = list(names)
+        _, modules = _modules_from_names(names, {})
+        if self.quant.format == "fp8":
+            modules = {p: v for p, v in modules.items() if "weight_scale_inv" in v}
+        parts_of = set(_PARTS[self.quant.format][1])
+        plan: dict[str, tuple[str, ...]] = {}
+        skipped: list[str] = []
+        taken: set[str] = set()
+        for prefix, leaves in modules.items():
+            parts = tuple(f"{prefix}.{leaf}" for leaf in sorted(leaves & parts_of))
+            plan[f"{prefix}.weight"] = parts
+            taken.update(parts)
+        for name in names:
+            if name in taken:
+                continue
+            if name.rpartition(".")[2] in _ACTIVATION:
+                skipped.append(name)
+                continue
+            plan[name] = (name,)
+        return plan, skipped
+
+    def weight(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """A quantized module's weight [out, in] from its on-disk parts (`tensors`, by on-disk name, the
+        parts that `plan` named)."""
+        prefix = next(iter(tensors)).rpartition(".")[0]
+        logical = f"{prefix}.weight"
+        fmt = self.quant.format
+        if fmt == "fp8":
+            return _fp8_weight(tensors[f"{prefix}.weight"], tensors[f"{prefix}.weight_scale_inv"])
+        if fmt == "compressed-tensors":
+            out = self._ct.process(dict(tensors))
+            return out[logical]
+        if fmt == "awq":
+            return _awq_weight(self._awq, prefix, tensors)
+        return _gptq_weight(
+            tensors[f"{prefix}.qweight"],
+            tensors[f"{prefix}.qzeros"],
+            tensors[f"{prefix}.scales"],
+            tensors[f"{prefix}.g_idx"] if f"{prefix}.g_idx" in tensors else None,
+            self.quant.bits,
+            self.quant.group_size,
+            v2=str(self.qc.get("checkpoint_format", "gptq")) == "gptq_v2",
+        )
+
+
+def _fp8_weight(weight: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
+    """transformers' Fp8Dequantize of one (weight, weight_scale_inv) pair, in fp32 (the op keeps the
+    destination parameter's dtype when it knows it; the reader casts afterwards)."""
+    from transformers.integrations.finegrained_fp8 import Fp8Dequantize
+
+    return Fp8Dequantize(None)._dequantize_one(weight, scale_inv, output_dtype=torch.float32)
+
+
+def _awq_weight(converter, prefix: str, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    from compressed_tensors.compressors import BaseCompressor
+
+    converted = converter.process(dict(tensors))
+    scheme = converter._build_quant_config().config_groups["config_group_0"]
+    compressor = BaseCompressor.get_value_from_registry(scheme.format)
+    local = {k[len(prefix) + 1 :]: v for k, v in converted.items() if k.startswith(prefix + ".")}
+    return compressor.decompress(local, scheme)["weight"]
+
+
+def _gptq_weight(
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    g_idx: torch.Tensor | None,
+    bits: int,
+    group_size: int | None,
+    v2: bool = False,
+) -> torch.Tensor:
+    """[out, in] weight of a GPTQ module (format in the module docstring)."""
+    if bits not in (2, 4, 8):
+        raise UnsupportedModelError(
+            f"GPTQ with {bits} bits is not supported", "scoring unpacks 2-, 4- and 8-bit GPTQ", "Use a 4-bit export"
+        )
+    mask = (1 << bits) - 1
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=qweight.device)
+    q = (qweight.unsqueeze(1) >> shifts.view(1, -1, 1)) & mask  # [in/pw, pw, out]
+    q = q.reshape(-1, qweight.shape[1])  # [in, out]
+    z = (qzeros.unsqueeze(2) >> shifts.view(1, 1, -1)) & mask  # [groups, out/pw, pw]
+    z = z.reshape(qzeros.shape[0], -1)  # [groups, out]
+    if not v2:
+        z = z + 1
+    rows = q.shape[0]
+    if g_idx is None:
+        size = rows if group_size in (None, -1) else group_size
+        g_idx = torch.arange(rows, device=q.device) // size
+    g = g_idx.long()
+    weight = scales[g] * (q - z[g]).to(scales.dtype)  # [in, out], in the scales' dtype
+    return weight.T.contiguous()
