@@ -59,8 +59,9 @@ def _quiet(fn, *args, **kwargs):
 
 
 def eval_samples(args, reap_settings: ReapSettings) -> list:
-    """Text domains and image tasks from the evaluation split (or a JSONL), minus every sample the reap stage
-    saw: its calibration samples and the held-out slice that chose the plan."""
+    """Text domains and image tasks from the test portion of the evaluation split (or a JSONL), minus every
+    sample the reap stage saw: its calibration samples and the plan-selection slice that chose the plan (which
+    comes from the evaluation split's other portion, so none of it is in the test portion)."""
     seen = {s.id for s in heldout_samples(reap_settings)}
     seen |= {
         s.id
@@ -77,7 +78,7 @@ def eval_samples(args, reap_settings: ReapSettings) -> list:
         sources = sorted({s.source for s in pool})
     else:
         sources = [*TEXT_SETS, *args.image_sets.split(",")]
-        pool = [s for name in sources for s in read_source(name, "evaluation")]
+        pool = [s for name in sources for s in read_source(name, "test")]
     out = []
     counts: dict[str, int] = {}
     for s in pool:

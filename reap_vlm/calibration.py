@@ -8,6 +8,15 @@ Built-in sets ship a calibration and an evaluation file that never overlap. Sour
 split (JSONL, folders) are split by a content hash: a sample whose SHA-256 ends in 0-50 (1 in 5)
 belongs to the evaluation split, every other to calibration — stable, disjoint, and independent
 of order and seed.
+
+The evaluation split has two disjoint portions (`heldout_portions`): `selection` (SELECTION_SHARE of
+every source's task, or of the source where rows have no task), which the reap stage measures candidate
+plans on, and `test`, the rest, which the test stage and the quality benchmark evaluate on — so a plan is
+never judged on the data that chose it. Within each (source, task) group the rows are ranked by a hash of
+their content and the first SELECTION_SHARE of them are the selection portion: exactly stratified,
+deterministic, independent of order and seed. `read_source(name, "selection" | "test")` and
+`load_samples(spec, "selection" | "test", ...)` read one portion; `selection_slice` draws the reap stage's
+stratified slice (so many questions per task, so many samples per other source) from it.
 """
 
 from __future__ import annotations
@@ -47,6 +56,8 @@ TEXT_SETS = ("general", "code", "math", "writing")
 IMAGE_SETS = ("tasks", "vision")  # `combined` splits its image share evenly over these
 BUILTIN = (*TEXT_SETS, *IMAGE_SETS, "combined")
 SPLITS = {"calibration": "calib", "evaluation": "eval"}
+PORTIONS = ("selection", "test")  # the evaluation split's two disjoint parts (heldout_portions)
+SELECTION_SHARE = 0.4  # of every (source, task) group of the evaluation split: the plan-selection portion
 MAX_JSONL_BYTES = 256 * 1024 * 1024
 MAX_LINE_BYTES = 4 * 1024 * 1024
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -61,6 +72,7 @@ class Sample:
     messages: list[dict]
     answer: str = ""  # a reference answer where the data has one (vision prompts)
     task: str = ""  # the row's task label where the data has one (chart, count, ...)
+    key: str = ""  # what identifies the row's content (its JSON line, file name, ...): ranks the held-out portions
 
     @property
     def kind(self) -> str:
@@ -228,7 +240,8 @@ def _read_jsonl(path: Path, source: str, split: str | None, id_prefix: str = "")
                 log.warning("%s: image skipped (%s: %s)", where, type(err).__name__, err)
                 continue
             task = str(row.get("task", "")) if isinstance(row.get("task"), str) else ""
-            samples.append(Sample(f"{source}/{id_prefix}{number:05d}", source, messages, answer, task))
+            key = raw.decode("utf-8", "replace").strip()
+            samples.append(Sample(f"{source}/{id_prefix}{number:05d}", source, messages, answer, task, key))
     return SampleList(samples, {source: skipped} if skipped else {})
 
 
@@ -253,7 +266,7 @@ def _read_folder(folder: Path, split: str) -> SampleList:
             log.warning("%s: image skipped (%s)", path.name, err)
             continue
         content = [{"type": "image", "image": image}, {"type": "text", "text": prompt}]
-        samples.append(Sample(f"{folder.name}/{path.name}", str(folder), _user_message(content)))
+        samples.append(Sample(f"{folder.name}/{path.name}", str(folder), _user_message(content), key=path.name))
     return SampleList(samples, {str(folder): skipped} if skipped else {})
 
 
@@ -296,14 +309,43 @@ def _read_hf(spec: str, split: str) -> SampleList:
             key = str(value)
             content = [{"type": "text", "text": key}]
         if _is_eval(key) == (split == "evaluation"):
-            samples.append(Sample(f"{name}/{i}", spec, _user_message(content)))
+            samples.append(Sample(f"{name}/{i}", spec, _user_message(content), key=key))
     return SampleList(samples)
 
 
+def _portion_rank(sample: Sample) -> str:
+    return hashlib.sha256(f"portion:{sample.key or sample.id}".encode()).hexdigest()
+
+
+def heldout_portions(samples: Iterable[Sample]) -> dict[str, list[Sample]]:
+    """An evaluation split cut into its two disjoint portions, {"selection": [...], "test": [...]}, each in the
+    input order: per (source, task) group, the round(SELECTION_SHARE · n) rows of lowest content hash are the
+    selection portion (where the reap stage chooses its plan), the others the test portion (where the test stage
+    and bench/quality.py evaluate it)."""
+    samples = list(samples)
+    groups: dict[tuple[str, str], list[Sample]] = {}
+    for s in samples:
+        groups.setdefault((s.source, s.task), []).append(s)
+    selected: set[int] = set()
+    for group in groups.values():
+        ranked = sorted(group, key=_portion_rank)
+        selected |= {id(s) for s in ranked[: round(SELECTION_SHARE * len(group))]}
+    return {
+        "selection": [s for s in samples if id(s) in selected],
+        "test": [s for s in samples if id(s) not in selected],
+    }
+
+
 def read_source(name: str, split: str) -> SampleList:
-    """Every sample of one source in one split (before counting and shuffling)."""
+    """Every sample of one source in one split (before counting and shuffling); `selection` and `test` are the
+    two portions of the evaluation split (heldout_portions)."""
+    if split in PORTIONS:
+        pool = read_source(name, "evaluation")
+        return SampleList(heldout_portions(pool)[split], pool.skipped)
     if split not in SPLITS:
-        raise CalibrationError(f"unknown split {split!r}", "", "Use calibration or evaluation")
+        raise CalibrationError(
+            f"unknown split {split!r}", "", "Use calibration, evaluation, or one of its portions: selection, test"
+        )
     if name in BUILTIN and name != "combined":
         prefix = "eval/" if split == "evaluation" else ""  # the two files both start at line 1
         return _read_jsonl(CALIBRATION_DIR / name / f"{SPLITS[split]}.jsonl", name, None, prefix)
@@ -407,6 +449,48 @@ def load_samples(
     if shuffle:
         random.Random(seed).shuffle(samples)
     return SampleList(samples, skipped)
+
+
+def slice_group(sample: Sample) -> str:
+    """What the plan-selection slice stratifies by (and the plan objective weighs equally): a source's task
+    where the row has one, else the source."""
+    return f"{sample.source}/{sample.task}" if sample.task else sample.source
+
+
+def selection_slice(spec: str, *, per_task: int, per_source: int, max_samples: int, seed: int) -> SampleList:
+    """The reap stage's plan-selection slice: from the selection portion of every source in `spec` (a mix's
+    counts are calibration counts and play no part here), up to `per_task` rows of every task with reference
+    answers and up to `per_source` rows of every group without (slice_group), drawn at random with `seed`;
+    above `max_samples` in all, the groups give one row each in turn (so every group keeps the same count, up
+    to one; the first turn goes source by source) until `max_samples`. Ordered by group, deterministic."""
+    names: list[str] = []
+    for name, _ in parse_spec(spec):
+        names += [n for n, _, _ in _expand(name, None, 0.5) if n not in names]
+    groups: dict[str, list[Sample]] = {}
+    skipped: dict[str, int] = {}
+    for name in names:
+        pool = read_source(name, "selection")
+        skipped.update(pool.skipped)
+        for s in pool:
+            groups.setdefault(slice_group(s), []).append(s)
+    # the groups in turn by source (every source's first group, then every source's second, ...), so that a
+    # small max_samples still reaches every source
+    order: dict[str, int] = {}
+    for group in sorted(groups):
+        source = groups[group][0].source
+        order[group] = sum(1 for g in order if groups[g][0].source == source)
+    queues = []
+    for group in sorted(groups, key=lambda g: (order[g], groups[g][0].source, g)):
+        rows = list(groups[group])
+        random.Random(f"{seed}:{group}").shuffle(rows)
+        limit = per_task if any(s.answer.strip() for s in rows) else per_source
+        queues.append(rows[:limit])
+    taken = [0] * len(queues)
+    while sum(taken) < max_samples and any(t < len(q) for t, q in zip(taken, queues, strict=True)):
+        for i, q in enumerate(queues):
+            if taken[i] < len(q) and sum(taken) < max_samples:
+                taken[i] += 1
+    return SampleList([s for t, q in zip(taken, queues, strict=True) for s in q[:t]], skipped)
 
 
 # ---- model inputs ---------------------------------------------------------------------------

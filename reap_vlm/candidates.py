@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from . import scoring
-from .calibration import load_samples
+from .calibration import selection_slice, slice_group
 from .errors import BugError, PlanError
 from .loading import input_device
 from .masking import masked, removed_from_kept
@@ -43,22 +43,24 @@ DEFAULT_CRITERION = {"router": "weighted_frequency"}  # the simpler default per 
 
 
 def heldout_samples(settings):
-    return load_samples(
+    """The plan-selection slice (calibration.selection_slice): stratified by task and source, from the
+    selection portion of the evaluation split, which the test stage never evaluates on."""
+    return selection_slice(
         settings.calibration,
-        "evaluation",
+        per_task=settings.eval_per_task,
+        per_source=settings.eval_per_source,
         max_samples=settings.eval_samples,
         seed=settings.seed,
-        image_share=settings.image_share,
-        shuffle=settings.shuffle,
     )
 
 
 def search_samples(samples, count: int) -> list:
-    """Up to `count` calibration samples for the greedy search, taken in turn from every source (so a small
-    search set still holds every source and modality); the held-out slice stays for measuring the result."""
+    """Up to `count` calibration samples for the greedy search, taken in turn from every source's task (so a
+    small search set still holds every task, source and modality); the held-out slice stays for measuring
+    the result."""
     by_source: dict[str, list] = {}
     for s in samples:
-        by_source.setdefault(s.source, []).append(s)
+        by_source.setdefault(slice_group(s), []).append(s)
     queues = [list(v) for _, v in sorted(by_source.items())]
     out: list = []
     while len(out) < count and any(queues):

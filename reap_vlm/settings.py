@@ -219,7 +219,14 @@ class ReapSettings(Settings):
     checkpoint_every: int = opt(0, "Save the accumulators every N batches for --resume (0 = off).")
     resume: bool = opt(False, "Resume from the accumulator checkpoint in the output folder.")
     metadata_path: Path | None = opt(None, "Where to write reap_metadata.json (default: <output>/reap_metadata.json).")
-    eval_samples: int = opt(16, "Held-out samples used to measure candidate plans (0 = skip the measurement).")
+    eval_samples: int = opt(
+        96,
+        "Most held-out samples in the plan-selection slice that measures candidate plans (0 = skip the "
+        "measurement); the slice is drawn from the selection portion of the evaluation split, which the test "
+        "stage never uses.",
+    )
+    eval_per_task: int = opt(8, "Plan-selection slice: held-out questions per image task (rows with answers).")
+    eval_per_source: int = opt(4, "Plan-selection slice: held-out samples per source without answers (text).")
     eval_ratios: str = opt("0.25,0.5,0.75", "Extra prune ratios measured for every criterion (comma-separated).")
     plots: bool = opt(True, "Write heatmap and candidate-plan PNGs next to the metadata.")
     eval_merge: bool = opt(
@@ -266,6 +273,8 @@ class ReapSettings(Settings):
         _check_range("min_pixels", self.min_pixels, 1, None)
         if self.checkpoint_every < 0 or self.eval_samples < 0:
             raise SettingsError("REAP_CHECKPOINT_EVERY and REAP_EVAL_SAMPLES must be >= 0", "", "Fix the value")
+        if self.eval_per_task < 0 or self.eval_per_source < 0:
+            raise SettingsError("REAP_EVAL_PER_TASK and REAP_EVAL_PER_SOURCE must be >= 0", "", "Fix the value")
         if self.min_pixels > self.max_pixels:
             raise SettingsError("REAP_MIN_PIXELS exceeds REAP_MAX_PIXELS", "", "Raise REAP_MAX_PIXELS")
         for r in self.candidate_ratios:

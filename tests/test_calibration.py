@@ -15,13 +15,17 @@ from reap_vlm.calibration import (
     BUILTIN,
     CALIBRATION_DIR,
     IMAGE_SETS,
+    SELECTION_SHARE,
     SPLITS,
     TEXT_SETS,
     Sample,
     _is_eval,
+    heldout_portions,
     load_samples,
     make_batches,
     read_source,
+    selection_slice,
+    slice_group,
     token_budget,
 )
 from reap_vlm.errors import CalibrationError
@@ -374,3 +378,50 @@ def test_text_sets_mix_their_sources_and_each_is_licensed(name, origins):
     assert found == origins
     licenses = [line for line in (CALIBRATION_DIR / "LICENSES").read_text().splitlines() if line.startswith(name)]
     assert all(any(f"origin {o}/*" in line for line in licenses) for o in origins)
+
+
+@pytest.mark.parametrize("name", [*TEXT_SETS, *IMAGE_SETS])
+def test_evaluation_split_has_disjoint_selection_and_test_portions_stratified_by_task(name):
+    held_out = read_source(name, "evaluation")
+    selection, test = read_source(name, "selection"), read_source(name, "test")
+    assert {s.id for s in selection} | {s.id for s in test} == {s.id for s in held_out}
+    assert not {s.id for s in selection} & {s.id for s in test}
+    assert not {_key(s) for s in selection} & {_key(s) for s in test}
+    for task in {s.task for s in held_out}:  # exactly stratified: SELECTION_SHARE of every task
+        n = sum(s.task == task for s in held_out)
+        assert sum(s.task == task for s in selection) == round(SELECTION_SHARE * n)
+    # the portions depend on the rows' content, not their order: the same rows reversed give the same cut
+    reversed_cut = heldout_portions(list(reversed(held_out)))
+    assert {s.id for s in reversed_cut["selection"]} == {s.id for s in selection}
+
+
+def test_portions_of_a_user_jsonl_and_load_samples_reads_them(user_data):
+    path = str(user_data / "data.jsonl")
+    held_out = read_source(path, "evaluation")
+    selection, test = read_source(path, "selection"), read_source(path, "test")
+    assert len(selection) + len(test) == len(held_out) and not {s.id for s in selection} & {s.id for s in test}
+    tested = load_samples("tasks", "test", max_samples=1000, seed=0)
+    assert {s.id for s in tested} == {s.id for s in read_source("tasks", "test")}
+    with pytest.raises(CalibrationError, match="unknown split"):
+        read_source("tasks", "validation")
+
+
+def test_selection_slice_is_stratified_deterministic_and_from_the_selection_portion():
+    sl = selection_slice("combined", per_task=3, per_source=2, max_samples=1000, seed=0)
+    counts: dict[str, int] = {}
+    for s in sl:
+        counts[slice_group(s)] = counts.get(slice_group(s), 0) + 1
+    assert all(
+        counts[f"tasks/{t}"] == 3 for t in ("digit", "count", "shape", "position", "bar_max", "bar_count", "photo")
+    )
+    assert all(counts[t] == 2 for t in TEXT_SETS)
+    selection_ids = {s.id for name in BUILTIN if name != "combined" for s in read_source(name, "selection")}
+    assert {s.id for s in sl} <= selection_ids
+    again = selection_slice("combined", per_task=3, per_source=2, max_samples=1000, seed=0)
+    assert [s.id for s in again] == [s.id for s in sl]
+    assert [s.id for s in selection_slice("combined", per_task=3, per_source=2, max_samples=1000, seed=1)] != [
+        s.id for s in sl
+    ]
+    # a small cap: one row per group in turn, the first turn source by source
+    small = selection_slice("combined", per_task=3, per_source=2, max_samples=6, seed=0)
+    assert len(small) == 6 and {s.source for s in small} == {*TEXT_SETS, *IMAGE_SETS}

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from reap_vlm.calibration import load_samples, make_batches
+from reap_vlm.calibration import load_samples, make_batches, read_source
 from reap_vlm.candidates import _label, _token_metrics, heldout_samples, measure_plans
 from reap_vlm.checkpoint import inspect_checkpoint, plan_prune, write_pruned
 from reap_vlm.loading import load_model
@@ -182,11 +182,15 @@ def test_heldout_slice_never_overlaps_scored_samples(tmp_path):
     assert len(held) == 40 and not {key(s) for s in scored} & {key(s) for s in held}
     jsonl = tmp_path / "mine.jsonl"
     jsonl.write_text("".join(json.dumps({"text": f"line {i} of my own data"}) + "\n" for i in range(100)))
-    settings = _settings(tmp_path, tmp_path / "o", "--calibration", str(jsonl), "--eval-samples", "100")
+    settings = _settings(
+        tmp_path, tmp_path / "o", "--calibration", str(jsonl), "--eval-samples", "100", "--eval-per-source", "100"
+    )
     scored = load_samples(str(jsonl), "calibration", max_samples=100, seed=0)
     held = heldout_samples(settings)
-    assert held and scored and not {s.text for s in scored} & {s.text for s in held}
-    assert len(held) + len(scored) == 100
+    tested = read_source(str(jsonl), "test")  # what the test stage evaluates on: never the selection slice
+    assert held and scored and tested and not {s.text for s in scored} & {s.text for s in held}
+    assert not {s.text for s in tested} & ({s.text for s in held} | {s.text for s in scored})
+    assert len(held) + len(tested) + len(scored) == 100
 
 
 def test_metadata_and_plots_hold_the_table(disagreeing, tmp_path):
