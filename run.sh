@@ -37,7 +37,8 @@ Runner settings (environment, else the .env file; the file is read, never execut
   REAP_IMAGE     image name (default reap-vlm:latest)
   REAP_ENV_FILE  the .env file (default .env; also --env-file FILE)
 Docker mode runs the container as your uid:gid, builds the image when this checkout's code changed, passes
-your REAP_* variables in, and sees ./models (as /models and models/), ./outputs and ./calibration only.
+your REAP_* variables in, and sees ./models (as /models and models/), ./outputs, ./calibration and, read-only
+and offline, the host's Hugging Face cache (REAP_MODEL_PATH=org/name after `hf download org/name`).
 Other paths, or Docker without the NVIDIA Container Toolkit: REAP_RUNTIME=local.
 EOF
 }
@@ -79,6 +80,10 @@ docker_settings() {
   REAP_GPUS="$(setting REAP_GPUS all)" && REAP_IMAGE="$(setting REAP_IMAGE reap-vlm:latest)"
   [[ "$REAP_GPUS" == all || "$REAP_GPUS" =~ ^[0-9]+$ ]] || die "REAP_GPUS=$REAP_GPUS is not valid: use all or a count."
   export REAP_GPUS REAP_IMAGE
+  # the host's Hugging Face hub cache, mounted read-only (Hub ids as model paths); made here, or the engine
+  # would create it owned by root
+  REAPVLM_HF_CACHE="${HF_HUB_CACHE:-${HF_HOME:-$HOME/.cache/huggingface}/hub}"
+  mkdir -p "$REAPVLM_HF_CACHE" && export REAPVLM_HF_CACHE
   REAPVLM_SOURCE="$(find "${IMAGE_SOURCES[@]}" -type f ! -name '*.pyc' -print0 | LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum)"
   export REAPVLM_SOURCE="${REAPVLM_SOURCE%% *}" # the image label (not REAP_*: the settings would refuse it)
 }

@@ -53,16 +53,26 @@ def _forbidden_roots() -> list[tuple[str, Path]]:
     return roots
 
 
+def source_root(model: Path) -> tuple[Path, str]:
+    """The folder an output must stay out of for this model, and what to call it: the model folder itself, or
+    for a snapshot of the Hugging Face cache (…/hub/models--org--name/snapshots/<commit>, which links its files
+    into the repo's blobs/) the whole cache folder."""
+    m = _resolve(model)
+    if m.parent.name == "snapshots" and m.parent.parent.name.startswith("models--"):
+        return m.parent.parent.parent, "the Hugging Face cache that holds that model"
+    return m, "that model folder"
+
+
 def _check_places(target: Path, shown: Path, what: str, setting: str, models: Iterable[Path], files: Iterable[Path]):
     for model in models:
         if model is None:
             continue
-        m = _resolve(model)
+        m, label = source_root(model)
         if _overlaps(target, m):
             where = "is" if target == m else ("is inside" if target.is_relative_to(m) else "contains")
             raise OutputError(
                 f"the {what} {shown} overlaps the input {model}",
-                f"it {where} that model folder, and reap-vlm never writes into, over or around a checkpoint",
+                f"it {where} {label}, and reap-vlm never writes into, over or around a checkpoint",
                 f"Set {setting} to a folder outside the model",
             )
     for file in files:
@@ -152,9 +162,10 @@ def guard_file(target: Path, *, what: str, setting: str, models: Iterable[Path |
     shown = Path(target)
     t = _resolve(shown)
     for model in models:
-        if model is not None and t.parent.is_relative_to(_resolve(model)):
+        if model is not None and t.parent.is_relative_to(source_root(model)[0]):
             raise OutputError(
-                f"the {what} {shown} is inside the model folder {model}",
+                f"the {what} {shown} is inside the model folder {model}"
+                + ("" if source_root(model)[0] == _resolve(model) else " (the Hugging Face cache that holds it)"),
                 "reap-vlm never writes into a model checkpoint",
                 f"Set {setting} to a folder outside the model",
             )

@@ -61,7 +61,11 @@ class Settings:
     stage: ClassVar[str] = ""
     description: ClassVar[str] = ""
 
-    model_path: Path | None = opt(None, "Model directory (Hugging Face layout: config.json + safetensors).")
+    model_path: Path | None = opt(
+        None,
+        "Model directory (Hugging Face layout: config.json + safetensors), or a Hub repo id org/name[@revision] "
+        "read from the local Hugging Face cache (downloaded there first unless HF_HUB_OFFLINE=1).",
+    )
     output_path: Path = opt(Path("outputs"), "Root folder for reap_metadata.json, the pruned model and reports.")
     device: str = opt("auto", f"Device: {DEVICES_HELP}.")
     dtype: str = opt("auto", "Weights dtype when the model is loaded.", choices=DTYPES)
@@ -371,7 +375,9 @@ class TestSettings(Settings):
     )
 
     pruned_model_path: Path | None = opt(None, "Pruned checkpoint to test (default: <output>/pruned).")
-    original_model_path: Path | None = opt(None, "Original checkpoint to compare against (default: REAP_MODEL_PATH).")
+    original_model_path: Path | None = opt(
+        None, "Original checkpoint (a folder or a Hub repo id) to compare against (default: REAP_MODEL_PATH)."
+    )
     metadata_path: Path | None = opt(None, "reap_metadata.json of the run (default: <output>/reap_metadata.json).")
     eval_data: str = opt(
         "builtin",
@@ -620,7 +626,21 @@ def load(
     settings = cls(**values)
     settings.validate()
     settings.check_finite()
-    return settings
+    return resolve_models(settings)
+
+
+def resolve_models(settings: Settings) -> Settings:
+    """Model paths that name a Hub repo (`org/name[@revision]`, no such local folder) become their snapshot in
+    the local Hugging Face cache (reap_vlm.hub; HF_HUB_OFFLINE=1: the cache only)."""
+    from .hub import resolve
+
+    changes = {}
+    for name in ("model_path", "original_model_path"):
+        value = getattr(settings, name, None)
+        resolved = resolve(value, env_key(name))
+        if resolved is not value:
+            changes[name] = resolved
+    return dataclasses.replace(settings, **changes) if changes else settings
 
 
 # ---- generated documentation ---------------------------------------------------------------

@@ -129,7 +129,7 @@ def check_ratio(ratio: float) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = Parser(prog="./run.sh verify", description=__doc__.split("\n\n")[0])
-    parser.add_argument("model", type=Path, help="checkpoint folder")
+    parser.add_argument("model", type=Path, help="checkpoint folder, or a Hub repo id (org/name) in the local cache")
     parser.add_argument("--prune-ratio", type=float, default=0.5, help="show sizes after removing this fraction")
     parser.add_argument("--metadata-path", type=Path, help="also check this reap_metadata.json against the model")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -138,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _show(args: argparse.Namespace) -> int:
     check_ratio(args.prune_ratio)
+    from .hub import resolve
+
+    args.model = resolve(args.model, "MODEL")
     info = describe(args.model, args.prune_ratio)
     if args.metadata_path:
         from . import metadata

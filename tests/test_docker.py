@@ -167,7 +167,8 @@ def test_compose_service_runs_the_image_with_gpus_and_the_env_file():
     assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
     assert _interpolation_default(device["count"], "REAP_GPUS") == _runner_default("gpus")
     # HF_HOME stays on the cache volume whatever a .env says; REAP_ENV_FILE names a host file, not one inside
-    assert service["environment"] == {"HF_HOME": _env()["HF_HOME"], "REAP_ENV_FILE": ""}
+    # the host's hub cache is mounted read-only, so the container never downloads (HF_HUB_OFFLINE)
+    assert service["environment"] == {"HF_HOME": _env()["HF_HOME"], "REAP_ENV_FILE": "", "HF_HUB_OFFLINE": "1"}
     assert service["init"] is True
     size = re.fullmatch(r"(\d+)gb", service["shm_size"])
     assert size and int(size.group(1)) >= 8, "DataLoader workers and NCCL need a large /dev/shm"
@@ -184,10 +185,15 @@ def test_compose_agrees_with_the_dockerfile_and_the_code():
     outputs = f"{workdir}/{ReapSettings().output_path}"  # the default output folder, relative to the working dir
     assert mounts[outputs] == f"./outputs:{outputs}"
     assert mounts[f"{workdir}/calibration"] == f"./calibration:{workdir}/calibration:ro"  # where the code reads it
-    cache = [v for v in service["volumes"] if not v.startswith(".")]
+    cache = [v for v in service["volumes"] if not v.startswith((".", "$"))]
     assert len(cache) == 1, cache
     name, target = cache[0].split(":")
     assert name in _compose()["volumes"] and _env()["HF_HOME"].startswith(target + "/")
+    # the host's Hugging Face hub cache, read-only, where huggingface_hub looks for it (HF_HOME/hub)
+    (host_cache,) = [v for v in service["volumes"] if v.startswith("$")]
+    assert host_cache == "${REAPVLM_HF_CACHE:-~/.cache/huggingface/hub}:" + _env()["HF_HOME"] + "/hub:ro"
+    runsh = (ROOT / "run.sh").read_text()
+    assert 'REAPVLM_HF_CACHE="${HF_HUB_CACHE:-${HF_HOME:-$HOME/.cache/huggingface}/hub}"' in runsh
 
 
 def test_image_label_covers_everything_the_image_copies():

@@ -406,7 +406,7 @@ def test_loading_refuses_unknown_custom_code_and_notes_a_built_in_type(world, tm
 
 def test_a_hugging_face_cache_snapshot_with_links_into_blobs_is_pruned(world, tmp_path):
     model, _ = world
-    repo = tmp_path / "models--org--tiny"
+    repo = tmp_path / "hub" / "models--org--tiny"  # a cache folder of its own: outputs may not go into it
     snapshot, blobs = repo / "snapshots" / "abc123", repo / "blobs"
     snapshot.mkdir(parents=True)
     blobs.mkdir()
