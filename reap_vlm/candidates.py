@@ -31,6 +31,7 @@ import torch
 from . import scoring
 from .calibration import selection_slice, slice_group
 from .errors import BugError, PlanError
+from .execution.memory import Headless
 from .loading import input_device
 from .masking import masked, removed_from_kept
 from .moe.spec import MoEBlock
@@ -70,18 +71,52 @@ def search_samples(samples, count: int) -> list:
     return out
 
 
+METRICS_CHUNK_BYTES = 256 * 2**20  # fp32 working set of one chunk of next-token positions in _token_metrics
+
+
+def _position_metrics(ref_logits: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> tuple:
+    """(nll, kl, overlap, top-1 agreement, top-1) of [n, V] logits against [n] targets, per position."""
+    logp = torch.log_softmax(logits.float(), -1)
+    ref_logp = logp if ref_logits is logits else torch.log_softmax(ref_logits.float(), -1)
+    nll = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1).double()
+    ref_p = ref_logp.exp()
+    kl = (ref_p * (ref_logp - logp)).sum(-1).clamp_min(0).double()
+    overlap = torch.minimum(ref_p, logp.exp()).sum(-1).double()
+    top1 = logp.argmax(-1)
+    agree = (top1 == ref_logp.argmax(-1)).double()
+    return nll, kl, overlap, agree, top1
+
+
+def _by_rows(pieces: list, parts: list) -> list[list]:
+    """The parts grouped by the rows their piece covers, in order."""
+    groups: list[list] = []
+    last = None
+    for (rs, _), part in zip(pieces, parts, strict=True):
+        if rs != last:
+            groups.append([])
+            last = rs
+        groups[-1].append(part)
+    return groups
+
+
 def _token_metrics(
     ref_logits: torch.Tensor,
     logits: torch.Tensor,
     input_ids: torch.Tensor,
     modality: torch.Tensor,
     answer_mask: torch.Tensor | None = None,
+    head=None,
+    chunk_bytes: int = METRICS_CHUNK_BYTES,
 ) -> dict[str, torch.Tensor]:
     """Per-row sums over next-token positions, for two sets of targets (float64 tensors of shape [B]).
 
     The prediction at position t is scored against the token at t + 1 (its target). `ref_logits` are the
     reference (unpruned) model's, `logits` the model under test; pass the same tensor twice for the
-    reference's own loss. Keys, each a per-row sum over the targets of its set:
+    reference's own loss. With `head` (a function of [n, H] hidden states to [n, V] logits: the LM head),
+    the two are the final hidden states [B, T, H] instead and the logits are made chunk by chunk. Either
+    way the positions are taken in chunks of about `chunk_bytes` of fp32 vocabulary-wide work, so the
+    memory this needs does not grow with the batch, and without `head` only the given logits are full size.
+    Keys, each a per-row sum over the targets of its set:
 
     - text targets (every real text token, prompt and answer alike, as before):
       "nll" (−log p of the target), "kl" (KL(reference ‖ model) of the next-token distributions),
@@ -93,15 +128,32 @@ def _token_metrics(
       position — which is exactly when greedy decoding reproduces the reference answer token for token.
 
     Per-token means are sum / tokens over any group of rows."""
-    logp = torch.log_softmax(logits[:, :-1].float(), -1)
-    ref_logp = torch.log_softmax(ref_logits[:, :-1].float(), -1)
-    targets = input_ids[:, 1:]
-    nll = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1).double()
-    ref_p = ref_logp.exp()
-    kl = (ref_p * (ref_logp - logp)).sum(-1).clamp_min(0).double()
-    overlap = torch.minimum(ref_p, logp.exp()).sum(-1).double()
-    top1 = logp.argmax(-1)
-    agree = (top1 == ref_logp.argmax(-1)).double()
+    rows, width = input_ids.shape[0], input_ids.shape[1] - 1
+    same = ref_logits is logits
+    vocab = ref_logits.shape[-1] if head is None else head(ref_logits[:1, :1].reshape(1, -1)).shape[-1]
+    # log-softmax, exp, the products: about six fp32 tensors of [n, V] alive at once
+    step = max(1, chunk_bytes // (vocab * 4 * 6))
+    if step >= width:  # whole rows at a time
+        group = max(1, step // max(width, 1))
+        pieces = [(slice(r, r + group), slice(0, width)) for r in range(0, rows, group)]
+    else:  # each row in pieces (views of the given tensors, never a copy of them)
+        pieces = [(slice(r, r + 1), slice(p, min(p + step, width))) for r in range(rows) for p in range(0, width, step)]
+    parts = []
+    for rs, ps in pieces:
+        ref_chunk = ref_logits[rs, ps].reshape(-1, ref_logits.shape[-1])
+        chunk = ref_chunk if same else logits[rs, ps].reshape(-1, logits.shape[-1])
+        if head is not None:
+            ref_chunk = head(ref_chunk)
+            chunk = ref_chunk if same else head(chunk)
+        targets = input_ids[rs, ps.start + 1 : ps.stop + 1].reshape(-1).to(ref_chunk.device)
+        shape = (min(rs.stop, rows) - rs.start, ps.stop - ps.start)
+        parts.append([v.view(shape) for v in _position_metrics(ref_chunk, chunk, targets)])
+    # pieces of one row side by side, then the rows
+    nll, kl, overlap, agree, top1 = (
+        torch.cat([torch.cat([q[i] for q in parts_of_rows], 1) for parts_of_rows in _by_rows(pieces, parts)], 0)
+        for i in range(5)
+    )
+    targets, modality = input_ids[:, 1:].to(nll.device), modality.to(nll.device)
     out = {}
     text = ((modality[:, 1:] == 0) & (modality[:, :-1] >= 0)).double()
     if answer_mask is None:
@@ -127,10 +179,11 @@ OBJECTIVE = (
 )
 
 
-def sample_rows(batch, reference: torch.Tensor, logits: torch.Tensor, input_ids: torch.Tensor) -> list[dict]:
+def sample_rows(batch, reference: torch.Tensor, logits: torch.Tensor, input_ids: torch.Tensor, head=None) -> list[dict]:
     """One row per sample of the batch: its source, kind, task and id with its _token_metrics sums. Used by the
-    in-memory and the streamed plan measurement, so both tables are built from the same rows."""
-    m = _token_metrics(reference, logits, input_ids, batch.modality.to(logits.device), batch.answer_mask)
+    in-memory and the streamed plan measurement, so both tables are built from the same rows. With `head`,
+    `reference` and `logits` are final hidden states and `head` makes the logits (see _token_metrics)."""
+    m = _token_metrics(reference, logits, input_ids, batch.modality.to(logits.device), batch.answer_mask, head)
     return [
         {
             "source": sample.source,
@@ -285,6 +338,7 @@ def _run_plans(
     baseline_rows: list[dict] = []
     counts = [{b.key: torch.zeros(b.num_experts, dtype=torch.float64) for b in blocks} for _ in range(len(plans) + 1)]
     device = input_device(model)
+    headless = Headless(model)  # final hidden states + the LM head: logits made a chunk at a time
     observing = ExpertUsage(model, blocks) if usage else None
     with contextlib.ExitStack() as stack, torch.inference_mode():
         if observing is not None:
@@ -300,7 +354,8 @@ def _run_plans(
                     observing.batch(batch.modality)
                     before = observing.totals()
                 if pi == -1:
-                    logits = reference = model(**inputs, use_cache=False).logits
+                    reference, head = headless.run(inputs)
+                    logits = reference
                 else:
                     swap = swaps[pi] if swaps and swaps[pi] is not None else None
                     with contextlib.ExitStack() as weights:
@@ -309,12 +364,12 @@ def _run_plans(
 
                             weights.enter_context(swapped(swap))
                         weights.enter_context(masked(model, blocks, removed_from_kept(blocks, plans[pi])))
-                        logits = model(**inputs, use_cache=False).logits
+                        logits, head = headless.run(inputs)
                 if observing is not None:
                     for key, total in observing.totals().items():
                         counts[pi + 1][key] += total - before[key]
                 rows = baseline_rows if pi == -1 else per_plan_rows[pi]
-                rows.extend(sample_rows(batch, reference, logits, inputs["input_ids"]))
+                rows.extend(sample_rows(batch, reference, logits, inputs["input_ids"], head))
             if progress:
                 progress(bi + 1, len(batches))
     return baseline_rows, per_plan_rows, counts

@@ -19,6 +19,7 @@ from .execution.memory import forward
 from .loading import load_model, read_config
 from .moe import find_moe_blocks
 from .observe import Observer
+from .phases import Phases, print_summary
 from .settings import ReapSettings, dump
 from .validate import read_accumulators
 
@@ -371,11 +372,8 @@ def _quantization(model_dir: Path, config: dict, model) -> dict | None:
     return {**quant.summary(), "statistics_from": f"the dequantized weights in {dtype}"}
 
 
-def _score(settings: ReapSettings, meta_path: Path, on_batch: Callable[[int], None] | None) -> dict:
-    config = read_config(settings.model_path)
-    execution = choose_execution(settings)
-    print(f"execution: {execution.mode} ({execution.reason})")
-    streamed = None
+def _load(settings: ReapSettings, execution, config: dict, meta_path: Path) -> tuple:
+    """(model, processor, StreamedModel or None) for the execution mode."""
     if execution.mode == "stream":
         from .execution.stream import StreamedModel, check_settings
 
@@ -389,15 +387,24 @@ def _score(settings: ReapSettings, meta_path: Path, on_batch: Callable[[int], No
             cache_bytes=int(settings.stream_cache_gb * 2**30),
             spill_parent=meta_path.parent,
         )
-        model, processor = streamed.model, streamed.processor
-    else:
-        model, processor, _ = load_model(
-            settings.model_path,
-            device=settings.device,
-            dtype=settings.dtype,
-            trust_remote_code=settings.trust_remote_code,
-            attn_implementation=settings.attn_implementation,
-        )
+        return streamed.model, streamed.processor, streamed
+    model, processor, _ = load_model(
+        settings.model_path,
+        device=settings.device,
+        dtype=settings.dtype,
+        trust_remote_code=settings.trust_remote_code,
+        attn_implementation=settings.attn_implementation,
+    )
+    return model, processor, None
+
+
+def _score(settings: ReapSettings, meta_path: Path, on_batch: Callable[[int], None] | None) -> dict:
+    config = read_config(settings.model_path)
+    execution = choose_execution(settings)
+    phases = Phases(settings.device)
+    print(f"execution: {execution.mode} ({execution.reason})")
+    with phases("load"):
+        model, processor, streamed = _load(settings, execution, config, meta_path)
     blocks = find_moe_blocks(model)
     ratio = None if settings.num_keep else settings.prune_ratio
     for b in blocks:  # fail before the expensive part
@@ -410,41 +417,20 @@ def _score(settings: ReapSettings, meta_path: Path, on_batch: Callable[[int], No
             n_group=b.n_group,
         )
 
-    samples = load_samples(
-        settings.calibration,
-        "calibration",
-        max_samples=settings.max_samples,
-        seed=settings.seed,
-        image_share=settings.image_share,
-        shuffle=settings.shuffle,
-    )
-    batch_args = dict(
-        max_seq_len=settings.max_seq_len,
-        batch_size=settings.batch_size,
-        min_pixels=settings.min_pixels,
-        max_pixels=settings.max_pixels,
-    )
-    batches = list(make_batches(samples, processor, packing=settings.packing, **batch_args))
-    budget = token_budget(batches)
+    with phases("data") as data_phase:  # reading the samples, the processor, collation
+        samples, batches, eval_batches, search_batches = _data(settings, processor)
+        budget = token_budget(batches)
+        data_phase["tokens"] = budget["total"]["text"] + budget["total"]["image"]
     _print_budget(budget)
-    eval_batches = search_batches = None
-    if settings.eval_samples > 0:
-        from .candidates import heldout_samples, search_samples
-
-        eval_batches = list(make_batches(heldout_samples(settings), processor, answers=True, **batch_args))
-        search_batches = list(
-            make_batches(
-                search_samples(samples, max(1, settings.eval_samples // 2)), processor, answers=True, **batch_args
-            )
-        )
 
     out_dir = meta_path.parent
     out_dir.mkdir(parents=True, exist_ok=True)
     merge = merge_collector(settings, model, blocks, len(batches))
-    if streamed is not None:
-        stats, resumed, seconds, merge = accumulate_streamed(settings, streamed, blocks, batches, merge)
-    else:
-        stats, resumed, seconds = accumulate(settings, model, blocks, batches, out_dir, on_batch, merge)
+    with phases("scoring", tokens=budget["total"]["text"] + budget["total"]["image"]):
+        if streamed is not None:
+            stats, resumed, seconds, merge = accumulate_streamed(settings, streamed, blocks, batches, merge)
+        else:
+            stats, resumed, seconds = accumulate(settings, model, blocks, batches, out_dir, on_batch, merge)
 
     fingerprint = metadata.model_fingerprint(config, blocks, _expert_shapes(model, blocks), str(settings.model_path))
     fingerprint["quantization"] = _quantization(settings.model_path, config, model)
@@ -478,7 +464,7 @@ def _score(settings: ReapSettings, meta_path: Path, on_batch: Callable[[int], No
             "stats": stats[b.key],
             "scores": scoring.all_scores(stats[b.key], settings.scoring_mode),
         }
-    stats_by_block = None
+    stats_by_block = info = None
     if merge is not None:
         from .observe import merge_stats
 
@@ -489,6 +475,20 @@ def _score(settings: ReapSettings, meta_path: Path, on_batch: Callable[[int], No
             "samples_per_block": merge.samples,
         }
         meta["merge_stats"] = {"file": merge_stats.FILE_NAME, **info}
+    plan_tokens = sum(int((b.modality >= 0).sum()) for b in (eval_batches or []))
+    with phases("plans", tokens=plan_tokens or None):
+        _plans(settings, model, streamed, blocks, meta, eval_batches, search_batches, stats_by_block)
+    meta["scoring"]["phases"] = phases.summary()  # the write phase is printed, not recorded
+    with phases("write"):
+        _write(settings, meta, meta_path, merge, info, stats, blocks)
+    (out_dir / CHECKPOINT_NAME).unlink(missing_ok=True)
+    _print_plan(meta)
+    print_summary(phases.summary())
+    print(f"metadata written to {meta_path}")
+    return meta
+
+
+def _plans(settings, model, streamed, blocks, meta, eval_batches, search_batches, stats_by_block) -> None:
     if streamed is not None:
         # the plans run through the same layer-by-layer driver (candidates._run_plans dispatches to it);
         # merge candidates need the experts' weights in memory, so streamed scoring does not measure them
@@ -498,10 +498,15 @@ def _score(settings: ReapSettings, meta_path: Path, on_batch: Callable[[int], No
         streamed.close()
     else:
         choose_plan(settings, model, blocks, meta, eval_batches, search_batches, stats_by_block)
-    # Every file appears together at the end, or none does: staged beside its final name, renamed last.
-    with outputs.staged(out_dir) as files:
+
+
+def _write(settings, meta: dict, meta_path: Path, merge, info: dict | None, stats: dict, blocks) -> None:
+    """Every file appears together at the end, or none does: staged beside its final name, renamed last."""
+    with outputs.staged(meta_path.parent) as files:
         metadata.write(files.path(meta_path.name), meta)
         if merge is not None:
+            from .observe import merge_stats
+
             merge_stats.write(files.path(merge_stats.FILE_NAME), merge, info)
         dump(settings, files.path("reap_settings.json"))
         if settings.plots:
@@ -512,10 +517,36 @@ def _score(settings: ReapSettings, meta_path: Path, on_batch: Callable[[int], No
                 modality_png(meta, files.path("reap_modality.png"))
             if meta.get("candidates", {}).get("rows"):
                 candidates_png(meta["candidates"], files.path("reap_candidates.png"))
-    (out_dir / CHECKPOINT_NAME).unlink(missing_ok=True)
-    _print_plan(meta)
-    print(f"metadata written to {meta_path}")
-    return meta
+
+
+def _data(settings: ReapSettings, processor) -> tuple:
+    """(calibration samples, their batches, held-out batches or None, greedy-search batches or None)."""
+    samples = load_samples(
+        settings.calibration,
+        "calibration",
+        max_samples=settings.max_samples,
+        seed=settings.seed,
+        image_share=settings.image_share,
+        shuffle=settings.shuffle,
+    )
+    batch_args = dict(
+        max_seq_len=settings.max_seq_len,
+        batch_size=settings.batch_size,
+        min_pixels=settings.min_pixels,
+        max_pixels=settings.max_pixels,
+    )
+    batches = list(make_batches(samples, processor, packing=settings.packing, **batch_args))
+    eval_batches = search_batches = None
+    if settings.eval_samples > 0:
+        from .candidates import heldout_samples, search_samples
+
+        eval_batches = list(make_batches(heldout_samples(settings), processor, answers=True, **batch_args))
+        search_batches = list(
+            make_batches(
+                search_samples(samples, max(1, settings.eval_samples // 2)), processor, answers=True, **batch_args
+            )
+        )
+    return samples, batches, eval_batches, search_batches
 
 
 def run(settings: ReapSettings) -> int:

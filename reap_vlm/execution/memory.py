@@ -3,6 +3,8 @@ batch runs through the model's own forward."""
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from ..loading import input_device
@@ -17,6 +19,69 @@ def prepare_inputs(model: torch.nn.Module, batch, device: torch.device | None = 
     return inputs
 
 
+def _keeps_logits(model: torch.nn.Module) -> bool:
+    """Does the model's forward take `logits_to_keep` (transformers' causal LMs: the LM head runs only on
+    the last positions)?"""
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def forward(model: torch.nn.Module, batch):
-    """One batch through the whole model (no KV cache); the model's output."""
-    return model(**prepare_inputs(model, batch), use_cache=False)
+    """One batch through the whole model (no KV cache); the model's output. Scoring needs no logits, so
+    where the model allows it the LM head runs on the last position only (for a 150k vocabulary that is
+    about a tenth of a 30B-A3B forward's time, and a [B, T, V] tensor)."""
+    extra = {"logits_to_keep": 1} if _keeps_logits(model) else {}
+    return model(**prepare_inputs(model, batch), use_cache=False, **extra)
+
+
+class Headless:
+    """The model's forward up to its final hidden states, and the LM head to make logits from them, so
+    that the plan measurement never holds a [B, T, V] tensor (candidates._token_metrics makes the logits
+    a chunk of positions at a time).
+
+    `run(inputs)` returns (final hidden states [B, T, H], head) or, for a model where that is not exact,
+    (logits, None). Exact means: the model's own logits of the last position (logits_to_keep=1) equal the
+    head applied to the captured hidden state of that position, bit for bit — checked on the first call;
+    a model that scales or caps its logits after the head fails the check and gets its full logits."""
+
+    def __init__(self, model: torch.nn.Module):
+        from ..errors import BugError
+        from .weights import text_decoder
+
+        self.model = model
+        self.head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        try:
+            self.decoder = text_decoder(model)
+        except BugError:  # no recognisable decoder: full logits
+            self.decoder = None
+        self.exact: bool | None = (
+            None if (self.head is not None and self.decoder is not None and _keeps_logits(model)) else False
+        )
+
+    def _full(self, inputs: dict):
+        return self.model(**inputs, use_cache=False).logits, None
+
+    def run(self, inputs: dict) -> tuple[torch.Tensor, torch.nn.Module | None]:
+        if self.exact is False:
+            return self._full(inputs)
+        captured: list[torch.Tensor] = []
+
+        def hook(_module, _args, output):
+            hidden = output[0] if isinstance(output, tuple | list) or hasattr(output, "to_tuple") else output
+            captured.append(hidden)
+
+        handle = self.decoder.register_forward_hook(hook)
+        try:
+            logits = self.model(**inputs, use_cache=False, logits_to_keep=1).logits
+        finally:
+            handle.remove()
+        ids = inputs["input_ids"]
+        if len(captured) != 1 or captured[0].shape[:2] != ids.shape[:2]:
+            self.exact = False
+        elif self.exact is None:
+            self.exact = bool(torch.equal(self.head(captured[0][:, -1:]), logits))
+        if not self.exact:
+            return self._full(inputs)
+        return captured[0], self.head

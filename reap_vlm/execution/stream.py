@@ -368,7 +368,7 @@ class StreamedModel:
         """candidates._run_plans in one pass over the weights: the unpruned model and every plan side by
         side as streams of the held-out batches. A plan's stream runs each layer with that layer's removed
         experts masked (masking.masked, as in memory); expert usage is the router-mode observer of the
-        layer's blocks. At the end the final norm and the LM head give the logits that
+        layer's blocks. At the end the final norm and the LM head give the logits (a chunk at a time) that
         candidates._token_metrics compares, batch by batch. Same return value as _run_plans."""
         from ..candidates import sample_rows
         from ..masking import masked, removed_from_kept
@@ -413,12 +413,13 @@ class StreamedModel:
         try:
             with torch.inference_mode():
                 for b, batch in enumerate(batches):
-                    reference = self.logits(cache.get((0, b)))
+                    # final hidden states; sample_rows makes the logits a chunk of positions at a time
+                    reference = cache.get((0, b))
                     input_ids = batch.inputs["input_ids"].to(self.device)
                     for pi in range(-1, len(plans)):
-                        logits = reference if pi == -1 else self.logits(cache.get((pi + 1, b)))
+                        hidden = reference if pi == -1 else cache.get((pi + 1, b))
                         rows = baseline_rows if pi == -1 else per_plan_rows[pi]
-                        rows.extend(sample_rows(batch, reference, logits, input_ids))
+                        rows.extend(sample_rows(batch, reference, hidden, input_ids, self.logits))
         finally:
             cache.close()
         return baseline_rows, per_plan_rows, counts
