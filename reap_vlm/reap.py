@@ -206,10 +206,12 @@ def accumulate(
     return observer.export(), resumed, time.perf_counter() - started
 
 
-def accumulate_streamed(settings: ReapSettings, streamed, blocks, batches, merge=None) -> tuple:
-    """The calibration statistics with one decoder layer resident at a time (reap_vlm.execution.stream).
+def accumulate_streamed(settings: ReapSettings, streamed, blocks, batches, merge=None, eval_batches=None) -> tuple:
+    """The calibration statistics with one decoder layer resident at a time (reap_vlm.execution.stream),
+    and with `eval_batches` every candidate plan measured in the same pass (choose_plan then reads it).
     Returns (stats, resumed, seconds, merge statistics or None)."""
-    from .execution.stream import observe
+    from .execution.plans import LayerCuts
+    from .execution.stream import PlanSpace, score_pass
 
     started = time.perf_counter()
     with _progress() as bar:
@@ -219,8 +221,20 @@ def accumulate_streamed(settings: ReapSettings, streamed, blocks, batches, merge
         def on_layer(done: int, total: int) -> None:
             bar.update(task, completed=done, tps=tokens * done / max(time.perf_counter() - started, 1e-9))
 
-        stats, merged = observe(
-            streamed, blocks, batches, settings.scoring_mode, settings.chunk_memory_mb, on_layer, merge, settings.seed
+        plans = None
+        if eval_batches:
+            cuts = LayerCuts(settings, blocks)
+            plans = PlanSpace(eval_batches, cuts.count, cuts)
+        stats, merged, _ = score_pass(
+            streamed,
+            blocks,
+            batches,
+            settings.scoring_mode,
+            settings.chunk_memory_mb,
+            on_layer,
+            merge,
+            settings.seed,
+            plans,
         )
     return stats, False, time.perf_counter() - started, merged
 
@@ -386,6 +400,7 @@ def _load(settings: ReapSettings, execution, config: dict, meta_path: Path) -> t
             trust_remote_code=settings.trust_remote_code,
             cache_bytes=int(settings.stream_cache_gb * 2**30),
             spill_parent=meta_path.parent,
+            chunk_bytes=settings.chunk_memory_mb * 2**20,
         )
         return streamed.model, streamed.processor, streamed
     model, processor, _ = load_model(
@@ -418,7 +433,7 @@ def _score(settings: ReapSettings, meta_path: Path, on_batch: Callable[[int], No
         )
 
     with phases("data") as data_phase:  # reading the samples, the processor, collation
-        samples, batches, eval_batches, search_batches = _data(settings, processor)
+        samples, batches, eval_batches, search_batches = _data(settings, processor, streamed is not None)
         budget = token_budget(batches)
         data_phase["tokens"] = budget["total"]["text"] + budget["total"]["image"]
     _print_budget(budget)
@@ -428,7 +443,9 @@ def _score(settings: ReapSettings, meta_path: Path, on_batch: Callable[[int], No
     merge = merge_collector(settings, model, blocks, len(batches))
     with phases("scoring", tokens=budget["total"]["text"] + budget["total"]["image"]):
         if streamed is not None:
-            stats, resumed, seconds, merge = accumulate_streamed(settings, streamed, blocks, batches, merge)
+            stats, resumed, seconds, merge = accumulate_streamed(
+                settings, streamed, blocks, batches, merge, eval_batches
+            )
         else:
             stats, resumed, seconds = accumulate(settings, model, blocks, batches, out_dir, on_batch, merge)
 
@@ -490,11 +507,17 @@ def _score(settings: ReapSettings, meta_path: Path, on_batch: Callable[[int], No
 
 def _plans(settings, model, streamed, blocks, meta, eval_batches, search_batches, stats_by_block) -> None:
     if streamed is not None:
-        # the plans run through the same layer-by-layer driver (candidates._run_plans dispatches to it);
+        # the plans were measured in the statistics' pass (candidates._run_plans asks StreamedModel.run_plans);
         # merge candidates need the experts' weights in memory, so streamed scoring does not measure them
         if stats_by_block is not None and eval_batches:
             print("note: streamed execution does not measure merge candidates (the prune candidates are measured)")
+        if eval_batches and settings.greedy_search and settings.criterion == "auto":
+            note = "the greedy search is skipped: each of its steps would be another pass over the weights"
+            print(f"note: streamed execution: {note}")
+            meta["scoring"]["execution"]["notes"] = [note]
         choose_plan(settings, streamed, blocks, meta, eval_batches, search_batches, None)
+        meta["scoring"]["execution"]["passes"] = 1 + streamed.extra_passes
+        meta["scoring"]["execution"]["seconds"] = {k: round(v, 3) for k, v in streamed.timings.items()}
         streamed.close()
     else:
         choose_plan(settings, model, blocks, meta, eval_batches, search_batches, stats_by_block)
@@ -519,8 +542,9 @@ def _write(settings, meta: dict, meta_path: Path, merge, info: dict | None, stat
                 candidates_png(meta["candidates"], files.path("reap_candidates.png"))
 
 
-def _data(settings: ReapSettings, processor) -> tuple:
-    """(calibration samples, their batches, held-out batches or None, greedy-search batches or None)."""
+def _data(settings: ReapSettings, processor, streamed: bool = False) -> tuple:
+    """(calibration samples, their batches, held-out batches or None, greedy-search batches or None: none when
+    REAP_GREEDY_SEARCH is off or in streamed execution, where each search step would be another pass)."""
     samples = load_samples(
         settings.calibration,
         "calibration",
@@ -541,6 +565,7 @@ def _data(settings: ReapSettings, processor) -> tuple:
         from .candidates import heldout_samples, search_samples
 
         eval_batches = list(make_batches(heldout_samples(settings), processor, answers=True, **batch_args))
+    if settings.eval_samples > 0 and settings.greedy_search and not streamed:
         search_batches = list(
             make_batches(
                 search_samples(samples, max(1, settings.eval_samples // 2)), processor, answers=True, **batch_args

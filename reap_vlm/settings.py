@@ -232,6 +232,11 @@ class ReapSettings(Settings):
     eval_per_task: int = opt(8, "Plan-selection slice: held-out questions per image task (rows with answers).")
     eval_per_source: int = opt(4, "Plan-selection slice: held-out samples per source without answers (text).")
     eval_ratios: str = opt("0.25,0.5,0.75", "Extra prune ratios measured for every criterion (comma-separated).")
+    greedy_search: bool = opt(
+        True,
+        "With REAP_CRITERION=auto also run the greedy add-back search among the candidate plans (in memory only: "
+        "each of its steps would be another pass over the weights, so streamed execution skips it with a note).",
+    )
     plots: bool = opt(True, "Write heatmap and candidate-plan PNGs next to the metadata.")
     eval_merge: bool = opt(
         False,

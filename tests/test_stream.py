@@ -76,30 +76,64 @@ def _same_metadata(memory: dict, streamed: dict) -> None:
     assert memory["model"] == streamed["model"]
 
 
+@pytest.fixture
+def one_pass(monkeypatch):
+    """The StreamedModel of every streamed scoring run, kept for its reader's and driver's counters."""
+    from reap_vlm.execution import stream
+
+    made: list = []
+    close = stream.StreamedModel.close
+
+    def keep(self) -> None:
+        made.append(self)
+        close(self)
+
+    monkeypatch.setattr(stream.StreamedModel, "close", keep)
+    return made
+
+
+def _read_once(streamed) -> None:
+    """One pass: every tensor of the checkpoint read exactly once, never more than two decoder layers'
+    weights resident, and no plan measured in another pass."""
+    reader = streamed.reader
+    assert sorted(reader.reads) == sorted(reader.layout.tensors)
+    assert set(reader.reads.values()) == {1}
+    assert reader.peak_resident == 2 and reader.resident == set()
+    assert streamed.extra_passes == 0
+
+
 @pytest.mark.parametrize(
-    "family, calibration, eval_samples",
+    "family, calibration, run",
     [
-        ("qwen3_vl_moe", "code:3,writing:2,vision:4", 0),
-        ("qwen3_moe", "code:5,writing:4", 0),
-        pytest.param("qwen3_vl_moe", "code:3,writing:2,vision:4", 4, marks=pytest.mark.slow),  # every candidate
+        ("qwen3_vl_moe", "code:3,writing:2,vision:4", dict(eval_samples=3, eval_ratios="0.5", criterion="reap")),
+        ("qwen3_moe", "code:5,writing:4", dict(eval_samples=0)),
+        pytest.param("qwen3_vl_moe", "code:3,writing:2,vision:4", dict(eval_samples=4), marks=pytest.mark.slow),
     ],
-    ids=["qwen3_vl_moe-image+text", "qwen3_moe-text", "qwen3_vl_moe-image+text-all-candidates"],
+    ids=["qwen3_vl_moe-image+text-plans", "qwen3_moe-text", "qwen3_vl_moe-image+text-all-candidates"],
 )
 def test_streamed_stage_writes_the_same_metadata_as_in_memory(
-    family, calibration, eval_samples, tiny_vl_dir, tiny_text_dir, tmp_path
+    family, calibration, run, tiny_vl_dir, tiny_text_dir, tmp_path, one_pass
 ):
+    """Statistics and every candidate plan from one pass over the weights: the same metadata, candidate
+    table included, as in memory (with the greedy search off there: streamed execution skips it)."""
     from reap_vlm.reap import score
 
     model_dir = tiny_vl_dir if family == "qwen3_vl_moe" else tiny_text_dir
-    run = dict(calibration=calibration, eval_samples=eval_samples)
-    memory = score(_settings(model_dir, tmp_path / "memory", execution="memory", **run))
+    run = dict(calibration=calibration, **run)
+    memory = score(_settings(model_dir, tmp_path / "memory", execution="memory", no_greedy_search=True, **run))
     streamed = score(_settings(model_dir, tmp_path / "stream", execution="stream", **run))
     _same_metadata(memory, streamed)
+    assert streamed["scoring"]["execution"]["passes"] == 1
+    (driver,) = one_pass
+    _read_once(driver)
+    if run["eval_samples"]:
+        rows = memory["candidates"]["rows"]
+        assert len(rows) > 10 and not any(r["policy"] == "greedy" for r in rows)
+        assert driver.answered == memory["candidates"]["plans_evaluated"]
+        if run.get("criterion") == "auto" or "criterion" not in run:
+            assert "greedy search is skipped" in streamed["scoring"]["execution"]["notes"][0]
     if family == "qwen3_vl_moe":
         assert memory["calibration"]["tokens"]["image"] > 0
-        if eval_samples:
-            rows = memory["candidates"]["rows"]
-            assert len(rows) > 10 and any(r["policy"] == "greedy" for r in rows)
     assert json.loads((tmp_path / "stream" / "reap_metadata.json").read_text())["layers"] == streamed["layers"]
     # the merge statistics: every sum the same; the sampled activations a draw of the same size
     from reap_vlm.observe import merge_stats
@@ -152,11 +186,12 @@ def test_streamed_plan_measurement_gives_the_same_candidate_table(family, tiny_v
 def test_spill_to_disk_gives_identical_metadata_and_removes_its_folder(tiny_vl_dir, tmp_path):
     from reap_vlm.reap import score
 
-    spec = "code:3,vision:6"
-    ram = score(_settings(tiny_vl_dir, tmp_path / "ram", calibration=spec, execution="stream"))
-    disk = score(_settings(tiny_vl_dir, tmp_path / "disk", calibration=spec, execution="stream", stream_cache_gb=0))
+    run = dict(calibration="code:3,vision:6", execution="stream", eval_samples=2, eval_ratios="0.5", criterion="reap")
+    ram = score(_settings(tiny_vl_dir, tmp_path / "ram", **run))
+    disk = score(_settings(tiny_vl_dir, tmp_path / "disk", stream_cache_gb=0, **run))
     assert json.dumps(ram["layers"], sort_keys=True) == json.dumps(disk["layers"], sort_keys=True)
     assert ram["plan"] == disk["plan"]
+    assert json.dumps(_untimed(ram["candidates"])) == json.dumps(_untimed(disk["candidates"]))
     assert not [p.name for p in (tmp_path / "disk").iterdir() if p.name.startswith(".")]  # spill folder removed
 
 
@@ -175,6 +210,29 @@ def test_hidden_cache_spills_above_its_budget(tmp_path):
     spill = cache.spill_dir
     cache.close()
     assert not spill.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_hidden_cache_tiers_device_then_ram_then_disk(tmp_path):
+    """The device tier first (here the CPU stands in for the GPU), then RAM, then the spill folder; a key put
+    again keeps its RAM buffer."""
+    from reap_vlm.execution.stream import HiddenCache
+
+    cache = HiddenCache(limit_bytes=40, spill_parent=tmp_path, gpu_bytes=40, device=torch.device("cpu"))
+    tensors = {i: torch.randn(2, 5, generator=torch.Generator().manual_seed(i)) for i in range(4)}
+    for i, t in tensors.items():
+        cache.put(i, t)
+    assert (cache.gpu_bytes, cache.ram_bytes, cache.spilled_writes) == (40, 40, 2)
+    assert cache.get(0) is tensors[0]  # the device tier keeps the tensor itself: no copy
+    buffer = cache.get(1)
+    assert buffer is not tensors[1] and torch.equal(buffer, tensors[1])
+    cache.put(1, tensors[3])
+    assert cache.get(1) is buffer and torch.equal(buffer, tensors[3])
+    for i in (2, 3):
+        assert torch.equal(cache.get(i), tensors[i])
+    assert cache.spilled_reads == 2
+    cache.drop(0)
+    assert cache.gpu_bytes == 0 and 0 not in cache
+    cache.close()
 
 
 def test_loader_reads_each_layer_once_with_at_most_two_layers_resident(tiny_vl_dir):

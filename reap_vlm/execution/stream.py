@@ -22,8 +22,10 @@ stream's is an Observer of that layer's MoE blocks, the very class the in-memory
 from __future__ import annotations
 
 import contextlib
+import math
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,23 +120,49 @@ class _Recorder(torch.nn.Module):
 
 
 class HiddenCache:
-    """Hidden states per key: in RAM (CPU) while they fit `limit_bytes`, then files in a spill folder
-    created under `spill_parent` and removed by close()."""
+    """Hidden states per key, in three tiers: on the GPU while they fit `gpu_bytes` (no copy at all: a
+    layer's output stays where it was computed), then in RAM (CPU, pinned on a GPU machine so the copies
+    are DMA) while they fit `limit_bytes`, then files in a spill folder created under `spill_parent` and
+    removed by close(). A key that is put again keeps its tier and, in RAM, its buffer (copied into)."""
 
-    def __init__(self, limit_bytes: int, spill_parent: Path | None = None, pin: bool = False):
-        self.limit, self.spill_parent, self.pin = limit_bytes, spill_parent, pin
+    def __init__(
+        self,
+        limit_bytes: int,
+        spill_parent: Path | None = None,
+        pin: bool = False,
+        gpu_bytes: int = 0,
+        device: torch.device | None = None,
+    ):
+        self.limit, self.spill_parent, self.pin, self.gpu_limit = limit_bytes, spill_parent, pin, gpu_bytes
+        self.device = device
+        self._gpu: dict = {}
         self._ram: dict = {}
         self._files: dict = {}
+        self.gpu_bytes = self.peak_gpu_bytes = 0
         self.ram_bytes = self.peak_ram_bytes = 0
-        self.spilled_writes = 0
+        self.spilled_writes = self.spilled_reads = 0
         self._dir: Path | None = None
 
+    @staticmethod
+    def _size(tensor: torch.Tensor) -> int:
+        return tensor.numel() * tensor.element_size()
+
     def put(self, key, tensor: torch.Tensor) -> None:
+        size = self._size(tensor)
+        old = self._ram.get(key)
+        if old is not None and old.shape == tensor.shape and old.dtype == tensor.dtype:
+            old.copy_(tensor)  # the same buffer again (pinned buffers are costly to allocate)
+            return
         self._drop(key)
-        size = tensor.numel() * tensor.element_size()
+        if self.device is not None and self.gpu_bytes + size <= self.gpu_limit:
+            self._gpu[key] = tensor.to(self.device)
+            self.gpu_bytes += size
+            self.peak_gpu_bytes = max(self.peak_gpu_bytes, self.gpu_bytes)
+            return
         if self.ram_bytes + size <= self.limit:
-            value = tensor.to("cpu", copy=tensor.device.type == "cpu")
-            self._ram[key] = value.pin_memory() if self.pin else value
+            buffer = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=self.pin)
+            buffer.copy_(tensor)
+            self._ram[key] = buffer
             self.ram_bytes += size
             self.peak_ram_bytes = max(self.peak_ram_bytes, self.ram_bytes)
             return
@@ -148,14 +176,26 @@ class HiddenCache:
         self.spilled_writes += 1
 
     def get(self, key) -> torch.Tensor:
+        if key in self._gpu:
+            return self._gpu[key]
         if key in self._ram:
             return self._ram[key]
+        self.spilled_reads += 1
         return torch.load(self._files[key], weights_only=True)
 
+    def __contains__(self, key) -> bool:
+        return key in self._gpu or key in self._ram or key in self._files
+
+    def drop(self, key) -> None:
+        self._drop(key)
+
     def _drop(self, key) -> None:
+        old = self._gpu.pop(key, None)
+        if old is not None:
+            self.gpu_bytes -= self._size(old)
         old = self._ram.pop(key, None)
         if old is not None:
-            self.ram_bytes -= old.numel() * old.element_size()
+            self.ram_bytes -= self._size(old)
         path = self._files.pop(key, None)
         if path is not None:
             path.unlink(missing_ok=True)
@@ -165,6 +205,7 @@ class HiddenCache:
         return self._dir
 
     def close(self) -> None:
+        self._gpu.clear()
         self._ram.clear()
         self._files.clear()
         if self._dir is not None:
@@ -182,15 +223,21 @@ class Stream:
     before_batch: Callable[[object], None] = lambda batch: None
 
 
-def _to(obj, device: torch.device):
+def _to(obj, device: torch.device, memo: dict | None = None):
+    """`obj` with every tensor on `device`. With `memo`, a tensor met twice (the position embeddings every
+    layer gets) is copied once and stays shared."""
     if isinstance(obj, torch.Tensor):
-        return obj.to(device)
+        if memo is None:
+            return obj.to(device)
+        if id(obj) not in memo:
+            memo[id(obj)] = (obj, obj.to(device))  # the source is kept so that its id stays unique
+        return memo[id(obj)][1]
     if isinstance(obj, tuple):
-        return tuple(_to(o, device) for o in obj)
+        return tuple(_to(o, device, memo) for o in obj)
     if isinstance(obj, list):
-        return [_to(o, device) for o in obj]
+        return [_to(o, device, memo) for o in obj]
     if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
+        return {k: _to(v, device, memo) for k, v in obj.items()}
     return obj
 
 
@@ -229,6 +276,7 @@ class StreamedModel:
         cache_bytes: int = 32 * 2**30,
         spill_parent: Path | None = None,
         prefetch: bool = True,
+        chunk_bytes: int = 768 * 2**20,
     ):
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
@@ -256,7 +304,12 @@ class StreamedModel:
             raise BugError(f"{type(self.decoder).__name__} has no final norm to stop the capture at")
         self.reader = LayerReader(model_dir, self.model, device=self.device, dtype=self.dtype)
         self.reader.load(OUTER)
+        self.chunk_bytes = chunk_bytes
         self.last_cache: HiddenCache | None = None
+        self.measured: Measured | None = None  # the candidate plans measured in the statistics' pass
+        self.answered = 0  # plans run_plans answered from that pass
+        self.extra_passes = 0  # passes over the weights run_plans needed besides it (the greedy search)
+        self.timings: dict[str, float] = {}  # seconds per phase: capture, load, compute, plans, head
 
     # ---- capture -------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -299,44 +352,150 @@ class StreamedModel:
                 raise BugError("the capture pass never reached the decoder's final norm")
         if len(record.layer_args) != len(self.layers) or record.hidden is None:
             raise BugError(f"the forward called {len(record.layer_args)} of {len(self.layers)} decoder layers")
-        return _to(record, torch.device("cpu")) if self.device.type != "cpu" else record
+        if self.device.type == "cpu":
+            return record
+        memo: dict = {}
+        return Captured(
+            _to(record.layer_args, torch.device("cpu"), memo),
+            _to(record.between, torch.device("cpu"), memo),
+            record.hidden.to("cpu"),  # the cache decides its tier once the GPU budget is known
+        )
+
+    # ---- memory ----------------------------------------------------------------------------------
+    def layer_bytes(self) -> int:
+        """The largest decoder layer's weights in the compute dtype (bytes)."""
+        item = torch.empty(0, dtype=self.dtype).element_size()
+        info = self.reader.layout.tensors
+        return max(
+            (sum(math.prod(info[n].shape) * item for n in self.reader.groups[i]) for i in range(len(self.layers))),
+            default=0,
+        )
+
+    def reserve_bytes(self) -> int:
+        """What a layer's pass needs on the device besides the cached states (docs/design.md, "Memory
+        bounds"): the resident and the prefetched layer (or a layer's raw and converted tensors while it is
+        loaded), the chunk budget of the all-expert computation, and 1 GiB for one batch's activations."""
+        return 2 * self.layer_bytes() + self.chunk_bytes + 2**30
+
+    def _gpu_cache_bytes(self) -> int:
+        """GPU bytes the hidden-state cache may use: what the process may allocate (the device's memory,
+        or less under torch.cuda.set_per_process_memory_fraction) minus what is allocated and the reserve.
+        Refuses, before a layer is read, a GPU that cannot hold the reserve."""
+        if self.device.type != "cuda":
+            return 0
+        from ..errors import DeviceError
+
+        index = self.device.index or 0
+        total = torch.cuda.get_device_properties(index).total_memory
+        get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+        allowed = total * (get_fraction(index) if get_fraction else 1.0)
+        free, _ = torch.cuda.mem_get_info(index)
+        used = torch.cuda.memory_allocated(index)
+        available = min(allowed - used, free + torch.cuda.memory_reserved(index) - used)
+        reserve = self.reserve_bytes()
+        if available < reserve:
+            raise DeviceError(
+                f"streamed execution needs {reserve / 2**30:.1f} GiB on {self.device} and "
+                f"{max(available, 0) / 2**30:.1f} GiB are available",
+                "two decoder layers, the chunk budget (REAP_CHUNK_MEMORY_MB) and one batch's activations must fit",
+                "Free the GPU, lower REAP_CHUNK_MEMORY_MB, or use a larger GPU",
+            )
+        return int(available - reserve)
+
+    def _outer_to(self, device: torch.device, *, head_only: bool = False) -> None:
+        """Move the parts outside the decoder layers (all of them, or only the final norm and the LM head)
+        between the device and the CPU: on a GPU they are not resident during the layer pass."""
+        if self.device.type == "cpu":
+            return
+        skip = self.layers_path + "."
+        head = self.model.get_output_embeddings()
+        keep = {id(p) for m in (head, self.decoder.norm) for p in m.parameters()}
+        for name, param in list(self.model.named_parameters()):
+            if name.startswith(skip) or param.is_meta or (head_only and id(param) not in keep):
+                continue
+            if param.device != device:
+                owner, _, leaf = name.rpartition(".")
+                sub = self.model.get_submodule(owner) if owner else self.model
+                sub._parameters[leaf] = torch.nn.Parameter(param.data.to(device), requires_grad=False)
+        self.model.tie_weights()
 
     # ---- the pass over the layers ------------------------------------------------------------
+    def _clock(self, phase: str, started: float) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.timings[phase] = self.timings.get(phase, 0.0) + now - started
+        return now
+
+    def _capture_all(self, batch_lists: list[list]) -> dict[int, Captured]:
+        """One capture per distinct batch (by identity) of all lists."""
+        self._outer_to(self.device)  # embeddings and vision tower (off the GPU during a layer pass)
+        started = time.perf_counter()
+        out: dict[int, Captured] = {}
+        for batches in batch_lists:
+            for batch in batches:
+                if id(batch) not in out:
+                    out[id(batch)] = self.capture(batch)
+        self._clock("capture", started)
+        return out
+
+    def _layers(self, on_layer: Callable[[int, int], None] | None) -> Iterator[int]:
+        """Each decoder layer in turn, resident while the caller works on it; the next is prefetched."""
+        n = len(self.layers)
+        if self.prefetch:
+            self.reader.prefetch(0)
+        for i in range(n):
+            started = time.perf_counter()
+            self.reader.load(i)
+            if self.prefetch and i + 1 < n:
+                self.reader.prefetch(i + 1)
+            self._clock("load", started)
+            try:
+                yield i
+            finally:
+                self.reader.release(i)
+            if on_layer is not None:
+                on_layer(i + 1, n)
+
+    def _new_cache(self) -> HiddenCache:
+        cuda = self.device.type == "cuda"
+        return HiddenCache(
+            self.cache_bytes,
+            self.spill_parent,
+            pin=cuda,
+            gpu_bytes=self._gpu_cache_bytes(),
+            device=self.device if cuda else None,
+        )
+
     def run(self, streams: list[Stream], on_layer: Callable[[int, int], None] | None = None) -> HiddenCache:
         """Every stream's batches through every decoder layer, one layer resident (plus the prefetched
-        next). Returns the cache holding each batch's last hidden state under (stream, batch);
-        the caller closes it."""
-        cache = HiddenCache(self.cache_bytes, self.spill_parent, pin=self.device.type == "cuda")
+        next). Returns the cache holding each batch's last hidden state under (stream, batch), with the
+        final norm and the LM head on the device; the caller closes it."""
         captured: dict[tuple[int, int], Captured] = {}
+        cache = None
         try:
             with torch.inference_mode():
-                by_batch: dict[int, Captured] = {}  # streams of the same batches (plans) share one capture
+                by_batch = self._capture_all([stream.batches for stream in streams])
+                self._outer_to(torch.device("cpu"))
+                cache = self._new_cache()
                 for s, stream in enumerate(streams):
                     for b, batch in enumerate(stream.batches):
-                        record = by_batch.get(id(batch))
-                        if record is None:
-                            record = by_batch[id(batch)] = self.capture(batch)
-                        cache.put((s, b), record.hidden)
-                        captured[(s, b)] = record
+                        captured[(s, b)] = by_batch[id(batch)]
+                        cache.put((s, b), by_batch[id(batch)].hidden)
                 for record in by_batch.values():
                     record.hidden = None
-                n = len(self.layers)
-                if self.prefetch:
-                    self.reader.prefetch(0)
-                for i in range(n):
-                    self.reader.load(i)
-                    if self.prefetch and i + 1 < n:
-                        self.reader.prefetch(i + 1)
+                for i in self._layers(on_layer):
                     for s, stream in enumerate(streams):
+                        started = time.perf_counter()
                         with stream.layer_context(i):
                             for b, batch in enumerate(stream.batches):
                                 stream.before_batch(batch)
                                 cache.put((s, b), self._through(i, captured[(s, b)], cache.get((s, b))))
-                    self.reader.release(i)
-                    if on_layer is not None:
-                        on_layer(i + 1, n)
+                        self._clock("compute", started)
+                self._outer_to(self.device, head_only=True)
         except BaseException:
-            cache.close()
+            if cache is not None:
+                cache.close()
             raise
         self.last_cache = cache
         return cache
@@ -345,7 +504,7 @@ class StreamedModel:
         """One batch through decoder layer i with the arguments the model gave it, then what the family
         does after that layer (recorded method calls)."""
         args, kwargs = _to(record.layer_args[i], self.device)
-        hidden = self.layers[i](hidden.to(self.device), *args, **kwargs)
+        hidden = self.layers[i](hidden.to(self.device, non_blocking=True), *args, **kwargs)
         for name, a, k in record.between.get(i, []):
             hidden = getattr(self.decoder, name)(hidden, *_to(a, self.device), **_to(k, self.device))
         return hidden
@@ -364,13 +523,34 @@ class StreamedModel:
         """What the model's forward does after the last layer: the final norm, then the LM head."""
         return self.model.get_output_embeddings()(self.decoder.norm(hidden.to(self.device)))
 
-    def run_plans(self, blocks: list, batches: list, plans: list[dict], *, usage: bool, progress=None):
-        """candidates._run_plans in one pass over the weights: the unpruned model and every plan side by
-        side as streams of the held-out batches. A plan's stream runs each layer with that layer's removed
-        experts masked (masking.masked, as in memory); expert usage is the router-mode observer of the
-        layer's blocks. At the end the final norm and the LM head give the logits (a chunk at a time) that
-        candidates._token_metrics compares, batch by batch. Same return value as _run_plans."""
+    def _rows(self, batch, reference: torch.Tensor, hidden: torch.Tensor | None) -> list[dict]:
+        """candidates.sample_rows of one held-out batch from the last hidden states of the unpruned model
+        (`reference`) and of a plan (`hidden`; None: the reference's own rows). sample_rows makes the logits
+        with the final norm and the LM head a chunk of positions at a time, never [B, T, V] at once."""
         from ..candidates import sample_rows
+
+        reference = reference.to(self.device)
+        hidden = reference if hidden is None else hidden.to(self.device)
+        return sample_rows(batch, reference, hidden, batch.inputs["input_ids"].to(self.device), self.logits)
+
+    def run_plans(self, blocks: list, batches: list, plans: list[dict], *, usage: bool, progress=None):
+        """candidates._run_plans for streamed execution. Plans the statistics' pass measured already
+        (`score_pass` with a PlanSpace on the same batches) are answered from it; otherwise one pass over
+        the weights for all of them: the unpruned model and every plan side by side as streams of the
+        held-out batches. A plan's stream runs each layer with that layer's removed experts masked
+        (masking.masked, as in memory); expert usage is the router-mode observer of the layer's blocks. At
+        the end the final norm and the LM head give the logits that candidates._token_metrics compares,
+        batch by batch. Same return value as _run_plans."""
+        measured = self.measured
+        if measured is not None and measured.batches is batches:
+            found = [measured.plans.get(_signature(blocks, plan)) for plan in plans]
+            if all(f is not None for f in found):
+                self.answered += len(plans)
+                return (
+                    measured.baseline_rows,
+                    [f[0] for f in found],
+                    [measured.baseline_counts, *[f[1] for f in found]],
+                )
         from ..masking import masked, removed_from_kept
         from ..observe.usage import ExpertUsage
 
@@ -406,20 +586,21 @@ class StreamedModel:
             if current and current[-1] is not None:
                 current[-1].batch(batch.modality)
 
+        self.extra_passes += 1
         streams = [Stream(batches, context(pi), before_batch) for pi in range(-1, len(plans))]
         cache = self.run(streams, (lambda done, total: progress(done, total)) if progress else None)
         baseline_rows: list[dict] = []
         per_plan_rows: list[list[dict]] = [[] for _ in plans]
         try:
             with torch.inference_mode():
+                started = time.perf_counter()
                 for b, batch in enumerate(batches):
                     # final hidden states; sample_rows makes the logits a chunk of positions at a time
                     reference = cache.get((0, b))
-                    input_ids = batch.inputs["input_ids"].to(self.device)
-                    for pi in range(-1, len(plans)):
-                        hidden = reference if pi == -1 else cache.get((pi + 1, b))
-                        rows = baseline_rows if pi == -1 else per_plan_rows[pi]
-                        rows.extend(sample_rows(batch, reference, hidden, input_ids, self.logits))
+                    baseline_rows.extend(self._rows(batch, reference, None))
+                    for pi in range(len(plans)):
+                        per_plan_rows[pi].extend(self._rows(batch, reference, cache.get((pi + 1, b))))
+                self._clock("head", started)
         finally:
             cache.close()
         return baseline_rows, per_plan_rows, counts
@@ -444,6 +625,183 @@ class MergedLayers:
         return dict(self._tensors)
 
 
+def _signature(blocks: list, plan: dict[str, list[int]]) -> tuple:
+    return tuple(tuple(plan[b.key]) for b in blocks)
+
+
+@dataclass
+class PlanSpace:
+    """The candidate plans measured in the statistics' pass. `cut(stats)` gets one layer's statistics
+    (block key -> what Observer.export() gives) as soon as that layer's calibration batches are through,
+    and returns, per candidate, its kept experts of those blocks (None: the candidate cannot be cut and is
+    not measured). A block's plan depends on that block's statistics only (scoring.select)."""
+
+    batches: list
+    count: int
+    cut: Callable[[dict], list[dict[str, list[int]] | None]]
+
+
+@dataclass
+class Measured:
+    """What the statistics' pass measured on the held-out batches: the unpruned model's rows and usage,
+    and per distinct plan (signature over the blocks) its rows and usage; `kept[c]`: candidate c's plan."""
+
+    batches: list
+    baseline_rows: list[dict]
+    baseline_counts: dict
+    plans: dict[tuple, tuple[list[dict], dict]]
+    kept: list[dict[str, list[int]] | None]
+
+
+def score_pass(
+    streamed: StreamedModel,
+    blocks: list,
+    batches: list,
+    mode: str,
+    budget_mb: int,
+    on_layer=None,
+    merge=None,
+    seed: int = 0,
+    plans: PlanSpace | None = None,
+) -> tuple[dict, MergedLayers | None, Measured | None]:
+    """The calibration statistics of every MoE block and, with `plans`, every candidate plan's held-out
+    rows, in ONE pass over the weights. Per decoder layer:
+
+    1. the calibration batches run through it under an Observer of the layer's MoE blocks (the class the
+       in-memory path uses); the layer's statistics are then complete;
+    2. with `plans`: every candidate's kept experts of this layer are cut from those statistics;
+       candidates whose plans agree on every layer so far share one stream of held-out hidden states (a
+       stream splits where they first differ), so each distinct plan prefix runs once;
+    3. the unpruned stream and every plan stream run the held-out batches through the layer, each plan
+       with its removed experts' router logits masked (masking.masked), under a router-mode observer of
+       the layer's blocks (expert usage).
+
+    After the last layer the final norm and the LM head give each stream's logits, and
+    candidates.sample_rows the per-sample rows, batch by batch. Returns (stats as Observer.export(),
+    merge statistics, the measurement, which StreamedModel.run_plans answers measure_plans from)."""
+    from ..masking import masked, removed_from_kept
+    from ..observe import Observer
+    from ..observe.usage import ExpertUsage
+
+    by_layer = streamed.blocks_by_layer(blocks)
+    stats: dict = {}
+    merged = MergedLayers(merge.samples) if merge is not None else None
+    held = plans.batches if plans is not None else []
+    alive = list(range(plans.count)) if plans is not None else []
+    kept: list[dict | None] = [{} for _ in alive]
+    counts: list[dict] = [{} for _ in alive]
+    baseline_counts: dict = {}
+    groups: dict[int, list[int]] = {0: list(alive)}  # stream -> its candidates; 0: the unpruned model
+    layer_kept: dict[int, dict] = {0: {}}  # stream -> the kept experts of the current layer ({} = all)
+    next_group = 1
+    cache = None
+    measured = None
+    try:
+        with torch.inference_mode():
+            captured = streamed._capture_all([batches, held])
+            streamed._outer_to(torch.device("cpu"))
+            cache = streamed._new_cache()
+            for b, batch in enumerate(batches):
+                cache.put(("calibration", b), captured[id(batch)].hidden)
+            for b, batch in enumerate(held):
+                cache.put((0, b), captured[id(batch)].hidden)
+            for record in captured.values():
+                record.hidden = None
+            for i in streamed._layers(on_layer):
+                mine = by_layer.get(i, [])
+                started = time.perf_counter()
+                observer = None
+                if mine:
+                    layer_merge = None
+                    if merge is not None:
+                        from ..observe.merge_stats import MergeStats
+
+                        layer_merge = MergeStats(mine, merge.samples, merge.per_batch, seed + i)
+                    observer = Observer(streamed.model, mine, mode, budget_mb, merge=layer_merge)
+                with observer if observer is not None else contextlib.nullcontext():
+                    for b, batch in enumerate(batches):
+                        if observer is not None:
+                            observer.set_modality(batch.modality)
+                        key = ("calibration", b)
+                        cache.put(key, streamed._through(i, captured[id(batch)], cache.get(key)))
+                if observer is not None:
+                    stats.update(observer.export())
+                    if layer_merge is not None:
+                        merged.add(layer_merge.tensors())
+                started = streamed._clock("compute", started)
+                if not held:
+                    continue
+                if mine:  # cut this layer's plans; split the streams where their candidates' plans differ
+                    cuts = plans.cut({b.key: stats[b.key] for b in mine})
+                    for c in list(alive):
+                        if cuts[c] is None:
+                            alive.remove(c)
+                            kept[c] = None
+                        else:
+                            kept[c].update(cuts[c])
+                    for g, members in list(groups.items()):
+                        parts: dict[tuple, list[int]] = {}
+                        for c in members:
+                            if kept[c] is None:
+                                continue
+                            every = all(len(cuts[c][b.key]) == b.num_experts for b in mine)
+                            parts.setdefault(() if every else _signature(mine, cuts[c]), []).append(c)
+                        groups[g] = []
+                        for sig, part in parts.items():
+                            target = g if (g != 0 or sig == ()) and not groups[g] else None
+                            if target is None:  # a new stream, starting from this stream's states
+                                target, next_group = next_group, next_group + 1
+                                for b in range(len(held)):
+                                    cache.put((target, b), cache.get((g, b)))
+                            groups[target] = part
+                            layer_kept[target] = {} if sig == () else cuts[part[0]]
+                        if not groups[g] and g != 0:
+                            del groups[g]
+                            layer_kept.pop(g, None)
+                            for b in range(len(held)):
+                                cache.drop((g, b))
+                for g in sorted(groups):
+                    with contextlib.ExitStack() as stack:
+                        usage = None
+                        if mine:
+                            if layer_kept.get(g):
+                                stack.enter_context(
+                                    masked(streamed.model, mine, removed_from_kept(mine, layer_kept[g]))
+                                )
+                            usage = stack.enter_context(ExpertUsage(streamed.model, mine))
+                        for b, batch in enumerate(held):
+                            if usage is not None:
+                                usage.batch(batch.modality)
+                            cache.put((g, b), streamed._through(i, captured[id(batch)], cache.get((g, b))))
+                    if usage is not None:
+                        totals = usage.totals()
+                        for c in groups[g]:
+                            counts[c].update(totals)
+                        if g == 0:
+                            baseline_counts.update(totals)
+                started = streamed._clock("plans", started)
+            streamed._outer_to(streamed.device, head_only=True)
+            if held:
+                started = time.perf_counter()
+                rows: dict[int, list[dict]] = {g: [] for g in groups}
+                for b, batch in enumerate(held):
+                    reference = cache.get((0, b))
+                    for g in groups:
+                        rows[g].extend(streamed._rows(batch, reference, None if g == 0 else cache.get((g, b))))
+                streamed._clock("head", started)
+                found: dict[tuple, tuple[list[dict], dict]] = {}
+                for g, members in groups.items():
+                    for c in members:
+                        found.setdefault(_signature(blocks, kept[c]), (rows[g], counts[c]))
+                zeros = {b.key: torch.zeros(b.num_experts, dtype=torch.float64) for b in blocks}
+                measured = Measured(held, rows[0], {**zeros, **baseline_counts}, found, kept)
+    finally:
+        if cache is not None:
+            cache.close()
+    streamed.measured = measured
+    return {b.key: stats[b.key] for b in blocks}, merged, measured
+
+
 def observe(
     streamed: StreamedModel,
     blocks: list,
@@ -454,44 +812,12 @@ def observe(
     merge=None,
     seed: int = 0,
 ) -> tuple[dict, MergedLayers | None]:
-    """Calibration statistics of every MoE block, layer by layer: per decoder layer an Observer of
-    that layer's blocks (reap_vlm.observe.Observer, as in memory) is active while the cached batches
-    run through it. Returns (what Observer.export() returns for all blocks, merge statistics).
+    """Calibration statistics of every MoE block, layer by layer (score_pass without plans). Returns
+    (what Observer.export() returns for all blocks, merge statistics).
 
     `merge`: the in-memory path's MergeStats (sizes and seed); here each layer gets its own with the
     same sample budget, and its tensors are taken before the layer is released. The sums are the
     in-memory path's; the sampled tokens of the activations are a draw of the same size from a
     generator per layer (in memory one generator runs over all blocks batch by batch)."""
-    from ..observe import Observer
-
-    by_layer = streamed.blocks_by_layer(blocks)
-    stats: dict = {}
-    active: list = []
-    merged = MergedLayers(merge.samples) if merge is not None else None
-
-    @contextlib.contextmanager
-    def layer_context(i: int):
-        if i not in by_layer:
-            yield
-            return
-        layer_merge = None
-        if merge is not None:
-            from ..observe.merge_stats import MergeStats
-
-            layer_merge = MergeStats(by_layer[i], merge.samples, merge.per_batch, seed + i)
-        observer = Observer(streamed.model, by_layer[i], mode, budget_mb, merge=layer_merge)
-        active.append(observer)
-        with observer:
-            yield
-        stats.update(observer.export())
-        if layer_merge is not None:
-            merged.add(layer_merge.tensors())
-        active.pop()
-
-    def before_batch(batch) -> None:
-        if active:
-            active[-1].set_modality(batch.modality)
-
-    cache = streamed.run([Stream(batches, layer_context, before_batch)], on_layer)
-    cache.close()
-    return {b.key: stats[b.key] for b in blocks}, merged
+    stats, merged, _ = score_pass(streamed, blocks, batches, mode, budget_mb, on_layer, merge, seed)
+    return stats, merged
