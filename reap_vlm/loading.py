@@ -120,7 +120,7 @@ def load_model(
         print(f"note: {note}")
     device = resolve_device(device)
     quant = quantization_of(model_dir, config)
-    if quant is not None and (quant.format != "fp8" or quant.source != "config.json"):
+    if quant is not None and not _transformers_reads(quant, model_dir, config):
         model = _load_dequantizing(model_dir, config, device, dtype, trust_remote_code, attn_implementation)
         return model, load_processor(model_dir, trust_remote_code), config
     kwargs: dict = {"dtype": resolve_dtype(dtype, device), "trust_remote_code": trust_remote_code}
@@ -169,6 +169,19 @@ def quantization_of(model_dir: Path, config: dict):
     if not qc and not _has_quantized_names(model_dir):
         return None
     return detect(config, inspect_checkpoint(model_dir))
+
+
+def _transformers_reads(quant, model_dir: Path, config: dict) -> bool:
+    """Whether transformers' own loader reads this quantized checkpoint here: fine-grained FP8 declared in
+    config.json, in names its conversions know (not per-expert tensors of a type it reads fused only)."""
+    from .checkpoint.layout import inspect_checkpoint
+    from .execution.weights import PER_EXPERT_CONVERSIONS
+
+    if quant.format != "fp8" or quant.source != "config.json":
+        return False
+    if config.get("model_type") in PER_EXPERT_CONVERSIONS:
+        return not any(".experts.0." in n for n in inspect_checkpoint(model_dir).tensors)
+    return True
 
 
 def _has_quantized_names(model_dir: Path) -> bool:

@@ -451,14 +451,36 @@ def _quantizable(name: str, tensor: torch.Tensor, parts: tuple[str, ...]) -> boo
     return name.endswith(".weight") and tensor.ndim == 2 and any(p in name for p in parts) and "visual" not in name
 
 
+def _per_expert(name: str, tensor: torch.Tensor, hidden: int):
+    """Fused experts (Qwen3-VL: gate_up_proj, down_proj) as the per-expert [out, in] weights that quantized
+    releases store (experts.{j}.gate_proj.weight, ...); other tensors as they are. The fused tensors are
+    in the hub layout ([E, H, 2I], [E, I, H]) or already in the model's ([E, 2I, H], [E, H, I]): as
+    transformers' loader does (Transpose with check_dims), a tensor whose shape is the model's is not
+    transposed."""
+    head, _, leaf = name.rpartition(".")
+    if not head.endswith(".experts") or leaf not in ("gate_up_proj", "down_proj") or tensor.ndim != 3:
+        yield name, tensor
+        return
+    model_layout = tensor.shape[2] == hidden if leaf == "gate_up_proj" else tensor.shape[1] == hidden
+    for j in range(tensor.shape[0]):
+        w = tensor[j] if model_layout else tensor[j].T  # [out, in]
+        if leaf == "down_proj":
+            yield f"{head}.{j}.down_proj.weight", w.contiguous()
+        else:
+            inter = w.shape[0] // 2
+            yield f"{head}.{j}.gate_proj.weight", w[:inter].contiguous()
+            yield f"{head}.{j}.up_proj.weight", w[inter:].contiguous()
+
+
 def quantize_checkpoint(
     src: Path, dst: Path, fmt: str, *, block: int = 16, group: int = 16, parts: tuple[str, ...] = QUANTIZED_PARTS
 ) -> Path:
-    """A quantized copy of the checkpoint `src` (per-expert on-disk names) in `dst`, made by the formats'
-    own producers: fp8 block-wise by transformers' `Fp8Quantize` (e4m3 + weight_scale_inv per
-    [block, block]); `ct-int4` (pack-quantized, asymmetric, groups of `group`) and `ct-fp8` (float-quantized,
-    per channel) by compressed-tensors' compressors, with the scales of its `calculate_qparams`. Only the
-    2-D weights of `parts` are quantized (routers, norms, embeddings, head and vision tower stay)."""
+    """A quantized copy of the checkpoint `src` in `dst` with per-expert names (fused experts are split, as
+    Qwen's FP8 releases store them), made by the formats' own producers: fp8 block-wise by transformers'
+    `Fp8Quantize` (e4m3 + weight_scale_inv per [block, block]); `ct-int4` (pack-quantized, asymmetric,
+    groups of `group`) and `ct-fp8` (float-quantized, per channel) by compressed-tensors' compressors, with
+    the scales of its `calculate_qparams`. Only the 2-D weights of `parts` are quantized (routers, norms,
+    embeddings, head and vision tower stay)."""
     import shutil
 
     from safetensors import safe_open
@@ -519,6 +541,7 @@ def quantize_checkpoint(
         qc["quant_method"] = "compressed-tensors"
     else:
         raise BugError(f"unknown quantized format {fmt!r}")
+    hidden = (config.get("text_config") or config)["hidden_size"]
     index_path = dst / "model.safetensors.index.json"
     index = json.loads(index_path.read_text())
     weight_map = {}
@@ -526,8 +549,8 @@ def quantize_checkpoint(
         out = {}
         with safe_open(str(src / shard), framework="pt") as f:
             for name in f.keys():
-                tensor = f.get_tensor(name)
-                out.update(convert(name, tensor) if _quantizable(name, tensor, parts) else {name: tensor})
+                for name2, tensor in _per_expert(name, f.get_tensor(name), hidden):
+                    out.update(convert(name2, tensor) if _quantizable(name2, tensor, parts) else {name2: tensor})
         save_file(out, str(dst / shard), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(out, shard))
     index["weight_map"] = weight_map

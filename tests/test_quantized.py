@@ -47,10 +47,11 @@ def _twin(qdir: Path, dst: Path) -> Path:
     model = _load_dequantizing(qdir, config, "cpu", "float32", False, "")
     model.config.quantization_config = None
     del model.config.quantization_config
-    model.save_pretrained(dst, max_shard_size="300KB")
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        if (qdir / name).is_file():
-            (dst / name).write_bytes((qdir / name).read_bytes())
+    model.save_pretrained(dst, max_shard_size="300KB", save_original_format=False)  # the fused layout it reads
+    for f in qdir.iterdir():  # the processor's files
+        if f.suffix not in (".safetensors", ".json") or f.name not in ("config.json", "model.safetensors.index.json"):
+            if not (dst / f.name).exists():
+                (dst / f.name).write_bytes(f.read_bytes())
     saved = json.loads((dst / "config.json").read_text())
     assert "quantization_config" not in saved
     return dst
@@ -142,14 +143,14 @@ def test_dequantized_weights_equal_the_producing_library(fmt, quantized):
     streamed.close()
 
 
-def _statistics(model_dir: Path, mode: str, streamed: bool) -> dict:
+def _statistics(model_dir: Path, mode: str, streamed: bool, spec: str = "code:3,writing:3") -> dict:
     if streamed:
         run = StreamedModel(model_dir, device="cpu", dtype="float32")
         model, processor = run.model, run.processor
     else:
         model, processor, _ = load_model(model_dir, device="cpu", dtype="float32")
     batches = list(
-        make_batches(load_samples("code:3,writing:3", max_samples=6, seed=0), processor, max_seq_len=80, batch_size=3)
+        make_batches(load_samples(spec, max_samples=6, seed=0), processor, max_seq_len=80, batch_size=3, **PIXELS)
     )
     blocks = find_moe_blocks(model)
     if streamed:
@@ -171,6 +172,21 @@ def test_scores_equal_the_dequantized_twin_in_memory_and_streamed(fmt, mode, qua
     reference = _statistics(twin, mode, streamed=False)
     _close(reference, _statistics(qdir, mode, streamed=False))
     _close(reference, _statistics(qdir, mode, streamed=True))
+
+
+def test_qwen3_vl_fp8_release_layout_scores_like_its_twin(tiny_vl_dir, tmp_path):
+    """Qwen's FP8 VL builds store experts one by one (experts.{j}.gate_proj.weight + weight_scale_inv), which
+    transformers' Qwen3-VL conversions do not read: the reader adds the per-expert converters, in memory and
+    streamed, and the vision tower stays unquantized."""
+    from reap_vlm.verify import describe
+
+    qdir = quantize_checkpoint(tiny_vl_dir, tmp_path / "fp8", "fp8")
+    info = describe(qdir, 0.5)
+    assert info["layout"] == ["per-expert"] and info["quantization"]["quantized"] == {"attention": 12, "experts": 72}
+    twin = _twin(qdir, tmp_path / "twin")
+    reference = _statistics(twin, "full", streamed=False, spec="code:2,vision:4")
+    _close(reference, _statistics(qdir, "full", streamed=False, spec="code:2,vision:4"))
+    _close(reference, _statistics(qdir, "full", streamed=True, spec="code:2,vision:4"))
 
 
 def test_reap_stage_records_the_quantization_and_the_pruned_export_is_exact(quantized, tiny_text_dir, tmp_path):

@@ -31,6 +31,10 @@ from ..checkpoint.layout import inspect_checkpoint
 from ..errors import BugError, CheckpointError
 from ..quantization import Dequantizer, canonical, detect
 
+# Model types whose transformers conversions read only the fused hub layout, while quantized releases store
+# experts one by one (Qwen3-VL's FP8 builds: experts.{j}.gate_proj.weight + weight_scale_inv): the per-expert
+# converters of the named type are added when the checkpoint has per-expert names.
+PER_EXPERT_CONVERSIONS = {"qwen3_vl_moe": "qwen2_moe"}
 OUTER = -1  # the group of every tensor outside the decoder layers (embeddings, vision tower, final norm, head)
 
 
@@ -83,6 +87,13 @@ class LayerReader:
             self.dequantizer = Dequantizer(model_dir, self.layout.config, self.quantization)
             plan, self.unused = self.dequantizer.plan(self.layout.tensors)
             self.parts = {canonical(n): parts for n, parts in plan.items()}
+        extra = PER_EXPERT_CONVERSIONS.get(getattr(model.config, "model_type", ""))
+        if extra and any(".experts.0." in n for n in self.parts):
+            from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+            self.mapping = [*self.mapping, *get_checkpoint_conversion_mapping(extra)]
+            renamings = [w for w in self.mapping if isinstance(w, WeightRenaming)]
+            converters = [w for w in self.mapping if isinstance(w, WeightConverter)]
         head = self.layers_path + "."
         for name in self.parts:
             renamed, _ = rename_source_key(name, renamings, converters, prefix, targets)
