@@ -487,7 +487,7 @@ def quantize_checkpoint(
     from safetensors.torch import save_file
 
     src, dst = Path(src), Path(dst)
-    shutil.copytree(src, dst)
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors"))  # the shards are written below
     config = json.loads((dst / "config.json").read_text())
     if fmt == "fp8":
         import types
@@ -543,9 +543,10 @@ def quantize_checkpoint(
         raise BugError(f"unknown quantized format {fmt!r}")
     hidden = (config.get("text_config") or config)["hidden_size"]
     index_path = dst / "model.safetensors.index.json"
-    index = json.loads(index_path.read_text())
+    index = json.loads(index_path.read_text()) if index_path.is_file() else None
+    shards = sorted(set(index["weight_map"].values())) if index else [p.name for p in src.glob("*.safetensors")]
     weight_map = {}
-    for shard in sorted(set(index["weight_map"].values())):
+    for shard in shards:
         out = {}
         with safe_open(str(src / shard), framework="pt") as f:
             for name in f.keys():
@@ -553,8 +554,9 @@ def quantize_checkpoint(
                     out.update(convert(name2, tensor) if _quantizable(name2, tensor, parts) else {name2: tensor})
         save_file(out, str(dst / shard), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(out, shard))
-    index["weight_map"] = weight_map
-    index_path.write_text(json.dumps(index, indent=1) + "\n")
+    if index:
+        index["weight_map"] = weight_map
+        index_path.write_text(json.dumps(index, indent=1) + "\n")
     config["quantization_config"] = qc
     (dst / "config.json").write_text(json.dumps(config, indent=1) + "\n")
     return dst
