@@ -25,6 +25,8 @@ from reap_vlm.quantization import detect
 from reap_vlm.tiny import quantize_checkpoint
 
 FORMATS = ("fp8", "ct-int4", "ct-fp8")
+PACKED = ("awq", "awq-swapped", "gptq", "gptq-act-order")  # committed fixtures made by auto-round's packers
+FIXTURES = Path(__file__).parent / "fixtures" / "quantized"
 PIXELS = dict(min_pixels=1024, max_pixels=16384)
 
 
@@ -36,7 +38,65 @@ def quantized(tiny_text_dir, tmp_path_factory):
     for fmt in FORMATS:
         qdir = quantize_checkpoint(tiny_text_dir, root / fmt, fmt)
         out[fmt] = (qdir, _twin(qdir, root / f"{fmt}-twin"))
+    for fmt in PACKED:
+        qdir = _packed_checkpoint(tiny_text_dir, root / fmt, fmt)
+        out[fmt] = (qdir, _twin(qdir, root / f"{fmt}-twin"))
     return out
+
+
+def _swapped(name: str) -> str:
+    """experts.{j}.{proj}.{x} -> experts.{proj}.{j}.{x} (the other per-expert order of AWQ exports)."""
+    head, _, rest = name.partition(".experts.")
+    j, proj, leaf = rest.split(".", 2)
+    return f"{head}.experts.{proj}.{j}.{leaf}"
+
+
+def _packed_checkpoint(tiny_dir: Path, dst: Path, fmt: str) -> Path:
+    """The tiny qwen3_moe with its expert weights replaced by a committed AWQ/GPTQ fixture (its source is
+    this same tiny checkpoint: the manifest's sha256 of the expert weights is checked)."""
+    import hashlib
+    import shutil
+
+    from safetensors.torch import save_file
+
+    manifest = json.loads((FIXTURES / "manifest.json").read_text())
+    name = fmt.removesuffix("-swapped")
+    with safe_open(str(FIXTURES / f"{name}.safetensors"), framework="pt") as f:
+        packed = {n: f.get_tensor(n) for n in f.keys() if not n.startswith("ref.")}
+    shutil.copytree(tiny_dir, dst, ignore=shutil.ignore_patterns("*.safetensors"))
+    index_path = dst / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    digest, weight_map = hashlib.sha256(), {}
+    for shard in sorted(set(index["weight_map"].values())):
+        with safe_open(str(tiny_dir / shard), framework="pt") as f:
+            tensors = {n: f.get_tensor(n) for n in f.keys()}
+        out = {}
+        for n, t in sorted(tensors.items()):
+            if ".mlp.experts." not in n:
+                out[n] = t
+                continue
+            prefix = n.removesuffix(".weight")
+            out.update({k: v for k, v in packed.items() if k.rpartition(".")[0] == prefix})
+        if fmt.endswith("-swapped"):
+            out = {(_swapped(n) if ".mlp.experts." in n else n): t for n, t in out.items()}
+        save_file(out, str(dst / shard), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(out, shard))
+    experts = {}
+    for shard in sorted(tiny_dir.glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as f:
+            experts.update({n: f.get_tensor(n) for n in f.keys() if ".mlp.experts." in n})
+    for n in sorted(experts):
+        digest.update(n.encode() + experts[n].contiguous().numpy().tobytes())
+    assert digest.hexdigest() == manifest["source"]["experts_sha256"], (
+        "the fixtures were made from other expert weights than reap_vlm.tiny's: re-run "
+        "tests/fixtures/quantized/make_fixtures.py"
+    )
+    index["weight_map"] = weight_map
+    index_path.write_text(json.dumps(index, indent=1))
+    config = json.loads((dst / "config.json").read_text())
+    config["quantization_config"] = manifest["quantization_config"][name]
+    (dst / "config.json").write_text(json.dumps(config, indent=1))
+    return dst
 
 
 def _twin(qdir: Path, dst: Path) -> Path:
@@ -143,6 +203,46 @@ def test_dequantized_weights_equal_the_producing_library(fmt, quantized):
     streamed.close()
 
 
+@pytest.mark.parametrize(
+    "fmt, expect",
+    [
+        ("awq", {"format": "awq", "bits": 4, "group_size": 16, "scheme": "gemm"}),
+        ("awq-swapped", {"format": "awq", "bits": 4, "group_size": 16, "scheme": "gemm"}),
+        ("gptq", {"format": "gptq", "bits": 4, "group_size": 16, "scheme": "in-order"}),
+        ("gptq-act-order", {"format": "gptq", "bits": 4, "group_size": 16, "scheme": "act-order"}),
+    ],
+)
+def test_awq_and_gptq_dequantize_as_the_packer_library_does(fmt, expect, quantized):
+    """The reader's weights of the auto-round-packed fixtures equal the library's own dequantization bit for
+    bit (AWQ through compressed-tensors' AutoAWQConverter and decompressor; GPTQ by the unpacker here); the
+    per-expert names in either order read the same."""
+    from reap_vlm.verify import describe
+
+    qdir, _ = quantized[fmt]
+    info = describe(qdir, 0.5)["quantization"]
+    assert {k: info[k] for k in expect} == expect
+    assert info["quantized"] == {"experts": 96} and info["quantized_kinds"] == "experts only"
+    with safe_open(str(FIXTURES / f"{fmt.removesuffix('-swapped')}.safetensors"), framework="pt") as f:
+        refs = {n.removeprefix("ref."): f.get_tensor(n) for n in f.keys() if n.startswith("ref.")}
+    assert len(refs) == (16 if fmt == "gptq-act-order" else 24)  # layer 0 (act-order: gate/up, see the script)
+    streamed = StreamedModel(qdir, device="cpu", dtype="float32")
+    reader = streamed.reader
+    assert reader.unused == []
+    checked = 0
+    for name, parts in reader.parts.items():
+        if name not in refs:
+            continue
+        tensors = {}
+        for p in parts:
+            with safe_open(str(qdir / reader.layout.tensors[p].shard), framework="pt") as f:
+                tensors[p] = f.get_tensor(p)
+        got = reader.dequantizer.weight(tensors)
+        assert got.dtype == torch.float16 and torch.equal(got, refs[name]), name
+        checked += 1
+    assert checked == len(refs)
+    streamed.close()
+
+
 def _statistics(model_dir: Path, mode: str, streamed: bool, spec: str = "code:3,writing:3") -> dict:
     if streamed:
         run = StreamedModel(model_dir, device="cpu", dtype="float32")
@@ -165,8 +265,14 @@ def _statistics(model_dir: Path, mode: str, streamed: bool, spec: str = "code:3,
     return observer.export()
 
 
-@pytest.mark.parametrize("mode", ["full", "routed", "router"])
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize(
+    "fmt, mode",
+    [
+        pytest.param(f, m, marks=() if m == "full" or f == "fp8" else pytest.mark.slow)
+        for f in (*FORMATS, *PACKED)
+        for m in ("full", "routed", "router")
+    ],
+)
 def test_scores_equal_the_dequantized_twin_in_memory_and_streamed(fmt, mode, quantized):
     qdir, twin = quantized[fmt]
     reference = _statistics(twin, mode, streamed=False)
