@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
                 "Restore it from git, or run the demo with --model tiny",
             )
         # A folder of the user's is refused; an earlier demo folder (it carries the marker) is replaced.
-        outputs.guard_dir(out, what="demo folder", setting="--output-path", replace=True)
+        # The shipped demo VLM is a model folder like any other: the demo never writes into, over or around it.
+        outputs.guard_dir(out, what="demo folder", setting="--output-path", models=[DEMO_VLM], replace=True)
         with outputs.locked(out):
             if outputs.is_own(out):
                 shutil.rmtree(out)  # start clean so every artifact is from this run

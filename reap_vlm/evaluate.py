@@ -390,6 +390,9 @@ def _markdown(report: dict, figures: list[str]) -> str:
         ),
         "",
     ]
+    from .report import pruning_md
+
+    lines += pruning_md(report.get("pruning"))
     if report["failures"]:
         lines += ["## Failing checks", ""] + [f"- {f}" for f in report["failures"]] + [""]
     table = before_after(report)
@@ -651,9 +654,13 @@ def _run(settings: TestSettings) -> int:
     for task, entry in tasks.items():
         entry["kind"] = kinds.get(task, "text")
     examples, images = _examples(samples, generations)
+    from .report import pruning_summary
+
+    meta = metadata.read(settings.metadata_file) if settings.metadata_file.is_file() else None
     report = {
         "pruned": str(pruned_dir),
         "original": str(original_dir) if original_dir else None,
+        "pruning": pruning_summary(pruned_dir, Path(original_dir) if original_dir else None, meta),
         "samples": len(samples),
         "skipped_image_samples": skipped_images,
         "structure": checks,
@@ -685,6 +692,10 @@ def _run(settings: TestSettings) -> int:
     report["failures"] = verdict(report, settings)
     report["passed"] = not report["failures"]
     write_report(report, settings.report_dir, settings.metadata_file, images, settings)
+    if original is not None:
+        from .card import record_results
+
+        record_results(pruned_dir, report)  # the headline numbers in the pruned checkpoint's model card
     o = metrics["overall"]
     share = report["generation"]["pruned_degenerate_share"]
     print(

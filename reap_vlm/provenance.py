@@ -35,12 +35,19 @@ def sha256_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # read it: os.umask sets and returns; put the same value back at once
+    os.umask(mask)
+    return mask
+
+
 def write_json_atomic(path: Path, payload: Any) -> None:
     """Write JSON to a temporary file beside `path`, fsync, then rename over it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the mode of every other file written
         with os.fdopen(fd, "w") as fh:
             json.dump(payload, fh, indent=1, sort_keys=False)
             fh.write("\n")

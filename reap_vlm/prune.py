@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import metadata, outputs, scoring
+from . import hub, metadata, outputs, scoring
 from .checkpoint import check_target, inspect_checkpoint, plan_prune, write_pruned
 from .errors import MetadataError, SettingsError
 from .provenance import tool_version
@@ -110,45 +110,19 @@ def _merge_plan(settings: PruneSettings, layout, meta: dict, n_keep: int, criter
     return plan, groups
 
 
-def merge_card(provenance: dict, layout, n_keep: int) -> str:
-    m = provenance["merge"]
-    lines = [
-        "# Merged with REAP-VLM",
-        "",
-        f"This checkpoint is `{provenance['source']['architecture']}` with its {layout.num_experts} routed experts "
-        f"merged into {n_keep} in each of {len(layout.blocks)} MoE layers: {m['grouping']} grouping "
-        f"(group size {m['group_size']}) on the `{provenance['criterion']}` saliency from calibration data "
-        f"(`{provenance['calibration']}`), every member's neurons aligned onto its group's centroid, then "
-        f"averaged with the saliencies as weights; router rows: {m['router']}.",
-        "",
-        "Everything outside the MoE expert tensors (attention, embeddings, the vision tower, shared experts) is "
-        "byte-identical to the source. Each output expert sits where its group's centroid was, so the model "
-        "routes as the original would with the other members' router logits set to -inf.",
-        "",
-        f"The groups per layer are in `config.json` under `reap_pruning` (method `merge`). "
-        f"Tool: reap-vlm {tool_version()}.",
-    ]
-    return "\n".join(lines) + "\n"
+def model_card(provenance: dict, layout, n_keep: int, base_model: str | None = None) -> str:
+    """README.md of the new checkpoint (reap_vlm.card): the source card's metadata kept and extended."""
+    from . import card
 
-
-def model_card(provenance: dict, layout, n_keep: int) -> str:
-    if provenance.get("method") == "merge":
-        return merge_card(provenance, layout, n_keep)
-    lines = [
-        "# Pruned with REAP-VLM",
-        "",
-        f"This checkpoint is `{provenance['source']['architecture']}` with {layout.num_experts - n_keep} of "
-        f"{layout.num_experts} routed experts removed in each of {len(layout.blocks)} MoE layers "
-        f"({n_keep} kept), chosen by the `{provenance['criterion']}` criterion on calibration data "
-        f"(`{provenance['calibration']}`, {provenance['scoring_mode']} scoring).",
-        "",
-        "Everything outside the MoE expert tensors (attention, embeddings, the vision tower, shared experts) is "
-        "byte-identical to the source. The router rows of removed experts are gone, so the model routes exactly "
-        "as the original would with those experts' router logits set to -inf.",
-        "",
-        f"Kept expert indices per layer are in `config.json` under `reap_pruning`. Tool: reap-vlm {tool_version()}.",
-    ]
-    return "\n".join(lines) + "\n"
+    return card.build(
+        provenance,
+        layout.config,
+        num_experts=layout.num_experts,
+        n_keep=n_keep,
+        moe_layers=len(layout.blocks),
+        src=layout.src,
+        base_model=base_model,
+    )
 
 
 def quantization_of(src: Path, config: dict):
@@ -245,7 +219,7 @@ def run(settings: PruneSettings) -> int:
             overwrite=settings.overwrite,
             metadata=settings.metadata_file,
             provenance=provenance,
-            model_card=model_card(provenance, layout, n_keep),
+            model_card=model_card(provenance, layout, n_keep, settings.base_model or hub.cache_repo_id(src)),
             hash_check_mb=settings.hash_check_mb,
             hash_check_all=settings.hash_check_all,
             progress=lambda _name, n: bar.update(task, advance=n),

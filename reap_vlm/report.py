@@ -28,11 +28,17 @@ def _matrix(meta: dict, criterion: str, modality: str = "all") -> tuple[np.ndarr
     return m, keys
 
 
+def _grid_size(columns: int, rows: int) -> tuple[float, float]:
+    """Figure inches for a rows × columns heatmap: cells stay visible on big models, and a small model still
+    gets room for its title, axis labels and colorbar."""
+    return min(max(6.0, 3.0 + columns * 0.12), 24.0), min(max(3.6, 1.8 + rows * 0.25), 16.0)
+
+
 def heatmap_png(meta: dict, path: Path, criterion: str) -> Path:
     """Layers × experts heatmap of the criterion; removed experts are marked with a dot."""
     plt = _plt()
     m, keys = _matrix(meta, criterion)
-    fig, ax = plt.subplots(figsize=(min(2 + m.shape[1] * 0.12, 24), min(1.5 + len(keys) * 0.25, 16)))
+    fig, ax = plt.subplots(figsize=_grid_size(m.shape[1], len(keys)), layout="constrained")
     im = ax.imshow(m, aspect="auto", cmap="viridis", interpolation="nearest")
     for i, key in enumerate(keys):
         layer = meta["layers"][key]
@@ -42,9 +48,8 @@ def heatmap_png(meta: dict, path: Path, criterion: str) -> Path:
     ax.set_xlabel("expert")
     ax.set_ylabel("MoE block (layer.set)")
     ax.set_yticks(range(len(keys)), keys, fontsize=6)
-    ax.set_title(f"expert saliency: {criterion} (red = removed)")
-    fig.colorbar(im, ax=ax)
-    fig.tight_layout()
+    ax.set_title(f"expert saliency: {criterion} (red = removed)", fontsize=10)
+    fig.colorbar(im, ax=ax, label=f"{criterion} score")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
@@ -60,22 +65,23 @@ def modality_png(meta: dict, path: Path) -> Path:
         img, txt = np.array(stats["image"]["count"]), np.array(stats["text"]["count"])
         with np.errstate(invalid="ignore", divide="ignore"):
             rows.append(np.where(img + txt > 0, img / np.maximum(img + txt, 1), np.nan))
-    fig, ax = plt.subplots(figsize=(min(2 + len(rows[0]) * 0.12, 24), min(1.5 + len(keys) * 0.25, 16)))
+    fig, ax = plt.subplots(figsize=_grid_size(len(rows[0]), len(keys)), layout="constrained")
     im = ax.imshow(np.array(rows), aspect="auto", cmap="coolwarm", vmin=0, vmax=1, interpolation="nearest")
     ax.set_xlabel("expert")
+    ax.set_ylabel("MoE block (layer.set)")
     ax.set_yticks(range(len(keys)), keys, fontsize=6)
-    ax.set_title("share of routed tokens that are image tokens")
-    fig.colorbar(im, ax=ax)
-    fig.tight_layout()
+    ax.set_title("share of routed tokens that are image tokens", fontsize=10)
+    fig.colorbar(im, ax=ax, label="image share")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
 
 
 def candidates_png(table: dict, path: Path) -> Path:
-    """Held-out loss vs prune ratio, one line per criterion, with the unpruned baseline."""
+    """Held-out loss vs prune ratio, one line per criterion, with the unpruned baseline; the chosen plan is a
+    star with its name, and the legend sits beside the axes, so it hides no line."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(8.5, 4.2), layout="constrained")
 
     def line(r: dict) -> str:  # merge plans get their own line beside the pruning criteria
         return f"merge ({r['criterion']})" if r.get("policy") == "merge" else r["criterion"]
@@ -92,9 +98,20 @@ def candidates_png(table: dict, path: Path) -> Path:
         ax.axhline(table["baseline"]["loss"], color="black", linestyle="--", label="unpruned")
     ax.set_xlabel("prune ratio (fraction of experts removed)")
     ax.set_ylabel("held-out loss (nats / token)")
+    chosen = table.get("chosen") or {}  # a row of the table: its ratio and measured loss
+    if chosen.get("ratio") is not None and chosen.get("loss") is not None:
+        ax.scatter(
+            [chosen["ratio"]],
+            [chosen["loss"]],
+            marker="*",
+            s=220,
+            c="gold",
+            edgecolors="black",
+            zorder=5,
+            label=f"chosen: {chosen.get('label', chosen.get('criterion'))}",
+        )
     ax.set_title("candidate plans, measured by router masking")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
@@ -131,3 +148,84 @@ def before_after_png(report: dict, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def pruning_summary(pruned: Path, original: Path | None, meta: dict | None) -> dict:
+    """What was pruned and the sizes before → after, for the head of the test report: experts per MoE layer,
+    the method and plan, the weights' bytes (safetensors headers only), and the candidate plans measured at
+    the plan's ratio with the chosen one marked."""
+    from .checkpoint import inspect_checkpoint
+
+    after = inspect_checkpoint(pruned)
+    info = after.config.get("reap_pruning") or {}
+    out = {
+        "method": info.get("method", "prune"),
+        "criterion": info.get("criterion"),
+        "modality": info.get("modality"),
+        "ratio": info.get("ratio"),
+        "moe_layers": len(after.blocks),
+        "experts_before": (info.get("source") or {}).get("num_experts"),
+        "experts_after": after.num_experts,
+        "bytes_after": sum(t.nbytes for t in after.tensors.values()),
+        "bytes_before": None,
+        "candidates": [],
+    }
+    if original is not None:
+        out["bytes_before"] = sum(t.nbytes for t in inspect_checkpoint(original).tensors.values())
+    table = (meta or {}).get("candidates") or {}
+    chosen = table.get("chosen") or {}
+    from .candidates import _label
+
+    for r in table.get("rows", []):
+        if r.get("ratio") == chosen.get("ratio"):
+            out["candidates"].append(
+                {
+                    "plan": _label(r),
+                    "objective": r.get("objective"),
+                    "loss": r.get("loss"),
+                    "chosen": _label(r) == chosen.get("label"),
+                }
+            )
+    out["candidates"].sort(key=lambda c: (c["objective"] is None, c["objective"] or 0.0))
+    if chosen:
+        out["chosen_by"] = chosen.get("reason")
+    return out
+
+
+def pruning_md(summary: dict | None) -> list[str]:
+    """The test report's opening section from pruning_summary()."""
+    if not summary:
+        return []
+
+    def gib(n):
+        return "?" if n is None else f"{n / 2**30:.3f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
+
+    verb = "merged into" if summary["method"] == "merge" else "pruned to"
+    before, after = summary["experts_before"], summary["experts_after"]
+    plan = f"criterion `{summary['criterion']}`" + (f", policy `{summary['modality']}`" if summary["modality"] else "")
+    lines = [
+        "## What was pruned",
+        "",
+        f"- experts: {before if before is not None else '?'} {verb} {after} per MoE layer, in "
+        f"{summary['moe_layers']} MoE layers" + (f" (ratio {summary['ratio']})" if summary["ratio"] else ""),
+        f"- plan: {plan}" + (f" — {summary['chosen_by']}" if summary.get("chosen_by") else ""),
+    ]
+    b, a = summary["bytes_before"], summary["bytes_after"]
+    lines.append(
+        f"- weights: {gib(b)} → {gib(a)}" + (f" ({100 * (1 - a / b):.1f} % smaller)" if b else " (original not given)")
+    )
+    if summary["candidates"]:
+        lines += [
+            "",
+            "Candidate plans the reap stage measured at this ratio (held-out fidelity, lower is better):",
+            "",
+            "| plan | objective | loss | chosen |",
+            "|---|---|---|---|",
+        ]
+        for c in summary["candidates"]:
+            obj = "-" if c["objective"] is None else f"{c['objective']:.4f}"
+            loss = "-" if c["loss"] is None else f"{c['loss']:.4f}"
+            mark = "**✓ chosen**" if c["chosen"] else ""
+            name = f"**{c['plan']}**" if c["chosen"] else c["plan"]
+            lines.append(f"| {name} | {obj} | {loss} | {mark} |")
+    return [*lines, ""]

@@ -348,6 +348,11 @@ class PruneSettings(Settings):
     merge_stats_path: Path | None = opt(
         None, "Merge statistics to read (default: reap_merge_stats.safetensors beside the metadata)."
     )
+    base_model: str = opt(
+        "",
+        "Hub id of the source model, written as base_model in the pruned model card (default: the repo id when "
+        "REAP_MODEL_PATH is a Hub id or a snapshot of the Hugging Face cache; else none).",
+    )
 
     @property
     def merge_stats_file(self) -> Path:

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from huggingface_hub import constants
+from huggingface_hub import ModelCard, constants
 
 from reap_vlm import hub
 from reap_vlm.cli import main
@@ -116,6 +116,7 @@ def test_reap_and_prune_read_a_hub_id_and_never_write_into_the_cache(offline_cac
     pruned = out / "pruned"
     assert json.loads((pruned / "config.json").read_text())["reap_pruning"]["source"]["path"] == str(snapshot)
     assert not any(p.is_symlink() for p in pruned.rglob("*"))  # the blobs' content is copied, not their links
+    assert ModelCard.load(pruned / "README.md").data.base_model == REPO  # the card names the Hub source
     assert _tree(cache) == before
 
 

@@ -426,7 +426,7 @@ def test_prune_stage_merge_method_end_to_end(tiny_vl_dir, tmp_path, capsys):
         info = json.loads((dst / "config.json").read_text())["reap_pruning"]
         assert info["method"] == "merge" and info["merge"]["group_size"] == 3
         assert all(len(gs) == 4 for gs in info["merge"]["groups"].values())
-        assert "Merged with REAP-VLM" in (dst / "README.md").read_text()
+        assert "merged to 4 of 8 experts with REAP-VLM" in (dst / "README.md").read_text()
         return {(int(k.split(".")[0]), k.split(".", 1)[1]): v for k, v in info["kept"].items()}
 
     def edit(model, blocks):

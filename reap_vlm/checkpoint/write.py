@@ -491,9 +491,8 @@ def _write_locked(plan, dst, extra, overwrite, provenance, model_card, hash_chec
         if provenance is not None:
             config["reap_pruning"] = provenance
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=False) + "\n")
-        if model_card:
-            original = (layout.src / "README.md").read_text() if (layout.src / "README.md").is_file() else ""
-            (tmp / "README.md").write_text(model_card + ("\n\n---\n\n" + original if original else ""))
+        if model_card:  # it carries the source card's metadata and text (reap_vlm.card)
+            (tmp / "README.md").write_text(model_card)
         if len(plan.shards) > 1 or layout.index is not None:
             weight_map = {t.name: shard for shard, ts in plan.shards.items() for t in ts}
             meta = dict((layout.index or {}).get("metadata") or {})
