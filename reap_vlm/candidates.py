@@ -28,7 +28,7 @@ import warnings
 import numpy as np
 import torch
 
-from . import scoring
+from . import distributed, scoring
 from .calibration import selection_slice, slice_group
 from .errors import BugError, PlanError
 from .execution.memory import Headless
@@ -326,10 +326,21 @@ def random_plan(blocks_meta: list[dict], *, ratio, num_keep: int, round_to: int,
 
 
 def _run_plans(
-    model, blocks: list[MoEBlock], batches: list, plans: list[dict], *, usage: bool, progress=None, swaps=None
+    model,
+    blocks: list[MoEBlock],
+    batches: list,
+    plans: list[dict],
+    *,
+    usage: bool,
+    progress=None,
+    swaps=None,
+    sharded: bool = False,
 ):
     """Per-sample rows of the unpruned model and of every plan (masked), and expert usage counts per plan
     (index 0: unpruned) when `usage`. swaps[i] (merge plans): weights swapped in while plan i runs."""
+    if not sharded and distributed.active():  # data parallel: this rank's batches, every rank's rows back in order
+        kwargs = dict(usage=usage, progress=progress, swaps=swaps, sharded=True)
+        return distributed.run_plans(_run_plans, model, blocks, batches, plans, **kwargs)
     if hasattr(model, "run_plans"):  # streamed execution: the same rows, one decoder layer at a time
         if swaps and any(swap is not None for swap in swaps):
             raise BugError("merge plans (swapped weights) reached the streamed plan measurement")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from . import metadata, outputs, scoring
+from . import distributed, metadata, outputs, scoring
 from .calibration import load_samples, make_batches, token_budget
 from .errors import SettingsError
 from .execution import choose as choose_execution
@@ -90,6 +91,7 @@ def _progress():
         TextColumn("{task.fields[tps]:>8.0f} tok/s"),
         TimeRemainingColumn(),
         transient=False,
+        disable=not distributed.is_writer(),  # data parallel: rank 0 shows its shard's progress
     )
 
 
@@ -163,7 +165,7 @@ def accumulate(
     merge=None,
 ) -> tuple[dict, bool, float]:
     """Run the calibration batches through the model with the observer. Returns (stats, resumed, seconds)."""
-    checkpoint = out_dir / CHECKPOINT_NAME
+    checkpoint = out_dir / distributed.checkpoint_name(CHECKPOINT_NAME)
     observer = Observer(model, blocks, settings.scoring_mode, settings.chunk_memory_mb, merge=merge)
     start_batch, resumed = 0, False
     fingerprint = _settings_hash(settings)
@@ -222,9 +224,11 @@ def accumulate_streamed(settings: ReapSettings, streamed, blocks, batches, merge
             bar.update(task, completed=done, tps=tokens * done / max(time.perf_counter() - started, 1e-9))
 
         plans = None
-        if eval_batches:
+        # data parallel: each rank measures its shard of the held-out batches, every layer's plans cut from the
+        # statistics of all ranks; with fewer held-out batches than ranks the plans get their own pass instead
+        if eval_batches and len(eval_batches) >= distributed.world():
             cuts = LayerCuts(settings, blocks)
-            plans = PlanSpace(eval_batches, cuts.count, cuts)
+            plans = PlanSpace(distributed.shard(eval_batches), cuts.count, distributed.on_reduced(cuts))
         stats, merged, _ = score_pass(
             streamed,
             blocks,
@@ -271,7 +275,8 @@ def choose_plan(
             chosen_by = "held-out slice has no targets; " + (
                 "default criterion" if settings.criterion == "auto" else "fixed criterion"
             )
-        _print_candidates(table)
+        if distributed.is_writer():
+            _print_candidates(table)
     elif criterion == "auto":
         criterion = "weighted_frequency" if mode == "router" else "reap"
         chosen_by = "default for this mode (plan measurement off: REAP_EVAL_SAMPLES=0)"
@@ -365,13 +370,21 @@ OUTPUT_FILES = (
 
 
 def score(settings: ReapSettings, on_batch: Callable[[int], None] | None = None) -> dict:
-    """The whole stage, holding the metadata path's lock; returns the metadata it wrote."""
-    if settings.model_path is not None:
-        read_config(settings.model_path)  # a missing or broken model is the first thing to say
-    meta_path = _check_paths(settings)
-    with outputs.locked(meta_path):  # makes the folder, and removes it again if the run leaves it empty
-        outputs.StagedFiles(meta_path.parent).leftovers([meta_path.name, *OUTPUT_FILES])
-        return _score(settings, meta_path, on_batch)
+    """The whole stage, holding the metadata path's lock; returns the metadata it wrote. In a data-parallel
+    job (reap_vlm.distributed) every rank runs this; rank 0 holds the lock and writes."""
+    with distributed.joined(settings) as settings:
+        if settings.model_path is not None:
+            read_config(settings.model_path)  # a missing or broken model is the first thing to say
+        meta_path = _check_paths(settings)
+        writer = distributed.is_writer()
+        # makes the folder, and removes it again if the run leaves it empty
+        with outputs.locked(meta_path) if writer else contextlib.nullcontext():
+            if writer:
+                outputs.StagedFiles(meta_path.parent).leftovers([meta_path.name, *OUTPUT_FILES])
+            distributed.barrier()  # the folder is rank 0's before any rank checkpoints into it
+            meta = _score(settings, meta_path, on_batch)
+            distributed.barrier()  # every rank removed its checkpoint before the lock goes
+            return meta
 
 
 def _quantization(model_dir: Path, config: dict, model) -> dict | None:
@@ -417,7 +430,10 @@ def _score(settings: ReapSettings, meta_path: Path, on_batch: Callable[[int], No
     config = read_config(settings.model_path)
     execution = choose_execution(settings)
     phases = Phases(settings.device)
-    print(f"execution: {execution.mode} ({execution.reason})")
+    if distributed.is_writer():
+        print(f"execution: {execution.mode} ({execution.reason})")
+        if note := distributed.hint(settings, execution):
+            print(note)
     with phases("load"):
         model, processor, streamed = _load(settings, execution, config, meta_path)
     blocks = find_moe_blocks(model)
@@ -436,18 +452,22 @@ def _score(settings: ReapSettings, meta_path: Path, on_batch: Callable[[int], No
         samples, batches, eval_batches, search_batches = _data(settings, processor, streamed is not None)
         budget = token_budget(batches)
         data_phase["tokens"] = budget["total"]["text"] + budget["total"]["image"]
-    _print_budget(budget)
+    if distributed.is_writer():
+        _print_budget(budget)
 
     out_dir = meta_path.parent
     out_dir.mkdir(parents=True, exist_ok=True)
     merge = merge_collector(settings, model, blocks, len(batches))
+    # data parallel: batch i is rank i mod N's (else all are this process'); the phase ends with the reduction,
+    # when the slowest rank is done, so its tokens/s are the job's
+    mine = distributed.shard(batches, "calibration batches")
     with phases("scoring", tokens=budget["total"]["text"] + budget["total"]["image"]):
         if streamed is not None:
-            stats, resumed, seconds, merge = accumulate_streamed(
-                settings, streamed, blocks, batches, merge, eval_batches
-            )
+            stats, resumed, seconds, merge = accumulate_streamed(settings, streamed, blocks, mine, merge, eval_batches)
         else:
-            stats, resumed, seconds = accumulate(settings, model, blocks, batches, out_dir, on_batch, merge)
+            stats, resumed, seconds = accumulate(settings, model, blocks, mine, out_dir, on_batch, merge)
+        stats, merge = distributed.reduce_stats(stats), distributed.reduce_merge(merge, len(batches))
+        resumed, seconds = distributed.any_rank(resumed), distributed.max_over_ranks(seconds)
 
     fingerprint = metadata.model_fingerprint(config, blocks, _expert_shapes(model, blocks), str(settings.model_path))
     fingerprint["quantization"] = _quantization(settings.model_path, config, model)
@@ -461,6 +481,7 @@ def _score(settings: ReapSettings, meta_path: Path, on_batch: Callable[[int], No
             "seconds": round(seconds, 3),
             "batches": len(batches),
             "execution": {"mode": execution.mode, "reason": execution.reason},
+            "ranks": distributed.world(),
         },
         calibration={
             "spec": settings.calibration,
@@ -496,9 +517,12 @@ def _score(settings: ReapSettings, meta_path: Path, on_batch: Callable[[int], No
     with phases("plans", tokens=plan_tokens or None):
         _plans(settings, model, streamed, blocks, meta, eval_batches, search_batches, stats_by_block)
     meta["scoring"]["phases"] = phases.summary()  # the write phase is printed, not recorded
+    if not distributed.is_writer():  # the other ranks of a data-parallel job: the same metadata, not written
+        (out_dir / distributed.checkpoint_name(CHECKPOINT_NAME)).unlink(missing_ok=True)
+        return meta
     with phases("write"):
         _write(settings, meta, meta_path, merge, info, stats, blocks)
-    (out_dir / CHECKPOINT_NAME).unlink(missing_ok=True)
+    (out_dir / distributed.checkpoint_name(CHECKPOINT_NAME)).unlink(missing_ok=True)
     _print_plan(meta)
     print_summary(phases.summary())
     print(f"metadata written to {meta_path}")

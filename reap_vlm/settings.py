@@ -653,6 +653,20 @@ def resolve_models(settings: Settings) -> Settings:
     return dataclasses.replace(settings, **changes) if changes else settings
 
 
+def launcher_environment(environ: dict[str, str] | None = None) -> dict[str, int]:
+    """The data-parallel launcher's variables (torchrun, accelerate launch, SLURM wrappers that set the
+    same names): world size, this process' global rank and its rank on the node. A single process: 1, 0, 0."""
+    environ = os.environ if environ is None else environ
+    out = {}
+    for key, name, default in (("world_size", "WORLD_SIZE", 1), ("rank", "RANK", 0), ("local_rank", "LOCAL_RANK", 0)):
+        raw = environ.get(name, "")
+        try:
+            out[key] = int(raw) if raw.strip() else default
+        except ValueError:
+            raise SettingsError(f"{name}={raw!r} is not an integer", "the launcher sets it", "Unset it") from None
+    return out
+
+
 # ---- generated documentation ---------------------------------------------------------------
 
 
