@@ -15,6 +15,8 @@ Usage: ./run.sh [--env-file FILE] <command> [args...]
 Commands:
   build      build the Docker image (docker compose build [args], e.g. --no-cache)
   reap       score the experts          python reap.py [args]
+             reap --gpus N [args]: N data-parallel ranks on one node (torchrun: python -m reap_vlm.distributed
+             --standalone --nproc-per-node N reap.py [args]); in docker it reserves N GPUs unless REAP_GPUS is set
   prune      write the pruned model     python prune_model.py [args]
   test       test the pruned model      python test_pruned_model.py [args]
   all        reap, then prune, then test; stops at the first failure. Its flags become settings for every
@@ -202,6 +204,27 @@ shell() {
   exec bash --rcfile <(printf '[[ -f ~/.bashrc ]] && source ~/.bashrc\nsource %q\n' "$VENV/bin/activate") -i
 }
 
+# reap [--gpus N] [args]: --gpus N > 1 starts N data-parallel ranks through torchrun (reap_vlm.distributed)
+reap() {
+  local gpus="" args=() reserved
+  while (($#)); do
+    case "$1" in
+      --gpus) (($# >= 2)) || die "--gpus needs a count: ./run.sh reap --gpus 2 [options]."
+        gpus="$2" && shift 2 ;;
+      --gpus=*) gpus="${1#--gpus=}" && shift ;;
+      *) args+=("$1") && shift ;;
+    esac
+  done
+  if [[ -z "$gpus" || "$gpus" == 1 ]]; then stage exec reap.py "${args[@]}"; fi
+  [[ "$gpus" =~ ^[1-9][0-9]*$ ]] || die "--gpus $gpus is not a count: give the number of GPUs (data-parallel ranks), e.g. --gpus 2."
+  reserved="$(setting REAP_GPUS all)"
+  if [[ "$reserved" =~ ^[0-9]+$ ]] && ((reserved < gpus)); then
+    die "REAP_GPUS=$reserved reserves fewer GPUs than --gpus $gpus: raise REAP_GPUS or unset it."
+  fi
+  if [[ "$reserved" == all ]]; then export REAP_GPUS="$gpus"; fi
+  stage exec -m reap_vlm.distributed --standalone --nproc-per-node "$gpus" reap.py "${args[@]}"
+}
+
 RUNTIME="" # docker or local, once picked
 if [[ "${1:-}" == --env-file ]]; then
   (($# >= 2)) || die "--env-file needs a file: ./run.sh --env-file FILE <command> [args...]"
@@ -223,7 +246,7 @@ case "$cmd" in
   build) compose_ok || die "build needs Docker (\`docker info\` works) with Docker Compose v2.24+."
     docker_settings
     exec docker compose build "$@" "$SERVICE" ;;
-  reap) stage exec reap.py "$@" ;;
+  reap) reap "$@" ;;
   prune) stage exec prune_model.py "$@" ;;
   test) stage exec test_pruned_model.py "$@" ;;
   all)

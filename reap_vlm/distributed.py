@@ -323,16 +323,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(args)
     except ChildFailedError as err:
-        first = min(err.failures.values(), key=lambda f: f.timestamp)
+        global_rank, first = min(err.failures.items(), key=lambda item: item[1].timestamp)
         code = first.exitcode
         try:
             how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
         except ValueError:
             how = f"stopped with code {code}"
         print(
-            f"error: data-parallel job failed: rank {first.global_rank} of {args.nproc_per_node} per node "
-            f"{how}; nothing was written. Run the same command again with --resume to continue from each "
-            "rank's accumulator checkpoint (REAP_CHECKPOINT_EVERY).",
+            f"error: data-parallel job failed: rank {global_rank} (local rank {first.local_rank}) {how}; nothing "
+            "was written. Run the same command again with --resume to continue from each rank's accumulator "
+            "checkpoint (REAP_CHECKPOINT_EVERY).",
             file=sys.stderr,
         )
         return 128 - code if code < 0 else code

@@ -459,3 +459,43 @@ def test_demo_refuses_a_folder_of_the_users(this_python_as_venv, tmp_path):
     assert line.startswith("error: the demo folder") and "no .reap-vlm-output marker" in line
     assert sorted(p.name for p in folder.iterdir()) == ["thesis.tex"]
     assert (folder / "thesis.tex").read_text() == "years of work"
+
+
+# ---- reap --gpus N: data-parallel ranks through torchrun -------------------------------------------------------
+
+DATA_PARALLEL = ["-m", "reap_vlm.distributed", "--standalone", "--nproc-per-node"]
+
+
+def test_reap_gpus_starts_torchrun_in_the_container_with_that_many_gpus(box):
+    result = box.run("reap", "--seed", "7", "--gpus", "2", "--model-path", "/models/m", REAP_RUNTIME="docker")
+    assert result.returncode == 0, result.stderr
+    (call,) = [c for c in box.calls("docker") if c["argv"][:2] == ["compose", "run"]]
+    assert call["argv"] == [*RUN, SERVICE, *DATA_PARALLEL, "2", "reap.py", "--seed", "7", "--model-path", "/models/m"]
+    assert call["env"]["REAP_GPUS"] == "2"  # compose reserves exactly the GPUs the ranks use
+    box.run("reap", "--gpus=4", REAP_RUNTIME="docker", REAP_GPUS="8")
+    (call,) = [c for c in box.calls("docker") if c["argv"][:2] == ["compose", "run"]]
+    assert call["argv"][-2:] == ["4", "reap.py"] and call["env"]["REAP_GPUS"] == "8"  # a larger reservation stays
+    box.run("reap", "--gpus", "1", "--seed", "7", REAP_RUNTIME="docker")
+    assert box.runs() == [[*RUN, SERVICE, "reap.py", "--seed", "7"]]  # one GPU: one process, as without --gpus
+
+
+def test_reap_gpus_runs_torchrun_in_the_local_venv(box):
+    result = box.run("reap", "--gpus", "2", REAP_RUNTIME="local")
+    assert result.returncode == 0, result.stderr
+    (call,) = box.calls("python")
+    assert call["argv"] == [*DATA_PARALLEL, "2", "reap.py"]
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (["reap", "--gpus", "two"], {}, "--gpus two is not a count"),
+        (["reap", "--gpus", "0"], {}, "--gpus 0 is not a count"),
+        (["reap", "--gpus"], {}, "--gpus needs a count"),
+        (["reap", "--gpus", "4"], {"REAP_GPUS": "2"}, "REAP_GPUS=2 reserves fewer GPUs than --gpus 4"),
+    ],
+)
+def test_reap_gpus_bad_input_is_one_line(box, args, env, message):
+    result = box.run(*args, REAP_RUNTIME="docker", **env)
+    assert result.returncode == 2 and result.stderr.startswith("run.sh: error: ") and message in result.stderr
+    assert len(result.stderr.splitlines()) == 1 and box.runs() == []

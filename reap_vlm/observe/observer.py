@@ -126,6 +126,8 @@ class Observer:
             experts = self.model.get_submodule(b.experts)
             router = self.model.get_submodule(b.router)
             device = next(experts.parameters()).device
+            if device.type == "meta":  # offloaded by accelerate until its forward: BlockStats.add moves the totals
+                device = torch.device("cpu")
             self.stats.setdefault(b.key, BlockStats(b.num_experts, device, self.mode == "full", b.score_fn))
             self._block_of[id(experts)] = b
             self._handles.append(router.register_forward_hook(self._router_hook(b)))

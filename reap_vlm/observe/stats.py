@@ -63,6 +63,8 @@ class BlockStats:
         the router's output (R >= E: trailing non-expert columns take part in the softmax, then are
         dropped); pair_norms / pair_max [T, K]: ‖f‖ and max|f| of each selected expert; all_norms
         [T, E] (full mode): ‖f_j‖ for every expert."""
+        if self.acc.device != top_k_index.device:  # the totals follow the data (accelerate offload: weights on meta)
+            self._move(top_k_index.device)
         E, D = self.num_experts, self.num_experts + 1
         T, K = top_k_index.shape
         col = top_k_index.clamp(-1, E).remainder(D)  # ids outside [0, E) -> the dump column E
@@ -93,6 +95,10 @@ class BlockStats:
             peak = torch.zeros((T, 3 * D), dtype=torch.float32, device=col.device)
             peak.scatter_reduce_(1, col + rows.block * D, pair_max.float(), reduce="amax")  # values >= 0
             torch.maximum(self.peak, peak.amax(0).view(3, D)[:2, :E], out=self.peak)
+
+    def _move(self, device: torch.device) -> None:
+        self.acc, self.peak, self._tokens = self.acc.to(device), self.peak.to(device), self._tokens.to(device)
+        self._fields = self._fields.to(device)
 
     def _probabilities(self, logits: torch.Tensor, out: torch.Tensor) -> None:
         """p = softmax / sigmoid of the router logits, in fp32, written into out [T, E]."""
