@@ -124,9 +124,18 @@ def checkpoint_name(name: str) -> str:
     return f"{stem}.rank{rank()}-of{world()}{dot}{suffix}" if dot else f"{name}.rank{rank()}-of{world()}"
 
 
-def shard(items: list) -> list:
-    """This rank's items: i mod world == rank (all of them in a single process)."""
-    return list(items) if not active() else list(items[rank() :: world()])
+def shard(items: list, what: str = "") -> list:
+    """This rank's items: i mod world == rank (all of them in a single process). With `what`, fewer items
+    than ranks is refused (a rank would have nothing to do)."""
+    if not active():
+        return list(items)
+    if what and len(items) < world():
+        raise SettingsError(
+            f"{len(items)} {what} for {world()} data-parallel ranks",
+            "every rank needs at least one",
+            "Use fewer ranks, or more samples (REAP_MAX_SAMPLES) or a smaller REAP_BATCH_SIZE",
+        )
+    return list(items[rank() :: world()])
 
 
 def _collective(fn, *args, **kwargs):
@@ -286,7 +295,12 @@ def run_plans(run, model, blocks, batches: list, plans: list, **kwargs):
     """candidates._run_plans over this rank's shard of `batches`, the rows of every rank put back in batch
     order and the usage counts added: the same (baseline rows, rows per plan, counts) as one process."""
     mine = shard(batches)
-    baseline, per_plan, counts = run(model, blocks, mine, plans, **kwargs)
+    if mine:
+        baseline, per_plan, counts = run(model, blocks, mine, plans, **kwargs)
+    else:  # fewer held-out batches than ranks: this rank adds nothing
+        baseline, per_plan = [], [[] for _ in plans]
+        zeros = {b.key: torch.zeros(b.num_experts, dtype=torch.float64) for b in blocks}
+        counts = [dict(zeros) for _ in range(len(plans) + 1)]
     sizes = [len(b.samples) for b in mine]
     split = {"baseline": _split(baseline, sizes), "plans": [_split(r, sizes) for r in per_plan], "counts": counts}
     parts = gather(split)
@@ -304,6 +318,18 @@ def _split(rows: list, sizes: list[int]) -> list[list]:
         out.append(rows[start : start + s])
         start += s
     return out
+
+
+def hint(settings, execution) -> str | None:
+    """One process on a machine with several GPUs: how to use all of them at once."""
+    if active() or settings.device != "auto" or not torch.cuda.is_available() or torch.cuda.device_count() < 2:
+        return None
+    n = torch.cuda.device_count()
+    how = "one GPU at a time (accelerate's device_map)" if execution.mode == "memory" else "one GPU"
+    return (
+        f"note: {n} GPUs are visible and one process uses {how}; ./run.sh reap --gpus {n} (or torchrun "
+        f"--nproc-per-node {n} reap.py ...) scores on all of them at once (docs/multi-gpu.md)"
+    )
 
 
 # ---- the launcher ---------------------------------------------------------------------------------------
