@@ -1,7 +1,9 @@
 """Data-parallel scaling of the reap stage: 1 rank vs N ranks on the real-width Qwen3-VL-30B-A3B skeleton.
 
-For every calibration set (--sets: `text`, a JSONL of --text-samples samples of at least --seq-len tokens;
-`combined`, the built-in text + image set, --combined-samples), every scoring mode (--modes) and every
+For every calibration set (--sets: `mixed`, the default: the --text-samples long text samples below plus
+every image of the built-in `vision` and `tasks` sets, text + image calibration of >= 0.5 M tokens at the
+defaults; `text`: a JSONL of --text-samples samples of at least --seq-len tokens; `combined`: the built-in
+text + image set, --combined-samples), every scoring mode (--modes) and every
 rank count (--ranks, default 1,2) the reap stage runs as a user starts it:
 `python -m reap_vlm.distributed --standalone --nproc-per-node N reap.py ...` (torchrun; one rank per GPU,
 REAP_DEVICE=auto -> cuda:LOCAL_RANK), in --execution memory or stream. The stage records wall time,
@@ -15,7 +17,7 @@ tokens/s and GPU peak per phase (rank 0's) in the metadata; this script reads th
 
 The skeleton is bench_stream.py's (random bf16 weights, real names and shapes, --layers decoder layers).
 
-Usage:  python bench/bench_distributed.py [--ranks 1,2] [--modes full,router] [--sets text,combined]
+Usage:  python bench/bench_distributed.py [--ranks 1,2] [--modes full,router] [--sets mixed,text,combined]
                                           [--layers 12] [--execution memory] [--work DIR] [--out result.json]
         python bench/bench_distributed.py --small      # CPU smoke test: tiny widths, gloo, 1 and 2 CPU ranks
 """
@@ -96,7 +98,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--ranks", default="1,2", help="rank counts; the first is the baseline")
     parser.add_argument("--modes", default="full,router")
-    parser.add_argument("--sets", default="text,combined")
+    parser.add_argument("--sets", default="mixed")
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--text-samples", type=int, default=1024)
     parser.add_argument("--combined-samples", type=int, default=1024)
@@ -121,9 +123,11 @@ def main() -> None:
     model_dir = make_checkpoint(
         args.work / "model", SMALL if args.small else REAL, args.layers, torch.float32 if args.small else torch.bfloat16
     )
+    text = str(text_jsonl(args.work / "text.jsonl", args.text_samples, args.seq_len))
     specs = {
-        "text": (str(text_jsonl(args.work / "text.jsonl", args.text_samples, args.seq_len)), args.text_samples),
+        "text": (text, args.text_samples),
         "combined": ("combined", args.combined_samples),
+        "mixed": (f"{text}:{args.text_samples},vision,tasks", 100_000),
     }
     result = {
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() and not args.small else "cpu",
