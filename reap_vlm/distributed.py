@@ -135,7 +135,20 @@ def shard(items: list, what: str = "") -> list:
             "every rank needs at least one",
             "Use fewer ranks, or more samples (REAP_MAX_SAMPLES) or a smaller REAP_BATCH_SIZE",
         )
-    return list(items[rank() :: world()])
+    # the same list object for the same input: the streamed statistics' pass measures the plans on this rank's
+    # held-out shard, and StreamedModel.run_plans recognises that list later (`measured.batches is batches`)
+    key = (id(items), rank(), world())
+    if key not in _SHARDS or _SHARDS[key][0] is not items:
+        _SHARDS[key] = (items, list(items[rank() :: world()]))
+    return _SHARDS[key][1]
+
+
+_SHARDS: dict[tuple, tuple[list, list]] = {}  # (id(list), rank, world) -> (the list, this rank's part)
+
+
+def on_reduced(fn):
+    """`fn(stats)` called with the statistics of all ranks (reduce_stats) instead of this rank's own."""
+    return fn if not active() else lambda stats: fn(reduce_stats(stats))
 
 
 def _collective(fn, *args, **kwargs):
