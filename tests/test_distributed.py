@@ -147,7 +147,10 @@ def test_more_ranks_and_streamed_execution_give_the_metadata_of_one(ranks, execu
     assert result.returncode == 0, result.stderr[-3000:]
     many = _same(one, tmp_path / "many", ranks)
     assert many["scoring"]["execution"]["mode"] == execution
-    assert any(r["policy"] == "greedy" for r in many["candidates"]["rows"])
+    if execution == "memory":  # streamed execution skips the greedy search
+        assert any(r["policy"] == "greedy" for r in many["candidates"]["rows"])
+    else:  # the plans measured in the statistics' pass, as in one process
+        assert many["scoring"]["execution"]["passes"] == one["scoring"]["execution"]["passes"]
     _same_merge_stats(tmp_path / "one", tmp_path / "many")
 
 
