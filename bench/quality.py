@@ -92,12 +92,12 @@ def eval_samples(args, reap_settings: ReapSettings) -> list:
     return out
 
 
-def measure(model, processor, samples, tset: TestSettings, generate: bool) -> dict:
+def measure(model, processor, samples, tset: TestSettings, generate: bool, batches: list | None = None) -> dict:
     """The test stage's metrics of one model: text log-perplexity per domain and, per image task, the exact
     match of the answer with teacher forcing (compare: the model's top-1 is the reference token at every
     answer position, which is when greedy decoding reproduces it token for token) and, with `generate`, the
     exact match of greedy generations (generate: normalised text comparison, as the test stage's verdict)."""
-    metrics = evaluate.compare(model, None, processor, samples, tset)
+    metrics = evaluate.compare(model, None, processor, samples, tset, batches)
     out = {
         "log_ppl": {d: math.log(m["ppl_pruned"]) for d, m in metrics["text_by_source"].items() if m.get("tokens")},
         "tf_accuracy": {t: e["teacher_forced_accuracy_pruned"] for t, e in metrics["answers_by_task"].items()},
@@ -223,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     samples = eval_samples(args, base_reap)
     model, processor, _ = load_model(args.model_path, device="cpu", dtype="float32")
     print(f"evaluation: {len(samples)} samples ({sum(bool(s.answer.strip()) for s in samples)} image questions)")
+    batches = evaluate.encode(samples, processor, tset)  # encoded once: every checkpoint reads the same inputs
     t0 = time.perf_counter()
     cache = work / "original.json"  # the original's numbers, reused by a rerun with the same evaluation set
     key = {"model": args.model_path, "samples": [s.id for s in samples]}
@@ -230,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     if cached.get("key") == key:
         original = cached["original"]
     else:
-        original = measure(model, processor, samples, tset, generate=True)
+        original = measure(model, processor, samples, tset, generate=True, batches=batches)
         cache.write_text(json.dumps({"key": key, "original": original}) + "\n")
     print(f"original measured in {time.perf_counter() - t0:.0f} s: {original}", flush=True)
     del model
@@ -279,7 +280,9 @@ def main(argv: list[str] | None = None) -> int:
                 t0 = time.perf_counter()
                 write_plan(entry, meta_path, meta, args.model_path, target, ratio)
                 pruned, _, _ = load_model(target, device="cpu", dtype="float32")
-                measured = measure(pruned, processor, samples, tset, entry["kind"] in args.generate.split(","))
+                measured = measure(
+                    pruned, processor, samples, tset, entry["kind"] in args.generate.split(","), batches=batches
+                )
                 del pruned
                 written[sig] = {"id": len(written), "first": entry["label"], **measured}
                 written[sig]["seconds"] = round(time.perf_counter() - t0, 1)

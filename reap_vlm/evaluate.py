@@ -41,7 +41,13 @@ def structural_check(pruned: Path, meta_path: Path) -> dict:
             checks["metadata_note"] = "the metadata was made for another source checkpoint than this pruned model's"
         else:
             kept = {b["key"]: meta["layers"][b["key"]].get("kept") for b in meta["model"]["blocks"]}
-            checks["plan_matches_metadata"] = all(kept.get(k) == v for k, v in info["kept"].items()) or "re-cut"
+            same = all(kept.get(k) == v for k, v in info["kept"].items())
+            if same:
+                checks["plan_matches_metadata"] = True
+            elif info.get("method") == "merge":  # the kept lists are the merge groups' centroids
+                checks["plan_matches_metadata"] = "merged: the groups' centroids are not the metadata's kept experts"
+            else:
+                checks["plan_matches_metadata"] = "re-cut: not the metadata's plan (another criterion, policy or ratio)"
     for key, kept in (info or {}).get("kept", {}).items():
         if len(kept) != layout.num_experts:
             raise CheckpointError(
@@ -71,15 +77,18 @@ def structural_check(pruned: Path, meta_path: Path) -> dict:
 
 
 def heldout(settings: TestSettings):
-    """The held-out samples: 'builtin' = the evaluation split of the `combined` set; one JSONL file = every
-    row of it; anything else is a calibration spec (a built-in set or a mix such as 'tasks:35,code:5')
-    read from its evaluation split."""
+    """The held-out samples: 'builtin' = the test portion of the `combined` set's evaluation split; one JSONL
+    file = every row of it; anything else is a calibration spec (a built-in set or a mix such as
+    'tasks:35,code:5') read from the test portion of its evaluation split.
+
+    The evaluation split's other portion (`selection`, calibration.heldout_portions) is where the reap stage
+    measures candidate plans and chooses one, so a plan is never judged here on the data that chose it."""
     spec = "combined" if settings.eval_data == "builtin" else settings.eval_data
     path = Path(spec)
     if path.suffix == ".jsonl" or path.is_file():  # a user file: every row is held out
         return list(read_source(spec, "calibration")) + list(read_source(spec, "evaluation"))
     return load_samples(
-        spec, "evaluation", max_samples=settings.eval_samples, seed=settings.seed, image_share=settings.image_share
+        spec, "test", max_samples=settings.eval_samples, seed=settings.seed, image_share=settings.image_share
     )
 
 
@@ -201,13 +210,19 @@ def generate(model, processor, samples, max_new_tokens: int, settings: TestSetti
     return out
 
 
-def compare(pruned, original, processor, samples, settings: TestSettings) -> dict:
-    """Agreement, KL and perplexity per source and modality (text targets), loss / agreement / KL on the
-    reference answers' tokens per task, and usage entropy per layer of the pruned model. The held-out
-    samples with a reference answer are encoded with it as the assistant turn (make_batches(answers=True))."""
-    batches = list(
+def encode(samples, processor, settings: TestSettings) -> list:
+    """The held-out samples as compare's model inputs: those with a reference answer encoded with it as the
+    assistant turn (make_batches(answers=True)), REAP_BATCH_SIZE per batch."""
+    return list(
         make_batches(samples, processor, max_seq_len=settings.max_seq_len, batch_size=settings.batch_size, answers=True)
     )
+
+
+def compare(pruned, original, processor, samples, settings: TestSettings, batches: list | None = None) -> dict:
+    """Agreement, KL and perplexity per source and modality (text targets), loss / agreement / KL on the
+    reference answers' tokens per task, and usage entropy per layer of the pruned model. `batches`: the
+    samples as encode() makes them, when the caller evaluates several models on the same samples."""
+    batches = encode(samples, processor, settings) if batches is None else batches
     blocks = find_moe_blocks(pruned)
     tasks = name_tasks(samples)
     rows = []

@@ -391,8 +391,9 @@ class TestSettings(Settings):
     metadata_path: Path | None = opt(None, "reap_metadata.json of the run (default: <output>/reap_metadata.json).")
     eval_data: str = opt(
         "builtin",
-        "Held-out prompts: 'builtin' (evaluation split of the built-in sets), a JSONL file (every row), or a "
-        "built-in set or mix read from its evaluation split (e.g. 'tasks:35,code:5,writing:5').",
+        "Held-out prompts: 'builtin' (the test portion of the built-in sets' evaluation split, disjoint from the "
+        "portion the reap stage chooses its plan on), a JSONL file (every row), or a built-in set or mix read "
+        "from that test portion (e.g. 'tasks:35,code:5,writing:5').",
     )
     eval_samples: int = opt(24, "Held-out samples for agreement, KL and perplexity.")
     image_share: float = opt(0.3, "Share of image+text samples in the 'combined' set (0..1).")

@@ -237,3 +237,25 @@ def test_batched_generation_equals_one_prompt_at_a_time(tiny_vl_dir):
     alone, batched = generate(model, processor, samples, 12, one), generate(model, processor, samples, 12, four)
     assert [g["sample"] for g in batched] == [s.id for s in samples]
     assert batched == alone
+
+
+@pytest.mark.parametrize("eval_data", ["builtin", "tasks:70,general:3,code:3,math:3,writing:3"])
+def test_held_out_data_excludes_what_chose_the_plan(eval_data):
+    """The test stage's built-in held-out samples share nothing with the reap stage's plan-selection slice (the
+    data `auto` chose the plan on) nor with its calibration samples, for the defaults and the demo's mix."""
+    from reap_vlm.calibration import load_samples, read_source
+    from reap_vlm.candidates import heldout_samples
+    from reap_vlm.evaluate import heldout
+    from reap_vlm.settings import ReapSettings, TestSettings
+
+    reap = ReapSettings(eval_samples=10_000)  # the largest slice the selection portion gives
+    chose = heldout_samples(reap)
+    scored = load_samples(reap.calibration, "calibration", max_samples=reap.max_samples, seed=reap.seed)
+    tested = heldout(TestSettings(eval_data=eval_data, eval_samples=10_000))
+    assert chose and scored and tested
+    assert {s.kind for s in chose} == {s.kind for s in tested} == {"image", "text"}
+    assert not {s.id for s in tested} & ({s.id for s in chose} | {s.id for s in scored})
+    # and the two portions of the evaluation split together are all of it: nothing held out is lost
+    for name in ("tasks", "code"):
+        portions = [s.id for split in ("selection", "test") for s in read_source(name, split)]
+        assert sorted(portions) == sorted(s.id for s in read_source(name, "evaluation"))
