@@ -36,7 +36,7 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
-from .errors import EXIT_TERMINATED, ReapError, SettingsError
+from .errors import EXIT_TERMINATED, EXIT_USAGE, ReapError, SettingsError
 
 TIMEOUT = datetime.timedelta(minutes=60)  # a collective waits this long for a rank that is still working
 
@@ -128,7 +128,7 @@ def shard(items: list, what: str = "") -> list:
     """This rank's items: i mod world == rank (all of them in a single process). With `what`, fewer items
     than ranks is refused (a rank would have nothing to do)."""
     if not active():
-        return list(items)
+        return items
     if what and len(items) < world():
         raise SettingsError(
             f"{len(items)} {what} for {world()} data-parallel ranks",
@@ -253,12 +253,14 @@ def reduce_merge(merge, total_batches: int):
     if not hasattr(merge, "sums"):
         merge.add(reduce_merged_tensors(merge.tensors(), merge.samples))
         return merge
-    parts = gather({"sums": merge.sums, "acts": merge.acts})
+    # on the CPU: a CUDA tensor would be unpickled onto its GPU in every other rank
+    sums = {k: {n: t.cpu() for n, t in s.items()} for k, s in merge.sums.items()}
+    parts = gather({"sums": sums, "acts": {k: [a.cpu() for a in v] for k, v in merge.acts.items()}})
     for key, sums in merge.sums.items():
         for name, t in sums.items():
             total = torch.zeros_like(t, device="cpu")
             for p in parts:
-                total += p["sums"][key][name].cpu()
+                total += p["sums"][key][name]
             sums[name] = total.to(t.device)
         merge.acts[key] = _in_batch_order([p["acts"][key] for p in parts], total_batches, merge.samples)
     return merge
@@ -315,6 +317,7 @@ def run_plans(run, model, blocks, batches: list, plans: list, **kwargs):
         zeros = {b.key: torch.zeros(b.num_experts, dtype=torch.float64) for b in blocks}
         counts = [dict(zeros) for _ in range(len(plans) + 1)]
     sizes = [len(b.samples) for b in mine]
+    counts = [{key: c.cpu() for key, c in per.items()} for per in counts]
     split = {"baseline": _split(baseline, sizes), "plans": [_split(r, sizes) for r in per_plan], "counts": counts}
     parts = gather(split)
     n = len(parts)
@@ -368,10 +371,16 @@ def main(argv: list[str] | None = None) -> int:
             how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
         except ValueError:
             how = f"stopped with code {code}"
+        if code == EXIT_USAGE:  # bad input: every rank said what (its line above), resuming would not help
+            then = "Fix what the line above says and run again."
+        else:
+            then = (
+                "Run the same command again with --resume to continue from each rank's accumulator checkpoint "
+                "(REAP_CHECKPOINT_EVERY)."
+            )
         print(
             f"error: data-parallel job failed: rank {global_rank} (local rank {first.local_rank}) {how}; nothing "
-            "was written. Run the same command again with --resume to continue from each rank's accumulator "
-            "checkpoint (REAP_CHECKPOINT_EVERY).",
+            f"was written. {then}",
             file=sys.stderr,
         )
         return 128 - code if code < 0 else code

@@ -150,7 +150,7 @@ def test_more_ranks_and_streamed_execution_give_the_metadata_of_one(ranks, execu
     if execution == "memory":  # streamed execution skips the greedy search
         assert any(r["policy"] == "greedy" for r in many["candidates"]["rows"])
     else:  # the plans measured in the statistics' pass, as in one process
-        assert many["scoring"]["execution"]["passes"] == one["scoring"]["execution"]["passes"]
+        assert many["scoring"]["execution"]["passes"] == one["scoring"]["execution"]["passes"] == 1
     _same_merge_stats(tmp_path / "one", tmp_path / "many")
 
 
@@ -200,7 +200,8 @@ def test_sharding_and_checkpoint_names_of_a_single_process(tmp_path):
     from reap_vlm.settings import launcher_environment
 
     assert not distributed.active() and distributed.world() == 1 and distributed.is_writer()
-    assert distributed.shard([1, 2, 3]) == [1, 2, 3]
+    items = [1, 2, 3]
+    assert distributed.shard(items) is items  # the very list (the streamed pass recognises its batches by it)
     assert distributed.checkpoint_name(".reap_accumulators.pt") == ".reap_accumulators.pt"
     stats = {"b": {"text": {"tokens": 1}}}
     assert distributed.reduce_stats(stats) is stats
@@ -284,3 +285,14 @@ def test_device_map_over_several_gpus_keeps_every_moe_block_on_one_device(tiny_v
     assert len({device_of(b.experts) for b in blocks}) > 1  # the layers are spread over the devices
     for b in blocks:
         assert device_of(b.router) == device_of(b.experts) == device_of(b.block.rsplit(".", 1)[0]), b.key
+
+
+@pytest.mark.slow
+def test_bad_input_in_a_data_parallel_job_is_the_ranks_line_and_exit_2(tmp_path):
+    result = _launch(2, "reap.py", ["--model-path", str(tmp_path / "missing"), "--output-path", str(tmp_path / "o")])
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: data-parallel job failed: rank ") and "exited with code 2" in lines[-1]
+    assert "Fix what the line above says" in lines[-1] and "--resume" not in lines[-1]
+    assert any(line.startswith("error: ") and "missing" in line for line in lines[:-1])
+    assert "Traceback" not in result.stderr and not (tmp_path / "o").exists()
