@@ -138,6 +138,12 @@ def run(settings: PruneSettings) -> int:
             "the prune stage needs the source checkpoint",
             "Set REAP_MODEL_PATH in .env or pass --model-path",
         )
+    if settings.base_model and ("@" in settings.base_model or not hub.is_repo_id(settings.base_model)):
+        raise SettingsError(
+            f"REAP_BASE_MODEL={settings.base_model!r} is not a Hub repo id",
+            "the model card's base_model names the source as ORG/NAME",
+            "Set it to e.g. Qwen/Qwen3-VL-30B-A3B-Instruct, or leave it empty",
+        )
     src, dst = Path(settings.model_path), settings.pruned_dir
     layout = inspect_checkpoint(src)
     meta = metadata.read(settings.metadata_file)
@@ -209,6 +215,9 @@ def run(settings: PruneSettings) -> int:
             "router": settings.merge_router,
             "groups": {f"{layer}.{s}": g for (layer, s), g in sorted(groups.items())},
         }
+    base_model = settings.base_model or hub.cache_repo_id(src)
+    if not base_model:
+        print("note: the model card names no base_model (the source is a local folder): pass --base-model ORG/NAME")
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
     with Progress(TextColumn("[bold]writing"), BarColumn(), DownloadColumn(), TransferSpeedColumn()) as bar:
@@ -219,7 +228,7 @@ def run(settings: PruneSettings) -> int:
             overwrite=settings.overwrite,
             metadata=settings.metadata_file,
             provenance=provenance,
-            model_card=model_card(provenance, layout, n_keep, settings.base_model or hub.cache_repo_id(src)),
+            model_card=model_card(provenance, layout, n_keep, base_model),
             hash_check_mb=settings.hash_check_mb,
             hash_check_all=settings.hash_check_all,
             progress=lambda _name, n: bar.update(task, advance=n),

@@ -112,6 +112,15 @@ def test_card_of_a_source_without_card_and_without_hub_id(tmp_path, tiny_text_di
     assert data["base_model_relation"] == "merge" and "expert-merging" in data["tags"]
 
 
+def test_base_model_must_be_a_repo_id(pruned_with_card, capsys):
+    src, pruned = pruned_with_card
+    out = pruned.parent
+    args = ["--model-path", str(src), "--output-path", str(out), "--pruned-model-path", str(out / "other")]
+    assert main("prune", prune_run, [*args, "--base-model", "not a repo"]) == 2
+    assert "REAP_BASE_MODEL='not a repo' is not a Hub repo id" in capsys.readouterr().err
+    assert not (out / "other").exists()
+
+
 def test_source_card_with_broken_front_matter_keeps_its_text(tmp_path, capsys):
     (tmp_path / "README.md").write_text("---\nlicense: [unclosed\n---\n\nBody kept.\n")
     source = card.source_card(tmp_path)
