@@ -94,6 +94,8 @@ def main() -> None:
     parser.add_argument("--runs", default="memory,stream", help="executions to time: memory, stream or both")
     parser.add_argument("--formats", default="fp8", help="quantized twins: fp8, ct-int4, ct-fp8")
     parser.add_argument("--model", type=Path, help="a bf16 checkpoint to use instead of the skeleton")
+    parser.add_argument("--block", type=int, help="FP8 block size (default 128, 16 with --small)")
+    parser.add_argument("--group", type=int, help="int4 group size of ct-int4 (default: the block size)")
     parser.add_argument("--work", type=Path, default=Path("bench_quant_work"))
     parser.add_argument("--small", action="store_true", help="tiny widths on the CPU (a smoke test)")
     parser.add_argument("--out", type=Path)
@@ -115,12 +117,12 @@ def main() -> None:
     bf16 = args.model or make_checkpoint(
         args.work / "bf16", sizes, args.layers, torch.float32 if args.small else torch.bfloat16
     )
-    block = 16 if args.small else 128
+    block = args.block or (16 if args.small else 128)
     models = {"bf16": bf16}
     for fmt in args.formats.split(","):
         target = args.work / fmt
         if not (target / "config.json").is_file():
-            quantize_checkpoint(bf16, target, fmt, block=block, group=block, parts=("experts.",))
+            quantize_checkpoint(bf16, target, fmt, block=block, group=args.group or block, parts=("experts.",))
         models[fmt] = target
     built = time.perf_counter() - started
     print(

@@ -302,3 +302,21 @@ def _gptq_weight(
     g = g_idx.long()
     weight = scales[g] * (q - z[g]).to(scales.dtype)  # [in, out], in the scales' dtype
     return weight.T.contiguous()
+
+
+def dequantized_bytes(layout, quant: Quantization, itemsize: int = 2) -> int:
+    """Bytes of the checkpoint's tensors once its quantized weights are dequantized to a compute dtype of
+    `itemsize` bytes: what the model holds in memory (verify's scoring-memory estimate, REAP_EXECUTION=auto)."""
+    _, modules = _modules_from_names(layout.tensors, {})
+    total = sum(t.nbytes for t in layout.tensors.values())
+    for prefix, leaves in modules.items():
+        parts = [f"{prefix}.{leaf}" for leaf in leaves if leaf in _PARTS[quant.format][1] or leaf in _ACTIVATION]
+        total -= sum(layout.tensors[p].nbytes for p in parts if p in layout.tensors)
+        main = next((f"{prefix}.{leaf}" for leaf in ("qweight", "weight_packed") if leaf in leaves), f"{prefix}.weight")
+        elements = 1
+        for d in layout.tensors[main].shape:
+            elements *= d
+        if main.endswith(("qweight", "weight_packed")):
+            elements = elements * 32 // quant.bits
+        total += elements * itemsize
+    return total

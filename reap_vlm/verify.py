@@ -104,6 +104,11 @@ def describe(model_dir: Path, ratio: float | None) -> dict:
             "bytes": int(sizes["other"] + (sizes["expert"] + sizes["router"]) * frac),
         }
     weights = sum(sizes.values())
+    if isinstance(info["quantization"], dict):  # in memory the model holds the dequantized weights (bf16)
+        from .quantization import dequantized_bytes
+
+        weights = dequantized_bytes(layout, quant)
+        info["bytes_dequantized"] = weights
     # Scoring memory: the weights, plus per mode what the observer adds per MoE block for a batch of
     # T tokens (T = 4 x 512 here): routed keeps T*K pair outputs [T*K, H] as the model does anyway;
     # full adds the chunk budget (REAP_CHUNK_MEMORY_MB, default 768 MiB); router adds [T, E] probabilities.

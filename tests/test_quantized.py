@@ -137,6 +137,7 @@ def test_verify_reports_format_bits_and_quantized_modules(fmt, expect, quantized
     assert info["quantized"] == {"experts": 96, "attention": 16}
     assert info["quantized_kinds"] == "attention, experts"
     assert describe(twin, 0.5)["quantization"] is None
+    _same_bytes_dequantized(qdir, twin)
     # an export without quantization_config: found from the tensor names
     bare = tmp_path / "bare"
     bare.mkdir()
@@ -150,6 +151,15 @@ def test_verify_reports_format_bits_and_quantized_modules(fmt, expect, quantized
     assert found["quantized"] == info["quantized"]
     if fmt == "fp8":
         assert found["block_size"] == [16, 16]  # from the weight and scale shapes
+
+
+def _same_bytes_dequantized(qdir: Path, twin: Path) -> None:
+    """verify's dequantized size (what memory execution holds) equals the fp32 twin's bytes exactly."""
+    from reap_vlm.quantization import dequantized_bytes
+
+    layout = inspect_checkpoint(qdir)
+    got = dequantized_bytes(layout, detect(layout.config, layout), itemsize=4)
+    assert got == sum(t.nbytes for t in inspect_checkpoint(twin).tensors.values())
 
 
 def _library_dequantized(qdir: Path, fmt: str) -> dict[str, torch.Tensor]:
@@ -222,6 +232,7 @@ def test_awq_and_gptq_dequantize_as_the_packer_library_does(fmt, expect, quantiz
     info = describe(qdir, 0.5)["quantization"]
     assert {k: info[k] for k in expect} == expect
     assert info["quantized"] == {"experts": 96} and info["quantized_kinds"] == "experts only"
+    _same_bytes_dequantized(qdir, quantized[fmt][1])
     with safe_open(str(FIXTURES / f"{fmt.removesuffix('-swapped')}.safetensors"), framework="pt") as f:
         refs = {n.removeprefix("ref."): f.get_tensor(n) for n in f.keys() if n.startswith("ref.")}
     assert len(refs) == (16 if fmt == "gptq-act-order" else 24)  # layer 0 (act-order: gate/up, see the script)
