@@ -10,8 +10,9 @@
    execution of `--runs` (memory, stream) on the same calibration batches, and reports per quantized
    format and execution: tokens/s and the ratio to bf16 (target >= 0.8 for fp8), GPU peak
    (max_memory_allocated) against the FP8 weights and the streamed bound of docs/design.md, the largest
-   relative difference of the raw sums to the bf16 run, and the overlap of the REAP keep plans at 25 % and
-   50 % pruning (the share of kept experts both plans keep).
+   relative difference of the raw sums and of the REAP scores to the bf16 run, the share of routed pairs
+   that moved to other experts, and the overlap of the REAP keep plans at 25 % and 50 % pruning (the share
+   of kept experts both plans keep).
 
 Usage:  python bench/bench_quant.py [--layers 6] [--samples 256] [--runs memory,stream] [--out result.json]
         python bench/bench_quant.py --small      # CPU smoke test (tiny widths, a few samples)
@@ -82,6 +83,28 @@ def plan_overlap(a: dict, b: dict, ratio: float) -> float:
     pa, pb = plan(a["layers"], a["model"]["blocks"], **args), plan(b["layers"], b["model"]["blocks"], **args)
     shares = [len(set(pa[k]["kept"]) & set(pb[k]["kept"])) / len(pa[k]["kept"]) for k in pa]
     return sum(shares) / len(shares)
+
+
+def score_difference(a: dict, b: dict) -> dict:
+    """Relative difference of the REAP scores (every expert of every block): median, 90th percentile, max;
+    and the share of routed (token, expert) pairs that moved between experts."""
+    import numpy as np
+
+    from reap_vlm.scoring import criterion_scores
+
+    rel, moved = [], []
+    for key in a["layers"]:
+        sa, sb = (criterion_scores(m["layers"][key]["stats"]["all"], "reap") for m in (a, b))
+        ok = np.isfinite(sa) & np.isfinite(sb)
+        rel.extend((np.abs(sa[ok] - sb[ok]) / np.maximum(np.abs(sa[ok]), 1e-30)).tolist())
+        ca, cb = (np.array(m["layers"][key]["stats"]["all"]["count"]) for m in (a, b))
+        moved.append(float(np.abs(ca - cb).sum() / max(ca.sum(), 1) / 2))
+    return {
+        "reap_score_rel_diff_median": float(np.median(rel)),
+        "reap_score_rel_diff_p90": float(np.percentile(rel, 90)),
+        "reap_score_rel_diff_max": float(max(rel)),
+        "routed_pairs_moved": sum(moved) / len(moved),
+    }
 
 
 def main() -> None:
@@ -173,6 +196,7 @@ def main() -> None:
                 "max_rel_diff_raw_sums_vs_bf16": _max_rel(a["layers"], b["layers"]),
                 "plan_overlap_25": plan_overlap(a, b, 0.25),
                 "plan_overlap_50": plan_overlap(a, b, 0.5),
+                **score_difference(a, b),
             }
     print(json.dumps(result, indent=1))
     if args.out:
