@@ -231,9 +231,11 @@ def main() -> None:
         args.eval_samples = min(args.eval_samples, 2)
     started = time.perf_counter()
     args.work.mkdir(parents=True, exist_ok=True)
-    model_dir = make_checkpoint(
-        args.work / "model", SMALL if args.small else REAL, args.layers, torch.float32 if args.small else torch.bfloat16
-    )
+    cuda = torch.cuda.is_available() and not args.small
+    sizes, dtype = (SMALL, torch.float32) if args.small else (REAL, torch.bfloat16)
+    model_dir = make_checkpoint(args.work / "model", sizes, args.layers, dtype, "cuda" if cuda else "cpu")
+    if cuda:
+        torch.cuda.empty_cache()
     print(f"checkpoint {model_dir}: {weight_bytes(model_dir) / 2**30:.2f} GiB ({time.perf_counter() - started:.0f} s)")
     specs = {
         "text": (str(text_jsonl(args.work / "text.jsonl", args.text_samples, args.seq_len)), args.text_samples),

@@ -83,8 +83,9 @@ SMALL = dict(
 )
 
 
-def make_checkpoint(out: Path, sizes: dict, layers: int, dtype: torch.dtype) -> Path:
-    """The skeleton checkpoint: the model class on the CPU, random weights, saved in the hub layout."""
+def make_checkpoint(out: Path, sizes: dict, layers: int, dtype: torch.dtype, device: str = "cpu") -> Path:
+    """The skeleton checkpoint: the model class with random weights, saved in the hub layout. The weights are
+    drawn on `device` (on a GPU in seconds; 12 real-width layers took 315 s on 16 CPU cores)."""
     from transformers import (
         Qwen2VLImageProcessor,
         Qwen3VLMoeConfig,
@@ -120,7 +121,8 @@ def make_checkpoint(out: Path, sizes: dict, layers: int, dtype: torch.dtype) -> 
         tie_word_embeddings=False,
     )
     torch.manual_seed(0)
-    model = Qwen3VLMoeForConditionalGeneration._from_config(config, dtype=dtype).eval()
+    with torch.device(device):
+        model = Qwen3VLMoeForConditionalGeneration._from_config(config, dtype=dtype).eval()
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, max_shard_size="4GB")  # hub layout (save_original_format defaults to True)
     size = {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 512}
