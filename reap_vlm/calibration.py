@@ -707,6 +707,28 @@ def _packed_rows(samples: list[Sample], processor, max_seq_len: int, eos_id: int
     return rows
 
 
+def _fixed(rows: list, batch_size: int) -> Iterator[list]:
+    for start in range(0, len(rows), batch_size):
+        yield rows[start : start + batch_size]
+
+
+def _buckets(rows: list, batch_size: int, max_seq_len: int) -> Iterator[list]:
+    """Rows sorted by (has images, length, original order), cut into batches of at most batch_size ×
+    max_seq_len positions (rows × the longest row) that never mix text-only rows with image rows."""
+    budget = batch_size * max_seq_len
+    order = sorted(range(len(rows)), key=lambda i: ("pixel_values" in rows[i][0], rows[i][0]["input_ids"].shape[1], i))
+    chunk: list = []
+    for i in order:
+        enc = rows[i][0]
+        width = enc["input_ids"].shape[1]  # the longest so far: rows come sorted by length
+        if chunk and (("pixel_values" in enc) != ("pixel_values" in chunk[0][0]) or (len(chunk) + 1) * width > budget):
+            yield chunk
+            chunk = []
+        chunk.append(rows[i])
+    if chunk:
+        yield chunk
+
+
 def make_batches(
     samples: Iterable[Sample],
     processor,
@@ -717,6 +739,7 @@ def make_batches(
     max_pixels: int | None = None,
     packing: bool = False,
     answers: bool = False,
+    bucket: bool = False,
 ) -> Iterator[Batch]:
     """Encode samples with the model's processor and chat template; right-padded batches.
 
@@ -729,7 +752,12 @@ def make_batches(
     With `answers`, every sample that has a reference answer is encoded with it as the assistant turn
     (the chat template's assistant message, ending in its end-of-turn token), never truncated, and
     Batch.answer_mask marks those answer tokens; samples without an answer are encoded as usual. Scoring
-    batches leave it off: calibration is scored on the prompts alone."""
+    batches leave it off: calibration is scored on the prompts alone.
+
+    With `bucket` (the scoring batches), rows are grouped by kind (text rows, rows with images) and length,
+    and a batch takes as many rows as fit in batch_size × max_seq_len positions (buckets): little padding,
+    the vision tower only in the batches that have images, and short samples many to a forward. Statistics
+    are sums over tokens, so they do not depend on how the rows are batched (up to float rounding)."""
     if max_seq_len < 1 or batch_size < 1:
         raise CalibrationError(
             "max_seq_len and batch_size must be positive", f"got {max_seq_len} and {batch_size}", "Raise them"
@@ -760,8 +788,7 @@ def make_batches(
             )
             continue
         rows.append((enc, s))
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
+    for chunk in _buckets(rows, batch_size, max_seq_len) if bucket else _fixed(rows, batch_size):
         inputs, modality, answer_mask = _collate([e for e, _ in chunk], pad_id, image_id)
         yield Batch(
             inputs,

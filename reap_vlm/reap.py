@@ -25,6 +25,7 @@ from .settings import ReapSettings, dump
 from .validate import read_accumulators
 
 CHECKPOINT_NAME = ".reap_accumulators.pt"
+BATCHING = "buckets by kind and length, batch_size x max_seq_len positions"  # calibration.make_batches(bucket=True)
 GATE_DEFINITION = (
     "g = top_k_weights and top-k sets as passed by the model to its experts module (forward hook / "
     "experts interface; Llama 4: the router's top-k scores); p = {fn} of the router module's logits"
@@ -72,7 +73,9 @@ def _settings_hash(settings: ReapSettings) -> str:
         "seed",
         "dtype",
     )
-    return hashlib.sha256(json.dumps({k: str(getattr(settings, k)) for k in keys}).encode()).hexdigest()
+    values = {k: str(getattr(settings, k)) for k in keys}
+    values["batching"] = BATCHING  # a checkpoint of other batches would resume at another sample
+    return hashlib.sha256(json.dumps(values).encode()).hexdigest()
 
 
 def _save_checkpoint(path: Path, payload: dict) -> None:
@@ -583,7 +586,7 @@ def _data(settings: ReapSettings, processor, streamed: bool = False) -> tuple:
         min_pixels=settings.min_pixels,
         max_pixels=settings.max_pixels,
     )
-    batches = list(make_batches(samples, processor, packing=settings.packing, **batch_args))
+    batches = list(make_batches(samples, processor, packing=settings.packing, bucket=True, **batch_args))
     eval_batches = search_batches = None
     if settings.eval_samples > 0:
         from .candidates import heldout_samples, search_samples

@@ -108,3 +108,52 @@ def test_whole_model_bench_runs_on_the_cpu(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "router mode: combined / text-only tokens/s" in done.stdout
     assert (tmp_path / "profile_combined_router.txt").stat().st_size > 0
+
+
+def _observe(model, blocks, batches, mode):
+    from reap_vlm.execution.memory import forward
+    from reap_vlm.observe import Observer
+
+    with Observer(model, blocks, mode) as obs, torch.inference_mode():
+        for batch in batches:
+            obs.set_modality(batch.modality)
+            forward(model, batch)
+    return obs.export()
+
+
+def _close(a, b, path=""):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            _close(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _close(x, y, f"{path}[{i}]")
+    elif isinstance(a, float):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-6), path
+    else:
+        assert a == b, path
+
+
+def test_bucketed_batches_give_the_same_statistics(tiny_vl_dir):
+    from reap_vlm.calibration import token_budget
+    from reap_vlm.moe import find_moe_blocks
+
+    model, processor, _ = load_model(tiny_vl_dir, device="cpu", dtype="float32")
+    blocks = find_moe_blocks(model)
+    samples = load_samples("combined", max_samples=14, seed=3, image_share=0.4)
+    args = dict(max_seq_len=96, batch_size=3, min_pixels=1024, max_pixels=16384)
+    fixed = list(make_batches(samples, processor, **args))
+    buckets = list(make_batches(samples, processor, bucket=True, **args))
+    assert sorted(i for b in fixed for i in b.sample_ids) == sorted(i for b in buckets for i in b.sample_ids)
+    assert token_budget(fixed) == token_budget(buckets)
+    for b in buckets:
+        assert b.modality.numel() <= 3 * 96
+        assert len({("pixel_values" in b.inputs) for _ in b.sample_ids}) == 1
+        assert ("pixel_values" in b.inputs) == bool((b.modality == 1).any())
+    padding = sum(int((b.modality < 0).sum()) for b in buckets)
+    assert padding < sum(int((b.modality < 0).sum()) for b in fixed)
+    assert any(len(b.sample_ids) > 3 for b in buckets)  # short rows many to a batch
+    for mode in ("router", "full"):
+        _close(_observe(model, blocks, buckets, mode), _observe(model, blocks, fixed, mode))

@@ -191,7 +191,7 @@ class Observer:
         if rows != modality.numel():
             raise BugError(f"a MoE block saw {rows} token rows but the batch has {modality.numel()} tokens")
         if cache not in self._by_device:  # once per batch and device, shared by every block there
-            self._by_device[cache] = Rows.of(modality.to(device))
+            self._by_device[cache] = Rows.of(modality, device)
         return self._by_device[cache]
 
     # ---- hooks -----------------------------------------------------------------------------
@@ -230,11 +230,9 @@ class Observer:
                 return None
             w = expert_weights(module)
             if self.mode == "full":
-                keep = rows.modality >= 0  # padding is never computed
-                norms = torch.zeros((hidden.shape[0], block.num_experts), device=hidden.device)
-                peaks = torch.zeros_like(norms)
-                gated = self._merge_add(block, w, hidden[keep], logits, keep)
-                norms[keep], peaks[keep] = all_expert_norms(w, hidden[keep], self.budget_mb, gated)
+                real = rows.select(hidden)  # padding is never computed
+                gated = self._merge_add(block, w, real, logits, rows)
+                norms, peaks = (rows.scatter(v) for v in all_expert_norms(w, real, self.budget_mb, gated))
                 safe = top_k_index.clamp(0, block.num_experts - 1)
                 stats.add(
                     rows,
@@ -276,18 +274,18 @@ class Observer:
         all_norms = None
         logits = self._logits.pop(block.key, None)
         if self.mode == "full":  # every expert on every (non-padding) token
-            keep = rows.modality >= 0
             w = expert_weights(experts)
-            gated = self._merge_add(block, w, hidden[keep], logits, keep)
-            all_norms = torch.zeros((hidden.shape[0], block.num_experts), device=hidden.device)
-            all_norms[keep] = all_expert_gram_norms(w, hidden[keep], self.budget_mb, gated)
+            real = rows.select(hidden)
+            gated = self._merge_add(block, w, real, logits, rows)
+            all_norms = rows.scatter(all_expert_gram_norms(w, real, self.budget_mb, gated))
         self.stats[block.key].add(rows, top_k_index, top_k_weights, logits, norms, peaks, all_norms=all_norms)
 
-    def _merge_add(self, block, w, hidden, logits, keep):
-        """Merge statistics of the block's real tokens; (probs, acc) for the kernel, or None."""
+    def _merge_add(self, block, w, hidden, logits, rows: Rows):
+        """Merge statistics of the block's real tokens (`hidden`: those rows); (probs, acc) for the kernel,
+        or None."""
         if self.merge is None:
             return None
-        z = None if logits is None else logits.reshape(keep.shape[0], -1)[keep]
+        z = None if logits is None else rows.select(logits.reshape(rows.modality.shape[0], -1))
         probs = None
         if z is not None:
             probs = torch.empty((z.shape[0], block.num_experts), dtype=torch.float32, device=z.device)

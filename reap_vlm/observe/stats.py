@@ -17,17 +17,35 @@ class Rows:
 
     modality [T]: 0 text, 1 image, -1 padding. onehot [2, T] fp32: text and image rows, all zero for
     padding, so padding never counts. block [T, 1]: 0 text, 1 image, 2 padding (where a row's peaks
-    go). tokens [2] int64: text and image tokens."""
+    go). tokens [2] int64: text and image tokens. real [n] int64: the indices of the non-padding rows, or
+    None when no row is padding — made from the host's copy of the modality, so that selecting a batch's
+    real rows in every layer needs no device-to-host synchronisation (boolean indexing would)."""
 
     modality: torch.Tensor
     onehot: torch.Tensor
     block: torch.Tensor
     tokens: torch.Tensor
+    real: torch.Tensor | None = None
 
     @classmethod
-    def of(cls, modality: torch.Tensor) -> Rows:
+    def of(cls, modality: torch.Tensor, device: torch.device | None = None) -> Rows:
+        """`modality` where it is (the host, usually); the tensors on `device` (default: modality's)."""
+        padding = modality < 0
+        real = torch.nonzero(~padding).squeeze(1).to(device) if bool(padding.any()) else None
+        modality = modality.to(device)
         mask = torch.stack([modality == 0, modality == 1])
-        return cls(modality, mask.float(), modality.remainder(3)[:, None], mask.sum(1))
+        return cls(modality, mask.float(), modality.remainder(3)[:, None], mask.sum(1), real)
+
+    def select(self, x: torch.Tensor) -> torch.Tensor:
+        """The non-padding rows of x [T, ...]."""
+        return x if self.real is None else x.index_select(0, self.real)
+
+    def scatter(self, values: torch.Tensor) -> torch.Tensor:
+        """[n, ...] values of the non-padding rows as a [T, ...] tensor, zero in the padding rows."""
+        if self.real is None:
+            return values
+        out = values.new_zeros((self.modality.shape[0], *values.shape[1:]))
+        return out.index_copy_(0, self.real, values)
 
 
 class BlockStats:
