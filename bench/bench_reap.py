@@ -59,7 +59,7 @@ def text_jsonl(path: Path, samples: int, seq_len: int, seed: int = 0) -> Path:
     return path
 
 
-def settings_for(args, spec: str, samples: int, mode: str, eval_samples: int, out: Path):
+def settings_for(args, spec: str, samples: int, mode: str, eval_samples: int, out: Path, extra=()):
     from reap_vlm.settings import ReapSettings, load
 
     cuda = torch.cuda.is_available() and not args.small
@@ -70,7 +70,7 @@ def settings_for(args, spec: str, samples: int, mode: str, eval_samples: int, ou
     argv += ["--scoring-mode", mode, "--execution", "memory"]
     if args.small:
         argv += ["--min-pixels", "1024", "--max-pixels", "16384"]
-    return load(ReapSettings, argv, {})
+    return load(ReapSettings, argv + list(extra), {})
 
 
 def _sync(device: torch.device) -> None:
@@ -219,6 +219,9 @@ def main() -> None:
     parser.add_argument("--sets", default="text,combined")
     parser.add_argument("--plans-in", default="combined/full", help="SET/MODE runs that measure the candidates")
     parser.add_argument("--eval-samples", type=int, default=16, help="REAP_EVAL_SAMPLES of those runs")
+    parser.add_argument(
+        "--plan-args", default="", help="more reap.py options for those runs, e.g. '--criterion reap' (no search)"
+    )
     parser.add_argument("--profile", type=int, default=0, help="batches under the torch profiler per set and mode")
     parser.add_argument("--work", type=Path, default=Path("bench_reap_work"))
     parser.add_argument("--small", action="store_true", help="tiny widths on the CPU (a smoke test)")
@@ -256,8 +259,10 @@ def main() -> None:
         run = {"plain": plain_forward(base, args, args.work, label), "modes": {}}
         print(f"{label}: plain forward {json.dumps(run['plain'])}", flush=True)
         for mode in args.modes:
-            evals = args.eval_samples if f"{label}/{mode}" in args.plans_in.split(",") else 0
-            run["modes"][mode] = stage(settings_for(args, spec, samples, mode, evals, args.work / f"{label}-{mode}"))
+            plans = f"{label}/{mode}" in args.plans_in.split(",")
+            evals, extra = (args.eval_samples, args.plan_args.split()) if plans else (0, [])
+            out = args.work / f"{label}-{mode}"
+            run["modes"][mode] = stage(settings_for(args, spec, samples, mode, evals, out, extra))
             print(f"{label} {mode}: {json.dumps(run['modes'][mode]['phases'])}", flush=True)
         result["sets"][label] = run
     result["seconds"] = round(time.perf_counter() - started, 1)

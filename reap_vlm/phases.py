@@ -26,21 +26,19 @@ class Phases:
             torch.cuda.reset_peak_memory_stats()
         record: dict = {}
         started = time.perf_counter()
-        try:
-            yield record
-        finally:
-            if self.cuda:
-                torch.cuda.synchronize()
-            record["seconds"] = round(time.perf_counter() - started, 3)
-            if tokens is None:
-                tokens = record.pop("tokens", None)
-            if tokens:
-                record["tokens"] = int(tokens)
-                record["tokens_per_s"] = round(tokens / max(record["seconds"], 1e-9), 1)
-            if self.cuda:
-                record["gpu_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
-            self.records[name] = record
-            print(f"{name}: {describe(record)}", flush=True)
+        yield record  # a phase that raises is neither recorded nor printed
+        if self.cuda:
+            torch.cuda.synchronize()
+        record["seconds"] = round(time.perf_counter() - started, 3)
+        if tokens is None:
+            tokens = record.pop("tokens", None)
+        if tokens:
+            record["tokens"] = int(tokens)
+            record["tokens_per_s"] = round(tokens / max(record["seconds"], 1e-9), 1)
+        if self.cuda:
+            record["gpu_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        self.records[name] = record
+        print(f"{name}: {describe(record)}", flush=True)
 
     def summary(self) -> dict[str, dict]:
         return dict(self.records)

@@ -17,7 +17,7 @@ from .calibration import load_samples, make_batches, token_budget
 from .errors import SettingsError
 from .execution import choose as choose_execution
 from .execution.memory import forward
-from .loading import load_model, read_config
+from .loading import input_device, load_model, read_config
 from .moe import find_moe_blocks
 from .observe import Observer
 from .phases import Phases, print_summary
@@ -193,12 +193,13 @@ def accumulate(
             start_batch, resumed = saved["batch"], True
             print(f"resuming after batch {start_batch} of {len(batches)} from {checkpoint}")
         tokens_done = 0
+        device = input_device(model)
         with _progress() as bar:
             task = bar.add_task("scoring", total=len(batches), completed=start_batch, tps=0.0)
             for i in range(start_batch, len(batches)):
                 batch = batches[i]
                 observer.set_modality(batch.modality)
-                forward(model, batch)
+                forward(model, batch, device)
                 tokens_done += int((batch.modality >= 0).sum())
                 elapsed = max(time.perf_counter() - started, 1e-9)
                 bar.update(task, advance=1, tps=tokens_done / elapsed)

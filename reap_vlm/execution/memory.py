@@ -3,6 +3,7 @@ batch runs through the model's own forward."""
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -22,18 +23,24 @@ def prepare_inputs(model: torch.nn.Module, batch, device: torch.device | None = 
 def _keeps_logits(model: torch.nn.Module) -> bool:
     """Does the model's forward take `logits_to_keep` (transformers' causal LMs: the LM head runs only on
     the last positions)?"""
+    return _class_keeps_logits(type(model))
+
+
+@functools.cache
+def _class_keeps_logits(cls: type) -> bool:  # the signature is the class's: read it once, not per batch
     try:
-        return "logits_to_keep" in inspect.signature(model.forward).parameters
+        return "logits_to_keep" in inspect.signature(cls.forward).parameters
     except (TypeError, ValueError):
         return False
 
 
-def forward(model: torch.nn.Module, batch):
+def forward(model: torch.nn.Module, batch, device: torch.device | None = None):
     """One batch through the whole model (no KV cache); the model's output. Scoring needs no logits, so
     where the model allows it the LM head runs on the last position only (for a 150k vocabulary that is
-    about a tenth of a 30B-A3B forward's time, and a [B, T, V] tensor)."""
+    about a tenth of a 30B-A3B forward's time, and a [B, T, V] tensor). `device`: the input device, when
+    the caller knows it (input_device walks the model)."""
     extra = {"logits_to_keep": 1} if _keeps_logits(model) else {}
-    return model(**prepare_inputs(model, batch), use_cache=False, **extra)
+    return model(**prepare_inputs(model, batch, device), use_cache=False, **extra)
 
 
 class Headless:
