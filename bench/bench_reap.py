@@ -113,11 +113,25 @@ def plain_forward(settings, args, profile_dir: Path | None, label: str) -> dict:
             out[name] = {"seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 1)}
             if device.type == "cuda":
                 out[name]["gpu_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        # the observer alone, warmed up, in the same loop as the plain forward: the hooks' own cost
+        blocks = find_moe_blocks(model)
+        for mode in args.modes:
+            with Observer(model, blocks, mode, settings.chunk_memory_mb) as obs:
+                for b in batches[:2]:
+                    obs.set_modality(b.modality)
+                    model(**prepare_inputs(model, b), use_cache=False, logits_to_keep=1)
+                _sync(device)
+                started = time.perf_counter()
+                for b in batches:
+                    obs.set_modality(b.modality)
+                    model(**prepare_inputs(model, b), use_cache=False, logits_to_keep=1)
+                _sync(device)
+                seconds = time.perf_counter() - started
+            out[f"observed_{mode}"] = {"seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 1)}
         if profile_dir is not None and args.profile:
             from torch.profiler import ProfilerActivity, profile
 
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-            blocks = find_moe_blocks(model)
             few = batches[: args.profile]
             for mode in ("plain", *args.modes):
                 with contextlib.ExitStack() as stack:
@@ -171,11 +185,13 @@ def targets(result: dict) -> list[tuple[str, str, str, str]]:
             ratio = s["seconds"] / plain
             limit = {"router": 1.10, "full": 4.0}.get(mode)
             met = "-" if limit is None else ("yes" if ratio <= limit else "no")
+            observed = run["plain"].get(f"observed_{mode}")
             rows.append(
                 (
                     f"{label}, {mode} mode / plain forward (no LM head)",
                     f"{ratio:.2f}x ({s['tokens_per_s']:,.0f} vs {run['plain']['without_head']['tokens_per_s']:,.0f} "
-                    f"tokens/s; with LM head {run['plain']['with_head']['tokens_per_s']:,.0f})",
+                    f"tokens/s; with LM head {run['plain']['with_head']['tokens_per_s']:,.0f})"
+                    + (f"; the observer alone in the warm loop {observed['seconds'] / plain:.2f}x" if observed else ""),
                     f"<= {limit}x" if limit else "-",
                     met,
                 )
@@ -222,6 +238,7 @@ def main() -> None:
     parser.add_argument(
         "--plan-args", default="", help="more reap.py options for those runs, e.g. '--criterion reap' (no search)"
     )
+    parser.add_argument("--stage-repeat", type=int, default=1, help="run each stage N times (the last is kept)")
     parser.add_argument("--profile", type=int, default=0, help="batches under the torch profiler per set and mode")
     parser.add_argument("--work", type=Path, default=Path("bench_reap_work"))
     parser.add_argument("--small", action="store_true", help="tiny widths on the CPU (a smoke test)")
@@ -262,7 +279,11 @@ def main() -> None:
             plans = f"{label}/{mode}" in args.plans_in.split(",")
             evals, extra = (args.eval_samples, args.plan_args.split()) if plans else (0, [])
             out = args.work / f"{label}-{mode}"
-            run["modes"][mode] = stage(settings_for(args, spec, samples, mode, evals, out, extra))
+            for repeat in range(args.stage_repeat):  # later runs: the process is warm (kernels, compiled code)
+                run["modes"][mode] = stage(settings_for(args, spec, samples, mode, evals, out, extra))
+                if args.stage_repeat > 1:
+                    run["modes"][mode]["repeat"] = repeat + 1
+                    print(f"{label} {mode} run {repeat + 1}: {json.dumps(run['modes'][mode]['phases'])}", flush=True)
             print(f"{label} {mode}: {json.dumps(run['modes'][mode]['phases'])}", flush=True)
         result["sets"][label] = run
     result["seconds"] = round(time.perf_counter() - started, 1)
