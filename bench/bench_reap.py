@@ -6,13 +6,15 @@
    (passages of the built-in text sets joined), --text-samples of them (default 1024 × 512 tokens);
    `combined`: the built-in combined set (text + images), --combined-samples —
    a plain forward of the very batches the stage builds (the model as loaded, no hooks), timed with and
-   without the LM head (logits_to_keep=1), then `reap_vlm.reap.score` (what reap.py runs) in every
+   without the LM head (logits_to_keep=1), and the observer of each mode alone in the same warm loop;
+   then `reap_vlm.reap.score` (what reap.py runs, --stage-repeat times) in every
    --modes scoring mode. The stage records wall time, tokens/s and GPU peak per phase (load, data,
    scoring, plans) in the metadata; this script reads them back.
 3. The candidate-plan measurement (REAP_EVAL_SAMPLES, default 16) runs in the --plans-in runs only
    (default: full mode on combined, the defaults a user gets); the other runs pass --eval-samples 0.
 4. --profile N: for each set, N batches of the plain forward and of every mode's observed forward under
-   the torch profiler; the tables (by self CUDA / CPU time) are written beside the result.
+   the torch profiler, after every timing (a process that has run the profiler launches kernels more
+   slowly); the tables (by self CUDA / CPU time) are written to the --work folder.
 
 Prints one JSON result and a table of the targets (docs/benchmarks.md, "Whole-model scoring").
 
@@ -78,13 +80,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def plain_forward(settings, args, profile_dir: Path | None, label: str) -> dict:
-    """The plain forward of the stage's own batches (reap._data), with and without the LM head; and, with
-    --profile, the profiler tables of a few batches plain and observed in each mode."""
-    from reap_vlm.execution.memory import prepare_inputs
+def _model_and_batches(settings):
     from reap_vlm.loading import load_model
-    from reap_vlm.moe import find_moe_blocks
-    from reap_vlm.observe import Observer
     from reap_vlm.reap import _data
 
     model, processor, _ = load_model(
@@ -93,8 +90,25 @@ def plain_forward(settings, args, profile_dir: Path | None, label: str) -> dict:
         dtype=settings.dtype,
         attn_implementation=settings.attn_implementation,
     )
-    device = next(model.parameters()).device
     _, batches, _, _ = _data(settings, processor)  # settings with REAP_EVAL_SAMPLES=0
+    return model, batches
+
+
+def _empty_cache() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def plain_forward(settings, args) -> dict:
+    """The plain forward of the stage's own batches (reap._data), with and without the LM head, and the
+    observer alone in the same warm loop per mode."""
+    from reap_vlm.execution.memory import prepare_inputs
+    from reap_vlm.moe import find_moe_blocks
+    from reap_vlm.observe import Observer
+
+    model, batches = _model_and_batches(settings)
+    device = next(model.parameters()).device
     tokens = sum(int((b.modality >= 0).sum()) for b in batches)
     padded = sum(b.modality.numel() for b in batches)
     out = {"batches": len(batches), "tokens": tokens, "padded_positions": padded}
@@ -128,37 +142,50 @@ def plain_forward(settings, args, profile_dir: Path | None, label: str) -> dict:
                 _sync(device)
                 seconds = time.perf_counter() - started
             out[f"observed_{mode}"] = {"seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 1)}
-        if profile_dir is not None and args.profile:
-            from torch.profiler import ProfilerActivity, profile
+    del model
+    _empty_cache()
+    return out
 
-            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-            few = batches[: args.profile]
-            for mode in ("plain", *args.modes):
-                with contextlib.ExitStack() as stack:
-                    obs = None
-                    if mode != "plain":
-                        obs = stack.enter_context(Observer(model, blocks, mode, settings.chunk_memory_mb))
-                    for b in few[:1]:  # warm-up of this mode (compiled epilogues)
+
+def profile_forward(settings, args, profile_dir: Path, label: str) -> None:
+    """--profile: the profiler tables of a few batches, plain and observed in each mode. Run after every
+    timing: a process that has run the profiler launches kernels more slowly afterwards (seen on the H200:
+    the stage's router mode measured 1.71x the plain forward after a profiled loop, 1.02x without one)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from reap_vlm.execution.memory import prepare_inputs
+    from reap_vlm.moe import find_moe_blocks
+    from reap_vlm.observe import Observer
+
+    model, batches = _model_and_batches(settings)
+    device = next(model.parameters()).device
+    blocks = find_moe_blocks(model)
+    with torch.inference_mode():
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        few = batches[: args.profile]
+        for mode in ("plain", *args.modes):
+            with contextlib.ExitStack() as stack:
+                obs = None
+                if mode != "plain":
+                    obs = stack.enter_context(Observer(model, blocks, mode, settings.chunk_memory_mb))
+                for b in few[:1]:  # warm-up of this mode (compiled epilogues)
+                    if obs is not None:
+                        obs.set_modality(b.modality)
+                    model(**prepare_inputs(model, b), use_cache=False, logits_to_keep=1)
+                _sync(device)
+                with profile(activities=activities) as prof:
+                    for b in few:
                         if obs is not None:
                             obs.set_modality(b.modality)
                         model(**prepare_inputs(model, b), use_cache=False, logits_to_keep=1)
                     _sync(device)
-                    with profile(activities=activities) as prof:
-                        for b in few:
-                            if obs is not None:
-                                obs.set_modality(b.modality)
-                            model(**prepare_inputs(model, b), use_cache=False, logits_to_keep=1)
-                        _sync(device)
-                table = []
-                for key in (["self_cuda_time_total"] if device.type == "cuda" else []) + ["self_cpu_time_total"]:
-                    table.append(f"== {label} {mode}: {len(few)} batches, by {key}\n")
-                    table.append(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=70))
-                (profile_dir / f"profile_{label}_{mode}.txt").write_text("\n".join(table))
+            table = []
+            for key in (["self_cuda_time_total"] if device.type == "cuda" else []) + ["self_cpu_time_total"]:
+                table.append(f"== {label} {mode}: {len(few)} batches, by {key}\n")
+                table.append(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=70))
+            (profile_dir / f"profile_{label}_{mode}.txt").write_text("\n".join(table))
     del model
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return out
+    _empty_cache()
 
 
 def stage(settings) -> dict:
@@ -273,7 +300,7 @@ def main() -> None:
     for label in [s for s in args.sets.split(",") if s]:
         spec, samples = specs[label]
         base = settings_for(args, spec, samples, args.modes[0], 0, args.work / f"{label}-plain")
-        run = {"plain": plain_forward(base, args, args.work, label), "modes": {}}
+        run = {"plain": plain_forward(base, args), "modes": {}}
         print(f"{label}: plain forward {json.dumps(run['plain'])}", flush=True)
         for mode in args.modes:
             plans = f"{label}/{mode}" in args.plans_in.split(",")
@@ -286,6 +313,12 @@ def main() -> None:
                     print(f"{label} {mode} run {repeat + 1}: {json.dumps(run['modes'][mode]['phases'])}", flush=True)
             print(f"{label} {mode}: {json.dumps(run['modes'][mode]['phases'])}", flush=True)
         result["sets"][label] = run
+    if args.profile:
+        for label in [s for s in args.sets.split(",") if s]:
+            spec, samples = specs[label]
+            profile_forward(
+                settings_for(args, spec, samples, args.modes[0], 0, args.work / "p"), args, args.work, label
+            )
     result["seconds"] = round(time.perf_counter() - started, 1)
     print(json.dumps(result, indent=1))
     print("\n| measurement | result | target | met? |\n|---|---|---|---|")

@@ -509,19 +509,19 @@ def _score(settings: ReapSettings, meta_path: Path, on_batch: Callable[[int], No
             "stats": stats[b.key],
             "scores": scoring.all_scores(stats[b.key], settings.scoring_mode),
         }
-    stats_by_block = info = None
-    if merge is not None:
-        from .observe import merge_stats
-
-        stats_by_block = merge_stats.by_block(merge.tensors())
-        info = {
-            "config_sha256": fingerprint["config_sha256"],
-            "created": meta["created"],
-            "samples_per_block": merge.samples,
-        }
-        meta["merge_stats"] = {"file": merge_stats.FILE_NAME, **info}
     plan_tokens = sum(int((b.modality >= 0).sum()) for b in (eval_batches or []))
-    with phases("plans", tokens=plan_tokens or None):
+    with phases("plans", tokens=plan_tokens or None):  # the merge statistics' summary first (GPU work)
+        stats_by_block = info = None
+        if merge is not None:
+            from .observe import merge_stats
+
+            stats_by_block = merge_stats.by_block(merge.tensors())
+            info = {
+                "config_sha256": fingerprint["config_sha256"],
+                "created": meta["created"],
+                "samples_per_block": merge.samples,
+            }
+            meta["merge_stats"] = {"file": merge_stats.FILE_NAME, **info}
         _plans(settings, model, streamed, blocks, meta, eval_batches, search_batches, stats_by_block)
     meta["scoring"]["phases"] = phases.summary()  # the write phase is printed, not recorded
     if not distributed.is_writer():  # the other ranks of a data-parallel job: the same metadata, not written

@@ -192,7 +192,11 @@ class ReapSettings(Settings):
     )
     max_samples: int = opt(64, "Calibration samples to score (a mix divides them in proportion).")
     max_seq_len: int = opt(512, "Maximum tokens per sample; longer samples are truncated.")
-    batch_size: int = opt(4, "Samples per forward pass.")
+    batch_size: int = opt(
+        4,
+        "Samples per forward pass; scoring batches hold up to batch_size x max_seq_len tokens, so more of "
+        "the shorter samples.",
+    )
     image_share: float = opt(0.3, "Share of image+text samples in the 'combined' set (0..1).")
     min_pixels: int = opt(3136, "Smallest image area (pixels) given to the processor.")
     max_pixels: int = opt(401408, "Largest image area (pixels) given to the processor; bounds calibration memory.")

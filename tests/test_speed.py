@@ -157,3 +157,25 @@ def test_bucketed_batches_give_the_same_statistics(tiny_vl_dir):
     assert any(len(b.sample_ids) > 3 for b in buckets)  # short rows many to a batch
     for mode in ("router", "full"):
         _close(_observe(model, blocks, buckets, mode), _observe(model, blocks, fixed, mode))
+
+
+def test_mean_gated_outputs_a_few_experts_at_a_time(monkeypatch):
+    from reap_vlm.moe import find_moe_blocks
+    from reap_vlm.observe import Observer, merge_stats
+    from reap_vlm.tiny import build
+
+    model, processor = build("qwen3_vl_moe", seed=3)
+    samples = load_samples("code:2,vision:2", max_samples=4, seed=1)
+    batches = list(make_batches(samples, processor, max_seq_len=64, batch_size=3, min_pixels=1024, max_pixels=16384))
+    blocks = find_moe_blocks(model)
+    collector = merge_stats.MergeStats(blocks, samples=4, per_batch=2, seed=0)
+    with Observer(model, blocks, "full", budget_mb=1, merge=collector) as obs, torch.inference_mode():
+        for batch in batches:
+            obs.set_modality(batch.modality)
+            model(**batch.inputs)
+    whole = collector.tensors()
+    monkeypatch.setattr(merge_stats, "MEAN_CHUNK_BYTES", 1)  # one expert at a time
+    chunked = collector.tensors()
+    assert whole.keys() == chunked.keys()
+    for name, t in whole.items():
+        assert torch.equal(t, chunked[name]), name

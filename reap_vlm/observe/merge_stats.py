@@ -27,6 +27,7 @@ from ..moe.spec import ExpertWeights, MoEBlock
 from .kernel import _hidden, _up_weight
 
 FILE_NAME = "reap_merge_stats.safetensors"
+MEAN_CHUNK_BYTES = 64 * 2**20  # float64 down projections at a time for the mean gated outputs
 FORMAT = "reap-merge-stats/1"
 ACT_DTYPE = torch.bfloat16
 
@@ -91,7 +92,16 @@ class MergeStats:
         for key, s in self.sums.items():
             w = self._weights[key]
             n = max(int(s["tokens"].item()), 1)
-            mean = torch.einsum("ehi,ei->eh", w.down.double(), s["gated_hidden_sum"].to(w.down.device))
+            gated = s["gated_hidden_sum"].to(w.down.device)
+            # a few experts at a time: the float64 copy of every down projection at once would be
+            # E·H·I·8 bytes (1.5 GiB for one Qwen3-VL-30B-A3B layer) on the GPU
+            step = max(1, MEAN_CHUNK_BYTES // max(w.down[0].numel() * 8, 1))
+            mean = torch.cat(
+                [
+                    torch.einsum("ehi,ei->eh", w.down[e : e + step].double(), gated[e : e + step])
+                    for e in range(0, w.down.shape[0], step)
+                ]
+            )
             if w.down_bias is not None:
                 mean = mean + w.down_bias.double() * s["prob_sum"].to(w.down.device)[:, None]
             out[f"{key}.mean_gated_output"] = (mean / n).float().cpu()
