@@ -14,7 +14,8 @@ class Phases:
     """`with phases("scoring", tokens=n): ...` times one phase. On a CUDA device the phase's GPU peak is
     torch's max_memory_allocated over the phase (reset at its start), in GiB."""
 
-    def __init__(self, device: str | torch.device | None = None):
+    def __init__(self, device: str | torch.device | None = None, echo: bool = True):
+        self.echo = echo  # print a line at the end of each phase
         self.cuda = torch.device(device).type == "cuda" if device is not None else False
         self.cuda = self.cuda and torch.cuda.is_available()
         self.records: dict[str, dict] = {}
@@ -38,7 +39,8 @@ class Phases:
         if self.cuda:
             record["gpu_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
         self.records[name] = record
-        print(f"{name}: {describe(record)}", flush=True)
+        if self.echo:
+            print(f"{name}: {describe(record)}", flush=True)
 
     def summary(self) -> dict[str, dict]:
         return dict(self.records)

@@ -436,7 +436,7 @@ def _load(settings: ReapSettings, execution, config: dict, meta_path: Path) -> t
 def _score(settings: ReapSettings, meta_path: Path, on_batch: Callable[[int], None] | None) -> dict:
     config = read_config(settings.model_path)
     execution = choose_execution(settings)
-    phases = Phases(settings.device)
+    phases = Phases(settings.device, echo=distributed.is_writer())
     if distributed.is_writer():
         print(f"execution: {execution.mode} ({execution.reason})")
         if note := distributed.hint(settings, execution):
