@@ -457,19 +457,22 @@ def slice_group(sample: Sample) -> str:
     return f"{sample.source}/{sample.task}" if sample.task else sample.source
 
 
-def selection_slice(spec: str, *, per_task: int, per_source: int, max_samples: int, seed: int) -> SampleList:
-    """The reap stage's plan-selection slice: from the selection portion of every source in `spec` (a mix's
+def selection_slice(
+    spec: str, *, per_task: int, per_source: int, max_samples: int, seed: int, split: str = "selection"
+) -> SampleList:
+    """The reap stage's plan-selection slice: from the selection portion (or `split`) of every source in `spec` (a mix's
     counts are calibration counts and play no part here), up to `per_task` rows of every task with reference
     answers and up to `per_source` rows of every group without (slice_group), drawn at random with `seed`;
     above `max_samples` in all, the groups give one row each in turn (so every group keeps the same count, up
-    to one; the first turn goes source by source) until `max_samples`. Ordered by group, deterministic."""
+    to one; the first turn goes source by source) until `max_samples`. Ordered by modality, then group
+    (so batches do not mix short image questions with long texts); deterministic."""
     names: list[str] = []
     for name, _ in parse_spec(spec):
         names += [n for n, _, _ in _expand(name, None, 0.5) if n not in names]
     groups: dict[str, list[Sample]] = {}
     skipped: dict[str, int] = {}
     for name in names:
-        pool = read_source(name, "selection")
+        pool = read_source(name, split)
         skipped.update(pool.skipped)
         for s in pool:
             groups.setdefault(slice_group(s), []).append(s)
@@ -490,7 +493,9 @@ def selection_slice(spec: str, *, per_task: int, per_source: int, max_samples: i
         for i, q in enumerate(queues):
             if taken[i] < len(q) and sum(taken) < max_samples:
                 taken[i] += 1
-    return SampleList([s for t, q in zip(taken, queues, strict=True) for s in q[:t]], skipped)
+    # text and image samples in separate batches (their lengths differ tenfold: no image row padded to a text's)
+    out = sorted((s for t, q in zip(taken, queues, strict=True) for s in q[:t]), key=lambda s: (s.kind, slice_group(s)))
+    return SampleList(out, skipped)
 
 
 # ---- model inputs ---------------------------------------------------------------------------

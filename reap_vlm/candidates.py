@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from . import distributed, scoring
-from .calibration import selection_slice, slice_group
+from .calibration import selection_slice
 from .errors import BugError, PlanError
 from .execution.memory import Headless
 from .loading import input_device
@@ -38,6 +38,7 @@ from .moe.spec import MoEBlock
 from .observe.usage import ExpertUsage, usage_entropy
 
 BOOTSTRAP_RESAMPLES = 1000
+SEARCH_SHARE = 4  # the greedy search re-chooses one kept expert in SEARCH_SHARE of every block
 RANDOM_SEEDS = (0, 1, 2)
 POLICIES = ("balanced", "joint", "either")  # measured at the requested ratio beside REAP_MODALITY's
 DEFAULT_CRITERION = {"router": "weighted_frequency"}  # the simpler default per scoring mode; else reap
@@ -55,20 +56,18 @@ def heldout_samples(settings):
     )
 
 
-def search_samples(samples, count: int) -> list:
-    """Up to `count` calibration samples for the greedy search, taken in turn from every source's task (so a
-    small search set still holds every task, source and modality); the held-out slice stays for measuring
-    the result."""
-    by_source: dict[str, list] = {}
-    for s in samples:
-        by_source.setdefault(slice_group(s), []).append(s)
-    queues = [list(v) for _, v in sorted(by_source.items())]
-    out: list = []
-    while len(out) < count and any(queues):
-        for q in queues:
-            if q and len(out) < count:
-                out.append(q.pop(0))
-    return out
+def search_samples(settings) -> list:
+    """The greedy search's samples: a slice of the calibration split stratified like the plan-selection slice,
+    with half its counts per task and per source (at least one), so the search never sees the held-out rows that
+    then measure its result."""
+    return selection_slice(
+        settings.calibration,
+        per_task=max(1, settings.eval_per_task // 2),
+        per_source=max(1, settings.eval_per_source // 2),
+        max_samples=max(1, settings.eval_samples // 2),
+        seed=settings.seed,
+        split="calibration",
+    )
 
 
 METRICS_CHUNK_BYTES = 256 * 2**20  # fp32 working set of one chunk of next-token positions in _token_metrics
@@ -174,9 +173,19 @@ def _token_metrics(
 # ---- summaries and the objective ------------------------------------------------------------
 
 OBJECTIVE = (
-    "fidelity: mean KL(original ‖ pruned) per next-token target, averaged with equal weight over the sources "
-    "of a modality, then with equal weight over the modalities (text, image)"
+    "fidelity: mean KL(original ‖ pruned) per next-token target (for samples with a reference answer: per "
+    "answer token), averaged with equal weight over the sources (tasks) of a modality, then with equal weight "
+    "over the modalities (text, image)"
 )
+
+
+def _fidelity_terms(row: dict) -> tuple[float, float]:
+    """(KL sum, targets) a row adds to the objective: its answer tokens where it has a reference answer (the
+    positions whose prediction needs the input — the question text of an image sample is the same for every
+    image), else every text target."""
+    if row.get("answer_tokens"):
+        return row["answer_kl"], row["answer_tokens"]
+    return row["kl"], row["tokens"]
 
 
 def sample_rows(batch, reference: torch.Tensor, logits: torch.Tensor, input_ids: torch.Tensor, head=None) -> list[dict]:
@@ -218,6 +227,9 @@ def _summarise(rows: list[dict]) -> dict:
     }
     if "overlap" in rows[0]:
         out["overlap"] = sum(r["overlap"] for r in rows) / tokens
+    terms = [_fidelity_terms(r) for r in rows]
+    targets = sum(t for _, t in terms)
+    out["fidelity_kl"] = sum(k for k, _ in terms) / targets if targets else None
     answered = [r for r in rows if r.get("answer_tokens")]
     if answered:
         answer_tokens = sum(r["answer_tokens"] for r in answered)
@@ -230,13 +242,15 @@ def _summarise(rows: list[dict]) -> dict:
 
 def fidelity(rows: list[dict]) -> float | None:
     """The objective `auto` minimises (OBJECTIVE): per source (or task) the token-weighted mean
-    KL(original ‖ pruned) over every target; per modality the plain mean over its sources; the plain mean over
-    modalities. None without targets."""
+    KL(original ‖ pruned) over its targets (_fidelity_terms: the answer tokens of samples with a reference
+    answer, every text target of the others); per modality the plain mean over its sources; the plain mean
+    over modalities. None without targets."""
     sums: dict[str, dict[str, list[float]]] = {}
     for r in rows:
         entry = sums.setdefault(r["kind"], {}).setdefault(_group(r), [0.0, 0.0])
-        entry[0] += r["kl"]
-        entry[1] += r["tokens"]
+        kl, tokens = _fidelity_terms(r)
+        entry[0] += kl
+        entry[1] += tokens
     per_modality = []
     for sources in sums.values():
         means = [kl / tokens for kl, tokens in sources.values() if tokens > 0]
@@ -255,6 +269,8 @@ def _describe(per_row: list[dict]) -> dict:
     ):
         values = sorted({key(r) for r in per_row})
         out[field] = {v: _summarise([r for r in per_row if key(r) == v]) for v in values}
+    for kind, entry in out["by_modality"].items():
+        entry["objective"] = fidelity([r for r in per_row if r["kind"] == kind])
     return out
 
 
@@ -274,8 +290,8 @@ class Resampler:
 
     def objective(self, rows: list[dict]) -> np.ndarray:
         """fidelity(rows) of every resample [resamples] (NaN where a resample has no targets at all)."""
-        kl = np.array([r["kl"] for r in rows])
-        tokens = np.array([r["tokens"] for r in rows])
+        terms = np.array([_fidelity_terms(r) for r in rows], dtype=float).reshape(-1, 2)
+        kl, tokens = terms[:, 0], terms[:, 1]
         per_kind: dict[str, list[np.ndarray]] = {}
         for kind, draw in self.groups:
             t = tokens[draw].sum(1)
@@ -325,6 +341,47 @@ def random_plan(blocks_meta: list[dict], *, ratio, num_keep: int, round_to: int,
     return out
 
 
+VISION_TOWERS = ("visual", "vision_tower", "vision_model", "vision_encoder")  # the encoders' module names
+
+
+class _VisionOnce:
+    """The image encoder runs once per batch, not once per plan: inside the context every module's
+    `get_image_features` (transformers' VLMs compute the vision tower's output there) returns the batch's first
+    result until `next_batch()`. Exact, because masking only touches decoder MoE blocks: used only when the
+    model has a vision tower (a module named as in VISION_TOWERS) and no MoE block lives inside one."""
+
+    def __init__(self, model, blocks: list[MoEBlock]):
+        towers = [name for name, _ in model.named_modules() if name.rsplit(".", 1)[-1] in VISION_TOWERS]
+        inside = any(b.block.startswith(t + ".") or b.experts.startswith(t + ".") for b in blocks for t in towers)
+        self.owners = (
+            [m for m in model.modules() if callable(getattr(m, "get_image_features", None))]
+            if towers and not inside
+            else []
+        )
+        self.cached: dict[int, object] = {}
+
+    def next_batch(self) -> None:
+        self.cached.clear()
+
+    def __enter__(self):
+        for m in self.owners:
+            original = m.get_image_features
+
+            def once(*args, _original=original, _key=id(m), **kwargs):
+                if _key not in self.cached:
+                    self.cached[_key] = _original(*args, **kwargs)
+                return self.cached[_key]
+
+            m.get_image_features = once  # an instance attribute: the class's method stays as it is
+        return self
+
+    def __exit__(self, *exc):
+        for m in self.owners:
+            m.__dict__.pop("get_image_features", None)
+        self.cached.clear()
+        return False
+
+
 def _run_plans(
     model,
     blocks: list[MoEBlock],
@@ -354,8 +411,10 @@ def _run_plans(
     with contextlib.ExitStack() as stack, torch.inference_mode():
         if observing is not None:
             stack.enter_context(observing)
+        vision = stack.enter_context(_VisionOnce(model, blocks))
         # batches outer, plans inner: the reference logits of one batch are all that is kept
         for bi, batch in enumerate(batches):
+            vision.next_batch()
             inputs = {k: v.to(device) for k, v in batch.inputs.items()}
             if "pixel_values" in inputs:
                 inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
@@ -401,7 +460,7 @@ def greedy_plan(
     super_factor: float = 10.0,
 ) -> tuple[dict[str, list[int]], dict]:
     """Greedy add-back by measured effect. Start from the `criterion`/`modality` plan with `s` experts fewer
-    per block (s = 1 per 8 kept); then, s times, measure (masked, on `search_batches`) the fidelity objective
+    per block (s = 1 per SEARCH_SHARE kept); then, s times, measure (masked, on `search_batches`) the fidelity objective
     of adding each expert of a shortlist to its block, and add each block's best one. The shortlist of a
     block: the next s + 1 experts of the base ranking and the s best-ranked by text alone and by image alone
     that are not kept.
@@ -416,7 +475,7 @@ def greedy_plan(
     for block in blocks_meta:
         key, stats = block["key"], meta["layers"][block["key"]]["stats"]
         n_keep = _n_keep(block, ratio, num_keep, round_to)
-        s = min(max(1, n_keep // 8), n_keep - block["top_k"])  # one expert per 8 kept: the search stays cheap
+        s = min(max(1, n_keep // SEARCH_SHARE), n_keep - block["top_k"])  # a quarter of the kept experts
         if s <= 0:
             raise PlanError("no room for a search: the plan keeps only top_k experts", "", "")
         steps = s if steps is None else min(steps, s)
@@ -637,14 +696,19 @@ def _ratio_key(ratio) -> str:
 
 
 def _random_medians(rows: list[dict]) -> dict[str, dict[str, float]]:
-    """Per ratio and held-out source (or task): the median over the random plans of its KL to the original."""
+    """Per ratio and held-out source (or task): the median over the random plans of its KL to the original (on the
+    objective's targets, _fidelity_terms)."""
     out: dict[str, dict[str, float]] = {}
     for ratio in {_ratio_key(r["ratio"]) for r in rows if r["policy"] == "random"}:
         randoms = [r for r in rows if r["policy"] == "random" and _ratio_key(r["ratio"]) == ratio]
         groups = sorted({g for r in randoms for g in r["by_group"]})
         out[ratio] = {}
         for g in groups:
-            values = [r["by_group"][g]["kl"] for r in randoms if r["by_group"].get(g, {}).get("kl") is not None]
+            values = [
+                r["by_group"][g]["fidelity_kl"]
+                for r in randoms
+                if r["by_group"].get(g, {}).get("fidelity_kl") is not None
+            ]
             if values:
                 out[ratio][g] = float(np.median(values))
     return out
@@ -656,9 +720,9 @@ def _floor(row: dict, medians: dict[str, float] | None) -> dict:
     if not medians:
         return {"ok": True, "checked": False, "worse_sources": {}}
     worse = {
-        g: {"kl": row["by_group"][g]["kl"], "random_median_kl": m}
+        g: {"kl": row["by_group"][g]["fidelity_kl"], "random_median_kl": m}
         for g, m in medians.items()
-        if row["by_group"].get(g, {}).get("kl") is not None and row["by_group"][g]["kl"] > m
+        if row["by_group"].get(g, {}).get("fidelity_kl") is not None and row["by_group"][g]["fidelity_kl"] > m
     }
     return {"ok": not worse, "checked": True, "worse_sources": worse}
 

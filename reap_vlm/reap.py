@@ -340,7 +340,7 @@ def _print_candidates(table: dict) -> None:
     if not rows:
         return
     out = Table(title=f"candidate plans at ratio {rows[0]['ratio']} (objective: {table['objective'].split(':')[0]})")
-    for col in ("plan", "objective", "KL text", "KL image", "loss", "floor", ""):
+    for col in ("plan", "objective", "text", "image", "loss", "floor", ""):
         out.add_column(col)
 
     def fmt(v):
@@ -356,8 +356,8 @@ def _print_candidates(table: dict) -> None:
         out.add_row(
             labels[0] + (f" (= {len(labels) - 1} more)" if len(labels) > 1 else ""),
             fmt(r["objective"]),
-            fmt(r["by_modality"].get("text", {}).get("kl")),
-            fmt(r["by_modality"].get("image", {}).get("kl")),
+            fmt(r["by_modality"].get("text", {}).get("objective")),
+            fmt(r["by_modality"].get("image", {}).get("objective")),
             fmt(r["loss"]),
             floor_text,
             "chosen" if chosen.get("label") in labels else "",
@@ -597,11 +597,7 @@ def _data(settings: ReapSettings, processor, streamed: bool = False) -> tuple:
 
         eval_batches = list(make_batches(heldout_samples(settings), processor, answers=True, **batch_args))
     if settings.eval_samples > 0 and settings.greedy_search and not streamed:
-        search_batches = list(
-            make_batches(
-                search_samples(samples, max(1, settings.eval_samples // 2)), processor, answers=True, **batch_args
-            )
-        )
+        search_batches = list(make_batches(search_samples(settings), processor, answers=True, **batch_args))
     return samples, batches, eval_batches, search_batches
 
 

@@ -259,6 +259,54 @@ def test_objective_weighs_the_image_source_like_the_text_ones():
     assert chosen["criterion"] == "reap" and "within the noise" in chosen["reason"]
 
 
+def _answered(kl_prompt: float, kl_answer: float, n: int = 12, prompt: float = 12.0, answer: float = 2.0):
+    """Image questions with reference answers: per sample `prompt` text targets (the question and the template)
+    at KL kl_prompt, `answer` of them the answer's tokens at KL kl_answer."""
+    tokens = prompt + answer
+    return [
+        {
+            "kl": kl_prompt * prompt + kl_answer * answer,
+            "tokens": tokens,
+            "answer_kl": kl_answer * answer,
+            "answer_tokens": answer,
+            "answer_nll": answer,
+            "answer_correct": 1.0,
+        }
+    ] * n
+
+
+def test_objective_of_questions_with_answers_is_the_answer_tokens_kl():
+    """Plan A keeps the question text's predictions (most of an image sample's targets) and loses the answers;
+    plan B the other way round. Over all targets A looks better; the objective — and the floor — measure the
+    answers, so auto keeps B."""
+
+    def rows(kl_text: float, kl_prompt: float, kl_answer: float, task: str = "digit") -> list[dict]:
+        out = _rows({"code": _text(kl_text), "writing": _text(kl_text)})
+        for i, r in enumerate(_answered(kl_prompt, kl_answer)):
+            out.append({**r, "source": "tasks", "task": task, "kind": "image", "sample": f"t/{i}", "nll": 1.0})
+            out[-1]["agree"] = r["tokens"]
+        return out
+
+    base = rows(0.0, 0.0, 0.0)
+    a, b = rows(0.1, 0.01, 1.5), rows(0.1, 0.3, 0.2)
+    da, db = candidates._describe(a), candidates._describe(b)
+    assert da["by_modality"]["image"]["kl"] < db["by_modality"]["image"]["kl"]  # all targets: A looks better
+    assert da["objective"] == pytest.approx((0.1 + 1.5) / 2) and db["objective"] == pytest.approx((0.1 + 0.2) / 2)
+    assert da["by_group"]["tasks/digit"]["fidelity_kl"] == pytest.approx(1.5)
+    assert da["by_modality"]["image"]["objective"] == pytest.approx(1.5)
+    randoms = [rows(0.3, 0.1, kl) for kl in (0.5, 0.8, 1.0)]
+    table = _table({"reap/balanced": a, "frequency/balanced": b}, base, randoms)
+    by = {r["criterion"]: r for r in table["rows"]}
+    assert not by["reap"]["floor"]["ok"] and set(by["reap"]["floor"]["worse_sources"]) == {"tasks/digit"}
+    assert by["reap"]["floor"]["worse_sources"]["tasks/digit"]["random_median_kl"] == pytest.approx(0.8)
+    assert by["frequency"]["floor"]["ok"]
+    chosen = candidates.choose(table, requested=0.5, default=("reap", "balanced"), fixed=None, seed=0)
+    assert chosen["criterion"] == "frequency"
+    # the bootstrap resamples the same per-group measure: its mean is the objective
+    resampler = candidates.Resampler(base, seed=0, resamples=200)
+    assert np.nanmean(resampler.objective(a)) == pytest.approx(da["objective"])
+
+
 def test_floor_refuses_a_plan_worse_than_the_median_random_plan_on_a_source():
     base = _rows({"code": _text(0.0), "charts": _image(0.0)})
     # A: the best objective, but on charts worse than the median random plan

@@ -201,3 +201,42 @@ def test_metadata_and_plots_hold_the_table(disagreeing, tmp_path):
     assert (tmp_path / "reap_candidates.png").stat().st_size > 1000
     assert (tmp_path / "reap_heatmap.png").stat().st_size > 1000
     assert meta["candidates"]["heldout"]["samples"] == 8
+
+
+def test_vision_tower_runs_once_per_batch_and_plans_measure_the_same(monkeypatch):
+    """_run_plans reuses a batch's image features for every plan (masking never touches the vision tower):
+    the rows equal a plain masked forward of every plan, and the tower runs once per batch, not once per plan."""
+    from reap_vlm.candidates import _run_plans, sample_rows
+    from reap_vlm.masking import masked, removed_from_kept
+    from reap_vlm.moe import find_moe_blocks
+    from reap_vlm.tiny import build
+
+    model, processor = build("qwen3_vl_moe", seed=5)
+    blocks = find_moe_blocks(model)
+    samples = load_samples("tasks:4,code:2", max_samples=6, seed=0)
+    batches = list(
+        make_batches(samples, processor, answers=True, max_seq_len=96, batch_size=3, min_pixels=1024, max_pixels=16384)
+    )
+    plans = [{b.key: list(range(i, i + b.num_experts // 2)) for b in blocks} for i in range(2)]
+    calls = []
+    tower = model.model.visual
+    handle = tower.register_forward_hook(lambda *_: calls.append(1))
+    _, rows, _ = _run_plans(model, blocks, batches, plans, usage=False)
+    handle.remove()
+    with_images = sum("pixel_values" in b.inputs for b in batches)
+    assert with_images and len(calls) == with_images
+    assert "get_image_features" not in model.model.__dict__  # the patch is gone after the measurement
+    with torch.inference_mode():
+        for pi, plan in enumerate(plans):
+            expected = []
+            for b in batches:
+                reference = model(**b.inputs, use_cache=False).logits
+                with masked(model, blocks, removed_from_kept(blocks, plan)):
+                    logits = model(**b.inputs, use_cache=False).logits
+                expected += sample_rows(b, reference, logits, b.inputs["input_ids"])
+            for got, want in zip(rows[pi], expected, strict=True):
+                assert got.keys() == want.keys()
+                for k in got:
+                    assert got[k] == (
+                        pytest.approx(want[k], rel=1e-6, abs=1e-9) if isinstance(want[k], float) else want[k]
+                    )
