@@ -36,7 +36,7 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
-from .errors import EXIT_TERMINATED, EXIT_USAGE, ReapError, SettingsError
+from .errors import EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USAGE, ReapError, SettingsError
 
 TIMEOUT = datetime.timedelta(minutes=60)  # a collective waits this long for a rank that is still working
 
@@ -95,6 +95,18 @@ def joined(settings) -> Iterator:
             if is_writer():
                 print(f"data parallel: {world()} ranks, batch i scored by rank i mod {world()}")
         yield settings
+    except (KeyboardInterrupt, RankLostError) as err:
+        if not active():
+            raise
+        # Stopped from outside (the launcher's SIGTERM after another rank failed, Ctrl-C) or left alone by a
+        # rank that died: the launcher reports the job in one line, so this rank says nothing more. The
+        # launcher's stop signal may still arrive while this rank exits: ignored, no traceback from a finalizer.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if isinstance(err, RankLostError):
+            code = err.exit_code
+        else:
+            code = EXIT_TERMINATED if str(err) == "SIGTERM" else EXIT_INTERRUPTED
+        raise SystemExit(code) from None
     finally:
         if made:
             with contextlib.suppress(Exception):
@@ -107,6 +119,15 @@ def _rank_settings(settings, local_rank: int):
     device = settings.device
     if device in ("auto", "cuda"):
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+        if device != "cpu":
+            if local_rank >= torch.cuda.device_count():
+                gpus = torch.cuda.device_count()
+                raise SettingsError(
+                    f"rank {rank()} is local rank {local_rank} on its node, which has {gpus} GPU(s)",
+                    "each rank needs a GPU of its own",
+                    f"Start at most {gpus} ranks per node (--nproc-per-node, ./run.sh reap --gpus)",
+                )
+            torch.cuda.set_device(local_rank)  # what allocates on "the" GPU without naming one uses this rank's
     elif device.startswith("cuda:") and world() > 1:
         raise SettingsError(
             f"REAP_DEVICE={device} in a data-parallel job of {world()} ranks",
@@ -357,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     that a failed rank is reported as one line and its exit code becomes the job's."""
     import logging
 
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
@@ -384,8 +406,14 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 128 - code if code < 0 else code
-    except KeyboardInterrupt:
-        return 130
+    except (KeyboardInterrupt, SignalException) as err:  # the agent turns SIGINT / SIGTERM into SignalException
+        sig = getattr(err, "sigval", signal.SIGINT)
+        print(
+            f"error: data-parallel job interrupted ({signal.Signals(sig).name}): nothing was written. Run the same "
+            "command again with --resume to continue from each rank's accumulator checkpoint (REAP_CHECKPOINT_EVERY).",
+            file=sys.stderr,
+        )
+        return 128 + int(sig)
     return 0
 
 

@@ -183,6 +183,7 @@ def test_a_rank_that_dies_fails_the_job_with_one_line_and_resume_completes_it(ti
     last = failed.stderr.strip().splitlines()[-1]
     assert last.startswith("error: data-parallel job failed: rank 1 (local rank 1) was killed by SIGKILL")
     assert "nothing was written" in last and "--resume" in last
+    assert [line for line in failed.stderr.splitlines() if "error" in line.lower()] == [last]  # the one line
     assert "Traceback" not in failed.stderr
     left = sorted(p.name for p in out.iterdir())
     assert "reap_metadata.json" not in left and ".reap_accumulators.rank1-of2.pt" in left, left
@@ -190,6 +191,7 @@ def test_a_rank_that_dies_fails_the_job_with_one_line_and_resume_completes_it(ti
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     one = _single(tiny_vl_dir, tmp_path / "one", **run)
     many = _same(one, out, 2)
+    _same_merge_stats(tmp_path / "one", out)  # the merge statistics resume per rank too
     assert many["scoring"]["resumed"] is True
     assert not [p.name for p in out.iterdir() if p.name.startswith(".reap_accumulators")]
 
@@ -232,7 +234,7 @@ def _observe(model, blocks, batches, mode: str) -> dict:
     return observer.export()
 
 
-@pytest.mark.parametrize("mode", ["full", "routed", "router"])
+@pytest.mark.parametrize("mode", ["full", pytest.param("routed", marks=pytest.mark.slow), "router"])
 def test_layers_offloaded_by_accelerate_give_the_statistics_of_one_device(mode, tiny_vl_dir, tmp_path):
     """accelerate's device_map places the first decoder layer on the CPU and offloads the others to disk (their
     parameters stay on the meta device and are loaded for each forward), as device_map=auto does when the GPUs
@@ -296,3 +298,38 @@ def test_bad_input_in_a_data_parallel_job_is_the_ranks_line_and_exit_2(tmp_path)
     assert "Fix what the line above says" in lines[-1] and "--resume" not in lines[-1]
     assert any(line.startswith("error: ") and "missing" in line for line in lines[:-1])
     assert "Traceback" not in result.stderr and not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_accelerate_launch_gives_the_metadata_of_one_process(tiny_vl_dir, tmp_path):
+    """`accelerate launch --multi_gpu` runs torch.distributed.run too (with CUDA hidden the ranks use the CPU)."""
+    accelerate = Path(sys.executable).with_name("accelerate")
+    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+    cmd += ["--mixed_precision", "no", "--dynamo_backend", "no", "reap.py", *_argv(tiny_vl_dir, tmp_path / "two")]
+    result = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "data parallel: 2 ranks" in result.stdout
+    _same(_single(tiny_vl_dir, tmp_path / "one"), tmp_path / "two", 2)
+
+
+@pytest.mark.slow
+def test_a_stopped_job_is_one_line_and_keeps_the_ranks_checkpoints(tiny_vl_dir, tmp_path):
+    """SIGTERM to the launcher (a scheduler's stop): every rank stops, one line, exit 143, nothing written."""
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    argv = _argv(tiny_vl_dir, out, checkpoint_every=1, max_samples=16, batch_size=1, calibration="code:6,vision:6")
+    cmd = [sys.executable, "-m", "reap_vlm.distributed", "--standalone", "--nproc-per-node=2", "reap.py", *argv]
+    job = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (out / ".reap_accumulators.rank1-of2.pt").exists():  # both ranks are scoring
+        assert job.poll() is None and time.monotonic() < deadline, "the job ended before its first checkpoint"
+        time.sleep(0.2)
+    job.send_signal(signal.SIGTERM)
+    _, stderr = job.communicate(timeout=300)
+    assert job.returncode == 143, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if "error" in line.lower()]
+    assert errors == [errors[-1]] and errors[-1].startswith("error: data-parallel job interrupted (SIGTERM)")
+    assert "Traceback" not in stderr and not (out / "reap_metadata.json").exists()
+    assert (out / ".reap_accumulators.rank1-of2.pt").exists()  # kept for --resume
