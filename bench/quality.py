@@ -39,7 +39,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from reap_vlm import evaluate, metadata, prune, scoring  # noqa: E402
+from reap_vlm import candidates, evaluate, metadata, prune, scoring  # noqa: E402
 from reap_vlm.calibration import TEXT_SETS, load_samples, read_source  # noqa: E402
 from reap_vlm.candidates import heldout_samples  # noqa: E402
 from reap_vlm.errors import PlanError  # noqa: E402
@@ -114,18 +114,27 @@ def _signature(keep: dict) -> tuple:
     return tuple((k, tuple(v)) for k, v in sorted(keep.items()))
 
 
-def plans_for_ratio(meta: dict, ratio: float) -> list[dict]:
-    """Every plan to write at this ratio: (label, kind, how) with the kept experts per block key."""
+def plans_for_ratio(meta: dict, ratio: float, measured: bool = True) -> list[dict]:
+    """Every plan to write at this ratio: (label, kind, how) with the kept experts per block key. `measured`: the
+    metadata's plan was chosen at this ratio by the candidate table (auto, greedy and random plans from it); else
+    (--score-once) the metadata holds the raw sums only, and the random plans are drawn here with the reap
+    stage's own function and seeds (candidates.random_plan, RANDOM_SEEDS)."""
     blocks = meta["model"]["blocks"]
     mode = meta["scoring"]["mode"]
     plan = meta["plan"]
-    out = [
-        {
-            "label": f"auto ({plan['criterion']}/{plan['policy']})",
-            "kind": "auto",
-            "kept": {b["key"]: meta["layers"][b["key"]]["kept"] for b in blocks},
-        }
-    ]
+    out = []
+    if measured:
+        out.append(
+            {
+                "label": f"auto ({plan['criterion']}/{plan['policy']})",
+                "kind": "auto",
+                "kept": {b["key"]: meta["layers"][b["key"]]["kept"] for b in blocks},
+            }
+        )
+    else:
+        for seed in candidates.RANDOM_SEEDS:
+            kept = candidates.random_plan(blocks, ratio=ratio, num_keep=0, round_to=plan.get("round_to", 1), seed=seed)
+            out.append({"label": f"random (seed {seed})", "kind": "random", "kept": kept})
     for criterion in scoring.available_criteria(mode):
         for policy in MODALITY_POLICIES:
             try:
@@ -173,7 +182,7 @@ def write_plan(entry: dict, meta_path: Path, meta: dict, model_path: str, target
     elif entry["kind"] == "auto":
         argv += ["--metadata-path", str(meta_path)]
     elif entry["kind"] == "merge":  # the groups' centroids are the kept experts: known once written
-        argv += ["--metadata-path", str(meta_path), "--method", "merge"]
+        argv += ["--metadata-path", str(meta_path), "--method", "merge", "--prune-ratio", str(ratio)]
     else:  # a measured plan the raw sums cannot reproduce: a copy of the metadata that holds it
         variant = copy.deepcopy(meta)
         for key, kept in entry["kept"].items():
@@ -211,6 +220,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--generate", default="auto,random", help="Plan kinds whose greedy generations are also scored."
     )
+    parser.add_argument(
+        "--score-once",
+        action="store_true",
+        help="Run the reap stage once, scoring only (no candidate table: no auto or greedy plan), and cut every "
+        "ratio from its raw sums; random plans drawn with the reap stage's seeds. For the criterion x policy grid.",
+    )
     parser.add_argument("reap_args", nargs="*", help="Extra flags for the reap stage (after --).")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
@@ -243,33 +258,22 @@ def main(argv: list[str] | None = None) -> int:
         "evaluation": {"samples": len(samples), "per_task": args.per_task, "per_domain": args.per_domain},
         "ratios": {},
     }
+    scored = None  # (meta, metadata path, seconds) of the one reap stage with --score-once
     for ratio in [float(r) for r in args.ratios.split(",")]:
         out_dir = work / f"r{ratio:g}"
-        reap_settings = load(
-            ReapSettings,
-            [
-                "--model-path",
-                args.model_path,
-                "--output-path",
-                str(out_dir),
-                "--prune-ratio",
-                str(ratio),
-                "--no-plots",
-                "--eval-ratios",  # the table at other ratios does not change the choice; it costs time
-                f"{ratio:g}",
-                *COMMON,
-                *args.reap_args,
-            ],
-            {},
-        )
-        t0 = time.perf_counter()
-        meta, _ = _quiet(score, reap_settings)
-        reap_seconds = time.perf_counter() - t0
-        meta_path = reap_settings.metadata_file
-        print(f"ratio {ratio}: reap stage {reap_seconds:.0f} s; {meta['plan']['chosen_by']}")
+        if args.score_once:
+            if scored is None:
+                scored = _reap(args, work / "scored", ratio, ["--eval-samples", "0"])
+                print(f"reap stage (scoring only, once) {scored[2]:.0f} s")
+            meta, meta_path, reap_seconds = scored
+            plans = plans_for_ratio(meta, ratio, measured=False)
+        else:
+            meta, meta_path, reap_seconds = _reap(args, out_dir, ratio, ["--eval-ratios", f"{ratio:g}"])
+            print(f"ratio {ratio}: reap stage {reap_seconds:.0f} s; {meta['plan']['chosen_by']}")
+            plans = plans_for_ratio(meta, ratio)
         written: dict[tuple, dict] = {}
         rows = []
-        for entry in plans_for_ratio(meta, ratio):
+        for entry in plans:
             if args.only and entry["kind"] not in args.only.split(","):
                 continue
             sig = ("merge",) if entry["kind"] == "merge" else _signature(entry["kept"])
@@ -293,7 +297,9 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"label": entry["label"], "kind": entry["kind"], "checkpoint": m["id"], **_row(m, original)})
             results["ratios"][f"{ratio:g}"] = {  # after every plan: an interrupted run keeps what it measured
                 "reap_seconds": round(reap_seconds, 1),
-                "chosen_by": meta["plan"]["chosen_by"],
+                "chosen_by": "not measured: --score-once (no candidate table)"
+                if args.score_once
+                else meta["plan"]["chosen_by"],
                 "checkpoints_written": len(written),
                 "rows": rows,
                 "random_median": _random_median(rows),
@@ -306,6 +312,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.markdown:
         Path(args.markdown).write_text(text)
     return 0
+
+
+def _reap(args, out_dir: Path, ratio: float, extra: list[str]) -> tuple[dict, Path, float]:
+    """The reap stage with the given settings at this ratio: (metadata, its path, seconds)."""
+    settings = load(
+        ReapSettings,
+        [
+            "--model-path",
+            args.model_path,
+            "--output-path",
+            str(out_dir),
+            "--prune-ratio",
+            str(ratio),
+            "--no-plots",
+            *extra,  # --eval-ratios R: the table at other ratios does not change the choice; it costs time
+            *COMMON,
+            *args.reap_args,
+        ],
+        {},
+    )
+    t0 = time.perf_counter()
+    meta, _ = _quiet(score, settings)
+    return meta, settings.metadata_file, time.perf_counter() - t0
 
 
 def _row(m: dict, original: dict) -> dict:
@@ -362,6 +391,7 @@ def markdown(results: dict) -> str:
         f"Original: text log-ppl {ppl}; image exact match % (teacher-forced / generated) {acc}.",
         "",
     ]
+    out += summary(results)
     for ratio, entry in results["ratios"].items():
         out += [f"### {float(ratio):.0%} of the experts removed", "", f"auto: {entry['chosen_by']}", ""]
         out += head
@@ -386,6 +416,32 @@ def markdown(results: dict) -> str:
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out) + "\n"
+
+
+def summary(results: dict) -> list[str]:
+    """One line per plan over every ratio measured: the text mean Δ log-ppl and the worst image task's drop
+    (teacher-forced exact match, points; the task named) per ratio."""
+    ratios = list(results["ratios"])
+    labels: list[str] = []
+    for entry in results["ratios"].values():
+        labels += [r["label"] for r in entry["rows"] if r["label"] not in labels]
+    out = [
+        "| plan | "
+        + " | ".join(f"{float(r):.0%}: text Δ log-ppl | {float(r):.0%}: worst task drop" for r in ratios)
+        + " |",
+        "|---" * (1 + 2 * len(ratios)) + "|",
+    ]
+    for label in labels:
+        cells = [label]
+        for ratio in ratios:
+            row = next((r for r in results["ratios"][ratio]["rows"] if r["label"] == label), None)
+            if row is None:
+                cells += ["not measured", ""]
+                continue
+            task = max(row["tf_drop_points"], key=row["tf_drop_points"].get)
+            cells += [f"{row['text_mean']:+.3f}", f"{row['tf_worst_drop']:.0f} ({task})"]
+        out.append("| " + " | ".join(cells) + " |")
+    return [*out, ""]
 
 
 if __name__ == "__main__":
