@@ -22,7 +22,7 @@ Commands:
   all        reap, then prune, then test; stops at the first failure. Its flags become settings for every
              stage (--prune-ratio 0.3 -> REAP_PRUNE_RATIO=0.3, --no-plots -> REAP_PLOTS=false); each stage
              takes the keys it knows, and a misspelt key stops the first stage at once.
-  demo       the whole pipeline on a generated tiny Qwen3-VL-MoE (CPU, offline): python -m reap_vlm.demo
+  demo       the whole pipeline on the shipped demo VLM (CPU, offline; --model tiny: a generated random-weight one): python -m reap_vlm.demo
   verify     a checkpoint's MoE layout without loading weights: python -m reap_vlm.verify MODEL [args]
   selftest   ruff (lint + format), hadolint, shellcheck, then pytest [args]; always local, the venv gets requirements-dev.txt;
              selftest --all also runs the slow tests
