@@ -26,6 +26,7 @@ from reap_vlm.tiny import quantize_checkpoint
 
 FORMATS = ("fp8", "ct-int4", "ct-fp8")
 PACKED = ("awq", "awq-swapped", "gptq", "gptq-act-order")  # committed fixtures made by auto-round's packers
+LLMCOMPRESSOR = "llmcompressor-w4a16"  # a committed checkpoint written by llm-compressor (see its script)
 FIXTURES = Path(__file__).parent / "fixtures" / "quantized"
 PIXELS = dict(min_pixels=1024, max_pixels=16384)
 
@@ -41,6 +42,14 @@ def quantized(tiny_text_dir, tmp_path_factory):
     for fmt in PACKED:
         qdir = _packed_checkpoint(tiny_text_dir, root / fmt, fmt)
         out[fmt] = (qdir, _twin(qdir, root / f"{fmt}-twin"))
+    qdir = root / LLMCOMPRESSOR
+    qdir.mkdir()
+    for f in [
+        *(FIXTURES / LLMCOMPRESSOR).iterdir(),
+        *(tiny_text_dir / n for n in ("tokenizer.json", "tokenizer_config.json")),
+    ]:
+        (qdir / f.name).write_bytes(f.read_bytes())
+    out[LLMCOMPRESSOR] = (qdir, _twin(qdir, root / f"{LLMCOMPRESSOR}-twin"))
     return out
 
 
@@ -109,7 +118,7 @@ def _twin(qdir: Path, dst: Path) -> Path:
     del model.config.quantization_config
     model.save_pretrained(dst, max_shard_size="300KB", save_original_format=False)  # the fused layout it reads
     for f in qdir.iterdir():  # the processor's files
-        if f.suffix not in (".safetensors", ".json") or f.name not in ("config.json", "model.safetensors.index.json"):
+        if f.suffix != ".safetensors" and f.name not in ("config.json", "model.safetensors.index.json"):
             if not (dst / f.name).exists():
                 (dst / f.name).write_bytes(f.read_bytes())
     saved = json.loads((dst / "config.json").read_text())
@@ -254,6 +263,28 @@ def test_awq_and_gptq_dequantize_as_the_packer_library_does(fmt, expect, quantiz
     streamed.close()
 
 
+def test_llm_compressor_export_dequantizes_as_compressed_tensors_does(quantized):
+    """A checkpoint written by llm-compressor itself (W4A16 on the linearized experts and attention): detected,
+    and every weight equals compressed-tensors' own dequantization of the file."""
+    from reap_vlm.verify import describe
+
+    qdir, _ = quantized[LLMCOMPRESSOR]
+    info = describe(qdir, 0.5)["quantization"]
+    assert info["format"] == "compressed-tensors" and info["scheme"] == "pack-quantized"
+    assert info["bits"] == 4 and info["group_size"] == 16
+    assert info["quantized"] == {"experts": 96, "attention": 16}
+    expected = _library_dequantized(qdir, "ct-int4")
+    streamed = StreamedModel(qdir, device="cpu", dtype="float32")
+    reader = streamed.reader
+    quantized_names = [n for n, parts in reader.parts.items() if len(parts) > 1]
+    assert len(quantized_names) == 112
+    for name in quantized_names:
+        with safe_open(str(qdir / reader.layout.tensors[reader.parts[name][0]].shard), framework="pt") as f:
+            tensors = {p: f.get_tensor(p) for p in reader.parts[name]}
+        assert torch.equal(reader.dequantizer.weight(tensors).float(), expected[name]), name
+    streamed.close()
+
+
 def _statistics(model_dir: Path, mode: str, streamed: bool, spec: str = "code:3,writing:3") -> dict:
     if streamed:
         run = StreamedModel(model_dir, device="cpu", dtype="float32")
@@ -280,7 +311,7 @@ def _statistics(model_dir: Path, mode: str, streamed: bool, spec: str = "code:3,
     "fmt, mode",
     [
         pytest.param(f, m, marks=() if m == "full" or f == "fp8" else pytest.mark.slow)
-        for f in (*FORMATS, *PACKED)
+        for f in (*FORMATS, *PACKED, LLMCOMPRESSOR)
         for m in ("full", "routed", "router")
     ],
 )
