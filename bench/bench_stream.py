@@ -3,17 +3,20 @@
 1. Writes a checkpoint with the real tensor names, shapes and hub on-disk layout of Qwen3-VL-30B-A3B
    (H=2048, 128 experts of I=768, top-8, 32 heads / 4 KV heads, vocab 151936, the 27-block vision
    tower with deepstack), `--layers` decoder layers (default 12), bf16, in 4 GB shards, plus a
-   processor (the tiny byte-level tokenizer, the real image processor sizes).
-2. Scores it twice, each in its own process, on the same calibration batches (text + images):
+   processor (the tiny byte-level tokenizer, the real image processor sizes). On a GPU the random
+   weights are made there (fast), then saved.
+2. Scores it twice, each in its own process, on the same calibration batches (text + images) with the
+   same candidate-plan measurement (`--eval-samples`, default 16; the greedy search off in both, since
+   streamed execution skips it):
      memory   the whole model on the GPU, no cap
      stream   REAP_EXECUTION=stream with the GPU capped by torch.cuda.set_per_process_memory_fraction
-              to one third of the model's weight bytes
-   and reports tokens/s, the ratio stream / memory, GPU peak (max_memory_allocated), CPU peak RSS,
-   the bounds of docs/design.md ("Streamed execution"), and the largest relative difference of the
-   raw sums between the two metadata files.
-
-`--eval-samples N` adds the default candidate-plan measurement on N held-out samples to both runs
-(default 16; 0 = statistics only).
+              to one third of the model's weight bytes: statistics and every candidate plan in one pass
+   and reports the throughput (calibration tokens / (scoring + plan measurement seconds)) of each and the
+   ratio stream / memory, the streamed run's seconds per phase (capture, layer loads, calibration
+   compute, plan streams, head), GPU peak (max over the stage's phases of max_memory_allocated) and CPU
+   peak RSS against the bounds of docs/design.md ("Memory bounds"), the per-layer quantities the
+   extrapolation in docs/benchmarks.md uses, and the largest relative difference of the raw sums and of
+   the candidate table between the two metadata files.
 
 Usage:  python bench/bench_stream.py [--layers 12] [--samples 1024] [--seq-len 512] [--work DIR] [--out result.json]
         python bench/bench_stream.py --small      # CPU smoke test (tiny widths, a few samples)
@@ -125,6 +128,9 @@ def make_checkpoint(out: Path, sizes: dict, layers: int, dtype: torch.dtype, dev
         model = Qwen3VLMoeForConditionalGeneration._from_config(config, dtype=dtype).eval()
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, max_shard_size="4GB")  # hub layout (save_original_format defaults to True)
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the scoring runs are other processes: give them the GPU back
     size = {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 512}
     processor = Qwen3VLProcessor(
         image_processor=Qwen2VLImageProcessor(patch_size=16, temporal_patch_size=2, merge_size=2, size=size),
@@ -142,23 +148,6 @@ def weight_bytes(model_dir: Path) -> int:
     return sum(t.nbytes for t in inspect_checkpoint(model_dir).tensors.values())
 
 
-def layer_bytes(model_dir: Path) -> tuple[int, int]:
-    """(largest decoder layer, everything outside the decoder layers) in bytes on disk."""
-    import re
-
-    from reap_vlm.checkpoint import inspect_checkpoint
-
-    per_layer: dict[int, int] = {}
-    outer = 0
-    for name, t in inspect_checkpoint(model_dir).tensors.items():
-        m = re.search(r"language_model\.layers\.(\d+)\.", name)
-        if m:
-            per_layer[int(m.group(1))] = per_layer.get(int(m.group(1)), 0) + t.nbytes
-        else:
-            outer += t.nbytes
-    return max(per_layer.values()), outer
-
-
 def child(args) -> None:
     """One scoring run in this process; writes <work>/<mode>.json."""
     from reap_vlm.reap import score
@@ -171,27 +160,35 @@ def child(args) -> None:
         total = torch.cuda.get_device_properties(0).total_memory
         cap = weight_bytes(model_dir) / 3
         torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), 0)
-    argv = ["--model-path", str(model_dir), "--output-path", str(args.work / args.child)]
+    out = args.work / args.child
+    argv = ["--model-path", str(model_dir), "--output-path", str(out)]
     argv += ["--device", "cuda" if cuda else "cpu", "--dtype", "bfloat16" if cuda else "float32"]
     argv += ["--max-samples", str(args.samples), "--max-seq-len", str(args.seq_len)]
     argv += ["--batch-size", str(args.batch_size), "--eval-samples", str(args.eval_samples), "--no-plots"]
-    argv += ["--execution", args.child, "--stream-cache-gb", str(args.cache_gb)]
+    argv += ["--execution", args.child, "--stream-cache-gb", str(args.cache_gb), "--no-greedy-search"]
     if args.small:
         argv += ["--min-pixels", "1024", "--max-pixels", "16384"]
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)  # this bench's own output folder of an earlier run
     settings = load(ReapSettings, argv, {})
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     meta = score(settings)
     seconds = time.perf_counter() - started
     tokens = meta["calibration"]["tokens"]
+    phases = meta["scoring"].get("phases", {})
+    work = sum(phases.get(p, {}).get("seconds", 0.0) for p in ("scoring", "plans"))
+    peaks = [p["gpu_peak_gib"] for p in phases.values() if "gpu_peak_gib" in p]
     result = {
         "mode": args.child,
         "seconds_stage": round(seconds, 2),
-        "seconds_scoring": meta["scoring"]["seconds"],
+        "phases": phases,
+        "execution": meta["scoring"]["execution"],
         "tokens": tokens,
-        "tokens_per_s": (tokens["text"] + tokens["image"]) / meta["scoring"]["seconds"],
-        "gpu_peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        "tokens_per_s": (tokens["text"] + tokens["image"]) / max(work, 1e-9),
+        "plans_evaluated": meta.get("candidates", {}).get("plans_evaluated", 0),
+        "gpu_peak_gib": max(peaks) if peaks else None,
         "gpu_cap_gib": cap / 2**30 if cap else None,
         "cpu_peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30,
         "metadata": str(settings.metadata_file),
@@ -200,8 +197,9 @@ def child(args) -> None:
 
 
 def _max_rel(a, b) -> float:
+    """The largest relative difference of the numbers of two JSON trees (timings left out)."""
     if isinstance(a, dict):
-        return max((_max_rel(a[k], b[k]) for k in a), default=0.0)
+        return max((_max_rel(a[k], b[k]) for k in a if k not in ("seconds", "greedy_seconds")), default=0.0)
     if isinstance(a, list):
         return max((_max_rel(x, y) for x, y in zip(a, b, strict=True)), default=0.0)
     if isinstance(a, float) and isinstance(b, float) and math.isfinite(a) and math.isfinite(b):
@@ -231,7 +229,9 @@ def main() -> None:
     started = time.perf_counter()
     sizes = SMALL if args.small else REAL
     dtype = torch.float32 if args.small else torch.bfloat16
-    model_dir = make_checkpoint(args.work / "model", sizes, args.layers, dtype)
+    device = "cuda" if torch.cuda.is_available() and not args.small else "cpu"
+    model_dir = make_checkpoint(args.work / "model", sizes, args.layers, dtype, device)
+    built = time.perf_counter() - started
     print(f"checkpoint {model_dir}: {weight_bytes(model_dir) / 2**30:.2f} GiB ({time.perf_counter() - started:.0f} s)")
     runs = {}
     for mode in ("memory", "stream"):
@@ -244,25 +244,48 @@ def main() -> None:
     from reap_vlm import metadata
 
     a, b = (metadata.read(Path(runs[m]["metadata"])) for m in ("memory", "stream"))
-    reader_bytes = weight_bytes(model_dir)
     result = {
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() and not args.small else "cpu",
         "layers": args.layers,
-        "weights_gib": reader_bytes / 2**30,
+        "weights_gib": weight_bytes(model_dir) / 2**30,
+        "seconds_checkpoint": round(built, 1),
         "runs": runs,
         "throughput_ratio": runs["stream"]["tokens_per_s"] / runs["memory"]["tokens_per_s"],
         "max_rel_diff_raw_sums": _max_rel(a["layers"], b["layers"]),
+        "max_rel_diff_candidates": _max_rel(a.get("candidates", {}), b.get("candidates", {})),
         "same_plan": a["plan"]["kept_per_block"] == b["plan"]["kept_per_block"]
         and all(a["layers"][k]["kept"] == b["layers"][k]["kept"] for k in a["layers"]),
     }
-    largest, outer = layer_bytes(model_dir)
-    # docs/design.md, "Streamed execution": GPU = outer parts + 2 x largest layer + chunk budget + 1 GiB
-    # (one batch's activations inside the last term); CPU = cached states + 2 layers + 2 GiB
+    # docs/design.md, "Memory bounds": GPU <= max(outer parts + 1 GiB, 2 x largest layer + chunk budget +
+    # 1 GiB) + the GPU tier of the cache; CPU <= RAM tier + captured layer arguments + 2 layers + outer parts
+    # (off the GPU during the pass) + 2 GiB
+    mem = runs["stream"]["execution"]["memory"]
+    chunk_gib = 768 / 1024
     result["bounds_gib"] = {
-        "largest_layer": largest / 2**30,
-        "outer_parts": outer / 2**30,
-        "gpu_stream": (outer + 2 * largest + 768 * 2**20 + 2**30) / 2**30,
-        "cpu_stream_without_cache": (2 * largest + 2 * 2**30) / 2**30,
+        **mem,
+        "gpu_stream": max(mem["outer_parts_gib"] + 1, mem["reserve_gib"]) + mem["gpu_cache_peak_gib"],
+        "cpu_stream": mem["ram_cache_peak_gib"]
+        + mem["captured_args_gib"]
+        + 2 * mem["largest_layer_gib"]
+        + mem["outer_parts_gib"]
+        + 2,
+        "chunk_gib": chunk_gib,
+    }
+    result["within_bounds"] = {
+        "gpu": runs["stream"]["gpu_peak_gib"] is None
+        or runs["stream"]["gpu_peak_gib"] <= result["bounds_gib"]["gpu_stream"],
+        "cpu": runs["stream"]["cpu_peak_rss_gib"] <= result["bounds_gib"]["cpu_stream"],
+    }
+    # what docs/benchmarks.md extrapolates from: per decoder layer and per calibration token
+    seconds = runs["stream"]["execution"].get("seconds", {})
+    n_tokens = runs["stream"]["tokens"]["text"] + runs["stream"]["tokens"]["image"]
+    result["per_layer"] = {
+        "load_s": seconds.get("load", 0.0) / args.layers,
+        "calibration_s_per_mtok": seconds.get("compute", 0.0) / args.layers / max(n_tokens, 1) * 1e6,
+        "plans_s": seconds.get("plans", 0.0) / args.layers,
+        "capture_s_per_mtok": seconds.get("capture", 0.0) / max(n_tokens, 1) * 1e6,
+        "head_s": seconds.get("head", 0.0),
+        "hidden_bytes_per_token": sizes["text"]["hidden_size"] * (4 if args.small else 2),
     }
     print(json.dumps(result, indent=1))
     if args.out:

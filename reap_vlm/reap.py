@@ -549,6 +549,7 @@ def _plans(settings, model, streamed, blocks, meta, eval_batches, search_batches
         choose_plan(settings, streamed, blocks, meta, eval_batches, search_batches, None)
         meta["scoring"]["execution"]["passes"] = 1 + streamed.extra_passes
         meta["scoring"]["execution"]["seconds"] = {k: round(v, 3) for k, v in streamed.timings.items()}
+        meta["scoring"]["execution"]["memory"] = streamed.memory_report()
         streamed.close()
     else:
         choose_plan(settings, model, blocks, meta, eval_batches, search_batches, stats_by_block)

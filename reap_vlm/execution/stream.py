@@ -241,6 +241,37 @@ def _to(obj, device: torch.device, memo: dict | None = None):
     return obj
 
 
+def _available_ram() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (None where there is none)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _args_bytes(captured) -> int:
+    """Bytes of the distinct tensors of the captured layer arguments."""
+    seen: dict[int, int] = {}
+
+    def walk(obj) -> None:
+        if isinstance(obj, torch.Tensor):
+            seen[id(obj)] = obj.numel() * obj.element_size()
+        elif isinstance(obj, (tuple, list)):
+            for o in obj:
+                walk(o)
+        elif isinstance(obj, dict):
+            for o in obj.values():
+                walk(o)
+
+    for record in captured:
+        walk(record.layer_args)
+        walk(record.between)
+    return sum(seen.values())
+
+
 def resolve_dtype(dtype: str, device: torch.device, config: dict) -> torch.dtype:
     from ..loading import DTYPES
     from ..loading import resolve_dtype as memory_dtype
@@ -310,6 +341,7 @@ class StreamedModel:
         self.answered = 0  # plans run_plans answered from that pass
         self.extra_passes = 0  # passes over the weights run_plans needed besides it (the greedy search)
         self.timings: dict[str, float] = {}  # seconds per phase: capture, load, compute, plans, head
+        self.cache_peaks: dict = {}  # the last pass's cache: budgets, peaks, spilled writes (memory_report)
 
     # ---- capture -------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -400,7 +432,39 @@ class StreamedModel:
                 "two decoder layers, the chunk budget (REAP_CHUNK_MEMORY_MB) and one batch's activations must fit",
                 "Free the GPU, lower REAP_CHUNK_MEMORY_MB, or use a larger GPU",
             )
-        return int(available - reserve)
+        return int(0.9 * (available - reserve))  # 10 % slack for the allocator's fragmentation
+
+    def outer_bytes(self) -> int:
+        """The parts outside the decoder layers in the compute dtype (bytes)."""
+        item = torch.empty(0, dtype=self.dtype).element_size()
+        info = self.reader.layout.tensors
+        return sum(math.prod(info[n].shape) * item for n in self.reader.groups[OUTER])
+
+    def _ram_cache_bytes(self) -> int:
+        """REAP_STREAM_CACHE_GB, or less where the machine's available memory cannot hold it beside the
+        two layers, the outer parts and 2 GiB for the process (the rest spills; the numbers are the same)."""
+        available = _available_ram()
+        if available is None:
+            return self.cache_bytes
+        room = max(0, available - 2 * self.layer_bytes() - self.outer_bytes() - 2 * 2**30)
+        if room < self.cache_bytes:
+            print(
+                f"note: streamed execution keeps {room / 2**30:.1f} GiB of hidden states in RAM, not "
+                f"REAP_STREAM_CACHE_GB={self.cache_bytes / 2**30:g}: that is what the available memory allows; "
+                "the rest spills to disk"
+            )
+        return min(self.cache_bytes, room)
+
+    def memory_report(self) -> dict:
+        """What the bounds of docs/design.md ("Memory bounds") are made of, in GiB, and the cache's peaks."""
+        gib = 2**30
+        out = {
+            "largest_layer_gib": self.layer_bytes() / gib,
+            "outer_parts_gib": self.outer_bytes() / gib,
+            "reserve_gib": self.reserve_bytes() / gib,
+        }
+        out.update({k: v / gib if k.endswith("_gib") else v for k, v in self.cache_peaks.items()})
+        return {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
 
     def _outer_to(self, device: torch.device, *, head_only: bool = False) -> None:
         """Move the parts outside the decoder layers (all of them, or only the final norm and the LM head)
@@ -457,10 +521,20 @@ class StreamedModel:
             if on_layer is not None:
                 on_layer(i + 1, n)
 
+    def _note_cache(self, cache: HiddenCache, captured) -> None:
+        self.cache_peaks = {
+            "gpu_cache_budget_gib": cache.gpu_limit,
+            "gpu_cache_peak_gib": cache.peak_gpu_bytes,
+            "ram_cache_budget_gib": cache.limit,
+            "ram_cache_peak_gib": cache.peak_ram_bytes,
+            "captured_args_gib": _args_bytes(captured),
+            "spilled_writes": cache.spilled_writes,
+        }
+
     def _new_cache(self) -> HiddenCache:
         cuda = self.device.type == "cuda"
         return HiddenCache(
-            self.cache_bytes,
+            self._ram_cache_bytes(),
             self.spill_parent,
             pin=cuda,
             gpu_bytes=self._gpu_cache_bytes(),
@@ -493,6 +567,7 @@ class StreamedModel:
                                 cache.put((s, b), self._through(i, captured[(s, b)], cache.get((s, b))))
                         self._clock("compute", started)
                 self._outer_to(self.device, head_only=True)
+                self._note_cache(cache, by_batch.values())
         except BaseException:
             if cache is not None:
                 cache.close()
@@ -795,6 +870,7 @@ def score_pass(
                         found.setdefault(_signature(blocks, kept[c]), (rows[g], counts[c]))
                 zeros = {b.key: torch.zeros(b.num_experts, dtype=torch.float64) for b in blocks}
                 measured = Measured(held, rows[0], {**zeros, **baseline_counts}, found, kept)
+            streamed._note_cache(cache, captured.values())
     finally:
         if cache is not None:
             cache.close()
