@@ -22,7 +22,6 @@ stream's is an Observer of that layer's MoE blocks, the very class the in-memory
 from __future__ import annotations
 
 import contextlib
-import math
 import shutil
 import tempfile
 import time
@@ -395,13 +394,9 @@ class StreamedModel:
 
     # ---- memory ----------------------------------------------------------------------------------
     def layer_bytes(self) -> int:
-        """The largest decoder layer's weights in the compute dtype (bytes)."""
+        """The largest decoder layer's weights in the compute dtype (bytes), from the skeleton's shapes."""
         item = torch.empty(0, dtype=self.dtype).element_size()
-        info = self.reader.layout.tensors
-        return max(
-            (sum(math.prod(info[n].shape) * item for n in self.reader.groups[i]) for i in range(len(self.layers))),
-            default=0,
-        )
+        return max((sum(p.numel() for p in layer.parameters()) * item for layer in self.layers), default=0)
 
     def reserve_bytes(self) -> int:
         """What a layer's pass needs on the device besides the cached states (docs/design.md, "Memory
@@ -437,8 +432,8 @@ class StreamedModel:
     def outer_bytes(self) -> int:
         """The parts outside the decoder layers in the compute dtype (bytes)."""
         item = torch.empty(0, dtype=self.dtype).element_size()
-        info = self.reader.layout.tensors
-        return sum(math.prod(info[n].shape) * item for n in self.reader.groups[OUTER])
+        skip = self.layers_path + "."
+        return sum(p.numel() for n, p in self.model.named_parameters() if not n.startswith(skip)) * item
 
     def _ram_cache_bytes(self) -> int:
         """REAP_STREAM_CACHE_GB, or less where the machine's available memory cannot hold it beside the
@@ -617,7 +612,8 @@ class StreamedModel:
         the end the final norm and the LM head give the logits that candidates._token_metrics compares,
         batch by batch. Same return value as _run_plans."""
         measured = self.measured
-        if measured is not None and measured.batches is batches:
+        same = measured is not None and len(measured.batches) == len(batches)
+        if same and all(a is b for a, b in zip(measured.batches, batches, strict=True)):  # the very batches
             found = [measured.plans.get(_signature(blocks, plan)) for plan in plans]
             if all(f is not None for f in found):
                 self.answered += len(plans)
