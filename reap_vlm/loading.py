@@ -185,10 +185,17 @@ def _transformers_reads(quant, model_dir: Path, config: dict) -> bool:
 
 
 def _has_quantized_names(model_dir: Path) -> bool:
+    """An export without quantization_config whose tensor names are quantized ones (transformers would load it
+    with random weights). A checkpoint the layout reader refuses is left to the loader to report."""
     from .checkpoint.layout import inspect_checkpoint
+    from .errors import ReapError
     from .quantization import _modules_from_names
 
-    return bool(_modules_from_names(inspect_checkpoint(model_dir).tensors, {})[1])
+    try:
+        names = inspect_checkpoint(model_dir).tensors
+    except (ReapError, OSError, ValueError):
+        return False
+    return bool(_modules_from_names(names, {})[1])
 
 
 def _load_dequantizing(model_dir: Path, config: dict, device: str, dtype: str, trust: bool, attn: str):
