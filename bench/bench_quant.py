@@ -35,9 +35,26 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_stream import REAL, SMALL, _max_rel, layer_bytes, make_checkpoint, weight_bytes  # noqa: E402
+from bench_stream import REAL, SMALL, _max_rel, make_checkpoint, weight_bytes  # noqa: E402
 
 CHUNK_MB = 768  # REAP_CHUNK_MEMORY_MB's default: full mode's all-expert chunks
+
+
+def layer_bytes(model_dir: Path) -> tuple[int, int]:
+    """(largest decoder layer, everything outside the decoder layers) in bytes on disk."""
+    import re
+
+    from reap_vlm.checkpoint import inspect_checkpoint
+
+    per_layer: dict[int, int] = {}
+    outer = 0
+    for name, t in inspect_checkpoint(model_dir).tensors.items():
+        m = re.search(r"language_model\.layers\.(\d+)\.", name)
+        if m:
+            per_layer[int(m.group(1))] = per_layer.get(int(m.group(1)), 0) + t.nbytes
+        else:
+            outer += t.nbytes
+    return max(per_layer.values()), outer
 
 
 def child(args) -> None:
