@@ -1,10 +1,12 @@
 """Typed settings, one object per stage. The only module that reads environment variables.
 
-Precedence, highest first: command-line flag > environment variable (REAP_*) > .env file
-(python-dotenv; another file with REAP_ENV_FILE) > default. Every REAP_* key found in the
-environment or the .env file must belong to a settings class below; an unknown key is an
-error that names the closest valid one. `.env.example` and the README's configuration table
-are generated from these classes (`python -m reap_vlm.settings env-example | readme-table`).
+Precedence, highest first: command-line flag > environment variable (REAP_*) > recipe file
+(`--config recipe.yaml` or REAP_CONFIG: YAML with the same REAP_* keys as .env) > .env file
+(python-dotenv; another file with REAP_ENV_FILE) > the stage's default. An empty value (`KEY=`) in
+the environment, a recipe or .env means "not set": the stage's own default applies. Every REAP_* key
+found in the environment, a recipe or the .env file must belong to a settings class below; an unknown
+key is an error that names the closest valid one. `.env.example` and the README's configuration table
+are generated from these classes (`python -m reap_vlm.settings sync-docs`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ from .errors import SettingsError
 
 PREFIX = "REAP_"
 ENV_FILE_KEY = "REAP_ENV_FILE"
+CONFIG_KEY = "REAP_CONFIG"
+MAX_RECIPE_BYTES = 1 << 20
+LOG_LEVELS = ("quiet", "info", "verbose")
 
 SCORING_MODES = ("full", "routed", "router")
 CRITERIA = (
@@ -76,6 +81,18 @@ class Settings:
         "", "Attention kernel (sdpa, eager, flash_attention_2); empty = the model's default."
     )
     seed: int = opt(42, "Random seed for data order and any sampling.")
+    config: Path | None = opt(
+        None,
+        "Recipe file (YAML) with the same REAP_* keys as .env; flags and the environment win over it, it wins "
+        "over .env.",
+    )
+    log_level: str = opt(
+        "info",
+        "Messages on stderr: quiet (warnings, errors and the result line only), info (progress bars and "
+        "results), verbose (also every step, each line with a timestamp). Flags: --quiet, --verbose.",
+        choices=LOG_LEVELS,
+    )
+    json: bool = opt(False, "Print one JSON line on stdout at the end: paths written, key numbers, verdict.")
 
     # ---- derived paths --------------------------------------------------------------------
     @property
@@ -235,7 +252,9 @@ class ReapSettings(Settings):
     )
     eval_per_task: int = opt(8, "Plan-selection slice: held-out questions per image task (rows with answers).")
     eval_per_source: int = opt(4, "Plan-selection slice: held-out samples per source without answers (text).")
-    eval_ratios: str = opt("0.25,0.5,0.75", "Extra prune ratios measured for every criterion (comma-separated).")
+    eval_ratios: str = opt(
+        "0.25,0.5,0.75", "Extra prune ratios measured for every criterion (comma-separated; none = no extra ratios)."
+    )
     greedy_search: bool = opt(
         True,
         "With REAP_CRITERION=auto also run the greedy add-back search among the candidate plans (in memory only: "
@@ -296,6 +315,8 @@ class ReapSettings(Settings):
     @property
     def candidate_ratios(self) -> list[float]:
         try:
+            if self.eval_ratios.strip().lower() == "none":
+                return []
             return [float(x) for x in self.eval_ratios.split(",") if x.strip()]
         except ValueError:
             raise SettingsError(
@@ -495,7 +516,7 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
 
-def _convert(key: str, raw: str, base: type, optional: bool, choices: tuple | None) -> Any:
+def _convert(key: str, raw: str, base: type, optional: bool, choices: tuple | None, where: str = "") -> Any:
     text = raw.strip()
     if optional and text == "":
         return None
@@ -515,10 +536,10 @@ def _convert(key: str, raw: str, base: type, optional: bool, choices: tuple | No
             value = text
     except ValueError:
         kind = {bool: "true/false", int: "an integer", float: "a number"}.get(base, base.__name__)
-        raise SettingsError(f"{key}={raw!r} is not {kind}", "", f"Set {key} to {kind}") from None
+        raise SettingsError(f"{key}={raw!r}{where} is not {kind}", "", f"Set {key} to {kind}") from None
     if choices and value not in choices:
         raise SettingsError(
-            f"{key}={raw!r} is not a valid choice",
+            f"{key}={raw!r}{where} is not a valid choice",
             "expected one of " + ", ".join(repr(c) for c in choices),
             f"Set {key} to one of them",
         )
@@ -581,24 +602,147 @@ class Parser(argparse.ArgumentParser):
         raise SettingsError(message, "", f"Run {self.prog} --help")
 
 
-def build_parser(cls: type[Settings], prog: str | None = None) -> argparse.ArgumentParser:
+def read_recipe(path: Path) -> dict[str, str]:
+    """A recipe: a YAML mapping of REAP_* keys to single values, the same keys as .env. Values become the text
+    .env would hold (true/false, numbers as written; null or an empty string = not set). run.sh's own keys and
+    REAP_CONFIG / REAP_ENV_FILE are refused: they are read before any recipe is."""
+    import yaml
+
+    from .validate import read_text
+
+    fix = f"Fix {path}: a YAML mapping of REAP_* keys to values, as in .env.example"
+    if not path.exists():
+        raise SettingsError(f"recipe {path} does not exist", "", "Point --config (REAP_CONFIG) at a YAML file")
+    text = read_text(path, SettingsError, fix, MAX_RECIPE_BYTES)
+
+    class Loader(yaml.SafeLoader):  # a mapping that names a key twice is refused, not silently the last value
+        pass
+
+    def mapping(loader, node):
+        loader.flatten_mapping(node)
+        pairs = loader.construct_pairs(node, deep=True)
+        keys = [k for k, _ in pairs]
+        for k in keys:
+            if not isinstance(k, str):
+                raise SettingsError(f"recipe {path} has a key that is not a name: {k!r}"[:200], "", fix)
+            if keys.count(k) > 1:
+                raise SettingsError(f"recipe {path} sets {k} twice", "only one value can apply", "Keep one")
+        return dict(pairs)
+
+    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    try:
+        data = yaml.load(text, Loader=Loader)  # a SafeLoader subclass
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        problem = getattr(err, "problem", None) or (str(err).splitlines() or [type(err).__name__])[0]
+        raise SettingsError(f"recipe {path} is not valid YAML{where}", str(problem)[:200], fix) from None
+    except RecursionError:
+        raise SettingsError(f"recipe {path} nests too deeply", "a recipe is a flat mapping of keys", fix) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SettingsError(f"recipe {path} is a {type(data).__name__}, not a mapping of keys", "", fix)
+    runner = {env_key(f.name) for f in dataclasses.fields(RunnerSettings)} | {CONFIG_KEY}
+    values: dict[str, str] = {}
+    for key, value in data.items():
+        if not key.startswith(PREFIX):
+            close = _closest(PREFIX + key.upper())
+            hint = f"did you mean {close}?" if close else ""
+            raise SettingsError(f"{key!r} in recipe {path} is not a REAP_* setting"[:200], hint, fix)
+        if key in runner:
+            raise SettingsError(
+                f"{key} cannot be set in a recipe",
+                "it is read before any recipe is (run.sh, the recipe's own name)",
+                "Set it in the environment or .env",
+            )
+        if isinstance(value, bool):
+            text_value = "true" if value else "false"
+        elif value is None:
+            text_value = ""
+        elif isinstance(value, (int, float, str)):
+            text_value = str(value)
+        else:
+            raise SettingsError(
+                f"{key} in recipe {path} is a {type(value).__name__}, not a single value", "", f"Give {key} one value"
+            )
+        if any(ord(c) < 32 for c in text_value):
+            raise SettingsError(f"{key} in recipe {path} holds control characters", "", f"Give {key} one line")
+        values[key] = text_value
+    _check_known(f"recipe {path}", values)
+    return values
+
+
+def _config_flag(argv: list[str]) -> str | None:
+    pre = Parser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--config")
+    return pre.parse_known_args(argv)[0].config
+
+
+def sources(argv: list[str], environ: dict[str, str]) -> list[tuple[str, dict[str, str]]]:
+    """Where a value can come from besides the command line, highest precedence first, as (name, values):
+    the environment, the recipe (--config, else REAP_CONFIG from the environment or .env), the .env file."""
+    _check_known("the environment", environ)
+    env_path, file_values = read_env_file(environ)
+    _check_known(str(env_path), file_values)
+    named = _config_flag(argv) or environ.get(CONFIG_KEY, "").strip() or file_values.get(CONFIG_KEY, "").strip()
+    layers = [("the environment", environ)]
+    if named:
+        layers.append((f"recipe {named}", read_recipe(Path(named).expanduser())))
+    if env_path is not None:
+        layers.append((str(env_path), file_values))
+    return layers
+
+
+def _set(values: dict[str, str], key: str) -> bool:
+    return values.get(key) is not None and values[key].strip() != ""
+
+
+def effective(f: dataclasses.Field, layers: list[tuple[str, dict[str, str]]]) -> tuple[str, str]:
+    """(the value that applies without a flag, as text; where it comes from, "" for the stage's default)."""
+    key = env_key(f.name)
+    for name, values in layers:
+        if _set(values, key):
+            return values[key].strip(), name
+    return _default_text(f), ""
+
+
+def build_parser(
+    cls: type[Settings], prog: str | None = None, layers: list[tuple[str, dict[str, str]]] | None = None
+) -> argparse.ArgumentParser:
+    """The stage's options; each one's help ends with its environment key and the default that applies
+    (from the environment, a recipe or .env when set there, else the stage's own)."""
     parser = Parser(
         prog=prog or f"{cls.stage}",
         description=cls.description
-        + " Every option can also be set as an environment variable or in .env (shown in brackets); "
-        "command-line flags win over the environment, which wins over .env.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        + " Every option can also be set as an environment variable, in a recipe (--config) or in .env (the key"
+        " is in brackets); flags win over the environment, which wins over the recipe, which wins over .env.",
     )
     for f in dataclasses.fields(cls):
-        base, _ = _field_type(cls, f)
+        base, optional = _field_type(cls, f)
         flag = "--" + f.name.replace("_", "-")
-        help_text = f"{f.metadata['help']} [{env_key(f.name)}]"
+        value, origin = effective(f, layers or [])
+        shown = value if value != "" else ("not set" if optional else "empty")
+        choices = f.metadata["choices"]
+        listed = f" Choices: {', '.join(c or 'empty' for c in choices)}." if choices else ""
+        help_text = f"{f.metadata['help']}{listed} [{env_key(f.name)}; default: {shown}"
+        help_text = (help_text + (f", from {origin}]" if origin else "]")).replace("%", "%%")
         if base is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
-            parser.add_argument(
-                flag, default=None, metavar=f.name.upper(), help=help_text, choices=None
-            )  # choices are validated with our own message
+            metavar = "{" + ",".join(c or "''" for c in choices) + "}" if choices else f.name.upper()
+            # choices are validated by _convert, with the key in the message
+            parser.add_argument(flag, default=None, metavar=metavar, help=help_text)
+        if f.name == "log_level":
+            for short, level in (("-q", "quiet"), ("-v", "verbose")):
+                parser.add_argument(
+                    short,
+                    f"--{level}",
+                    dest="log_level",
+                    action="store_const",
+                    const=level,
+                    help=f"--log-level {level}",
+                )
     return parser
 
 
@@ -609,35 +753,29 @@ def load(
     *,
     prog: str | None = None,
 ) -> Settings:
-    """Resolve a stage's settings: defaults < .env < environment < CLI. Validates everything."""
+    """Resolve a stage's settings: default < .env < recipe < environment < CLI. Validates everything."""
     environ = dict(os.environ if environ is None else environ)
-    _check_known("the environment", environ)
-    env_path, file_values = read_env_file(environ)
-    _check_known(str(env_path), file_values)
-
-    parser = build_parser(cls, prog)
-    args = parser.parse_args(argv if argv is not None else sys.argv[1:])
+    argv = list(argv if argv is not None else sys.argv[1:])
+    layers = sources(argv, environ)
+    args = build_parser(cls, prog, layers).parse_args(argv)
 
     values: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
         base, optional = _field_type(cls, f)
         key = env_key(f.name)
         cli_value = getattr(args, f.name)
+        where = ""
         if cli_value is not None:
-            source_value = cli_value if base is not bool else ("true" if cli_value else "false")
-        elif key in environ:
-            source_value = environ[key]
-        elif key in file_values:
-            source_value = file_values[key]
+            label, raw = "--" + f.name.replace("_", "-"), str(cli_value)
+            if base is bool:
+                raw = "true" if cli_value else "false"
         else:
-            continue
-        values[f.name] = _convert(
-            key if cli_value is None else "--" + f.name.replace("_", "-"),
-            str(source_value),
-            base,
-            optional,
-            f.metadata["choices"],
-        )
+            name = next((name for name, layer in layers if _set(layer, key)), None)
+            if name is None:
+                continue
+            label, raw = key, dict(layers)[name][key]
+            where = f" ({name})" if name.startswith("recipe ") else ""
+        values[f.name] = _convert(label, raw, base, optional, f.metadata["choices"], where)
     settings = cls(**values)
     settings.validate()
     settings.check_finite()
@@ -684,38 +822,66 @@ def _default_text(f: dataclasses.Field) -> str:
     return str(default)
 
 
-def schema_rows() -> list[tuple[str, str, str, str]]:
-    """(key, default, stages, help) for every key, in schema order."""
-    rows: dict[str, list] = {}
+def _per_stage(what) -> dict[str, dict[str, str]]:
+    """key -> {stage: what(field)} over every schema (run.sh's keys under "run.sh")."""
+    out: dict[str, dict[str, str]] = {}
     for schema in SCHEMAS:
         stage = getattr(schema, "stage", "") or "run.sh"
         for f in dataclasses.fields(schema):
-            key = env_key(f.name)
-            if key in rows:
-                rows[key][2].append(stage)
-                continue
-            rows[key] = [key, _default_text(f), [stage], f.metadata["help"]]
-    return [(k, d, ", ".join(s), h) for k, d, s, h in rows.values()]
+            out.setdefault(env_key(f.name), {})[stage] = what(f)
+    return out
+
+
+def schema_rows() -> list[tuple[str, dict[str, str], str]]:
+    """(key, {stage: default}, help) for every key, in schema order; a key whose meaning differs between
+    stages has each stage's help, one after the other."""
+    defaults = _per_stage(_default_text)
+    helps = _per_stage(lambda f: f.metadata["help"])
+    rows = []
+    for key in known_keys():
+        by_stage = helps[key]
+        text = next(iter(by_stage.values()))
+        if not _same(by_stage):
+            text = " ".join(f"{stage}: {h}" for stage, h in by_stage.items())
+        rows.append((key, defaults[key], text))
+    return rows
+
+
+def _same(defaults: dict[str, str]) -> bool:
+    return len(set(defaults.values())) == 1
 
 
 def env_example() -> str:
     lines = [
         "# REAP-VLM configuration. Copy to .env and edit; command-line flags override these values,",
-        "# and so do environment variables. Generated from reap_vlm/settings.py",
-        "# (python -m reap_vlm.settings sync-docs); a test keeps the two in sync.",
+        "# and so do environment variables and a recipe (--config). An empty value means the stage's own",
+        "# default. Generated from reap_vlm/settings.py (python -m reap_vlm.settings sync-docs); a test",
+        "# keeps the two in sync.",
         "",
     ]
-    for key, default, stages, help_text in schema_rows():
-        lines.append(f"# {help_text} (stages: {stages})")
-        lines.append(f"{key}={default}")
+    for key, defaults, help_text in schema_rows():
+        stages = ", ".join(defaults)
+        if _same(defaults):
+            lines.append(f"# {help_text} (stages: {stages})")
+            lines.append(f"{key}={next(iter(defaults.values()))}")
+        else:  # one value here would apply to every stage: leave it empty, so each keeps its own default
+            per_stage = "; ".join(f"{stage} {value or 'empty'}" for stage, value in defaults.items())
+            lines.append(f"# {help_text} (stages: {stages}; defaults: {per_stage})")
+            lines.append(f"{key}=")
         lines.append("")
     return "\n".join(lines)
 
 
 def readme_table() -> str:
     out = ["| key | default | stages | meaning |", "|---|---|---|---|"]
-    for key, default, stages, help_text in schema_rows():
-        out.append(f"| `{key}` | `{default}` | {stages} | {help_text.replace('|', '/')} |")
+    for key, defaults, help_text in schema_rows():
+        if _same(defaults):
+            default = f"`{next(iter(defaults.values()))}`"
+        else:
+            default = "<br>".join(
+                f"{stage}: `{value}`" if value else f"{stage}: empty" for stage, value in defaults.items()
+            )
+        out.append(f"| `{key}` | {default} | {', '.join(defaults)} | {help_text.replace('|', '/')} |")
     return "\n".join(out)
 
 

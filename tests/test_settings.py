@@ -123,3 +123,71 @@ def test_dump_writes_settings_and_versions(tmp_path):
     data = json.loads((tmp_path / "settings.json").read_text())
     assert data["stage"] == "reap" and data["settings"]["prune_ratio"] == 0.5
     assert data["versions"]["transformers"]
+
+
+def test_precedence_cli_over_env_over_recipe_over_dotenv_over_default(tmp_path):
+    (tmp_path / ".env").write_text("REAP_PRUNE_RATIO=0.3\nREAP_BATCH_SIZE=7\nREAP_SEED=5\nREAP_MAX_SAMPLES=9\n")
+    (tmp_path / "r.yaml").write_text("REAP_PRUNE_RATIO: 0.35\nREAP_SEED: 11\nREAP_BATCH_SIZE: 3\nREAP_SHUFFLE: false\n")
+    env = {"REAP_PRUNE_RATIO": "0.4", "REAP_SEED": "6"}
+    s = S.load(S.ReapSettings, ["--prune-ratio", "0.25", "--config", "r.yaml"], env)
+    assert s.prune_ratio == 0.25  # the flag wins
+    assert s.seed == 6  # the environment beats the recipe
+    assert s.batch_size == 3 and s.shuffle is False  # the recipe beats .env
+    assert s.max_samples == 9  # .env beats the default
+    assert s.max_seq_len == 512 and s.config == Path("r.yaml")
+    # the recipe can also be named in the environment or in .env
+    assert S.load(S.ReapSettings, [], {"REAP_CONFIG": "r.yaml"}).batch_size == 3
+    (tmp_path / ".env").write_text("REAP_CONFIG=r.yaml\nREAP_BATCH_SIZE=7\n")
+    assert S.load(S.ReapSettings, [], {}).batch_size == 3
+
+
+def test_empty_value_means_the_stage_default(tmp_path):
+    # .env.example leaves keys whose defaults differ per stage empty: each stage keeps its own
+    (tmp_path / ".env").write_text("REAP_EVAL_SAMPLES=\nREAP_PRUNE_RATIO=\nREAP_MODALITY=\nREAP_ROUND_TO=\n")
+    reap, prune, test = (S.load(cls, [], {}) for cls in (S.ReapSettings, S.PruneSettings, S.TestSettings))
+    assert (reap.eval_samples, reap.prune_ratio, reap.modality, reap.round_to) == (16, 0.5, "balanced", 1)
+    assert (prune.prune_ratio, prune.modality, prune.round_to) == (None, "", 0)
+    assert test.eval_samples == 24
+
+
+def test_recipe_values_keep_their_type_rules(tmp_path):
+    (tmp_path / "r.yaml").write_text("REAP_BATCH_SIZE: 2.5\n")
+    with pytest.raises(SettingsError, match=r"REAP_BATCH_SIZE='2.5' \(recipe r\.yaml\) is not an integer"):
+        S.load(S.ReapSettings, ["--config", "r.yaml"], {})
+    (tmp_path / "r.yaml").write_text("REAP_MODEL_PATH: null\nREAP_EVAL_RATIOS: none\n# a comment\n")
+    s = S.load(S.ReapSettings, ["--config", "r.yaml"], {})
+    assert s.model_path is None and s.candidate_ratios == []
+
+
+def test_help_shows_the_effective_default_its_source_choices_and_key(tmp_path):
+    (tmp_path / ".env").write_text("REAP_SEED=5\nREAP_DTYPE=float32\n")
+    (tmp_path / "r.yaml").write_text("REAP_MAX_SAMPLES: 12\nREAP_DTYPE: bfloat16\n")
+    env = {"REAP_BATCH_SIZE": "2", "REAP_CONFIG": "r.yaml"}
+    text = " ".join(S.build_parser(S.ReapSettings, "reap.py", S.sources([], env)).format_help().split())
+    assert "[REAP_BATCH_SIZE; default: 2, from the environment]" in text
+    assert "[REAP_MAX_SAMPLES; default: 12, from recipe r.yaml]" in text
+    assert "[REAP_DTYPE; default: bfloat16, from recipe r.yaml]" in text  # the recipe beats .env
+    assert "[REAP_SEED; default: 5, from .env]" in text
+    assert "[REAP_MAX_SEQ_LEN; default: 512]" in text and "[REAP_MODEL_PATH; default: not set]" in text
+    assert "--scoring-mode {full,routed,router}" in text and "Choices: full, routed, router." in text
+    assert "(default: None)" not in text
+    prune = " ".join(S.build_parser(S.PruneSettings, "prune_model.py", S.sources([], {})).format_help().split())
+    assert "[REAP_PRUNE_RATIO; default: not set]" in prune and "[REAP_ROUND_TO; default: 0]" in prune
+
+
+def test_readme_table_states_each_stages_default():
+    rows = {key: defaults for key, defaults, _ in S.schema_rows()}
+    assert rows["REAP_EVAL_SAMPLES"] == {"reap": "16", "test": "24"}
+    assert rows["REAP_PRUNE_RATIO"] == {"reap": "0.5", "prune": ""}
+    table = S.readme_table()
+    assert "| `REAP_EVAL_SAMPLES` | reap: `16`<br>test: `24` |" in table
+    assert "| `REAP_ROUND_TO` | reap: `1`<br>prune: `0` |" in table
+    assert "\nREAP_EVAL_SAMPLES=\n" in S.env_example()  # empty: every stage keeps its own default
+
+
+def test_quiet_and_verbose_flags_set_the_log_level():
+    assert S.load(S.ReapSettings, ["--quiet"], {}).log_level == "quiet"
+    assert S.load(S.ReapSettings, ["-v"], {"REAP_LOG_LEVEL": "quiet"}).log_level == "verbose"
+    assert S.load(S.TestSettings, [], {"REAP_LOG_LEVEL": "verbose"}).log_level == "verbose"
+    with pytest.raises(SettingsError, match="REAP_LOG_LEVEL='loud' is not a valid choice"):
+        S.load(S.PruneSettings, [], {"REAP_LOG_LEVEL": "loud"})
