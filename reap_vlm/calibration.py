@@ -25,7 +25,7 @@ import difflib
 import hashlib
 import logging
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -745,6 +745,7 @@ def make_batches(
     packing: bool = False,
     answers: bool = False,
     bucket: bool = False,
+    on_sample: Callable[[int], None] | None = None,
 ) -> Iterator[Batch]:
     """Encode samples with the model's processor and chat template; right-padded batches.
 
@@ -762,7 +763,8 @@ def make_batches(
     With `bucket` (the scoring batches), rows are grouped by kind (text rows, rows with images) and length,
     and a batch takes as many rows as fit in batch_size × max_seq_len positions (buckets): little padding,
     the vision tower only in the batches that have images, and short samples many to a forward. Statistics
-    are sums over tokens, so they do not depend on how the rows are batched (up to float rounding)."""
+    are sums over tokens, so they do not depend on how the rows are batched (up to float rounding).
+    `on_sample(n)` is told every n samples encoded (or skipped), for a progress bar."""
     if max_seq_len < 1 or batch_size < 1:
         raise CalibrationError(
             "max_seq_len and batch_size must be positive", f"got {max_seq_len} and {batch_size}", "Raise them"
@@ -775,6 +777,8 @@ def make_batches(
     rows: list[tuple[dict, Sample]] = []
     if packing:
         rows = _packed_rows([s for s in samples if s.kind == "text"], processor, max_seq_len, eos_id)
+        if on_sample is not None:
+            on_sample(len(samples) - sum(s.kind == "image" for s in samples))
         samples = [s for s in samples if s.kind == "image"]
     for s in samples:
         with_answer = answers and bool(s.answer.strip())
@@ -783,6 +787,9 @@ def make_batches(
         except _NoAnswerSpan:
             log.warning("%s: the reference answer's tokens are not where the chat template puts them; skipped", s.id)
             continue
+        finally:
+            if on_sample is not None:
+                on_sample(1)  # a skipped sample counts too
         if enc is None:
             log.warning(
                 "%s: %s does not fit in %d tokens even at REAP_MIN_PIXELS; skipped "

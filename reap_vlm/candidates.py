@@ -28,7 +28,7 @@ import warnings
 import numpy as np
 import torch
 
-from . import distributed, scoring
+from . import console, distributed, scoring
 from .calibration import selection_slice
 from .errors import BugError, PlanError
 from .execution.memory import Headless
@@ -408,6 +408,9 @@ def _run_plans(
     device = input_device(model)
     headless = Headless(model)  # final hidden states + the LM head: logits made a chunk at a time
     observing = ExpertUsage(model, blocks) if usage else None
+    forwards = len(batches) * (len(plans) + 1)
+    if progress:
+        progress(0, forwards)
     with contextlib.ExitStack() as stack, torch.inference_mode():
         if observing is not None:
             stack.enter_context(observing)
@@ -440,8 +443,8 @@ def _run_plans(
                         counts[pi + 1][key] += total - before[key]
                 rows = baseline_rows if pi == -1 else per_plan_rows[pi]
                 rows.extend(sample_rows(batch, reference, logits, inputs["input_ids"], head))
-            if progress:
-                progress(bi + 1, len(batches))
+                if progress:
+                    progress(bi * (len(plans) + 1) + pi + 2, forwards)
     return baseline_rows, per_plan_rows, counts
 
 
@@ -458,6 +461,7 @@ def greedy_plan(
     round_to: int = 1,
     protect_super: bool = True,
     super_factor: float = 10.0,
+    progress=None,
 ) -> tuple[dict[str, list[int]], dict]:
     """Greedy add-back by measured effect. Start from the `criterion`/`modality` plan with `s` experts fewer
     per block (s = 1 per SEARCH_SHARE kept); then, s times, measure (masked, on `search_batches`) the fidelity objective
@@ -501,10 +505,17 @@ def greedy_plan(
         kept[key], shortlist[key] = list(base), pool
     evaluations = 0
     history = []
-    for _ in range(steps):
+    for step in range(steps):
         trials = [(key, j) for key in kept for j in shortlist[key] if j not in kept[key]]
         plans = [{**kept, key: sorted([*kept[key], j])} for key, j in trials]
-        _, rows, _ = _run_plans(model, blocks, search_batches, plans, usage=False)
+        report = None
+        if progress:  # the total assumes later steps as large as this one (they are at most as large)
+            done, left = evaluations * len(search_batches), steps - step
+
+            def report(n, total, done=done, left=left):
+                progress(done + n, done + total * left)
+
+        _, rows, _ = _run_plans(model, blocks, search_batches, plans, usage=False, progress=report)
         evaluations += len(plans) + 1
         scores = [fidelity(r) for r in rows]
         added = {}
@@ -547,6 +558,7 @@ def measure_plans(
     greedy_base: str | None = None,
     progress=None,
     merge_stats: dict | None = None,
+    search_progress=None,
 ) -> dict:
     """Measure every candidate: criteria under `modality` at every ratio; at the first ratio also under every
     other policy of `policies`, the greedy search (with `search_batches`, from `greedy_base`) and
@@ -605,6 +617,7 @@ def measure_plans(
                     criterion=base_criterion,
                     modality=base_policy,
                     ratio=ratio,
+                    progress=search_progress,
                     **cut,
                 )
                 greedy_seconds = search["seconds"]
@@ -825,23 +838,29 @@ def measure_and_choose(
     ratios = [requested] + [r for r in settings.candidate_ratios if r != requested]
     default_criterion = DEFAULT_CRITERION.get(mode, "reap")
     fixed = None if settings.criterion == "auto" else (settings.criterion, settings.modality)
-    table = measure_plans(
-        model,
-        blocks,
-        meta,
-        eval_batches,
-        criteria=criteria,
-        ratios=ratios,
-        num_keep=settings.num_keep,
-        modality=settings.modality,
-        policies=POLICIES if fixed is None else (),
-        round_to=settings.round_to,
-        protect_super=settings.protect_super_experts,
-        super_factor=settings.super_expert_factor,
-        search_batches=search_batches if fixed is None else None,
-        greedy_base=f"{default_criterion}/{settings.modality}",
-        merge_stats=merge_stats if settings.eval_merge else None,
-    )
+    with (
+        console.steps("greedy search", "forwards") as search_progress,
+        console.steps("measuring plans", "forwards" if not hasattr(model, "run_plans") else "layers") as progress,
+    ):
+        table = measure_plans(
+            model,
+            blocks,
+            meta,
+            eval_batches,
+            criteria=criteria,
+            ratios=ratios,
+            num_keep=settings.num_keep,
+            modality=settings.modality,
+            policies=POLICIES if fixed is None else (),
+            round_to=settings.round_to,
+            protect_super=settings.protect_super_experts,
+            super_factor=settings.super_expert_factor,
+            search_batches=search_batches if fixed is None else None,
+            greedy_base=f"{default_criterion}/{settings.modality}",
+            merge_stats=merge_stats if settings.eval_merge else None,
+            progress=progress,
+            search_progress=search_progress,
+        )
     chosen = choose(
         table, requested=requested, default=(default_criterion, settings.modality), fixed=fixed, seed=settings.seed
     )

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import outputs
+from . import console, outputs
 from .cli import guarded
 from .cli import main as stage_main
 from .errors import EXIT_FAILED, EXIT_OK, SettingsError
@@ -35,7 +35,7 @@ TINY_RATIO = "0.5"
 
 
 def _run_stage(name: str, run, argv: list[str]) -> int:
-    print(f"\n=== {name}: {' '.join(argv)}", flush=True)
+    console.info(f"\n=== {name}: {' '.join(argv)}")
     return stage_main(name, run, argv, prog=f"demo {name}")
 
 
@@ -99,9 +99,14 @@ def main(argv: list[str] | None = None) -> int:
         help=f"Share of experts removed (default: {TRAINED_RATIO} with --model trained, {TINY_RATIO} with tiny).",
     )
     parser.add_argument("--max-samples", default="64")
+    parser.add_argument("--log-level", default="info", choices=console.LEVELS, help="Passed to every stage.")
+    for short, level in (("-q", "quiet"), ("-v", "verbose")):
+        parser.add_argument(short, f"--{level}", dest="log_level", action="store_const", const=level)
+    parser.add_argument("--json", action="store_true", help="A JSON result line per stage on stdout, then the demo's.")
 
     def demo() -> int:
         args = parser.parse_args(argv)
+        console.configure(args.log_level, args.json)
         out = Path(args.output_path)
         from .tiny import _builder
 
@@ -139,10 +144,11 @@ def _demo(args: argparse.Namespace, out: Path) -> int:
     trained = args.model == "trained"
     if trained:
         shutil.copytree(DEMO_VLM, model_dir)  # a copy: the stages read it, and the shipped files stay untouched
-        print(f"trained demo VLM copied from {DEMO_VLM} to {model_dir}")
+        console.info(f"trained demo VLM copied from {DEMO_VLM} to {model_dir}")
     else:
+        console.step(f"writing a tiny {args.family} checkpoint")
         make_tiny(args.family, model_dir)
-        print(f"tiny {args.family} checkpoint written to {model_dir}")
+        console.info(f"tiny {args.family} checkpoint written to {model_dir}")
     stages = stage_argvs(
         model_dir,
         out,
@@ -152,24 +158,29 @@ def _demo(args: argparse.Namespace, out: Path) -> int:
         max_samples=args.max_samples,
     )
     runs = {"reap": reap.run, "prune": prune.run, "test": evaluate.run}
+    shown = ["--log-level", args.log_level, *(["--json"] if args.json else [])]
     code = EXIT_OK
     for name, stage_argv in stages.items():
-        code = _run_stage(name, runs[name], stage_argv)
+        code = _run_stage(name, runs[name], [*stage_argv, *shown])
+        console.configure(args.log_level, args.json)  # the demo's own level again
         if code == EXIT_FAILED and name == "test":  # the verdict: the report is complete, and says what was lost
-            print("\nThe pruned model failed the test stage's verdict (the failing checks above, in the report).")
+            console.info("\nThe pruned model failed the test stage's verdict (the failing checks above, in the report).")
         elif code != EXIT_OK:
-            print(f"\ndemo stopped: the {name} stage exited with code {code}", file=sys.stderr)
+            console.warn(f"\ndemo stopped: the {name} stage exited with code {code}")
             return code
 
     seconds = time.perf_counter() - started
-    print(f"\nDemo finished in {seconds:.0f} s ({'PASS' if code == EXIT_OK else 'FAIL'}). Artifacts:")
-    for label, path in [
+    console.info(f"\nDemo finished in {seconds:.0f} s ({'PASS' if code == EXIT_OK else 'FAIL'}). Artifacts:")
+    artifacts = [
         ("original model", model_dir),
         ("scores and keep plan", out / "reap_metadata.json"),
         ("pruned model", out / "pruned"),
         ("test report", out / "report" / "report.md"),
-    ]:
-        print(f"  {label:22s} {path}")
+    ]
+    for label, path in artifacts:
+        console.info(f"  {label:22s} {path}")
+    verdict = "pass" if code == EXIT_OK else "fail"
+    console.set_result({"seconds": round(seconds, 1), "verdict": verdict, **{k: str(p) for k, p in artifacts}})
     return code
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from . import metadata, outputs
+from . import console, metadata, outputs
 from .calibration import load_samples, make_batches, read_source
 from .candidates import _token_metrics
 from .checkpoint import inspect_checkpoint
@@ -143,7 +143,33 @@ def _left_padded(processor, texts: list[str], images: list) -> dict:
         tok.padding_side = side
 
 
-def generate(model, processor, samples, max_new_tokens: int, settings: TestSettings) -> list[dict]:
+def _generate_group(model, processor, samples, group: list[int], budgets, stop, device, new_ids: dict) -> None:
+    """Greedy generation for one batch of prompts; each row's new tokens into new_ids."""
+    tok = getattr(processor, "tokenizer", processor)
+    texts = [
+        processor.apply_chat_template(_prompt_messages(samples[i]), tokenize=False, add_generation_prompt=True)
+        for i in group
+    ]
+    images = [img for i in group for img in samples[i].images]
+    inputs = {k: v.to(device) for k, v in _left_padded(processor, texts, images).items()}
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    with torch.inference_mode():
+        ids = model.generate(
+            **inputs,
+            max_new_tokens=max(budgets[i] for i in group),
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+        )[:, inputs["input_ids"].shape[1] :]
+    for row, i in enumerate(group):
+        new = ids[row, : budgets[i]].tolist()
+        end = next((k for k, t in enumerate(new) if t in stop), None)
+        new_ids[i] = new if end is None else new[: end + 1]
+
+
+def generate(
+    model, processor, samples, max_new_tokens: int, settings: TestSettings, label: str = "generating"
+) -> list[dict]:
     """Greedy generations, REAP_BATCH_SIZE prompts at a time (left-padded; image and text prompts in
     separate batches). A prompt with a reference answer gets room for the answer's tokens plus
     ANSWER_MARGIN (its end-of-turn and a few more) and is scored by exact match; the others get
@@ -171,26 +197,10 @@ def generate(model, processor, samples, max_new_tokens: int, settings: TestSetti
     if current:
         groups.append(current)
     new_ids: dict[int, list[int]] = {}
-    for group in groups:
-        texts = [
-            processor.apply_chat_template(_prompt_messages(samples[i]), tokenize=False, add_generation_prompt=True)
-            for i in group
-        ]
-        images = [img for i in group for img in samples[i].images]
-        inputs = {k: v.to(device) for k, v in _left_padded(processor, texts, images).items()}
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-        with torch.inference_mode():
-            ids = model.generate(
-                **inputs,
-                max_new_tokens=max(budgets[i] for i in group),
-                do_sample=False,
-                pad_token_id=tok.pad_token_id,
-            )[:, inputs["input_ids"].shape[1] :]
-        for row, i in enumerate(group):
-            new = ids[row, : budgets[i]].tolist()
-            end = next((k for k, t in enumerate(new) if t in stop), None)
-            new_ids[i] = new if end is None else new[: end + 1]
+    with console.progress(label, len(samples), "prompts") as bar:
+        for group in groups:
+            _generate_group(model, processor, samples, group, budgets, stop, device, new_ids)
+            bar.advance(len(group))
     out = []
     for i, s in enumerate(samples):
         new = new_ids[i]
@@ -213,9 +223,17 @@ def generate(model, processor, samples, max_new_tokens: int, settings: TestSetti
 def encode(samples, processor, settings: TestSettings) -> list:
     """The held-out samples as compare's model inputs: those with a reference answer encoded with it as the
     assistant turn (make_batches(answers=True)), REAP_BATCH_SIZE per batch."""
-    return list(
-        make_batches(samples, processor, max_seq_len=settings.max_seq_len, batch_size=settings.batch_size, answers=True)
-    )
+    with console.progress("encoding held-out", len(samples), "samples") as bar:
+        return list(
+            make_batches(
+                samples,
+                processor,
+                max_seq_len=settings.max_seq_len,
+                batch_size=settings.batch_size,
+                answers=True,
+                on_sample=bar.advance,
+            )
+        )
 
 
 def compare(pruned, original, processor, samples, settings: TestSettings, batches: list | None = None) -> dict:
@@ -226,7 +244,11 @@ def compare(pruned, original, processor, samples, settings: TestSettings, batche
     blocks = find_moe_blocks(pruned)
     tasks = name_tasks(samples)
     rows = []
-    with ExpertUsage(pruned, blocks) as usage, torch.inference_mode():
+    with (
+        ExpertUsage(pruned, blocks) as usage,
+        torch.inference_mode(),
+        console.progress("comparing with the original", sum(len(b.samples) for b in batches), "samples") as bar,
+    ):
         for batch in batches:
             usage.batch(batch.modality)
             inputs = {k: v.to(input_device(pruned)) for k, v in batch.inputs.items()}
@@ -247,6 +269,7 @@ def compare(pruned, original, processor, samples, settings: TestSettings, batche
                 for key in ("nll", "answer_nll", "answer_correct"):
                     row[key + "_original"] = float(ref[key][r]) if ref is not None else None
                 rows.append(row)
+            bar.advance(len(batch.samples))
         counts = usage.totals()
 
     def summary(sel):
@@ -638,6 +661,7 @@ def _run(settings: TestSettings) -> int:
     pruned_dir = settings.pruned_dir
     checks = structural_check(pruned_dir, settings.metadata_file)
     original_dir = settings.original_model_path or settings.model_path
+    console.step("reading the held-out samples")
     samples = heldout(settings)
     kwargs = dict(
         device=settings.device,
@@ -645,17 +669,21 @@ def _run(settings: TestSettings) -> int:
         trust_remote_code=settings.trust_remote_code,
         attn_implementation=settings.attn_implementation,
     )
+    console.step(f"loading {pruned_dir}")
     pruned, processor, config = load_model(pruned_dir, **kwargs)
     skipped_images = 0
     if not is_vision_language(config):  # a text model cannot see the images: its questions say nothing
         skipped_images = sum(bool(s.images) for s in samples)
         samples = [s for s in samples if not s.images]
-    generations = generate(pruned, processor, samples, settings.max_new_tokens, settings)
+    generations = generate(pruned, processor, samples, settings.max_new_tokens, settings, "generating (pruned)")
     original = None
     if original_dir:
+        console.step(f"loading {original_dir}")
         original, _, _ = load_model(original_dir, **kwargs)
         for g, o in zip(
-            generations, generate(original, processor, samples, settings.max_new_tokens, settings), strict=True
+            generations,
+            generate(original, processor, samples, settings.max_new_tokens, settings, "generating (original)"),
+            strict=True,
         ):
             g["original_answer"], g["original_degenerate"] = o["answer"], o["degenerate"]
             if "correct" in o:
@@ -706,6 +734,7 @@ def _run(settings: TestSettings) -> int:
     }
     report["failures"] = verdict(report, settings)
     report["passed"] = not report["failures"]
+    console.step("writing the report and its charts")
     write_report(report, settings.report_dir, settings.metadata_file, images, settings)
     if original is not None:
         from .card import record_results
@@ -713,7 +742,7 @@ def _run(settings: TestSettings) -> int:
         record_results(pruned_dir, report)  # the headline numbers in the pruned checkpoint's model card
     o = metrics["overall"]
     share = report["generation"]["pruned_degenerate_share"]
-    print(
+    console.info(
         f"held-out: agreement {o.get('agreement', float('nan')):.3f}, KL {o.get('kl', float('nan')):.4f}, "
         f"ppl {o.get('ppl_original', float('nan')):.2f} -> {o.get('ppl_pruned', float('nan')):.2f}"
         + (f"; degenerate generations {share:.0%}" if share is not None else "")
@@ -721,12 +750,23 @@ def _run(settings: TestSettings) -> int:
     table = before_after(report)
     if table:
         width = max(len(r[0]) for r in table)
-        print("before -> after (original, pruned, change):")
+        console.info("before -> after (original, pruned, change):")
         for what, before, after, change in table:
-            print(f"  {what:{width}s}  {before:>8s} -> {after:<8s} {change}")
-    print(f"report written to {settings.report_dir}/report.md")
+            console.info(f"  {what:{width}s}  {before:>8s} -> {after:<8s} {change}")
+    console.info(f"report written to {settings.report_dir}/report.md")
+    console.set_result(
+        {
+            "report": str(settings.report_dir / "report.md"),
+            "report_json": str(settings.report_dir / "report.json"),
+            "verdict": "fail" if report["failures"] else "pass",
+            "failures": report["failures"],
+            "samples": len(samples),
+            "overall": {k: o.get(k) for k in ("agreement", "kl", "ppl_original", "ppl_pruned")},
+            "accuracy": {t: {k: e.get(k) for k in ("accuracy_original", "accuracy_pruned")} for t, e in tasks.items()},
+        }
+    )
     if report["failures"]:
-        print("FAIL:\n" + "\n".join(f"  - {f}" for f in report["failures"]))
+        console.info("FAIL:\n" + "\n".join(f"  - {f}" for f in report["failures"]))
         return EXIT_FAILED
-    print("PASS")
+    console.info("PASS")
     return 0

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from . import console
 from .checkpoint.layout import read_config
 from .errors import CheckpointError, DeviceError, SettingsError, UnsupportedModelError
 
@@ -117,7 +118,7 @@ def load_model(
     config = read_config(model_dir)
     note = remote_code(model_dir, config, trust_remote_code)
     if note:
-        print(f"note: {note}")
+        console.info(f"note: {note}")
     device = resolve_device(device)
     quant = quantization_of(model_dir, config)
     if quant is not None and not _transformers_reads(quant, model_dir, config):

@@ -26,6 +26,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from . import console
 from .errors import OutputError
 
 MARKER = ".reap-vlm-output"
@@ -286,7 +287,7 @@ def put_in_place(tmp: Path, target: Path, what: str, *, replace: bool) -> None:
         raise
 
 
-def resolve_leftovers(target: Path, say=print) -> None:
+def resolve_leftovers(target: Path, say=console.info) -> None:
     """Resolve what a killed run left beside `target` (call with the target's lock held, before writing).
 
     A finished temporary folder (it carries the marker, written last) is put in place when the target is
@@ -346,7 +347,7 @@ class StagedFiles:
         for name in self.names:
             self._tmp(name).unlink(missing_ok=True)
 
-    def leftovers(self, names: Iterable[str], say=print) -> None:
+    def leftovers(self, names: Iterable[str], say=console.info) -> None:
         """Remove staged files of these names that a killed run left (call with the lock held)."""
         for name in names:
             stem, dot, suffix = name.rpartition(".")

@@ -9,6 +9,8 @@ from collections.abc import Iterator
 
 import torch
 
+from . import console
+
 
 class Phases:
     """`with phases("scoring", tokens=n): ...` times one phase. On a CUDA device the phase's GPU peak is
@@ -40,7 +42,7 @@ class Phases:
             record["gpu_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
         self.records[name] = record
         if self.echo:
-            print(f"{name}: {describe(record)}", flush=True)
+            console.info(f"{name}: {describe(record)}")
 
     def summary(self) -> dict[str, dict]:
         return dict(self.records)
@@ -56,7 +58,6 @@ def describe(record: dict) -> str:
 
 
 def print_summary(records: dict[str, dict]) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title="phases")
@@ -71,4 +72,4 @@ def print_summary(records: dict[str, dict]) -> None:
             f"{r['gpu_peak_gib']:.2f}" if "gpu_peak_gib" in r else "-",
         )
     table.add_row("total", f"{sum(r['seconds'] for r in records.values()):.1f}", "", "", "", style="bold")
-    Console().print(table)
+    console.table(table)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from pathlib import Path
 
-from . import hub, metadata, outputs, scoring
+from . import console, hub, metadata, outputs, scoring
 from .checkpoint import check_target, inspect_checkpoint, plan_prune, write_pruned
 from .errors import MetadataError, SettingsError
 from .provenance import tool_version
-from .settings import PruneSettings, dump
+from .settings import RECIPE_NAME, PruneSettings, combined_recipe, dump, recipe_text
 
 
 def _recut(settings: PruneSettings, meta: dict) -> tuple[dict[tuple[int, str], list[int]], dict]:
@@ -47,11 +48,11 @@ def _recut(settings: PruneSettings, meta: dict) -> tuple[dict[tuple[int, str], l
     by_key = {b["key"]: (b["layer"], b["expert_set"]) for b in meta["model"]["blocks"]}
     keep = {by_key[k]: p["kept"] for k, p in plans.items()}
     if plan.get("policy") not in (None, plan.get("modality")):
-        print(
+        console.info(
             f"note: the metadata's plan came from a measured search ({plan['policy']}), which the raw sums cannot "
             f"reproduce; the re-cut ranks by {wanted['criterion']}/{wanted['modality']}"
         )
-    print(
+    console.info(
         f"re-cut from the raw sums: criterion {wanted['criterion']}, ratio {wanted['ratio']}, "
         f"modality {wanted['modality']}"
     )
@@ -148,10 +149,10 @@ def run(settings: PruneSettings) -> int:
     layout = inspect_checkpoint(src)
     meta = metadata.read(settings.metadata_file)
     for warning in metadata.check_against(meta, layout.config, layout.counts(), str(src), layout.params_per_expert()):
-        print(f"note: {warning}")
+        console.info(f"note: {warning}")
     note = metadata.quantized_pair(meta, quantization_of(src, layout.config), str(src))
     if note:
-        print(f"note: {note}")
+        console.info(f"note: {note}")
     keep, plan_info = _recut(settings, meta)
     n_keep = len(next(iter(keep.values())))
     groups = None
@@ -160,7 +161,7 @@ def run(settings: PruneSettings) -> int:
         plan, groups = _merge_plan(settings, layout, meta, n_keep, plan_info["criterion"], modality)
         keep = plan.keep  # the groups' centroids: where the merged experts sit
         sizes = [len(g) for gs in groups.values() for g in gs]
-        print(
+        console.info(
             f"merge: {settings.merge_grouping} grouping"
             + (f" (C {settings.merge_group_size})" if settings.merge_grouping == "ream" else "")
             + f", {n_keep} groups per block, "
@@ -171,21 +172,22 @@ def run(settings: PruneSettings) -> int:
             layout, keep, collapse_groups=settings.collapse_groups, max_shard_size=settings.max_shard_size
         )
     for note in plan.notes:
-        print(f"note: {note}")
-    print(
+        console.info(f"note: {note}")
+    console.info(
         f"{src}: {len(layout.blocks)} MoE blocks, {layout.num_experts} experts each, top_k {layout.top_k}, "
         f"layout {sorted(set().union(*(b.layout for b in layout.blocks.values())))}"
     )
     source_bytes = sum(t.nbytes for t in layout.tensors.values())
-    print(
+    console.info(
         f"plan: keep {n_keep} of {layout.num_experts} experts per block ({plan_info['criterion']}); "
         f"{source_bytes / 2**30:.3f} GiB -> {plan.total_bytes / 2**30:.3f} GiB in {len(plan.shards)} shard(s)"
     )
     if settings.dry_run:
         for key in sorted(keep):
             removed = sorted(set(range(layout.counts()[key])) - set(keep[key]))
-            print(f"  layer {key[0]} ({key[1]}): remove {removed}")
-        print("dry run: nothing written")
+            console.info(f"  layer {key[0]} ({key[1]}): remove {removed}")
+        console.info("dry run: nothing written")
+        console.set_result({"dry_run": True, "kept_per_block": n_keep, "bytes": plan.total_bytes})
         return 0
     check_target(src, dst, settings.overwrite, settings.metadata_file)
     settings_file = Path(settings.output_path) / "prune_settings.json"
@@ -217,11 +219,21 @@ def run(settings: PruneSettings) -> int:
         }
     base_model = settings.base_model or hub.cache_repo_id(src)
     if not base_model:
-        print("note: the model card names no base_model (the source is a local folder): pass --base-model ORG/NAME")
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+        console.info(
+            "note: the model card names no base_model (the source is a local folder): pass --base-model ORG/NAME"
+        )
+    recipe = recipe_text(
+        combined_recipe(meta.get("settings") or {}, settings),
+        "The settings that made this checkpoint: the reap stage's (from its metadata), then the prune stage's.\n"
+        "Run the pipeline again with them: --config reap_recipe.yaml (flags and the environment still win).",
+    )
+    with ExitStack() as stack:
+        bar = stack.enter_context(console.bytes_progress("writing", plan.total_bytes))
 
-    with Progress(TextColumn("[bold]writing"), BarColumn(), DownloadColumn(), TransferSpeedColumn()) as bar:
-        task = bar.add_task("writing", total=plan.total_bytes)
+        def hashing(total: int):
+            stack.close()  # the writing bar ends where the hash check starts
+            return stack.enter_context(console.bytes_progress("hash check", total)).advance
+
         summary = write_pruned(
             plan,
             dst,
@@ -231,13 +243,28 @@ def run(settings: PruneSettings) -> int:
             model_card=model_card(provenance, layout, n_keep, base_model),
             hash_check_mb=settings.hash_check_mb,
             hash_check_all=settings.hash_check_all,
-            progress=lambda _name, n: bar.update(task, advance=n),
+            progress=lambda _name, n: bar.advance(n),
+            verify_progress=hashing,
+            extra_files={RECIPE_NAME: recipe},
         )
     settings_file.parent.mkdir(parents=True, exist_ok=True)
     with outputs.staged(settings_file.parent) as files:
         dump(settings, files.path(settings_file.name))
-    print(
+    console.info(
         f"pruned checkpoint written to {dst}: {summary['shards']} shard(s), {summary['tensors']} tensors "
         f"({summary['hashed']} hash-verified against the source), {summary['bytes'] / 2**30:.3f} GiB"
+    )
+    console.set_result(
+        {
+            "pruned": str(dst),
+            "settings": str(settings_file),
+            "recipe": str(dst / RECIPE_NAME),
+            "method": settings.method,
+            "experts": {"source": layout.num_experts, "kept": n_keep},
+            "bytes": {"source": source_bytes, "pruned": summary["bytes"]},
+            "shards": summary["shards"],
+            "tensors": summary["tensors"],
+            "hash_verified": summary["hashed"],
+        }
     )
     return 0

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from . import distributed, metadata, outputs, scoring
+from . import console, distributed, metadata, outputs, scoring
 from .calibration import load_samples, make_batches, token_budget
 from .errors import SettingsError
 from .execution import choose as choose_execution
@@ -21,7 +21,7 @@ from .loading import input_device, load_model, read_config
 from .moe import find_moe_blocks
 from .observe import Observer
 from .phases import Phases, print_summary
-from .settings import ReapSettings, dump
+from .settings import RECIPE_NAME, ReapSettings, dump, recipe_text, recipe_values
 from .validate import read_accumulators
 
 CHECKPOINT_NAME = ".reap_accumulators.pt"
@@ -84,25 +84,14 @@ def _save_checkpoint(path: Path, payload: dict) -> None:
     os.replace(tmp, path)
 
 
-def _progress():
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    return Progress(
-        TextColumn("[bold]scoring"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[tps]:>8.0f} tok/s"),
-        TimeRemainingColumn(),
-        transient=False,
-        disable=not distributed.is_writer(),  # data parallel: rank 0 shows its shard's progress
-        # rich redraws from a thread that holds the GIL meanwhile: at its default 10 Hz that delays the
-        # kernel launches of a host-bound forward (a few % of a run); twice a second is enough to read
-        refresh_per_second=2,
-    )
+def encode(label: str, samples, processor, **kwargs) -> list:
+    """make_batches with a progress bar over the samples."""
+    samples = list(samples)
+    with console.progress(label, len(samples), "samples") as bar:
+        return list(make_batches(samples, processor, on_sample=bar.advance, **kwargs))
 
 
 def _print_budget(budget: dict) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title="calibration tokens (padding excluded)")
@@ -112,11 +101,10 @@ def _print_budget(budget: dict) -> None:
         table.add_row(name, str(e["samples"]), str(e["text"]), str(e["image"]))
     t = budget["total"]
     table.add_row("total", str(t["samples"]), str(t["text"]), str(t["image"]), style="bold")
-    Console().print(table)
+    console.table(table)
 
 
 def _print_plan(meta: dict) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     crit = meta["plan"]["criterion"]
@@ -142,7 +130,7 @@ def _print_plan(meta: dict) -> None:
             spread,
             str(len(layer.get("protected", {}))),
         )
-    Console().print(table)
+    console.table(table)
 
 
 def merge_collector(settings: ReapSettings, model, blocks, num_batches: int):
@@ -194,18 +182,18 @@ def accumulate(
                     f"Delete {checkpoint} and run again, or run without --resume",
                 ) from None
             start_batch, resumed = saved["batch"], True
-            print(f"resuming after batch {start_batch} of {len(batches)} from {checkpoint}")
+            console.info(f"resuming after batch {start_batch} of {len(batches)} from {checkpoint}")
         tokens_done = 0
         device = input_device(model)
-        with _progress() as bar:
-            task = bar.add_task("scoring", total=len(batches), completed=start_batch, tps=0.0)
+        with console.progress("scoring", len(batches), "batches", tps=0.0) as bar:
+            bar.update(completed=start_batch)
             for i in range(start_batch, len(batches)):
                 batch = batches[i]
                 observer.set_modality(batch.modality)
                 forward(model, batch, device)
                 tokens_done += int((batch.modality >= 0).sum())
                 elapsed = max(time.perf_counter() - started, 1e-9)
-                bar.update(task, advance=1, tps=tokens_done / elapsed)
+                bar.advance(tps=tokens_done / elapsed)
                 if settings.checkpoint_every and (i + 1) % settings.checkpoint_every == 0 and i + 1 < len(batches):
                     _save_checkpoint(
                         checkpoint, {"batch": i + 1, "state": observer.state(), "settings_hash": fingerprint}
@@ -223,12 +211,11 @@ def accumulate_streamed(settings: ReapSettings, streamed, blocks, batches, merge
     from .execution.stream import PlanSpace, score_pass
 
     started = time.perf_counter()
-    with _progress() as bar:
-        task = bar.add_task("scoring", total=len(streamed.layers), tps=0.0)
+    with console.progress("scoring", len(streamed.layers), "layers", tps=0.0) as bar:
         tokens = sum(int((b.modality >= 0).sum()) for b in batches)
 
         def on_layer(done: int, total: int) -> None:
-            bar.update(task, completed=done, tps=tokens * done / max(time.perf_counter() - started, 1e-9))
+            bar.update(completed=done, tps=tokens * done / max(time.perf_counter() - started, 1e-9))
 
         plans = None
         # data parallel: each rank measures its shard of the held-out batches, every layer's plans cut from the
@@ -273,6 +260,7 @@ def choose_plan(
     if eval_batches:
         from .candidates import measure_and_choose
 
+        console.step("measuring the candidate plans")
         chosen, table = measure_and_choose(model, blocks, meta, eval_batches, settings, search_batches, merge_stats)
         meta["candidates"] = table
         if chosen:
@@ -326,7 +314,6 @@ def choose_plan(
 
 def _print_candidates(table: dict) -> None:
     """The measured plans at the requested ratio: objective, KL per modality, the floor, the choice."""
-    from rich.console import Console
     from rich.table import Table
 
     from .candidates import _label
@@ -362,13 +349,14 @@ def _print_candidates(table: dict) -> None:
             floor_text,
             "chosen" if chosen.get("label") in labels else "",
         )
-    Console(width=max(Console().width, 110)).print(out)
+    console.table(out, width=110)
     if chosen:
-        print(f"plan: {chosen['reason']}")
+        console.info(f"plan: {chosen['reason']}")
 
 
 OUTPUT_FILES = (
     "reap_settings.json",
+    RECIPE_NAME,
     "reap_merge_stats.safetensors",
     "reap_heatmap.png",
     "reap_modality.png",
@@ -384,6 +372,8 @@ def score(settings: ReapSettings, on_batch: Callable[[int], None] | None = None)
             read_config(settings.model_path)  # a missing or broken model is the first thing to say
         meta_path = _check_paths(settings)
         writer = distributed.is_writer()
+        if not writer:  # the other ranks of a data-parallel job: rank 0 shows the progress and prints the result
+            console.configure("quiet", False)
         # makes the folder, and removes it again if the run leaves it empty
         with outputs.locked(meta_path) if writer else contextlib.nullcontext():
             if writer:
@@ -423,6 +413,7 @@ def _load(settings: ReapSettings, execution, config: dict, meta_path: Path) -> t
             chunk_bytes=settings.chunk_memory_mb * 2**20,
         )
         return streamed.model, streamed.processor, streamed
+    console.step(f"loading {settings.model_path}")
     model, processor, _ = load_model(
         settings.model_path,
         device=settings.device,
@@ -438,9 +429,9 @@ def _score(settings: ReapSettings, meta_path: Path, on_batch: Callable[[int], No
     execution = choose_execution(settings)
     phases = Phases(settings.device, echo=distributed.is_writer())
     if distributed.is_writer():
-        print(f"execution: {execution.mode} ({execution.reason})")
+        console.info(f"execution: {execution.mode} ({execution.reason})")
         if note := distributed.hint(settings, execution):
-            print(note)
+            console.info(note)
     with phases("load"):
         model, processor, streamed = _load(settings, execution, config, meta_path)
     blocks = find_moe_blocks(model)
@@ -476,6 +467,7 @@ def _score(settings: ReapSettings, meta_path: Path, on_batch: Callable[[int], No
         stats, merge = distributed.reduce_stats(stats), distributed.reduce_merge(merge, len(batches))
         resumed, seconds = distributed.any_rank(resumed), distributed.max_over_ranks(seconds)
 
+    console.step("computing the scores")
     fingerprint = metadata.model_fingerprint(config, blocks, _expert_shapes(model, blocks), str(settings.model_path))
     fingerprint["quantization"] = _quantization(settings.model_path, config, model)
     score_fn = sorted({b.score_fn for b in blocks})
@@ -528,11 +520,21 @@ def _score(settings: ReapSettings, meta_path: Path, on_batch: Callable[[int], No
         (out_dir / distributed.checkpoint_name(CHECKPOINT_NAME)).unlink(missing_ok=True)
         return meta
     with phases("write"):
-        _write(settings, meta, meta_path, merge, info, stats, blocks)
+        written = _write(settings, meta, meta_path, merge, info, stats, blocks)
     (out_dir / distributed.checkpoint_name(CHECKPOINT_NAME)).unlink(missing_ok=True)
     _print_plan(meta)
     print_summary(phases.summary())
-    print(f"metadata written to {meta_path}")
+    console.info(f"metadata written to {meta_path}")
+    console.set_result(
+        {
+            "metadata": str(meta_path),
+            "files": sorted(str(out_dir / name) for name in written),
+            "plan": {k: meta["plan"][k] for k in ("criterion", "modality", "policy", "ratio", "kept_per_block")},
+            "chosen_by": meta["plan"]["chosen_by"],
+            "calibration": {"samples": len(samples), **meta["calibration"]["tokens"]},
+            "scoring_seconds": meta["scoring"]["seconds"],
+        }
+    )
     return meta
 
 
@@ -541,10 +543,10 @@ def _plans(settings, model, streamed, blocks, meta, eval_batches, search_batches
         # the plans were measured in the statistics' pass (candidates._run_plans asks StreamedModel.run_plans);
         # merge candidates need the experts' weights in memory, so streamed scoring does not measure them
         if stats_by_block is not None and eval_batches:
-            print("note: streamed execution does not measure merge candidates (the prune candidates are measured)")
+            console.info("note: streamed execution does not measure merge candidates (the prune candidates are)")
         if eval_batches and settings.greedy_search and settings.criterion == "auto":
             note = "the greedy search is skipped: each of its steps would be another pass over the weights"
-            print(f"note: streamed execution: {note}")
+            console.info(f"note: streamed execution: {note}")
             meta["scoring"]["execution"]["notes"] = [note]
         choose_plan(settings, streamed, blocks, meta, eval_batches, search_batches, None)
         meta["scoring"]["execution"]["passes"] = 1 + streamed.extra_passes
@@ -555,8 +557,10 @@ def _plans(settings, model, streamed, blocks, meta, eval_batches, search_batches
         choose_plan(settings, model, blocks, meta, eval_batches, search_batches, stats_by_block)
 
 
-def _write(settings, meta: dict, meta_path: Path, merge, info: dict | None, stats: dict, blocks) -> None:
-    """Every file appears together at the end, or none does: staged beside its final name, renamed last."""
+def _write(settings, meta: dict, meta_path: Path, merge, info: dict | None, stats: dict, blocks) -> list[str]:
+    """Every file appears together at the end, or none does: staged beside its final name, renamed last.
+    Returns the names written."""
+    console.step("writing the metadata")
     with outputs.staged(meta_path.parent) as files:
         metadata.write(files.path(meta_path.name), meta)
         if merge is not None:
@@ -564,14 +568,24 @@ def _write(settings, meta: dict, meta_path: Path, merge, info: dict | None, stat
 
             merge_stats.write(files.path(merge_stats.FILE_NAME), merge, info)
         dump(settings, files.path("reap_settings.json"))
+        files.path(RECIPE_NAME).write_text(
+            recipe_text(
+                recipe_values(settings),
+                "The reap stage's resolved settings (the keys of .env): run it again with --config reap_recipe.yaml",
+            )
+        )
         if settings.plots:
             from .report import candidates_png, heatmap_png, modality_png
 
+            console.step("drawing the saliency heatmap")
             heatmap_png(meta, files.path("reap_heatmap.png"), meta["plan"]["criterion"])
             if any(stats[b.key]["image"]["tokens"] for b in blocks):
+                console.step("drawing the image-vs-text view")
                 modality_png(meta, files.path("reap_modality.png"))
             if meta.get("candidates", {}).get("rows"):
+                console.step("drawing the candidate-plan chart")
                 candidates_png(meta["candidates"], files.path("reap_candidates.png"))
+    return list(files.names)
 
 
 def _data(settings: ReapSettings, processor, streamed: bool = False) -> tuple:
@@ -591,14 +605,14 @@ def _data(settings: ReapSettings, processor, streamed: bool = False) -> tuple:
         min_pixels=settings.min_pixels,
         max_pixels=settings.max_pixels,
     )
-    batches = list(make_batches(samples, processor, packing=settings.packing, bucket=True, **batch_args))
+    batches = encode("encoding calibration", samples, processor, packing=settings.packing, bucket=True, **batch_args)
     eval_batches = search_batches = None
     if settings.eval_samples > 0:
         from .candidates import heldout_samples, search_samples
 
-        eval_batches = list(make_batches(heldout_samples(settings), processor, answers=True, **batch_args))
+        eval_batches = encode("encoding held-out", heldout_samples(settings), processor, answers=True, **batch_args)
     if settings.eval_samples > 0 and settings.greedy_search and not streamed:
-        search_batches = list(make_batches(search_samples(settings), processor, answers=True, **batch_args))
+        search_batches = encode("encoding search", search_samples(settings), processor, answers=True, **batch_args)
     return samples, batches, eval_batches, search_batches
 
 

@@ -893,6 +893,44 @@ def dump(settings: Settings, path: Path) -> None:
     path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
+RECIPE_NAME = "reap_recipe.yaml"
+_NOT_RECIPE = ("config", "log_level", "json")  # how a run was asked for and shown, not what it did
+
+
+def recipe_values(settings: Settings) -> dict[str, Any]:
+    """The resolved settings as recipe keys (REAP_* -> value; paths as text, None = not set)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(settings):
+        if f.name not in _NOT_RECIPE:
+            value = getattr(settings, f.name)
+            if f.name == "eval_ratios" and not str(value).strip():
+                value = "none"  # an empty value in a recipe means the default
+            out[env_key(f.name)] = str(value) if isinstance(value, Path) else value
+    return out
+
+
+def combined_recipe(reap_settings: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """The recipe of a pruned checkpoint: the reap stage's resolved settings (as recorded in the metadata),
+    then this stage's keys. A key both stages read keeps the reap stage's value unless this stage set it to
+    something other than its own default (a re-cut at another ratio, say)."""
+    out = {env_key(k): v for k, v in reap_settings.items() if k not in _NOT_RECIPE}
+    defaults = {f.name: _default_text(f) for f in dataclasses.fields(settings)}
+    for key, value in recipe_values(settings).items():
+        name = key[len(PREFIX) :].lower()
+        own = "" if value is None else ("true" if value is True else "false" if value is False else str(value))
+        if key not in out or own != defaults[name]:
+            out[key] = value
+    return out
+
+
+def recipe_text(values: dict[str, Any], header: str) -> str:
+    """YAML a later run takes with --config (the same keys as .env); `header` becomes comment lines."""
+    import yaml
+
+    comments = "".join(f"# {line}\n" for line in header.splitlines())
+    return comments + yaml.safe_dump(values, sort_keys=False, default_flow_style=False, allow_unicode=True)
+
+
 TABLE_START, TABLE_END = "<!-- settings-table:start -->", "<!-- settings-table:end -->"
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from . import console
 from .errors import BugError, SettingsError
 
 HIDDEN = 64
@@ -396,7 +397,9 @@ def build(family: str, *, seed: int = 0, num_layers: int | None = None):
             "Pick one of them",
         )
     torch.manual_seed(seed)
+    console.step("training the tiny model's byte-level BPE tokenizer")
     tokenizer = make_tokenizer()
+    console.step(f"building a random-weight {family}")
     model, processor = builder(tokenizer, num_layers or DEFAULT_LAYERS.get(family, 2))
     _spread_expert_scales(model, seed)
     return model.eval(), processor
@@ -434,6 +437,7 @@ def make_tiny(
     out_dir = Path(out_dir)
     model, processor = build(family, seed=seed, num_layers=num_layers)
     out_dir.mkdir(parents=True, exist_ok=True)
+    console.step(f"saving it to {out_dir}")
     model.save_pretrained(out_dir, max_shard_size=max_shard_size, save_original_format=save_original_format)
     processor.save_pretrained(out_dir)
     # Record how the checkpoint was made, for humans; loaders ignore this file.

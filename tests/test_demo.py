@@ -3,10 +3,13 @@ demo's prune ratio), and on a random tiny model (--model tiny)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import re
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
 
 from reap_vlm import demo
@@ -24,12 +27,56 @@ def _demo(out: Path, *args: str) -> subprocess.CompletedProcess:
     )
 
 
+# The tiny demo's wall time on two idle cores (README): a slower run (a busy machine) scales the silence bound.
+DEMO_IDLE_SECONDS = 20.0
+MAX_SILENCE_SECONDS = 2.0
+STAMP = re.compile(r"^(\d\d:\d\d:\d\d\.\d{3}) (.*)$")
+# every step that can take more than a few seconds on a real model has a progress bar with counts
+BARS = (
+    "encoding calibration",
+    "scoring",
+    "measuring plans",
+    "writing",
+    "hash check",
+    "generating (pruned)",
+    "generating (original)",
+    "comparing with the original",
+)
+
+
+def silences(stderr: str) -> list[tuple[float, str, str]]:
+    """(seconds, line before, line after) between consecutive timestamped lines, longest first."""
+    stamped = [(datetime.strptime(m[1], "%H:%M:%S.%f"), m[2]) for m in map(STAMP.match, stderr.splitlines()) if m]
+    gaps = [((b[0] - a[0]).total_seconds() % 86400, a[1], b[1]) for a, b in itertools.pairwise(stamped)]
+    return sorted(gaps, reverse=True)
+
+
 def test_tiny_demo_runs_every_stage_end_to_end(tmp_path):
+    """At --verbose --json: every stage's result line parses, the human output is on stderr, and no step is
+    silent for longer than MAX_SILENCE_SECONDS (scaled by how much slower than on idle cores this run was: the
+    bound is about the code's granularity, not the machine's load)."""
     out = tmp_path / "demo"
-    result = _demo(out, "--model", "tiny")
+    result = _demo(out, "--model", "tiny", "--verbose", "--json")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "tiny qwen3_vl_moe checkpoint written" in result.stdout and "Demo finished" in result.stdout
-    assert "before -> after" in result.stdout and "PASS" in result.stdout
+    err = result.stderr
+    assert "tiny qwen3_vl_moe checkpoint written" in err and "Demo finished" in err
+    assert "before -> after" in err and "PASS" in err
+    lines = [json.loads(line) for line in result.stdout.splitlines()]  # stdout holds the JSON lines only
+    assert [line["stage"] for line in lines] == ["reap", "prune", "test", "demo"]
+    assert all(line["exit_code"] == 0 for line in lines)
+    reap_line, prune_line, test_line, demo_line = lines
+    assert reap_line["metadata"] == str(out / "reap_metadata.json") and reap_line["plan"]["kept_per_block"]
+    assert str(out / "reap_recipe.yaml") in reap_line["files"]
+    assert prune_line["pruned"] == str(out / "pruned") and prune_line["experts"] == {"source": 8, "kept": 4}
+    assert prune_line["bytes"]["pruned"] < prune_line["bytes"]["source"]
+    assert test_line["verdict"] == "pass" and test_line["failures"] == [] and test_line["overall"]["agreement"] > 0.5
+    assert demo_line["pruned model"] == str(out / "pruned") and demo_line["verdict"] == "pass"
+    for bar in BARS:
+        assert re.search(rf"^\S+ {re.escape(bar)}: \d+(\.\d+)?/\d+(\.\d+)? \w+ in ", err, re.M), bar
+    bound = MAX_SILENCE_SECONDS * max(1.0, demo_line["seconds"] / DEMO_IDLE_SECONDS)
+    longest = silences(err)[0]
+    assert longest[0] <= bound, f"{longest[0]:.1f} s silent (bound {bound:.1f} s): {longest[1]!r} -> {longest[2]!r}"
+
     meta = json.loads((out / "reap_metadata.json").read_text())
     assert meta["scoring"]["mode"] == "full" and meta["calibration"]["tokens"]["image"] > 0
     config = json.loads((out / "pruned" / "config.json").read_text())
@@ -42,7 +89,9 @@ def test_tiny_demo_runs_every_stage_end_to_end(tmp_path):
         "reap_modality.png",
         "reap_candidates.png",
         "reap_settings.json",
+        "reap_recipe.yaml",
         "prune_settings.json",
+        "pruned/reap_recipe.yaml",
     ):
         assert (out / name).is_file(), name
 
@@ -62,8 +111,8 @@ def test_demo_runs_on_the_trained_model_by_default(tmp_path):
     out = tmp_path / "demo"
     result = _demo(out)
     assert result.returncode in (0, 1), result.stdout[-3000:] + result.stderr[-3000:]
-    assert "trained demo VLM copied" in result.stdout and "before -> after" in result.stdout
-    assert "Demo finished" in result.stdout and "test report" in result.stdout
+    assert "trained demo VLM copied" in result.stderr and "before -> after" in result.stderr
+    assert "Demo finished" in result.stderr and "test report" in result.stderr
     source = json.loads((demo.DEMO_VLM / "config.json").read_text())["text_config"]["num_local_experts"]
     config = json.loads((out / "pruned" / "config.json").read_text())
     kept = round(source * (1 - float(demo.TRAINED_RATIO)))

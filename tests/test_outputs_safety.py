@@ -397,7 +397,7 @@ def test_loading_refuses_unknown_custom_code_and_notes_a_built_in_type(world, tm
     known = _with_auto_map(model, tmp_path / "known", None)
     loaded, _, _ = load_model(known, device="cpu", dtype="float32")
     assert type(loaded).__module__.startswith("transformers.models.qwen3_moe")
-    assert "custom code that is not run" in capsys.readouterr().out
+    assert "custom code that is not run" in capsys.readouterr().err
     assert not (known / "CODE_RAN").exists() and not (unknown / "CODE_RAN").exists()
 
 

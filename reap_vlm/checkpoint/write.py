@@ -297,12 +297,26 @@ def _hash_range(path: Path, start: int, end: int) -> str:
     return h.hexdigest()
 
 
-def verify(plan: PrunePlan, dst: Path, *, hash_check_mb: int = 256, hash_check_all: bool = False) -> dict:
-    """End-of-run invariants; a failure is a bug. Returns what was checked."""
+def _hashed(t: OutTensor, limit: int, hash_check_all: bool) -> bool:
+    return any(isinstance(p, Computed) for p in t.pieces) or hash_check_all or t.nbytes <= limit
+
+
+def verify(
+    plan: PrunePlan,
+    dst: Path,
+    *,
+    hash_check_mb: int = 256,
+    hash_check_all: bool = False,
+    progress: Callable[[int], Callable[[int], None]] | None = None,
+) -> dict:
+    """End-of-run invariants; a failure is a bug. Returns what was checked. `progress(total bytes to hash)`
+    returns the callback told each hashed tensor's bytes."""
     layout, keep = plan.layout, plan.keep
     seen: dict[str, str] = {}
     hashed = 0
     limit = hash_check_mb << 20
+    total = sum(t.nbytes for ts in plan.shards.values() for t in ts if _hashed(t, limit, hash_check_all))
+    advance = progress(total) if progress is not None else (lambda _n: None)
     for shard, tensors in plan.shards.items():
         header, data_start = read_header(dst / shard)
         names = [n for n in header if n != "__metadata__"]
@@ -318,6 +332,7 @@ def verify(plan: PrunePlan, dst: Path, *, hash_check_mb: int = 256, hash_check_a
             if any(isinstance(p, Computed) for p in t.pieces):  # every piece against its own hash
                 _verify_pieces(layout.src, dst / shard, data_start + begin, t)
                 hashed += 1
+                advance(t.nbytes)
             elif hash_check_all or t.nbytes <= limit:
                 src_hash = hashlib.sha256()
                 for piece in t.pieces:
@@ -330,6 +345,7 @@ def verify(plan: PrunePlan, dst: Path, *, hash_check_mb: int = 256, hash_check_a
                 if _hash_range(dst / shard, data_start + begin, data_start + end) != src_hash.hexdigest():
                     raise BugError(f"{t.name} differs from its source bytes after writing")
                 hashed += 1
+                advance(t.nbytes)
     # expert axes, router rows and renumbering
     n_keep = len(next(iter(keep.values())))
     per_block: dict[str, int] = {}  # per-expert pattern -> number of expert sets in its block
@@ -455,9 +471,12 @@ def write_pruned(
     hash_check_mb: int = 256,
     hash_check_all: bool = False,
     progress: Callable[[str, int], None] | None = None,
+    verify_progress: Callable[[int], Callable[[int], None]] | None = None,
+    extra_files: dict[str, str] | None = None,
 ) -> dict:
     """Write the pruned checkpoint to `dst` atomically (temporary folder beside it, then rename), holding the
-    target's lock. `metadata`: the file the run reads, which the target must not hold."""
+    target's lock. `metadata`: the file the run reads, which the target must not hold. `extra_files`: text
+    files (name -> content) written into the checkpoint after the source's own files, before the marker."""
     layout = plan.layout
     dst = Path(dst)
     check_target(layout.src, dst, overwrite, metadata)
@@ -465,12 +484,11 @@ def write_pruned(
     with outputs.locked(dst):  # makes the parent folder, and removes it again if the run leaves it empty
         outputs.resolve_leftovers(dst)
         check_target(layout.src, dst, overwrite, metadata)  # again: the leftovers may have restored it
-        return _write_locked(
-            plan, dst, extra, overwrite, provenance, model_card, hash_check_mb, hash_check_all, progress
-        )
+        checks = {"hash_check_mb": hash_check_mb, "hash_check_all": hash_check_all, "progress": verify_progress}
+        return _write_locked(plan, dst, extra, overwrite, provenance, model_card, checks, progress, extra_files)
 
 
-def _write_locked(plan, dst, extra, overwrite, provenance, model_card, hash_check_mb, hash_check_all, progress):
+def _write_locked(plan, dst, extra, overwrite, provenance, model_card, checks, progress, extra_files=None):
     layout = plan.layout
     needed = plan.total_bytes + sum(real.stat().st_size for _, real in extra)
     free = shutil.disk_usage(dst.parent).free
@@ -501,7 +519,9 @@ def _write_locked(plan, dst, extra, overwrite, provenance, model_card, hash_chec
                 meta["total_parameters"] = sum(math.prod(t.shape) for ts in plan.shards.values() for t in ts)
             index = {"metadata": meta, "weight_map": dict(sorted(weight_map.items()))}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        checked = verify(plan, tmp, hash_check_mb=hash_check_mb, hash_check_all=hash_check_all)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+        checked = verify(plan, tmp, **checks)
         outputs.write_marker(tmp, "pruned checkpoint")  # last: a folder with the marker is finished and verified
         outputs.put_in_place(tmp, dst, "output", replace=overwrite)
     except OSError as err:
