@@ -990,6 +990,39 @@ CASES = [
         setup="jsonl_fifo",
         inproc=True,
     ),
+    # ---- recipes (--config): the same rules as every file the tool reads ------------------------------------
+    *[
+        Case(
+            f"recipe-{name}",
+            group,
+            "reap",
+            what,
+            message,
+            args=["--config", "{tmp}/r.yaml"],
+            setup=f"recipe_{name}",
+            inproc=True,
+        )
+        for name, group, what, message in (
+            ("missing", "paths", "--config names no file", "does not exist"),
+            ("not-yaml", "malformed input", "a recipe that is not YAML", "is not valid YAML (line 2)"),
+            ("list", "malformed input", "a recipe that is a list, not a mapping", "is a list, not a mapping of keys"),
+            ("unknown-key", "settings", "a misspelt key", "unknown setting REAP_PRUNE_RATO in recipe"),
+            ("bare-key", "settings", "a key without the REAP_ prefix", "did you mean REAP_PRUNE_RATIO?"),
+            ("nested", "malformed input", "a value that is a mapping", "is a dict, not a single value"),
+            ("date", "malformed input", "a value YAML reads as a date", "is a date, not a single value"),
+            ("duplicate", "silent wrong results", "a key set twice (YAML would keep the last)", "sets REAP_SEED twice"),
+            ("bad-value", "settings", "a value of the wrong type", "REAP_PRUNE_RATIO='half' (recipe"),
+            ("nan", "silent wrong results", "a NaN threshold", "REAP_SUPER_EXPERT_FACTOR=nan is out of range"),
+            ("runner-key", "unclear messages", "a run.sh key, read before any recipe", "cannot be set in a recipe"),
+            ("two-documents", "malformed input", "two YAML documents", "but found another document"),
+            ("deep", "malformed input", "5000 nested lists", "nests too deeply"),
+            ("alias-bomb", "malformed input", "an alias expansion bomb", "is a list, not a single value"),
+            ("binary", "malformed input", "bytes that are not UTF-8", "is not UTF-8 text"),
+            ("too-big", "malformed input", "a 2 MiB recipe", "more than the 1 MiB"),
+            ("fifo", "hangs and runaway copies", "a FIFO named as the recipe", "it is a FIFO"),
+            ("dir", "hangs and runaway copies", "a folder named as the recipe", "it is a directory"),
+        )
+    ],
 ]
 
 SCRIPTS = {"reap": "reap.py", "prune": "prune_model.py", "test": "test_pruned_model.py"}
@@ -1258,7 +1291,41 @@ def _image_rows(image: str) -> list:
     return [{"messages": [{"role": "user", "content": [{"type": "image", "image": image}]}]}] * 10
 
 
+RECIPES = {
+    "not-yaml": "REAP_SEED: [1, 2\n",
+    "list": "- REAP_SEED: 1\n",
+    "unknown-key": "REAP_PRUNE_RATO: 0.5\n",
+    "bare-key": "prune_ratio: 0.5\n",
+    "nested": "REAP_SEED: {a: 1}\n",
+    "date": "REAP_SEED: 2024-01-01\n",
+    "duplicate": "REAP_SEED: 1\nREAP_SEED: 2\n",
+    "bad-value": "REAP_PRUNE_RATIO: half\n",
+    "nan": "REAP_SUPER_EXPERT_FACTOR: .nan\n",
+    "runner-key": "REAP_RUNTIME: docker\n",
+    "two-documents": "REAP_SEED: 1\n---\nREAP_SEED: 2\n",
+    "deep": "REAP_SEED: " + "[" * 5000 + "]" * 5000 + "\n",
+    "alias-bomb": "REAP_SEED: &a [x, x, x, x, x, x, x, x, x]\nREAP_MAX_SAMPLES: &b [*a, *a, *a, *a, *a, *a, *a, *a]\n",
+    "too-big": "#" * (2 << 20) + "\n",
+}
+
+
+def _recipe(name: str, tmp: Path) -> None:
+    path = tmp / "r.yaml"
+    if name in RECIPES:
+        path.write_text(RECIPES[name])
+    elif name == "binary":
+        path.write_bytes(b"\xff\xfeREAP_SEED: 1\n")
+    elif name == "fifo":
+        os.mkfifo(path)
+    elif name == "dir":
+        path.mkdir()
+
+
 SETUPS = {
+    **{
+        f"recipe_{name}": (lambda tmp, model, meta, name=name: _recipe(name, tmp))
+        for name in (*RECIPES, "missing", "binary", "fifo", "dir")
+    },
     "config_list": lambda tmp, model, meta: (_copy(model, tmp) / "config.json").write_text("[1, 2]"),
     "topk_string": lambda tmp, model, meta: _edit_json(
         _copy(model, tmp) / "config.json", lambda c: c.update(num_experts_per_tok="two")
