@@ -914,6 +914,8 @@ def combined_recipe(reap_settings: dict[str, Any], settings: Settings) -> dict[s
     then this stage's keys. A key both stages read keeps the reap stage's value unless this stage set it to
     something other than its own default (a re-cut at another ratio, say)."""
     out = {env_key(k): v for k, v in reap_settings.items() if k not in _NOT_RECIPE}
+    if "REAP_EVAL_RATIOS" in out and not str(out["REAP_EVAL_RATIOS"]).strip():
+        out["REAP_EVAL_RATIOS"] = "none"  # an empty value in a recipe means the default
     defaults = {f.name: _default_text(f) for f in dataclasses.fields(settings)}
     for key, value in recipe_values(settings).items():
         name = key[len(PREFIX) :].lower()

@@ -48,3 +48,21 @@ def test_user_errors_are_one_line_with_exit_2(script, args, env, message, tmp_pa
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr
     assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_json_is_one_line_on_stdout_also_for_an_error(tmp_path, monkeypatch, capsys):
+    import json
+
+    from reap_vlm.cli import main
+    from reap_vlm.reap import run
+
+    monkeypatch.chdir(tmp_path)
+    for key in [k for k in os.environ if k.startswith("REAP_")]:
+        monkeypatch.delenv(key)
+    assert main("reap", run, ["--json", "--quiet", "--prune-ratio", "1.5"]) == 2
+    out, err = capsys.readouterr()
+    (line,) = out.splitlines()
+    result = json.loads(line)
+    assert result["stage"] == "reap" and result["exit_code"] == 2 and "REAP_PRUNE_RATIO=1.5" in result["error"]
+    assert err.strip().splitlines() == ["error: " + result["error"]]  # the human line stays on stderr
+    assert list(tmp_path.iterdir()) == []

@@ -191,3 +191,20 @@ def test_quiet_and_verbose_flags_set_the_log_level():
     assert S.load(S.TestSettings, [], {"REAP_LOG_LEVEL": "verbose"}).log_level == "verbose"
     with pytest.raises(SettingsError, match="REAP_LOG_LEVEL='loud' is not a valid choice"):
         S.load(S.PruneSettings, [], {"REAP_LOG_LEVEL": "loud"})
+
+
+def test_resolved_recipes_round_trip(tmp_path):
+    reap = S.load(S.ReapSettings, ["--prune-ratio", "0.25", "--eval-ratios", "", "--no-shuffle", "--seed", "3"], {})
+    (tmp_path / "reap.yaml").write_text(S.recipe_text(S.recipe_values(reap), "reap"))
+    again = S.load(S.ReapSettings, ["--config", "reap.yaml"], {})
+    assert again.to_dict() == {**reap.to_dict(), "config": "reap.yaml", "eval_ratios": "none"}
+    assert again.candidate_ratios == reap.candidate_ratios == []  # '' on the command line is 'none' in a recipe
+    # the pruned folder's recipe: the reap stage's settings, then the prune stage's (a re-cut ratio wins)
+    prune = S.load(S.PruneSettings, ["--prune-ratio", "0.4", "--method", "merge"], {})
+    combined = S.combined_recipe(reap.to_dict(), prune)
+    assert combined["REAP_PRUNE_RATIO"] == 0.4 and combined["REAP_METHOD"] == "merge"
+    assert combined["REAP_MODALITY"] == "balanced" and combined["REAP_SEED"] == 3  # prune left these at default
+    (tmp_path / "pruned.yaml").write_text(S.recipe_text(combined, "both"))
+    assert S.load(S.ReapSettings, ["--config", "pruned.yaml"], {}).shuffle is False
+    assert S.load(S.PruneSettings, ["--config", "pruned.yaml"], {}).method == "merge"
+    assert "REAP_CONFIG" not in combined and "REAP_LOG_LEVEL" not in combined
