@@ -73,6 +73,7 @@ class Sample:
     answer: str = ""  # a reference answer where the data has one (vision prompts)
     task: str = ""  # the row's task label where the data has one (chart, count, ...)
     key: str = ""  # what identifies the row's content (its JSON line, file name, ...): ranks the held-out portions
+    plain: bool = False  # a plain {"text": ...} row (not messages): REAP_CHAT_TEMPLATE=auto keeps it plain text
 
     @property
     def kind(self) -> str:
@@ -241,7 +242,10 @@ def _read_jsonl(path: Path, source: str, split: str | None, id_prefix: str = "")
                 continue
             task = str(row.get("task", "")) if isinstance(row.get("task"), str) else ""
             key = raw.decode("utf-8", "replace").strip()
-            samples.append(Sample(f"{source}/{id_prefix}{number:05d}", source, messages, answer, task, key))
+            plain = isinstance(row.get("text"), str)
+            samples.append(
+                Sample(f"{source}/{id_prefix}{number:05d}", source, messages, answer, task, key, plain=plain)
+            )
     return SampleList(samples, {source: skipped} if skipped else {})
 
 
@@ -309,7 +313,9 @@ def _read_hf(spec: str, split: str) -> SampleList:
             key = str(value)
             content = [{"type": "text", "text": key}]
         if _is_eval(key) == (split == "evaluation"):
-            samples.append(Sample(f"{name}/{i}", spec, _user_message(content), key=key))
+            samples.append(
+                Sample(f"{name}/{i}", spec, _user_message(content), key=key, plain=not isinstance(value, Image.Image))
+            )
     return SampleList(samples)
 
 
@@ -338,7 +344,16 @@ def heldout_portions(samples: Iterable[Sample]) -> dict[str, list[Sample]]:
 
 def read_source(name: str, split: str) -> SampleList:
     """Every sample of one source in one split (before counting and shuffling); `selection` and `test` are the
-    two portions of the evaluation split (heldout_portions)."""
+    two portions of the evaluation split (heldout_portions). Split "all": every row of a user's file or folder
+    (its held-out samples come from elsewhere), a built-in set's calibration file."""
+    if split == "all":
+        if name in BUILTIN:
+            return read_source(name, "calibration")
+        calib, held = read_source(name, "calibration"), read_source(name, "evaluation")
+        return SampleList(
+            [*calib, *held],
+            {k: calib.skipped.get(k, 0) + held.skipped.get(k, 0) for k in {**calib.skipped, **held.skipped}},
+        )
     if split in PORTIONS:
         pool = read_source(name, "evaluation")
         return SampleList(heldout_portions(pool)[split], pool.skipped)
@@ -501,12 +516,13 @@ def selection_slice(
 # ---- model inputs ---------------------------------------------------------------------------
 
 
-def _template(processor, messages: list[dict]) -> tuple[str, bool]:
-    """(text, True) through the checkpoint's chat template; (plain text, False) when it has none."""
+def _template(processor, messages: list[dict], plain: bool = False) -> tuple[str, bool]:
+    """(text, True) through the checkpoint's chat template; (plain text, False) when it has none or when
+    `plain` (a plain-text row under REAP_CHAT_TEMPLATE=auto)."""
     has_template = getattr(processor, "chat_template", None) or getattr(
         getattr(processor, "tokenizer", None), "chat_template", None
     )
-    if has_template:
+    if has_template and not plain:
         return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=False), True
     if any(item.get("type") == "image" for m in messages if isinstance(m["content"], list) for item in m["content"]):
         raise CalibrationError(
@@ -606,6 +622,7 @@ def _encode(
     min_pixels: int | None,
     max_pixels: int | None,
     answer: bool = False,
+    chat_template: str = "always",
 ) -> dict | None:
     """One sample -> processor outputs (batch of 1), at most max_seq_len tokens, image tokens never cut.
 
@@ -615,7 +632,7 @@ def _encode(
     sample too long for max_seq_len shrinks its image or is None), and the output has "answer_span":
     the (start, stop) token positions of the answer and its end-of-turn token."""
     messages = with_answer_turn(sample) if answer else sample.messages
-    text, templated = _template(processor, messages)
+    text, templated = _template(processor, messages, plain=chat_template == "auto" and sample.plain)
     if answer and not templated:
         text = text + "\n" + sample.answer.strip() + (_tokenizer(processor).eos_token or "")
     images = sample.images
@@ -693,7 +710,9 @@ def _collate(encoded: list[dict], pad_id: int, image_id: int | None) -> tuple[di
     return inputs, modality, answer
 
 
-def _packed_rows(samples: list[Sample], processor, max_seq_len: int, eos_id: int) -> list[tuple[dict, Sample]]:
+def _packed_rows(
+    samples: list[Sample], processor, max_seq_len: int, eos_id: int, chat_template: str = "always"
+) -> list[tuple[dict, Sample]]:
     """Text samples of one source joined (EOS between them) and cut into rows of max_seq_len tokens."""
     tok = _tokenizer(processor)
     by_source: dict[str, list[Sample]] = {}
@@ -703,7 +722,7 @@ def _packed_rows(samples: list[Sample], processor, max_seq_len: int, eos_id: int
     for source, group in by_source.items():
         stream: list[int] = []
         for s in group:
-            text, templated = _template(processor, s.messages)
+            text, templated = _template(processor, s.messages, plain=chat_template == "auto" and s.plain)
             stream.extend(tok(text, add_special_tokens=not templated)["input_ids"] + [eos_id])
         for start in range(0, len(stream), max_seq_len):
             chunk = torch.tensor([stream[start : start + max_seq_len]])
@@ -746,6 +765,7 @@ def make_batches(
     answers: bool = False,
     bucket: bool = False,
     on_sample: Callable[[int], None] | None = None,
+    chat_template: str = "always",
 ) -> Iterator[Batch]:
     """Encode samples with the model's processor and chat template; right-padded batches.
 
@@ -764,7 +784,9 @@ def make_batches(
     and a batch takes as many rows as fit in batch_size × max_seq_len positions (buckets): little padding,
     the vision tower only in the batches that have images, and short samples many to a forward. Statistics
     are sums over tokens, so they do not depend on how the rows are batched (up to float rounding).
-    `on_sample(n)` is told every n samples encoded (or skipped), for a progress bar."""
+    `on_sample(n)` is told every n samples encoded (or skipped), for a progress bar.
+    `chat_template`: "always" puts every sample through the checkpoint's chat template as a user turn; "auto"
+    keeps plain {"text": ...} rows plain text (messages still go through the template)."""
     if max_seq_len < 1 or batch_size < 1:
         raise CalibrationError(
             "max_seq_len and batch_size must be positive", f"got {max_seq_len} and {batch_size}", "Raise them"
@@ -776,14 +798,16 @@ def make_batches(
     samples = list(samples)
     rows: list[tuple[dict, Sample]] = []
     if packing:
-        rows = _packed_rows([s for s in samples if s.kind == "text"], processor, max_seq_len, eos_id)
+        rows = _packed_rows([s for s in samples if s.kind == "text"], processor, max_seq_len, eos_id, chat_template)
         if on_sample is not None:
             on_sample(len(samples) - sum(s.kind == "image" for s in samples))
         samples = [s for s in samples if s.kind == "image"]
     for s in samples:
         with_answer = answers and bool(s.answer.strip())
         try:
-            enc = _encode(s, processor, max_seq_len, min_pixels, max_pixels, answer=with_answer)
+            enc = _encode(
+                s, processor, max_seq_len, min_pixels, max_pixels, answer=with_answer, chat_template=chat_template
+            )
         except _NoAnswerSpan:
             log.warning("%s: the reference answer's tokens are not where the chat template puts them; skipped", s.id)
             continue

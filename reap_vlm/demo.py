@@ -164,7 +164,7 @@ def _demo(args: argparse.Namespace, out: Path) -> int:
         code = _run_stage(name, runs[name], [*stage_argv, *shown])
         console.configure(args.log_level, args.json)  # the demo's own level again
         if code == EXIT_FAILED and name == "test":  # the verdict: the report is complete, and says what was lost
-            console.info("\nThe pruned model failed the test stage's verdict (the failing checks above, in the report).")
+            console.info("\nThe pruned model failed the test stage's verdict (the failing checks above, in the report)")
         elif code != EXIT_OK:
             console.warn(f"\ndemo stopped: the {name} stage exited with code {code}")
             return code

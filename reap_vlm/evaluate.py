@@ -232,6 +232,7 @@ def encode(samples, processor, settings: TestSettings) -> list:
                 batch_size=settings.batch_size,
                 answers=True,
                 on_sample=bar.advance,
+                chat_template=settings.chat_template,
             )
         )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -13,7 +14,7 @@ from pathlib import Path
 import torch
 
 from . import console, distributed, metadata, outputs, scoring
-from .calibration import load_samples, make_batches, token_budget
+from .calibration import BUILTIN, SELECTION_SHARE, load_samples, make_batches, parse_spec, token_budget
 from .errors import SettingsError
 from .execution import choose as choose_execution
 from .execution.memory import forward
@@ -70,6 +71,8 @@ def _settings_hash(settings: ReapSettings) -> str:
         "max_pixels",
         "shuffle",
         "packing",
+        "chat_template",
+        "eval_data",
         "seed",
         "dtype",
     )
@@ -89,6 +92,62 @@ def encode(label: str, samples, processor, **kwargs) -> list:
     samples = list(samples)
     with console.progress(label, len(samples), "samples") as bar:
         return list(make_batches(samples, processor, on_sample=bar.advance, **kwargs))
+
+
+def _is_user_file(spec: str) -> bool:
+    path = Path(spec)
+    return spec.startswith("folder:") or path.suffix == ".jsonl" or path.is_file() or path.is_dir()
+
+
+def plan_heldout(settings: ReapSettings) -> list:
+    """The held-out samples the candidate plans are measured on: REAP_EVAL_DATA (a JSONL file or folder: every
+    row; a built-in set or mix: its plan-selection slice), else REAP_CALIBRATION's plan-selection slice."""
+    from .candidates import heldout_samples
+
+    if not settings.eval_data:
+        return heldout_samples(settings)
+    spec = settings.eval_data
+    if not _is_user_file(spec):  # a built-in set or mix: its plan-selection slice, as for REAP_CALIBRATION
+        return heldout_samples(dataclasses.replace(settings, calibration=spec))
+    return load_samples(spec, "all", max_samples=settings.eval_samples, seed=settings.seed, shuffle=settings.shuffle)
+
+
+def data_split(settings: ReapSettings, samples, held) -> dict:
+    """Per source: how many samples calibration scores and how many measure the plans, and by which rule."""
+    names = [name for name, _ in parse_spec(settings.calibration)]
+    out: dict[str, dict] = {}
+    for role, group in (("calibration", samples), ("heldout", held)):
+        for s in group:
+            entry = out.setdefault(s.source, {"calibration": 0, "heldout": 0})
+            entry[role] += 1
+    for source, entry in out.items():
+        if settings.eval_data and entry["calibration"] == 0:
+            entry["rule"] = f"held-out data from REAP_EVAL_DATA={settings.eval_data}"
+        elif source in BUILTIN:
+            entry["rule"] = (
+                "built-in set: its calibration file; the plans measured on the selection portion of its evaluation "
+                "file (the test stage evaluates on the rest)"
+            )
+        elif settings.eval_data:
+            entry["rule"] = "every row scored (the held-out data is REAP_EVAL_DATA)"
+        else:
+            entry["rule"] = (
+                "content hash: 1 row in 5 held out (disjoint from calibration, stable), the plans measured on "
+                f"its selection portion ({SELECTION_SHARE:.0%}); REAP_EVAL_DATA=FILE measures on other data and "
+                "scores every row"
+            )
+    for name in (n for n in names if n != "combined"):  # a source that contributed nothing is worth saying
+        out.setdefault(name, {"calibration": 0, "heldout": 0, "rule": "no samples"})
+    return out
+
+
+def _print_split(split: dict, settings: ReapSettings) -> None:
+    width = max(len(name) for name in split)
+    console.info(
+        f"data split (calibration | held-out for the candidate plans; chat template: {settings.chat_template}):"
+    )
+    for name, e in split.items():
+        console.info(f"  {name:{width}s}  {e['calibration']:5d} | {e['heldout']:<5d} {e['rule']}")
 
 
 def _print_budget(budget: dict) -> None:
@@ -447,11 +506,13 @@ def _score(settings: ReapSettings, meta_path: Path, on_batch: Callable[[int], No
         )
 
     with phases("data") as data_phase:  # reading the samples, the processor, collation
-        samples, batches, eval_batches, search_batches = _data(settings, processor, streamed is not None)
+        samples, held, batches, eval_batches, search_batches = _data(settings, processor, streamed is not None)
         budget = token_budget(batches)
         data_phase["tokens"] = budget["total"]["text"] + budget["total"]["image"]
+    split = data_split(settings, samples, held)
     if distributed.is_writer():
         _print_budget(budget)
+        _print_split(split, settings)
 
     out_dir = meta_path.parent
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -493,6 +554,9 @@ def _score(settings: ReapSettings, meta_path: Path, on_batch: Callable[[int], No
             "skipped_images": samples.skipped,
             "tokens": {"text": budget["total"]["text"], "image": budget["total"]["image"]},
             "sources": budget["sources"],
+            "chat_template": settings.chat_template,
+            "eval_data": settings.eval_data or None,
+            "split": split,
         },
         settings=settings.to_dict(),
     )
@@ -589,11 +653,12 @@ def _write(settings, meta: dict, meta_path: Path, merge, info: dict | None, stat
 
 
 def _data(settings: ReapSettings, processor, streamed: bool = False) -> tuple:
-    """(calibration samples, their batches, held-out batches or None, greedy-search batches or None: none when
-    REAP_GREEDY_SEARCH is off or in streamed execution, where each search step would be another pass)."""
+    """(calibration samples, held-out samples, their batches, held-out batches or None, greedy-search batches or
+    None: none when REAP_GREEDY_SEARCH is off or in streamed execution, where each search step would be another
+    pass)."""
     samples = load_samples(
         settings.calibration,
-        "calibration",
+        "all" if settings.eval_data else "calibration",  # held-out data from elsewhere: user files are scored whole
         max_samples=settings.max_samples,
         seed=settings.seed,
         image_share=settings.image_share,
@@ -604,16 +669,19 @@ def _data(settings: ReapSettings, processor, streamed: bool = False) -> tuple:
         batch_size=settings.batch_size,
         min_pixels=settings.min_pixels,
         max_pixels=settings.max_pixels,
+        chat_template=settings.chat_template,
     )
     batches = encode("encoding calibration", samples, processor, packing=settings.packing, bucket=True, **batch_args)
     eval_batches = search_batches = None
+    held: list = []
     if settings.eval_samples > 0:
-        from .candidates import heldout_samples, search_samples
+        from .candidates import search_samples
 
-        eval_batches = encode("encoding held-out", heldout_samples(settings), processor, answers=True, **batch_args)
+        held = plan_heldout(settings)
+        eval_batches = encode("encoding held-out", held, processor, answers=True, **batch_args)
     if settings.eval_samples > 0 and settings.greedy_search and not streamed:
         search_batches = encode("encoding search", search_samples(settings), processor, answers=True, **batch_args)
-    return samples, batches, eval_batches, search_batches
+    return samples, held, batches, eval_batches, search_batches
 
 
 def run(settings: ReapSettings) -> int:

@@ -30,6 +30,12 @@ ENV_FILE_KEY = "REAP_ENV_FILE"
 CONFIG_KEY = "REAP_CONFIG"
 MAX_RECIPE_BYTES = 1 << 20
 LOG_LEVELS = ("quiet", "info", "verbose")
+CHAT_TEMPLATE_POLICIES = ("always", "auto")
+CHAT_TEMPLATE_HELP = (
+    "How samples meet the checkpoint's chat template: always (every sample as a user turn, the way the shipped "
+    "sets and the demo VLM were measured), auto (rows with messages through the template, plain {'text': ...} "
+    "rows as plain text, the way pretraining text looks)."
+)
 
 SCORING_MODES = ("full", "routed", "router")
 CRITERIA = (
@@ -207,6 +213,15 @@ class ReapSettings(Settings):
         "Calibration source: a built-in set (general, code, math, writing, vision, tasks, combined), a JSONL file, "
         "an image folder, or a mix 'name:count,name:count'.",
     )
+    eval_data: str = opt(
+        "",
+        "Held-out data the candidate plans are measured on. Empty: the evaluation split of REAP_CALIBRATION (a "
+        "built-in set's evaluation file; of a JSONL file or folder the rows whose content hash puts them there, 1 "
+        "in 5, which calibration then does not use). A JSONL file or folder here is read whole, and then "
+        "REAP_CALIBRATION's own files and folders are scored whole too; a built-in set or mix is read from its "
+        "evaluation split.",
+    )
+    chat_template: str = opt("always", CHAT_TEMPLATE_HELP, choices=CHAT_TEMPLATE_POLICIES)
     max_samples: int = opt(64, "Calibration samples to score (a mix divides them in proportion).")
     max_seq_len: int = opt(512, "Maximum tokens per sample; longer samples are truncated.")
     batch_size: int = opt(
@@ -421,6 +436,7 @@ class TestSettings(Settings):
         "from that test portion (e.g. 'tasks:35,code:5,writing:5').",
     )
     eval_samples: int = opt(24, "Held-out samples for agreement, KL and perplexity.")
+    chat_template: str = opt("always", CHAT_TEMPLATE_HELP, choices=CHAT_TEMPLATE_POLICIES)
     image_share: float = opt(0.3, "Share of image+text samples in the 'combined' set (0..1).")
     max_seq_len: int = opt(512, "Maximum tokens per held-out sample.")
     batch_size: int = opt(4, "Samples per forward pass.")
