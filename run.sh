@@ -177,6 +177,7 @@ flags_to_settings() {
     elif (($#)) && [[ "$1" != --* ]]; then value="$1" && shift
     elif [[ "$flag" == no-* ]]; then value=false && flag="${flag#no-}"
     else value=true; fi
+    if [[ "$flag" == quiet || "$flag" == verbose ]] && [[ "$value" == true ]]; then value="$flag" && flag=log-level; fi
     flag="${flag//-/_}" && export "REAP_${flag^^}=$value"
   done
 }

@@ -54,6 +54,8 @@ def flags_to_settings(args: list[str]) -> dict[str, str]:
             name, value = name[3:], "false"
         else:
             value = "true"
+        if name in ("quiet", "verbose") and value == "true":  # the stages' --quiet / --verbose
+            name, value = "log-level", name
         out["REAP_" + name.replace("-", "_").upper()] = value
     return out
 

@@ -66,3 +66,10 @@ def test_json_is_one_line_on_stdout_also_for_an_error(tmp_path, monkeypatch, cap
     assert result["stage"] == "reap" and result["exit_code"] == 2 and "REAP_PRUNE_RATIO=1.5" in result["error"]
     assert err.strip().splitlines() == ["error: " + result["error"]]  # the human line stays on stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_all_takes_quiet_and_verbose_as_the_log_level():
+    from reap_vlm.command import flags_to_settings
+
+    assert flags_to_settings(["--verbose", "--json"]) == {"REAP_LOG_LEVEL": "verbose", "REAP_JSON": "true"}
+    assert flags_to_settings(["--quiet", "--config", "r.yaml"]) == {"REAP_LOG_LEVEL": "quiet", "REAP_CONFIG": "r.yaml"}

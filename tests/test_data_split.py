@@ -51,6 +51,7 @@ def test_reap_prints_and_records_the_split_and_the_policy(tiny_text_dir, tmp_pat
     from reap_vlm.settings import ReapSettings, load
 
     mine = _jsonl(tmp_path / "mine.jsonl", [{"text": f"line {i}: " + "words of text " * 8} for i in range(30)])
+    assert read_source(str(mine), "selection")  # this file's hash split leaves rows for the plans
     other = _jsonl(tmp_path / "held.jsonl", [{"text": f"held-out {i}: " + "other text " * 8} for i in range(6)])
     base = ["--model-path", str(tiny_text_dir), "--device", "cpu", "--max-samples", "30", "--max-seq-len", "48"]
     base += ["--calibration", str(mine), "--no-plots", "--eval-samples", "6", "--eval-ratios", "", "--merge-stats-mb"]
@@ -58,7 +59,13 @@ def test_reap_prints_and_records_the_split_and_the_policy(tiny_text_dir, tmp_pat
 
     meta = score(load(ReapSettings, [*base, "--output-path", str(tmp_path / "a")], {}))
     split = meta["calibration"]["split"][str(mine)]
-    assert split["calibration"] + split["heldout"] == 30 and 0 < split["heldout"] < 15
+    selection = read_source(str(mine), "selection")  # the plan-selection portion of the 1-in-5 held-out rows
+    assert (
+        split["calibration"]
+        == len(read_source(str(mine), "calibration"))
+        == 30 - len(read_source(str(mine), "evaluation"))
+    )
+    assert split["heldout"] == min(len(selection), 4) > 0  # REAP_EVAL_PER_SOURCE: 4 per source without answers
     assert "content hash: 1 row in 5 held out" in split["rule"] and meta["calibration"]["chat_template"] == "auto"
     err = capsys.readouterr().err
     assert "data split (calibration | held-out for the candidate plans; chat template: auto)" in err

@@ -145,9 +145,14 @@ def test_empty_value_means_the_stage_default(tmp_path):
     # .env.example leaves keys whose defaults differ per stage empty: each stage keeps its own
     (tmp_path / ".env").write_text("REAP_EVAL_SAMPLES=\nREAP_PRUNE_RATIO=\nREAP_MODALITY=\nREAP_ROUND_TO=\n")
     reap, prune, test = (S.load(cls, [], {}) for cls in (S.ReapSettings, S.PruneSettings, S.TestSettings))
-    assert (reap.eval_samples, reap.prune_ratio, reap.modality, reap.round_to) == (16, 0.5, "balanced", 1)
+    assert (reap.eval_samples, reap.prune_ratio, reap.modality, reap.round_to) == (
+        S.ReapSettings().eval_samples,
+        0.5,
+        "balanced",
+        1,
+    )
     assert (prune.prune_ratio, prune.modality, prune.round_to) == (None, "", 0)
-    assert test.eval_samples == 24
+    assert test.eval_samples == S.TestSettings().eval_samples != reap.eval_samples
 
 
 def test_recipe_values_keep_their_type_rules(tmp_path):
@@ -177,10 +182,11 @@ def test_help_shows_the_effective_default_its_source_choices_and_key(tmp_path):
 
 def test_readme_table_states_each_stages_default():
     rows = {key: defaults for key, defaults, _ in S.schema_rows()}
-    assert rows["REAP_EVAL_SAMPLES"] == {"reap": "16", "test": "24"}
+    reap, test = S.ReapSettings().eval_samples, S.TestSettings().eval_samples
+    assert rows["REAP_EVAL_SAMPLES"] == {"reap": str(reap), "test": str(test)}
     assert rows["REAP_PRUNE_RATIO"] == {"reap": "0.5", "prune": ""}
     table = S.readme_table()
-    assert "| `REAP_EVAL_SAMPLES` | reap: `16`<br>test: `24` |" in table
+    assert f"| `REAP_EVAL_SAMPLES` | reap: `{reap}`<br>test: `{test}` |" in table
     assert "| `REAP_ROUND_TO` | reap: `1`<br>prune: `0` |" in table
     assert "\nREAP_EVAL_SAMPLES=\n" in S.env_example()  # empty: every stage keeps its own default
 

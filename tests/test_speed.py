@@ -96,7 +96,7 @@ def test_metadata_records_seconds_per_phase(tiny_text_dir, tmp_path, capsys):
     tokens = meta["calibration"]["tokens"]["text"] + meta["calibration"]["tokens"]["image"]
     assert phases["scoring"]["tokens"] == phases["data"]["tokens"] == tokens
     assert phases["scoring"]["tokens_per_s"] == pytest.approx(tokens / phases["scoring"]["seconds"], rel=1e-2)
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err  # human output is on stderr
     assert "scoring: " in out and "tokens/s" in out and "phases" in out
 
 
