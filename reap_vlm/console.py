@@ -30,11 +30,11 @@ _state: dict[str, Any] = {"level": "info", "json": False, "console": None, "resu
 def configure(level: str = "info", json_result: bool = False) -> None:
     """Set the level and the result line for this process (the stage entry point calls it once)."""
     _state.update(level=level, json=json_result, console=None)
-    logging.getLogger("reap_vlm").setLevel(logging.DEBUG if level == "verbose" else logging.WARNING)
-    handler = _Handler()
-    root = logging.getLogger("reap_vlm")
-    root.handlers = [handler]
-    root.propagate = False
+    package = logging.getLogger("reap_vlm")
+    package.setLevel(logging.DEBUG if level == "verbose" else logging.WARNING)
+    # one handler of ours (configure may run once per stage in one process); records still propagate, so a
+    # handler on the root logger (pytest's caplog) sees them too, and Python's last-resort printer does not
+    package.handlers = [h for h in package.handlers if not isinstance(h, _Handler)] + [_Handler()]
 
 
 def console() -> Console:
