@@ -16,6 +16,7 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from . import console
 from .errors import CheckpointError
 from .validate import read_text
 
@@ -37,7 +38,9 @@ def source_card(src: Path) -> ModelCard | None:
         return ModelCard(text, ignore_metadata_errors=True)
     except (ValueError, yaml.YAMLError) as err:  # front matter that is not a YAML mapping
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        print(f"note: the source model card's front matter is not valid YAML ({first}); its metadata is not kept")
+        console.info(
+            f"note: the source model card's front matter is not valid YAML ({first}); its metadata is not kept"
+        )
         body = text.split("---", 2)[-1] if text.startswith("---") else text
         return ModelCard("---\n---\n" + body)
 
@@ -249,13 +252,13 @@ def record_results(folder: Path, report: dict) -> None:
     from .errors import OutputError
 
     if not outputs.is_own(folder):
-        print(f"note: {folder} is not a reap-vlm output: its model card is left as it is")
+        console.info(f"note: {folder} is not a reap-vlm output: its model card is left as it is")
         return
     try:
         with outputs.locked(folder):
             added = add_results(folder, report)
     except OutputError as err:
-        print(f"note: the model card was not updated: {err}")
+        console.info(f"note: the model card was not updated: {err}")
         return
     if added:
-        print(f"test results added to the model card {Path(folder) / 'README.md'}")
+        console.info(f"test results added to the model card {Path(folder) / 'README.md'}")

@@ -36,6 +36,7 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
+from . import console
 from .errors import EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USAGE, ReapError, SettingsError
 
 TIMEOUT = datetime.timedelta(minutes=60)  # a collective waits this long for a rank that is still working
@@ -93,7 +94,7 @@ def joined(settings) -> Iterator:
         if active():
             settings = _rank_settings(settings, env["local_rank"])
             if is_writer():
-                print(f"data parallel: {world()} ranks, batch i scored by rank i mod {world()}")
+                console.info(f"data parallel: {world()} ranks, batch i scored by rank i mod {world()}")
         yield settings
     except (KeyboardInterrupt, RankLostError) as err:
         if not active():

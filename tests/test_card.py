@@ -125,7 +125,7 @@ def test_source_card_with_broken_front_matter_keeps_its_text(tmp_path, capsys):
     (tmp_path / "README.md").write_text("---\nlicense: [unclosed\n---\n\nBody kept.\n")
     source = card.source_card(tmp_path)
     assert source.data.to_dict() == {} and "Body kept." in source.text
-    assert "front matter is not valid YAML" in capsys.readouterr().out
+    assert "front matter is not valid YAML" in capsys.readouterr().err
 
 
 def test_test_results_replace_the_placeholder_and_each_other(pruned_with_card, tmp_path):

@@ -127,7 +127,7 @@ def test_two_processes_give_the_metadata_of_one(tiny_vl_dir, tmp_path):
     one = _single(tiny_vl_dir, tmp_path / "one", **run)
     result = _launch(2, "reap.py", _argv(tiny_vl_dir, tmp_path / "two", **run))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "data parallel: 2 ranks" in result.stdout
+    assert "data parallel: 2 ranks" in result.stderr
     many = _same(one, tmp_path / "two", 2)
     assert len(many["candidates"]["rows"]) > 5 and many["candidates"]["heldout"]["samples"] > 2
     _same_merge_stats(tmp_path / "one", tmp_path / "two")
