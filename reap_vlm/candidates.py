@@ -38,7 +38,7 @@ from .moe.spec import MoEBlock
 from .observe.usage import ExpertUsage, usage_entropy
 
 BOOTSTRAP_RESAMPLES = 1000
-SEARCH_SHARE = 4  # the greedy search re-chooses one kept expert in SEARCH_SHARE of every block
+SEARCH_SHARE = 8  # the greedy search re-chooses one kept expert in SEARCH_SHARE per block (docs/quality.md: cost)
 RANDOM_SEEDS = (0, 1, 2)
 POLICIES = ("balanced", "joint", "either")  # measured at the requested ratio beside REAP_MODALITY's
 DEFAULT_CRITERION = {"router": "weighted_frequency"}  # the simpler default per scoring mode; else reap
@@ -479,7 +479,7 @@ def greedy_plan(
     for block in blocks_meta:
         key, stats = block["key"], meta["layers"][block["key"]]["stats"]
         n_keep = _n_keep(block, ratio, num_keep, round_to)
-        s = min(max(1, n_keep // SEARCH_SHARE), n_keep - block["top_k"])  # a quarter of the kept experts
+        s = min(max(1, n_keep // SEARCH_SHARE), n_keep - block["top_k"])
         if s <= 0:
             raise PlanError("no room for a search: the plan keeps only top_k experts", "", "")
         steps = s if steps is None else min(steps, s)
