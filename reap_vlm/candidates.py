@@ -38,7 +38,7 @@ from .moe.spec import MoEBlock
 from .observe.usage import ExpertUsage, usage_entropy
 
 BOOTSTRAP_RESAMPLES = 1000
-SEARCH_SHARE = 8  # the greedy search re-chooses one kept expert in SEARCH_SHARE per block (docs/quality.md: cost)
+SEARCH_SHARE = 4  # the greedy search re-chooses one kept expert in SEARCH_SHARE per block (docs/quality.md)
 RANDOM_SEEDS = (0, 1, 2)
 POLICIES = ("balanced", "joint", "either")  # measured at the requested ratio beside REAP_MODALITY's
 DEFAULT_CRITERION = {"router": "weighted_frequency"}  # the simpler default per scoring mode; else reap
