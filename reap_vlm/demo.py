@@ -136,6 +136,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _demo(args: argparse.Namespace, out: Path) -> int:
+    # Imported before the first line: the stages' libraries (transformers' Qwen-VL image processor pulls in
+    # torchvision, about 3 s on two cores) load at start-up instead of inside a step.
+    from transformers import Qwen2VLImageProcessor  # noqa: F401
+
     from . import evaluate, prune, reap
     from .tiny import make_tiny
 

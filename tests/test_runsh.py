@@ -426,7 +426,7 @@ def this_python_as_venv(tmp_path) -> Path:
 
 @pytest.mark.parametrize(
     ("command", "expected"),
-    [(["reap", "--help"], "[REAP_SCORING_MODE]"), (["verify", "--help"], "./run.sh verify")],
+    [(["reap", "--help"], "[REAP_SCORING_MODE;"), (["verify", "--help"], "./run.sh verify")],
 )
 def test_local_mode_runs_the_real_stage(this_python_as_venv, tmp_path, command, expected):
     env = {k: v for k, v in os.environ.items() if not k.startswith("REAP_")}
