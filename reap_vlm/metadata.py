@@ -68,7 +68,7 @@ def new(model: dict, scoring: dict, calibration: dict, settings: dict) -> dict[s
     return {
         "schema_version": SCHEMA_VERSION,
         "tool": versions(),
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds"),
         "model": model,
         "scoring": scoring,
         "calibration": calibration,
