@@ -139,26 +139,35 @@ class Progress:
 def progress(label: str, total: int, unit: str = "items", **fields) -> Iterator[Progress]:
     """A progress bar of `total` steps: `with progress("scoring", n, "batches") as p: ... p.advance()`.
     `fields` are extra columns' start values (e.g. tps=0.0 for the scoring bar's tokens per second)."""
+
+    def columns():
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        rate = TextColumn("{task.fields[tps]:>8.0f} tok/s") if "tps" in fields else _rate_column(unit)
+        head = [TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn(unit)]
+        return [*head, rate, TimeElapsedColumn(), TimeRemainingColumn()]
+
+    with _live(label, total, unit, f"{total} {unit}", columns, **fields) as p:
+        yield p
+
+
+@contextmanager
+def _live(label: str, total: int, unit: str, size: str, columns, rate_scale: float = 1.0, **fields):
+    """The one mechanism behind progress() and bytes_progress(): a rich bar on a terminal (columns() makes
+    its columns), else a summary line at the end; nothing at --quiet."""
     level_now = _state["level"]
     out = console()
-    step(f"{label}: {total} {unit}")
+    step(f"{label}: {size}")
     bar = task = None
     if level_now != "quiet" and out.is_terminal:
-        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
         from rich.progress import Progress as Bar
 
-        columns = [TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn(unit)]
-        if "tps" in fields:
-            columns.append(TextColumn("{task.fields[tps]:>8.0f} tok/s"))
-        else:
-            columns.append(_rate_column(unit))
-        columns += [TimeElapsedColumn(), TimeRemainingColumn()]
         # rich redraws from a thread that holds the GIL meanwhile: at its default 10 Hz that delays the kernel
         # launches of a host-bound forward (a few % of a run); twice a second is enough to read
-        bar = Bar(*columns, console=out, transient=False, refresh_per_second=2)
+        bar = Bar(*columns(), console=out, transient=False, refresh_per_second=2)
         bar.start()
         task = bar.add_task(label, total=total, **fields)
-    p = Progress(label, total, unit, bar, task)
+    p = Progress(label, total, unit, bar, task, rate_scale=rate_scale)
     try:
         yield p
     finally:
@@ -216,27 +225,14 @@ def _rate_column(unit: str):
 @contextmanager
 def bytes_progress(label: str, total: int) -> Iterator[Progress]:
     """A progress bar over bytes (the prune stage's writing, hash verification)."""
-    level_now = _state["level"]
-    out = console()
-    step(f"{label}: {total / 2**20:.1f} MiB")
-    bar = task = None
-    if level_now != "quiet" and out.is_terminal:
-        from rich.progress import BarColumn, DownloadColumn, TextColumn, TransferSpeedColumn
-        from rich.progress import Progress as Bar
 
-        columns = (TextColumn(f"[bold]{label}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
-        bar = Bar(*columns, console=out, refresh_per_second=2)
-        bar.start()
-        task = bar.add_task(label, total=total)
-    p = Progress(label, total, "MiB", bar, task, rate_scale=1 / 2**20)
-    try:
+    def columns():
+        from rich.progress import BarColumn, DownloadColumn, TextColumn, TransferSpeedColumn
+
+        return [TextColumn(f"[bold]{label}"), BarColumn(), DownloadColumn(), TransferSpeedColumn()]
+
+    with _live(label, total, "MiB", f"{total / 2**20:.1f} MiB", columns, rate_scale=1 / 2**20) as p:
         yield p
-    finally:
-        if bar is not None:
-            bar.stop()
-    seconds = time.perf_counter() - p.started
-    if bar is None and level_now != "quiet":
-        _emit(f"{label}: {p.counts()} in {seconds:.1f} s ({p.rate():.1f} MiB/s)")
 
 
 def result(stage: str, payload: dict) -> None:
