@@ -114,11 +114,12 @@ def _signature(keep: dict) -> tuple:
     return tuple((k, tuple(v)) for k, v in sorted(keep.items()))
 
 
-def plans_for_ratio(meta: dict, ratio: float, measured: bool = True) -> list[dict]:
+def plans_for_ratio(meta: dict, ratio: float, measured: bool = True, merges: tuple = ((16, "centroid"),)) -> list[dict]:
     """Every plan to write at this ratio: (label, kind, how) with the kept experts per block key. `measured`: the
     metadata's plan was chosen at this ratio by the candidate table (auto, greedy and random plans from it); else
     (--score-once) the metadata holds the raw sums only, and the random plans are drawn here with the reap
-    stage's own function and seeds (candidates.random_plan, RANDOM_SEEDS)."""
+    stage's own function and seeds (candidates.random_plan, RANDOM_SEEDS). `merges`: the (REAM group size C,
+    router mode) of every merge plan, written when the metadata has merge statistics."""
     blocks = meta["model"]["blocks"]
     mode = meta["scoring"]["mode"]
     plan = meta["plan"]
@@ -168,7 +169,17 @@ def plans_for_ratio(meta: dict, ratio: float, measured: bool = True) -> list[dic
         label = "greedy" if row["policy"] == "greedy" else f"random (seed {row['seed']})"
         out.append({"label": label, "kind": row["policy"], "kept": table["plans"][row["plan_id"]]})
     if meta.get("merge_stats"):  # REAM merging from the same saliency as the auto plan (prune_model.py --method merge)
-        out.append({"label": f"merge (REAM C 16, {plan['criterion']}/{plan['policy']})", "kind": "merge", "kept": {}})
+        base = f"{plan['criterion']}/{plan.get('modality', plan['policy'])}"
+        for group_size, router in merges:
+            out.append(
+                {
+                    "label": f"merge (REAM C {group_size}, {router} router, {base})",
+                    "kind": "merge",
+                    "group_size": group_size,
+                    "router": router,
+                    "kept": {},
+                }
+            )
     order = {"auto": 0, "merge": 0.5, "random": 1, "greedy": 2}
     return sorted(out, key=lambda e: order.get(e["kind"], 4 if e.get("criterion") != "reap" else 3))
 
@@ -183,6 +194,7 @@ def write_plan(entry: dict, meta_path: Path, meta: dict, model_path: str, target
         argv += ["--metadata-path", str(meta_path)]
     elif entry["kind"] == "merge":  # the groups' centroids are the kept experts: known once written
         argv += ["--metadata-path", str(meta_path), "--method", "merge", "--prune-ratio", str(ratio)]
+        argv += ["--merge-group-size", str(entry["group_size"]), "--merge-router", entry["router"]]
     else:  # a measured plan the raw sums cannot reproduce: a copy of the metadata that holds it
         variant = copy.deepcopy(meta)
         for key, kept in entry["kept"].items():
@@ -216,7 +228,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-task", type=int, default=20, help="Image questions per task.")
     parser.add_argument("--per-domain", type=int, default=8, help="Text samples per domain.")
     parser.add_argument("--keep-checkpoints", action="store_true")
-    parser.add_argument("--only", default="", help="Measure only these plan kinds (auto,random,greedy,recut,merge).")
+    parser.add_argument(
+        "--only",
+        default="",
+        help="Measure only these plan kinds (auto,random,greedy,recut,merge) or labels (e.g. reap/balanced).",
+    )
+    parser.add_argument(
+        "--merge-group-sizes", default="16", help="REAM group sizes C of the merge plans (0 = nearest)."
+    )
+    parser.add_argument(
+        "--merge-routers",
+        default="centroid",
+        help="Router rows of the merge plans, comma-separated: centroid, average.",
+    )
     parser.add_argument(
         "--generate", default="auto,random", help="Plan kinds whose greedy generations are also scored."
     )
@@ -259,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
         "ratios": {},
     }
     scored = None  # (meta, metadata path, seconds) of the one reap stage with --score-once
+    merges = tuple(
+        (int(c), r) for c in args.merge_group_sizes.split(",") for r in args.merge_routers.split(",") if c and r
+    )
     for ratio in [float(r) for r in args.ratios.split(",")]:
         out_dir = work / f"r{ratio:g}"
         if args.score_once:
@@ -266,17 +293,18 @@ def main(argv: list[str] | None = None) -> int:
                 scored = _reap(args, work / "scored", ratio, ["--eval-samples", "0"])
                 print(f"reap stage (scoring only, once) {scored[2]:.0f} s")
             meta, meta_path, reap_seconds = scored
-            plans = plans_for_ratio(meta, ratio, measured=False)
+            plans = plans_for_ratio(meta, ratio, measured=False, merges=merges)
         else:
             meta, meta_path, reap_seconds = _reap(args, out_dir, ratio, ["--eval-ratios", f"{ratio:g}"])
             print(f"ratio {ratio}: reap stage {reap_seconds:.0f} s; {meta['plan']['chosen_by']}")
-            plans = plans_for_ratio(meta, ratio)
+            plans = plans_for_ratio(meta, ratio, merges=merges)
         written: dict[tuple, dict] = {}
         rows = []
         for entry in plans:
-            if args.only and entry["kind"] not in args.only.split(","):
+            if args.only and not {entry["kind"], entry["label"]} & set(args.only.split(",")):
                 continue
-            sig = ("merge",) if entry["kind"] == "merge" else _signature(entry["kept"])
+            merged = entry["kind"] == "merge"
+            sig = ("merge", entry["group_size"], entry["router"]) if merged else _signature(entry["kept"])
             if sig not in written:
                 target = out_dir / "plans" / f"p{len(written):03d}"
                 if target.exists():
