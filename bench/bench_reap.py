@@ -13,13 +13,20 @@
 3. The candidate-plan measurement (REAP_EVAL_SAMPLES, default 16) runs in the --plans-in runs only
    (default: full mode on combined, the defaults a user gets); the other runs pass --eval-samples 0.
 4. --profile N: for each set, N batches of the plain forward and of every mode's observed forward under
-   the torch profiler, after every timing (a process that has run the profiler launches kernels more
-   slowly); the tables (by self CUDA / CPU time) are written to the --work folder.
+   the torch profiler, in a child process after every timing (a process that has run the profiler
+   launches kernels more slowly); per set and mode a summary (GPU and host time per batch, host syncs and
+   copies per batch) and the top ops by self CUDA and CPU time, in --profile-out (default: the --work
+   folder's profile.txt).
+5. --auto SET/MODE: the default plan measurement (REAP_CRITERION auto: every criterion, policy and ratio,
+   random plans, the greedy search) as a user gets it — `reap.py` in a child process with the bench's
+   settings and no plan options — within what is left of --budget seconds; its phases (plans timed
+   separately) and the greedy search's seconds go into the result.
 
 Prints one JSON result and a table of the targets (docs/benchmarks.md, "Whole-model scoring").
 
 Usage:  python bench/bench_reap.py [--layers 12] [--modes router,full] [--sets text,combined] [--work DIR]
-                                  [--profile 0] [--out result.json]
+                                  [--profile 0] [--profile-out FILE] [--auto combined/full] [--budget 280]
+                                  [--out result.json]
         python bench/bench_reap.py --small      # CPU smoke test (tiny widths, a few samples)
 """
 
@@ -28,6 +35,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import itertools
 import json
 import random
 import sys
@@ -90,7 +98,7 @@ def _model_and_batches(settings):
         dtype=settings.dtype,
         attn_implementation=settings.attn_implementation,
     )
-    _, batches, _, _ = _data(settings, processor)  # settings with REAP_EVAL_SAMPLES=0
+    _, _, batches, _, _ = _data(settings, processor)  # settings with REAP_EVAL_SAMPLES=0
     return model, batches
 
 
@@ -147,59 +155,151 @@ def plain_forward(settings, args) -> dict:
     return out
 
 
-def profile_forward(settings, args, profile_dir: Path, label: str) -> None:
-    """--profile: the profiler tables of a few batches, plain and observed in each mode. Run after every
-    timing: a process that has run the profiler launches kernels more slowly afterwards (seen on the H200:
-    the stage's router mode measured 1.71x the plain forward after a profiled loop, 1.02x without one)."""
-    from torch.profiler import ProfilerActivity, profile
+SYNC_EVENTS = (  # host-side events that wait for the GPU or copy between host and device
+    "cudaStreamSynchronize",
+    "cudaDeviceSynchronize",
+    "cudaEventSynchronize",
+    "cudaMemcpyAsync",
+    "aten::_local_scalar_dense",
+    "aten::nonzero",
+)
 
-    from reap_vlm.execution.memory import prepare_inputs
+
+def _profile_summary(prof, label: str, mode: str, batches: int, cuda: bool) -> str:
+    """Per batch: GPU kernel time, host time, kernel launches and the sync / copy events; then the top
+    ops by self CUDA and by self CPU time."""
+    events = prof.key_averages()
+    by_name = {e.key: e for e in events}
+    gpu_us = sum(getattr(e, "self_device_time_total", 0) or 0 for e in events)
+    host_us = max((e.cpu_time_total for e in events if e.key.startswith("ProfilerStep") or e.key == "batch"), default=0)
+    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel"))
+    lines = [f"== {label} {mode}: {batches} batches (per batch below)"]
+    lines.append(
+        f"GPU kernel time {gpu_us / batches / 1e3:.2f} ms, host wall {host_us / batches / 1e3:.2f} ms, "
+        f"kernel launches {launches / batches:.0f}"
+    )
+    syncs = ", ".join(f"{n} {by_name[n].count / batches:.1f}" for n in SYNC_EVENTS if n in by_name)
+    lines.append(f"host syncs and copies: {syncs or 'none'}")
+    keys = (["self_cuda_time_total"] if cuda else []) + ["self_cpu_time_total"]
+    for key in keys:
+        lines.append(f"-- top ops by {key}")
+        lines.append(events.table(sort_by=key, row_limit=25 if "cuda" in key else 15, max_name_column_width=60))
+    return "\n".join(lines) + "\n"
+
+
+def profile_forward(settings, args, label: str) -> str:
+    """--profile: a few batches under the torch profiler, plain and observed in each mode; returns the
+    summary text. Runs in a child process after every timing: a process that has run the profiler
+    launches kernels more slowly afterwards (seen on the H200: the stage's router mode measured 1.71x the
+    plain forward after a profiled loop, 1.02x without one)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from reap_vlm.execution.memory import forward
     from reap_vlm.moe import find_moe_blocks
     from reap_vlm.observe import Observer
 
     model, batches = _model_and_batches(settings)
     device = next(model.parameters()).device
     blocks = find_moe_blocks(model)
+    text = []
     with torch.inference_mode():
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-        few = batches[: args.profile]
+        # text batches are alike; in a mixed set profile the image batches too (they are the slow ones)
+        images = [b for b in batches if "pixel_values" in b.inputs]
+        plain = [b for b in batches if "pixel_values" not in b.inputs]
+        few = plain[: args.profile] + images[: args.profile]
         for mode in ("plain", *args.modes):
             with contextlib.ExitStack() as stack:
                 obs = None
                 if mode != "plain":
                     obs = stack.enter_context(Observer(model, blocks, mode, settings.chunk_memory_mb))
-                for b in few[:1]:  # warm-up of this mode (compiled epilogues)
+                for b in few:  # warm-up of this mode and these shapes (compiled epilogues)
                     if obs is not None:
                         obs.set_modality(b.modality)
-                    model(**prepare_inputs(model, b), use_cache=False, logits_to_keep=1)
+                    forward(model, b)
                 _sync(device)
                 with profile(activities=activities) as prof:
                     for b in few:
-                        if obs is not None:
-                            obs.set_modality(b.modality)
-                        model(**prepare_inputs(model, b), use_cache=False, logits_to_keep=1)
-                    _sync(device)
-            table = []
-            for key in (["self_cuda_time_total"] if device.type == "cuda" else []) + ["self_cpu_time_total"]:
-                table.append(f"== {label} {mode}: {len(few)} batches, by {key}\n")
-                table.append(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=70))
-            (profile_dir / f"profile_{label}_{mode}.txt").write_text("\n".join(table))
+                        with record_function("batch"):
+                            if obs is not None:
+                                obs.set_modality(b.modality)
+                            forward(model, b)
+                            _sync(device)
+            text.append(_profile_summary(prof, label, mode, len(few), device.type == "cuda"))
+            for b in few:
+                kind = "image" if "pixel_values" in b.inputs else "text"
+                text.append(f"   batch: {kind}, {tuple(b.modality.shape)}, {int((b.modality >= 0).sum())} tokens")
     del model
     _empty_cache()
+    return "\n".join(text)
+
+
+def _graphs() -> int:
+    """Graphs torch.compile has made in this process so far (the epilogues of full mode)."""
+    try:
+        from torch._dynamo.utils import counters
+
+        return int(counters["stats"]["unique_graphs"])
+    except Exception:
+        return -1
 
 
 def stage(settings) -> dict:
+    """reap_vlm.reap.score with the host time of each scoring batch (no sync: the host may run ahead of the
+    GPU by a queue of kernels, so the first and the slowest batches stand out, not the GPU time)."""
     from reap_vlm.reap import score
 
+    marks = []
+    graphs = _graphs()
     started = time.perf_counter()
-    meta = score(settings)
+    meta = score(settings, on_batch=lambda _i: marks.append(time.perf_counter()))
+    gaps = [1e3 * (b - a) for a, b in itertools.pairwise(marks)]
     return {
         "seconds_stage": round(time.perf_counter() - started, 2),
         "phases": meta["scoring"]["phases"],
         "tokens": meta["calibration"]["tokens"],
         "batches": meta["scoring"]["batches"],
+        "batch_host_ms": {
+            "median": round(sorted(gaps)[len(gaps) // 2], 2) if gaps else None,
+            "max": round(max(gaps), 2) if gaps else None,
+            # the scoring phase less the steady batches: the first batch, the observer's set-up and export
+            "outside_steady_s": round(meta["scoring"]["phases"]["scoring"]["seconds"] - sum(gaps) / 1e3, 3),
+        },
+        "compiled_graphs": _graphs() - graphs,
         "plans_evaluated": meta.get("candidates", {}).get("plans_evaluated"),
+        "greedy_seconds": meta.get("candidates", {}).get("greedy_seconds"),
     }
+
+
+def auto_plans(args, spec: str, samples: int, mode: str, seconds: float) -> dict:
+    """The default plan measurement as a user runs it: reap.py in a child process (cold: loading and the
+    compiled epilogues included), the bench's settings, REAP_EVAL_SAMPLES and the plan options at their
+    defaults, killed after `seconds`."""
+    import subprocess
+
+    out = args.work / f"auto-{mode}"
+    settings = settings_for(args, spec, samples, mode, 0, out)
+    argv = [sys.executable, str(ROOT / "reap.py"), "--model-path", str(settings.model_path)]
+    argv += ["--output-path", str(out), "--device", settings.device, "--dtype", settings.dtype]
+    argv += ["--calibration", spec, "--max-samples", str(samples), "--max-seq-len", str(args.seq_len)]
+    argv += ["--batch-size", str(args.batch_size), "--scoring-mode", mode, "--execution", "memory", "--no-plots"]
+    argv += ["--verbose"] + (["--min-pixels", "1024", "--max-pixels", "16384"] if args.small else [])
+    started = time.perf_counter()
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=max(seconds, 1), check=False)
+    except subprocess.TimeoutExpired as err:
+        tail = (err.stderr or b"").decode(errors="replace") if isinstance(err.stderr, bytes) else err.stderr or ""
+        return {"timed_out_after_s": round(seconds, 1), "stderr_tail": tail.strip().splitlines()[-4:]}
+    result = {"seconds": round(time.perf_counter() - started, 1), "returncode": done.returncode}
+    if done.returncode != 0:
+        return {**result, "stderr_tail": done.stderr.strip().splitlines()[-6:]}
+    meta = json.loads((out / "reap_metadata.json").read_text())
+    candidates = meta.get("candidates", {})
+    result["phases"] = meta["scoring"]["phases"]
+    result["plans_evaluated"] = candidates.get("plans_evaluated")
+    result["greedy_seconds"] = candidates.get("greedy_seconds")
+    result["chosen_by"] = meta["plan"].get("chosen_by")
+    return result
 
 
 def targets(result: dict) -> list[tuple[str, str, str, str]]:
@@ -251,6 +351,18 @@ def targets(result: dict) -> list[tuple[str, str, str, str]]:
     return rows
 
 
+def _child(args, extra: list[str], seconds: float):
+    """This script again in a child process (the profiler must not touch the timed process)."""
+    import subprocess
+
+    argv = [sys.executable, str(Path(__file__).resolve()), *[a for a in sys.argv[1:]], *extra]
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=max(seconds, 1), check=False)
+    except subprocess.TimeoutExpired:
+        return f"timed out after {seconds:.0f} s"
+    return None if done.returncode == 0 else "failed: " + " | ".join(done.stderr.strip().splitlines()[-4:])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--layers", type=int, default=12)
@@ -266,7 +378,11 @@ def main() -> None:
         "--plan-args", default="", help="more reap.py options for those runs, e.g. '--criterion reap' (no search)"
     )
     parser.add_argument("--stage-repeat", type=int, default=1, help="run each stage N times (the last is kept)")
-    parser.add_argument("--profile", type=int, default=0, help="batches under the torch profiler per set and mode")
+    parser.add_argument("--profile", type=int, default=0, help="batches per kind (text, image) under the profiler")
+    parser.add_argument("--profile-out", type=Path, help="the profile summary (default: WORK/profile.txt)")
+    parser.add_argument("--auto", default="", help="SET/MODE: time the default plan measurement (reap.py, a child)")
+    parser.add_argument("--budget", type=float, default=280.0, help="seconds for everything; --auto gets what is left")
+    parser.add_argument("--profile-child", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, default=Path("bench_reap_work"))
     parser.add_argument("--small", action="store_true", help="tiny widths on the CPU (a smoke test)")
     parser.add_argument("--out", type=Path)
@@ -283,11 +399,20 @@ def main() -> None:
     model_dir = make_checkpoint(args.work / "model", sizes, args.layers, dtype, "cuda" if cuda else "cpu")
     if cuda:
         torch.cuda.empty_cache()
-    print(f"checkpoint {model_dir}: {weight_bytes(model_dir) / 2**30:.2f} GiB ({time.perf_counter() - started:.0f} s)")
     specs = {
         "text": (str(text_jsonl(args.work / "text.jsonl", args.text_samples, args.seq_len)), args.text_samples),
         "combined": ("combined", args.combined_samples),
     }
+    labels = [s for s in args.sets.split(",") if s]
+    if args.profile_child:  # the child of --profile: only the profiler tables
+        text = []
+        for label in labels:
+            spec, samples = specs[label]
+            settings = settings_for(args, spec, samples, args.modes[0], 0, args.work / "p")
+            text.append(profile_forward(settings, args, label))
+        args.profile_child.write_text("\n".join(text))
+        return
+    print(f"checkpoint {model_dir}: {weight_bytes(model_dir) / 2**30:.2f} GiB ({time.perf_counter() - started:.0f} s)")
     result = {
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() and not args.small else "cpu",
         "torch": torch.__version__,
@@ -297,10 +422,18 @@ def main() -> None:
         "weights_gib": weight_bytes(model_dir) / 2**30,
         "sets": {},
     }
-    for label in [s for s in args.sets.split(",") if s]:
+
+    def save() -> None:  # after every part: a run cut short keeps what it measured
+        result["seconds"] = round(time.perf_counter() - started, 1)
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(result, indent=1) + "\n")
+
+    for label in labels:
         spec, samples = specs[label]
         base = settings_for(args, spec, samples, args.modes[0], 0, args.work / f"{label}-plain")
         run = {"plain": plain_forward(base, args), "modes": {}}
+        result["sets"][label] = run
         print(f"{label}: plain forward {json.dumps(run['plain'])}", flush=True)
         for mode in args.modes:
             plans = f"{label}/{mode}" in args.plans_in.split(",")
@@ -311,22 +444,28 @@ def main() -> None:
                 if args.stage_repeat > 1:
                     run["modes"][mode]["repeat"] = repeat + 1
                     print(f"{label} {mode} run {repeat + 1}: {json.dumps(run['modes'][mode]['phases'])}", flush=True)
-            print(f"{label} {mode}: {json.dumps(run['modes'][mode]['phases'])}", flush=True)
-        result["sets"][label] = run
+            print(f"{label} {mode}: {json.dumps(run['modes'][mode])}", flush=True)
+            save()
     if args.profile:
-        for label in [s for s in args.sets.split(",") if s]:
-            spec, samples = specs[label]
-            profile_forward(
-                settings_for(args, spec, samples, args.modes[0], 0, args.work / "p"), args, args.work, label
-            )
-    result["seconds"] = round(time.perf_counter() - started, 1)
+        path = args.profile_out or args.work / "profile.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        left = args.budget - (time.perf_counter() - started)
+        result["profile"] = _child(args, ["--profile-child", str(path)], left) or str(path)
+        print(f"profile: {result['profile']}", flush=True)
+        save()
+    if args.auto:
+        label, mode = args.auto.split("/")
+        spec, samples = specs[label]
+        left = args.budget - (time.perf_counter() - started)
+        result["auto"] = {"set": label, "mode": mode, **auto_plans(args, spec, samples, mode, left)}
+        print(f"auto plans: {json.dumps(result['auto'])}", flush=True)
+        save()
+    save()
     print(json.dumps(result, indent=1))
     print("\n| measurement | result | target | met? |\n|---|---|---|---|")
     for row in targets(result):
         print("| " + " | ".join(row) + " |")
     print(f"\ncommand: python {' '.join(sys.argv)}")
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":
