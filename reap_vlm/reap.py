@@ -17,7 +17,7 @@ from . import console, distributed, metadata, outputs, scoring
 from .calibration import BUILTIN, SELECTION_SHARE, load_samples, make_batches, parse_spec, token_budget
 from .errors import SettingsError
 from .execution import choose as choose_execution
-from .execution.memory import forward
+from .execution.memory import forward, precompute_positions
 from .loading import input_device, load_model, read_config
 from .moe import find_moe_blocks
 from .observe import Observer
@@ -507,6 +507,8 @@ def _score(settings: ReapSettings, meta_path: Path, on_batch: Callable[[int], No
 
     with phases("data") as data_phase:  # reading the samples, the processor, collation
         samples, held, batches, eval_batches, search_batches = _data(settings, processor, streamed is not None)
+        if streamed is None:  # M-RoPE position ids on the host, once, instead of in every forward
+            precompute_positions(model, [*batches, *(eval_batches or []), *(search_batches or [])])
         budget = token_budget(batches)
         data_phase["tokens"] = budget["total"]["text"] + budget["total"]["image"]
     split = data_split(settings, samples, held)

@@ -143,6 +143,28 @@ def test_routed_mode_leaves_the_model_output_unchanged(vl):
     assert model.config.text_config._experts_implementation != "reap_routed"  # restored
 
 
+def test_precomputed_position_ids_leave_the_forward_unchanged(vl):
+    """The M-RoPE position ids made once on the host (reap.py's data phase) are the ones the forward makes:
+    the same logits bit for bit, in every batch with images (these have padding too); text batches get none,
+    and the model's rope_deltas (generation state) is left alone."""
+    import dataclasses
+
+    from reap_vlm.execution.memory import precompute_positions
+
+    model, _, batches = vl
+    copies = [dataclasses.replace(b, inputs=dict(b.inputs)) for b in batches]
+    model.model.rope_deltas = before = torch.tensor([[7]])
+    assert precompute_positions(model, copies) == sum("image_grid_thw" in b.inputs for b in batches) > 0
+    assert model.model.rope_deltas is before
+    with torch.inference_mode():
+        for b, c in zip(batches, copies, strict=True):
+            assert ("position_ids" in c.inputs) == ("image_grid_thw" in b.inputs)
+            if "position_ids" in c.inputs:
+                assert c.inputs["position_ids"].device.type == "cpu" and "position_ids" not in b.inputs
+                assert torch.equal(model(**b.inputs).logits, model(**c.inputs).logits)
+    model.model.rope_deltas = None
+
+
 def test_router_mode_equals_output_router_logits_topk():
     model, tokenizer = build("qwen3_moe", seed=2)
     samples = load_samples("code:4,math:2", max_samples=6, seed=0)

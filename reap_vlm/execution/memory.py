@@ -20,6 +20,50 @@ def prepare_inputs(model: torch.nn.Module, batch, device: torch.device | None = 
     return inputs
 
 
+def _rope_owner(model: torch.nn.Module):
+    """The submodule whose forward computes multimodal RoPE position ids when none are passed (Qwen2/2.5/3-VL,
+    GLM-4V, Ernie-4.5-VL, ...: `compute_3d_position_ids`), or None."""
+    for module in model.modules():
+        if callable(getattr(module, "compute_3d_position_ids", None)) and hasattr(module, "rope_deltas"):
+            return module
+    return None
+
+
+def precompute_positions(model: torch.nn.Module, batches) -> int:
+    """Multimodal RoPE position ids of the batches that hold images or videos, computed once on the host by the
+    model's own `compute_3d_position_ids` and passed with the batch from then on (batch.inputs["position_ids"]).
+
+    Inside the forward that function walks the batch row by row with host syncs on the GPU tensors
+    (`.tolist()`, boolean masks, `.item()` per image): for a batch of ~100 short image questions, hundreds of
+    syncs in every forward, scoring and every plan measured. The ids are integers and the same function makes
+    them, so the forward is unchanged (tests/test_scoring.py checks the logits bit for bit). The model's
+    `rope_deltas` (kept for generation) is left as it was. Returns how many batches got them."""
+    owner = _rope_owner(model)
+    if owner is None:
+        return 0
+    done, saved = 0, owner.rope_deltas
+    try:
+        for batch in batches:
+            inputs = batch.inputs
+            grids = {k: inputs.get(k) for k in ("image_grid_thw", "video_grid_thw")}
+            if "position_ids" in inputs or "input_ids" not in inputs or all(g is None for g in grids.values()):
+                continue
+            positions = owner.compute_3d_position_ids(
+                input_ids=inputs["input_ids"],
+                inputs_embeds=None,
+                attention_mask=inputs.get("attention_mask"),
+                past_key_values=None,
+                mm_token_type_ids=inputs.get("mm_token_type_ids"),
+                **grids,
+            )
+            if positions is not None:
+                inputs["position_ids"] = positions
+                done += 1
+    finally:
+        owner.rope_deltas = saved
+    return done
+
+
 def _keeps_logits(model: torch.nn.Module) -> bool:
     """Does the model's forward take `logits_to_keep` (transformers' causal LMs: the LM head runs only on
     the last positions)?"""

@@ -78,15 +78,16 @@ def _up_weight(w: ExpertWeights, e0: int, e1: int) -> tuple[torch.Tensor, torch.
     return weight, bias
 
 
-def _hidden(w: ExpertWeights, xt: torch.Tensor, up_weight, bias, e: int) -> torch.Tensor:
-    """h = combine(gate, up) [e, t, I] of e experts on tokens xt: one GEMM for all of their up projections."""
+def _hidden(w: ExpertWeights, xt: torch.Tensor, up_weight, bias, e: int, fused: bool = True) -> torch.Tensor:
+    """h = combine(gate, up) [e, t, I] of e experts on tokens xt: one GEMM for all of their up projections.
+    fused=False: the eager SwiGLU (for a few rows, where a compiled one would only add a recompilation)."""
     inter = w.up.shape[1]
     width = up_weight.shape[0] // e
     proj = torch.nn.functional.linear(xt, up_weight, bias).view(-1, e, width).transpose(0, 1)  # [e, t, w]
     if w.gate is None:
         return w.combine(None, proj)
     if _is_silu(w.combine):
-        return _fused("swiglu", _swiglu_eager, proj.device)(proj, inter)
+        return (_fused("swiglu", _swiglu_eager, proj.device) if fused else _swiglu_eager)(proj, inter)
     return w.combine(proj[..., :inter], proj[..., inter:])
 
 

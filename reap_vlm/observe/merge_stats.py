@@ -25,6 +25,7 @@ import torch
 from ..errors import BugError, MetadataError
 from ..moe.spec import ExpertWeights, MoEBlock
 from .kernel import _hidden, _up_weight
+from .stats import to_device
 
 FILE_NAME = "reap_merge_stats.safetensors"
 MEAN_CHUNK_BYTES = 64 * 2**20  # float64 down projections at a time for the mean gated outputs
@@ -79,15 +80,19 @@ class MergeStats:
         taken = sum(a.shape[1] for a in self.acts[block.key])
         want = min(self.per_batch, self.samples - taken, hidden.shape[0])
         if want > 0:
-            rows = torch.randperm(hidden.shape[0], generator=self._gen)[:want].sort().values.to(device)
-            x = hidden[rows].to(w.up.dtype)
+            rows = torch.randperm(hidden.shape[0], generator=self._gen)[:want].sort().values
+            x = hidden[to_device(rows, device)].to(w.up.dtype)
             up_weight, bias = _up_weight(w, 0, E)
-            self.acts[block.key].append(_hidden(w, x, up_weight, bias, E).to(ACT_DTYPE).cpu())
+            # a few rows: the eager SwiGLU (a compiled one would recompile for this shape), and the copy to
+            # the host without waiting for it (tensors() and state() wait, once)
+            h = _hidden(w, x, up_weight, bias, E, fused=False).to(ACT_DTYPE)
+            self.acts[block.key].append(h.to("cpu", non_blocking=device.type == "cuda"))
         return probs, s["gated_hidden_sum"]
 
     @torch.no_grad()
     def tensors(self) -> dict[str, torch.Tensor]:
         """Everything the side file holds, by '<block key>.<name>' (cpu)."""
+        _settle()
         out = {}
         for key, s in self.sums.items():
             w = self._weights[key]
@@ -114,6 +119,7 @@ class MergeStats:
 
     # ---- resume -----------------------------------------------------------------------------
     def state(self) -> dict:
+        _settle()
         return {
             "sums": {k: {n: t.cpu() for n, t in s.items()} for k, s in self.sums.items()},
             "acts": self.acts,
@@ -124,6 +130,12 @@ class MergeStats:
         self.sums = {k: dict(s) for k, s in state["sums"].items()}
         self.acts = {k: list(a) for k, a in state["acts"].items()}
         self._gen.set_state(state["gen"])
+
+
+def _settle() -> None:
+    """Wait for the sampled activations' copies to the host (made without waiting)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def by_block(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:

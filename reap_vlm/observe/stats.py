@@ -11,6 +11,15 @@ MODALITY_IDS = {"text": 0, "image": 1}
 _ROUTED = 4  # the first four fields are sums over routed (token, expert) pairs
 
 
+def to_device(t: torch.Tensor, device: torch.device | str | None) -> torch.Tensor:
+    """t on `device` without waiting for the GPU: a host tensor is copied from pinned memory
+    asynchronously (a plain `.to("cuda")` of pageable memory synchronises the stream)."""
+    device = t.device if device is None else torch.device(device)
+    if t.device.type == "cpu" and device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 @dataclass(frozen=True)
 class Rows:
     """A batch's token rows as every block on one device needs them; made once per batch and device.
@@ -31,8 +40,8 @@ class Rows:
     def of(cls, modality: torch.Tensor, device: torch.device | None = None) -> Rows:
         """`modality` where it is (the host, usually); the tensors on `device` (default: modality's)."""
         padding = modality < 0
-        real = torch.nonzero(~padding).squeeze(1).to(device) if bool(padding.any()) else None
-        modality = modality.to(device)
+        real = to_device(torch.nonzero(~padding).squeeze(1), device) if bool(padding.any()) else None
+        modality = to_device(modality, device)
         mask = torch.stack([modality == 0, modality == 1])
         return cls(modality, mask.float(), modality.remainder(3)[:, None], mask.sum(1), real)
 
@@ -105,9 +114,10 @@ class BlockStats:
             if all_norms is not None:
                 torch.mul(probs, all_norms, out=table[:, nf * D + E :])
         partial = rows.onehot @ table  # [2, width]: every sum of this batch
-        self.acc[:, :, :nf] += partial[:, : nf * D].view(2, D, nf)[:, :E]
+        # add_ on the views: `acc[...] += x` would also copy the sum back onto itself (__setitem__)
+        self.acc[:, :, :nf].add_(partial[:, : nf * D].view(2, D, nf)[:, :E])
         if dense:
-            self.acc[:, :, _ROUTED : _ROUTED + dense] += partial[:, nf * D :].view(2, dense, E).transpose(1, 2)
+            self.acc[:, :, _ROUTED : _ROUTED + dense].add_(partial[:, nf * D :].view(2, dense, E).transpose(1, 2))
         self._tokens += rows.tokens
         if pair_max is not None:
             peak = torch.zeros((T, 3 * D), dtype=torch.float32, device=col.device)
