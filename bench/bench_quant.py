@@ -1,20 +1,26 @@
 """Quantized vs bf16 scoring: an FP8 block-wise skeleton of Qwen3-VL-30B-A3B (experts in FP8) against the bf16 one.
 
 1. Writes the bf16 skeleton of bench/bench_stream.py (the real tensor names, shapes and hub layout of
-   Qwen3-VL-30B-A3B, `--layers` decoder layers, random weights), or takes `--model DIR`.
-2. Makes its quantized twins with the formats' own producers (reap_vlm.tiny.quantize_checkpoint): `fp8` =
-   Qwen's FP8 release layout, every routed expert's gate/up/down stored one by one as e4m3 with a
-   `weight_scale_inv` per [128, 128] block (transformers' Fp8Quantize); attention, router, vision tower,
-   embeddings and head stay bf16. `--formats fp8,ct-int4,ct-fp8` adds compressed-tensors twins.
-3. Scores every checkpoint in full mode (the default; `--mode`), each run in its own process, in each
-   execution of `--runs` (memory, stream) on the same calibration batches, and reports per quantized
-   format and execution: tokens/s and the ratio to bf16 (target >= 0.8 for fp8), GPU peak
-   (max_memory_allocated) against the FP8 weights and the streamed bound of docs/design.md, the largest
-   relative difference of the raw sums and of the REAP scores to the bf16 run, the share of routed pairs
-   that moved to other experts, and the overlap of the REAP keep plans at 25 % and 50 % pruning (the share
-   of kept experts both plans keep).
+   Qwen3-VL-30B-A3B, `--layers` decoder layers, random weights drawn on the GPU), or takes `--model DIR`.
+2. Makes its quantized twins with the formats' own producers (reap_vlm.tiny.quantize_checkpoint, on the GPU
+   when there is one): `fp8` = Qwen's FP8 release layout, every routed expert's gate/up/down stored one by
+   one as e4m3 with a `weight_scale_inv` per [128, 128] block (transformers' Fp8Quantize); attention,
+   router, vision tower, embeddings and head stay bf16. `--formats fp8,ct-int4,ct-fp8` adds
+   compressed-tensors twins.
+3. Scores every checkpoint with the observer (full mode by default, `--mode`) on the same calibration
+   batches, each run in its own process: in memory (`memory`: reap_vlm.loading.load_model; on a GPU an FP8
+   checkpoint's experts stay e4m3 in transformers' FP8Experts and full mode dequantizes them chunk by chunk)
+   and streamed (`stream`: one dequantized layer resident, execution.stream). In memory the first
+   `--warmup` batches (compiled epilogues, allocator) are left out of the timing; the streamed pass runs
+   once on them first and is then timed whole. bf16 runs in memory (and streamed with `--bf16-stream`).
+4. Reports per run tokens/s, GPU peak (max_memory_allocated, loading included), for FP8 kept in memory the
+   experts implementation that ran and the largest dequantized expert bytes alive at once; per quantized
+   run the ratio to bf16 in memory (target >= 0.8 for fp8), GPU peak against the quantized weights + chunk
+   budget + 1 GiB (in memory) or the streamed bound of docs/design.md, the largest relative difference of
+   the raw sums and of the REAP scores to the bf16 run, the share of routed pairs that moved to other
+   experts, and the overlap of the REAP keep plans at 25 % and 50 % pruning.
 
-Usage:  python bench/bench_quant.py [--layers 6] [--samples 256] [--runs memory,stream] [--out result.json]
+Usage:  python bench/bench_quant.py [--layers 4] [--samples 64] [--runs memory,stream] [--out result.json]
         python bench/bench_quant.py --small      # CPU smoke test (tiny widths, a few samples)
         python bench/bench_quant.py --model DIR --formats fp8,ct-int4 --runs memory   # a real bf16 model
 """
@@ -57,47 +63,108 @@ def layer_bytes(model_dir: Path) -> tuple[int, int]:
     return max(per_layer.values()), outer
 
 
+def _batches(args, processor):
+    from reap_vlm.calibration import load_samples, make_batches
+
+    samples = load_samples(args.calibration, max_samples=args.samples, seed=0)
+    pixels = dict(min_pixels=1024, max_pixels=16384) if args.small else {}
+    return list(make_batches(samples, processor, max_seq_len=args.seq_len, batch_size=args.batch_size, **pixels))
+
+
+def _sync(cuda: bool) -> None:
+    if cuda:
+        torch.cuda.synchronize()
+
+
 def child(args) -> None:
-    """One scoring run in this process; writes <work>/<name>-<execution>.json."""
-    from reap_vlm.reap import score
-    from reap_vlm.settings import ReapSettings, load
+    """One scoring run in this process; writes <work>/<name>-<execution>.json (+ its statistics)."""
+    from reap_vlm.execution.memory import forward
+    from reap_vlm.loading import input_device, load_model
+    from reap_vlm.moe import find_moe_blocks
+    from reap_vlm.observe import Observer
+    from reap_vlm.quantization import DEQUANTIZED, fp8_kernels_load, is_fp8_experts
 
     model_dir = Path(args.child_model)
     cuda = torch.cuda.is_available() and not args.small
+    device, dtype = ("cuda", "bfloat16") if cuda else ("cpu", "float32")
     name = f"{args.child_name}-{args.child}"
-    argv = ["--model-path", str(model_dir), "--output-path", str(args.work / name)]
-    argv += ["--device", "cuda" if cuda else "cpu", "--dtype", "bfloat16" if cuda else "float32"]
-    argv += ["--max-samples", str(args.samples), "--max-seq-len", str(args.seq_len), "--scoring-mode", args.mode]
-    argv += ["--batch-size", str(args.batch_size), "--eval-samples", "0", "--no-plots", "--execution", args.child]
-    if args.small:
-        argv += ["--min-pixels", "1024", "--max-pixels", "16384"]
-    settings = load(ReapSettings, argv, {})
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    meta = score(settings)
-    tokens = meta["calibration"]["tokens"]
+    extra: dict = {}
+    if args.child == "memory":
+        # on a GPU an FP8 checkpoint keeps its experts e4m3 by itself; --small makes the CPU do it too
+        model, processor, _ = load_model(model_dir, device=device, dtype=dtype, keep_fp8_experts=args.small or None)
+        loaded = time.perf_counter() - started
+        blocks = find_moe_blocks(model)
+        batches = _batches(args, processor)
+        kept = [is_fp8_experts(model.get_submodule(b.experts)) for b in blocks]
+        if any(kept):
+            extra["experts_kept_fp8"] = f"{sum(kept)} of {len(kept)} MoE blocks"
+            extra["fp8_kernels_load"] = fp8_kernels_load(torch.device(device))
+            extra["experts_implementation"] = model.get_submodule(blocks[0].experts).config._experts_implementation
+        DEQUANTIZED.reset()
+        observer = Observer(model, blocks, args.mode, CHUNK_MB)
+        warm = min(args.warmup, len(batches) - 1)
+        tokens, t0 = 0, time.perf_counter()
+        with observer, torch.inference_mode():
+            for i, batch in enumerate(batches):
+                if i == warm:
+                    _sync(cuda)
+                    tokens, t0 = 0, time.perf_counter()
+                observer.set_modality(batch.modality)
+                forward(model, batch, input_device(model))
+                tokens += int((batch.modality >= 0).sum())
+        _sync(cuda)
+        seconds = time.perf_counter() - t0
+        stats = observer.export()
+        timed = f"batches {warm + 1}..{len(batches)} of {len(batches)} (the first {warm} warm up)"
+        if any(kept):
+            extra["dequantized_peak_mib"] = DEQUANTIZED.peak / 2**20
+            extra["dequantized_chunks"] = DEQUANTIZED.chunks
+    else:
+        from reap_vlm.execution.stream import StreamedModel, observe
+
+        run = StreamedModel(model_dir, device=device, dtype=dtype, chunk_bytes=CHUNK_MB << 20)
+        loaded = time.perf_counter() - started
+        blocks = find_moe_blocks(run.model)
+        batches = _batches(args, run.processor)
+        warm = min(args.warmup, len(batches))
+        observe(run, blocks, batches[:warm], args.mode, CHUNK_MB)  # compiled epilogues, allocator
+        _sync(cuda)
+        t0 = time.perf_counter()
+        stats, _ = observe(run, blocks, batches, args.mode, CHUNK_MB)
+        _sync(cuda)
+        seconds = time.perf_counter() - t0
+        tokens = sum(int((b.modality >= 0).sum()) for b in batches)
+        timed = f"all {len(batches)} batches, after a pass over the first {warm}"
+        run.close()
+    stats_file = args.work / f"{name}-stats.json"
+    layers = {key: {"stats": s} for key, s in stats.items()}
+    block_info = [{"key": b.key, "num_experts": b.num_experts, "top_k": b.top_k, "n_group": b.n_group} for b in blocks]
+    stats_file.write_text(json.dumps({"layers": layers, "blocks": block_info}))
     result = {
         "model": args.child_name,
         "execution": args.child,
-        "seconds_stage": round(time.perf_counter() - started, 2),
-        "seconds_scoring": meta["scoring"]["seconds"],
-        "tokens": tokens,
-        "tokens_per_s": (tokens["text"] + tokens["image"]) / meta["scoring"]["seconds"],
+        "seconds_loading": round(loaded, 2),
+        "seconds_timed": round(seconds, 3),
+        "timed": timed,
+        "tokens_timed": tokens,
+        "tokens_per_s": tokens / seconds,
         "gpu_peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         "cpu_peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30,
-        "metadata": str(settings.metadata_file),
-        "quantization": meta["model"].get("quantization"),
+        "stats": str(stats_file),
+        **extra,
     }
     (args.work / f"{name}.json").write_text(json.dumps(result, indent=1))
 
 
 def plan_overlap(a: dict, b: dict, ratio: float) -> float:
-    """Mean over MoE blocks of |kept_a ∩ kept_b| / kept, for the REAP plans of two metadata files at `ratio`."""
+    """Mean over MoE blocks of |kept_a ∩ kept_b| / kept, for the REAP plans of two runs at `ratio`."""
     from reap_vlm.scoring import plan
 
     args = dict(criterion="reap", ratio=ratio, num_keep=0)
-    pa, pb = plan(a["layers"], a["model"]["blocks"], **args), plan(b["layers"], b["model"]["blocks"], **args)
+    pa, pb = plan(a["layers"], a["blocks"], **args), plan(b["layers"], b["blocks"], **args)
     shares = [len(set(pa[k]["kept"]) & set(pb[k]["kept"])) / len(pa[k]["kept"]) for k in pa]
     return sum(shares) / len(shares)
 
@@ -126,12 +193,15 @@ def score_difference(a: dict, b: dict) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--layers", type=int, default=6)
-    parser.add_argument("--samples", type=int, default=256, help="calibration samples (combined: text + images)")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--samples", type=int, default=64, help="calibration samples (combined: text + images)")
+    parser.add_argument("--calibration", default="combined")
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2, help="batches left out of the in-memory timing")
     parser.add_argument("--mode", default="full", choices=("full", "routed", "router"))
-    parser.add_argument("--runs", default="memory,stream", help="executions to time: memory, stream or both")
+    parser.add_argument("--runs", default="memory,stream", help="executions of the quantized twins: memory, stream")
+    parser.add_argument("--bf16-stream", action="store_true", help="also score bf16 streamed")
     parser.add_argument("--formats", default="fp8", help="quantized twins: fp8, ct-int4, ct-fp8")
     parser.add_argument("--model", type=Path, help="a bf16 checkpoint to use instead of the skeleton")
     parser.add_argument("--block", type=int, help="FP8 block size (default 128, 16 with --small)")
@@ -148,41 +218,54 @@ def main() -> None:
     if args.child:
         child(args)
         return
-    from reap_vlm import metadata
     from reap_vlm.tiny import quantize_checkpoint
 
     started = time.perf_counter()
     args.work.mkdir(parents=True, exist_ok=True)
+    cuda = torch.cuda.is_available() and not args.small
+    device = "cuda" if cuda else "cpu"
     sizes = SMALL if args.small else REAL
     bf16 = args.model or make_checkpoint(
-        args.work / "bf16", sizes, args.layers, torch.float32 if args.small else torch.bfloat16
+        args.work / "bf16", sizes, args.layers, torch.float32 if args.small else torch.bfloat16, device=device
     )
     block = args.block or (16 if args.small else 128)
     models = {"bf16": bf16}
     for fmt in args.formats.split(","):
         target = args.work / fmt
         if not (target / "config.json").is_file():
-            quantize_checkpoint(bf16, target, fmt, block=block, group=args.group or block, parts=("experts.",))
+            parts = ("experts.",)
+            quantize_checkpoint(bf16, target, fmt, block=block, group=args.group or block, parts=parts, device=device)
         models[fmt] = target
     built = time.perf_counter() - started
     print(
         f"checkpoints built in {built:.0f} s: "
-        + ", ".join(f"{k} {weight_bytes(v) / 2**30:.2f} GiB" for k, v in models.items())
+        + ", ".join(f"{k} {weight_bytes(v) / 2**30:.2f} GiB" for k, v in models.items()),
+        flush=True,
     )
+    todo = [("bf16", "memory")] + [("bf16", "stream")] * args.bf16_stream
+    todo += [(fmt, execution) for execution in args.runs.split(",") for fmt in models if fmt != "bf16"]
     runs: dict[str, dict] = {}
-    for execution in args.runs.split(","):
-        for name, model_dir in models.items():
-            cmd = [sys.executable, __file__, "--child", execution, "--child-model", str(model_dir)]
-            cmd += ["--child-name", name, "--work", str(args.work), "--samples", str(args.samples)]
-            cmd += ["--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size), "--mode", args.mode]
-            cmd += ["--small"] if args.small else []
-            subprocess.run(cmd, check=True)
-            runs[f"{name}-{execution}"] = json.loads((args.work / f"{name}-{execution}.json").read_text())
+    for name, execution in todo:
+        cmd = [sys.executable, __file__, "--child", execution, "--child-model", str(models[name])]
+        cmd += ["--child-name", name, "--work", str(args.work), "--samples", str(args.samples)]
+        cmd += ["--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size), "--mode", args.mode]
+        cmd += ["--warmup", str(args.warmup), "--calibration", args.calibration]
+        cmd += ["--small"] if args.small else []
+        t = time.perf_counter()
+        subprocess.run(cmd, check=True)
+        runs[f"{name}-{execution}"] = json.loads((args.work / f"{name}-{execution}.json").read_text())
+        r = runs[f"{name}-{execution}"]
+        print(
+            f"{name}-{execution}: {r['tokens_per_s']:,.0f} tokens/s, GPU peak {r['gpu_peak_gib']} GiB "
+            f"({time.perf_counter() - t:.0f} s)",
+            flush=True,
+        )
     largest_bf16, outer_bf16 = layer_bytes(bf16)
     result: dict = {
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() and not args.small else "cpu",
+        "device": torch.cuda.get_device_name(0) if cuda else "cpu",
         "layers": args.layers,
         "mode": args.mode,
+        "chunk_memory_mb": CHUNK_MB,
         "seconds_building": round(built, 1),
         "weights_gib": {k: weight_bytes(v) / 2**30 for k, v in models.items()},
         "runs": runs,
@@ -191,32 +274,32 @@ def main() -> None:
         # layer) + chunk budget + 1 GiB
         "gpu_stream_bound_gib": (outer_bf16 + 2 * largest_bf16 + CHUNK_MB * 2**20 + 2**30) / 2**30,
     }
-    for execution in args.runs.split(","):
-        base = runs[f"bf16-{execution}"]
-        a = metadata.read(Path(base["metadata"]))
-        for fmt in models:
-            if fmt == "bf16":
-                continue
-            run = runs[f"{fmt}-{execution}"]
-            b = metadata.read(Path(run["metadata"]))
-            quant_bytes = weight_bytes(models[fmt])
-            peak = run["gpu_peak_gib"]
-            bound = result["gpu_stream_bound_gib"] if execution == "stream" else None
-            result["compare"][f"{fmt}-{execution}"] = {
-                "throughput_ratio": run["tokens_per_s"] / base["tokens_per_s"],
-                "throughput_target_met": run["tokens_per_s"] / base["tokens_per_s"] >= 0.8,
-                "gpu_peak_gib": peak,
-                "quantized_weights_gib": quant_bytes / 2**30,
-                "gpu_peak_within_weights_plus_bounds": None
-                if peak is None
-                else peak <= (bound if bound is not None else quant_bytes / 2**30 + (CHUNK_MB * 2**20 + 2**30) / 2**30),
-                "max_rel_diff_raw_sums_vs_bf16": _max_rel(a["layers"], b["layers"]),
-                "plan_overlap_25": plan_overlap(a, b, 0.25),
-                "plan_overlap_50": plan_overlap(a, b, 0.5),
-                **score_difference(a, b),
-            }
+    base = runs["bf16-memory"]
+    a = json.loads(Path(base["stats"]).read_text())
+    for key, run in runs.items():
+        if key.startswith("bf16-"):
+            continue
+        fmt, execution = key.rsplit("-", 1)
+        b = json.loads(Path(run["stats"]).read_text())
+        quant_gib = weight_bytes(models[fmt]) / 2**30
+        peak = run["gpu_peak_gib"]
+        bound = result["gpu_stream_bound_gib"] if execution == "stream" else quant_gib + (CHUNK_MB + 1024) / 1024
+        result["compare"][key] = {
+            "throughput_ratio_to_bf16_memory": run["tokens_per_s"] / base["tokens_per_s"],
+            "throughput_target_met": run["tokens_per_s"] / base["tokens_per_s"] >= 0.8,
+            "gpu_peak_gib": peak,
+            "quantized_weights_gib": quant_gib,
+            "gpu_peak_bound_gib": bound,
+            "gpu_peak_within_bound": None if peak is None else peak <= bound,
+            "max_rel_diff_raw_sums_vs_bf16": _max_rel(a["layers"], b["layers"]),
+            "plan_overlap_25": plan_overlap(a, b, 0.25),
+            "plan_overlap_50": plan_overlap(a, b, 0.5),
+            **score_difference(a, b),
+        }
+    result["seconds_total"] = round(time.perf_counter() - started, 1)
     print(json.dumps(result, indent=1))
     if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))
 
 

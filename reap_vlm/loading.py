@@ -109,9 +109,13 @@ def load_model(
     trust_remote_code: bool = False,
     attn_implementation: str = "",
     experts_implementation: str | None = None,
+    keep_fp8_experts: bool | None = None,
 ):
     """(model, processor, config dict). The model is in eval mode; the processor is the checkpoint's own
-    (a tokenizer for text-only models)."""
+    (a tokenizer for text-only models).
+
+    keep_fp8_experts: an FP8 block-wise checkpoint's routed experts stay e4m3 in memory (transformers'
+    FP8Experts, see reap_vlm.quantization); None: on a GPU (on a CPU transformers dequantizes anyway)."""
     from huggingface_hub.errors import StrictDataclassError  # transformers' typed config fields
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
@@ -121,8 +125,17 @@ def load_model(
         console.info(f"note: {note}")
     device = resolve_device(device)
     quant = quantization_of(model_dir, config)
-    if quant is not None and not _transformers_reads(quant, model_dir, config):
-        model = _load_dequantizing(model_dir, config, device, dtype, trust_remote_code, attn_implementation)
+    if keep_fp8_experts is None:
+        keep_fp8_experts = device != "cpu" and torch.cuda.is_available()
+    if quant is not None and keep_fp8_experts:
+        from .checkpoint.layout import inspect_checkpoint
+        from .quantization import fp8_experts_keepable
+
+        keep_fp8_experts = fp8_experts_keepable(quant, inspect_checkpoint(model_dir))
+    if quant is not None and (keep_fp8_experts or not _transformers_reads(quant, model_dir, config)):
+        model = _load_dequantizing(
+            model_dir, config, device, dtype, trust_remote_code, attn_implementation, keep_fp8_experts
+        )
         return model, load_processor(model_dir, trust_remote_code), config
     kwargs: dict = {"dtype": resolve_dtype(dtype, device), "trust_remote_code": trust_remote_code}
     if quant is not None:  # transformers' fine-grained FP8 loader, dequantizing on load (as it does on a CPU)
@@ -199,11 +212,17 @@ def _has_quantized_names(model_dir: Path) -> bool:
     return bool(_modules_from_names(names, {})[1])
 
 
-def _load_dequantizing(model_dir: Path, config: dict, device: str, dtype: str, trust: bool, attn: str):
+def _load_dequantizing(
+    model_dir: Path, config: dict, device: str, dtype: str, trust: bool, attn: str, keep_fp8_experts: bool = False
+):
     """A quantized checkpoint transformers cannot load on this machine (compressed-tensors, AWQ and GPTQ
     want GPU kernels; an export without quantization_config would be loaded with random weights): the
     model is built on the meta device and every tensor is read and dequantized by the streamed path's
-    layer reader (execution.weights), all layers kept. One device: the first GPU under `auto`."""
+    layer reader (execution.weights), all layers kept. One device: the first GPU under `auto`.
+
+    keep_fp8_experts: the routed experts become transformers' FP8Experts holding the checkpoint's e4m3
+    weights and block scales (quantization.keep_fp8_experts); their forward is transformers' FP8 kernel
+    where it loads, else the chunk-by-chunk dequantizing one (quantization.fp8_dequantized_experts_forward)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
@@ -219,12 +238,27 @@ def _load_dequantizing(model_dir: Path, config: dict, device: str, dtype: str, t
         kwargs["attn_implementation"] = attn
     with init_empty_weights(include_buffers=False):
         model = auto.from_config(hf_config, **kwargs)
-    reader = LayerReader(model_dir, model, device=target, dtype=compute)
+    swapped = []
+    if keep_fp8_experts:
+        from .quantization import keep_fp8_experts as swap
+
+        swapped = swap(model, quantization_of(model_dir, config).block_size, compute)
+    reader = LayerReader(model_dir, model, device=target, dtype=compute, keep_fp8_experts=bool(swapped))
     try:
         for group in [OUTER, *range(len(reader.layers))]:
             reader.load(group)
     finally:
         reader.close()
+    if swapped:
+        from .quantization import FP8_DEQUANTIZED_IMPL, fp8_kernels_load
+
+        kernels = fp8_kernels_load(target)
+        for name in swapped:
+            experts = model.get_submodule(name)
+            if not kernels or experts.config._experts_implementation not in ("eager", "grouped_mm", "batched_mm"):
+                experts.config._experts_implementation = FP8_DEQUANTIZED_IMPL
+        impl = "transformers' FP8 kernels" if kernels else "dequantizing chunk by chunk (no FP8 kernels load)"
+        console.info(f"note: the routed experts stay FP8 in memory ({len(swapped)} layers); their forward: {impl}")
     model.eval()
     return model
 

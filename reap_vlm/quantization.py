@@ -320,3 +320,200 @@ def dequantized_bytes(layout, quant: Quantization, itemsize: int = 2) -> int:
             elements = elements * 32 // quant.bits
         total += elements * itemsize
     return total
+
+
+# ---- FP8 experts kept in memory ---------------------------------------------------------------------------
+# On a GPU an FP8 checkpoint's routed experts stay e4m3 in memory, in transformers' own `FP8Experts` modules
+# (gate_up_proj [E, 2I, H] and down_proj [E, H, I] in e4m3, `*_scale_inv` per [bm, bn] block): routed and
+# router modes run transformers' FP8 expert kernels when they load (its `finegrained-fp8` kernel), and
+# otherwise `fp8_dequantized_experts_forward`; everything that needs dense expert weights (full mode's
+# all-expert norms, the merge statistics) dequantizes them a chunk of experts at a time with transformers'
+# `Fp8Dequantize`, the op its loader dequantizes with, so the numbers equal the dequantized model's.
+
+FP8_DEQUANTIZED_IMPL = "reap_fp8_dequantized"  # the experts implementation without transformers' FP8 kernels
+DEFAULT_CHUNK_BYTES = 768 << 20  # REAP_CHUNK_MEMORY_MB's default, for forwards outside an Observer
+_FP8_CLASS: list = []
+
+
+class DequantizedLedger:
+    """Instrumentation: bytes of dequantized expert weights alive at once (`peak`), and chunks made."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self._lock = threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        self.live = self.peak = self.chunks = self.largest = 0
+
+    def track(self, *tensors: torch.Tensor) -> None:
+        import weakref
+
+        for t in tensors:
+            n = t.numel() * t.element_size()
+            with self._lock:
+                self.live += n
+                self.peak = max(self.peak, self.live)
+            weakref.finalize(t, self._free, n)
+        with self._lock:
+            self.chunks += 1
+            self.largest = max(self.largest, sum(t.numel() * t.element_size() for t in tensors))
+
+    def _free(self, n: int) -> None:
+        with self._lock:
+            self.live -= n
+
+
+DEQUANTIZED = DequantizedLedger()
+
+
+def is_fp8_experts(module: torch.nn.Module) -> bool:
+    down = getattr(module, "down_proj", None)
+    fp8 = isinstance(down, torch.Tensor) and down.dtype == torch.float8_e4m3fn
+    return fp8 and hasattr(module, "down_proj_scale_inv")
+
+
+def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """transformers' Fp8Dequantize of e4m3 weights [..., N, K] with their block scales, in `dtype` (the
+    product is formed in fp32 and cast, as its loader does)."""
+    from transformers.integrations.finegrained_fp8 import Fp8Dequantize
+
+    return Fp8Dequantize(None)._dequantize_one(weight, scale_inv, output_dtype=dtype)
+
+
+def fp8_expert_weights(experts: torch.nn.Module):
+    """moe.spec.ExpertWeights of an FP8Experts module: the e4m3 tensors (their shapes), and `dequantize(e0, e1)`
+    that makes the dense weights of experts e0..e1 in the module's compute dtype."""
+    from .moe.spec import ExpertWeights, _glu
+
+    dtype = getattr(experts, "_reap_compute_dtype", torch.bfloat16)
+    gate_up, down = experts.gate_up_proj, experts.down_proj
+    inter = gate_up.shape[1] // 2
+    if any(getattr(experts, a, None) is not None for a in ("gate_softcap", "swiglu_alpha", "limit")):
+        apply_gate = experts._apply_gate
+
+        def combine(gate_out, up_out):
+            return apply_gate(torch.cat([gate_out, up_out], dim=-1))
+    else:
+        combine = _glu(experts.act_fn)
+
+    def dense(e0: int, e1: int) -> ExpertWeights:
+        gu = dequantize_fp8(gate_up[e0:e1], experts.gate_up_proj_scale_inv[e0:e1], dtype)
+        dn = dequantize_fp8(down[e0:e1], experts.down_proj_scale_inv[e0:e1], dtype)
+        DEQUANTIZED.track(gu, dn)
+        return ExpertWeights(gu[:, :inter], gu[:, inter:], dn, None, None, None, combine, gu)
+
+    elements = gate_up[0].numel() + down[0].numel()
+    # the dense weights, and Fp8Dequantize's fp32 copy and product while they are made
+    per_expert = elements * (torch.empty((), dtype=dtype).element_size() + 8)
+    return ExpertWeights(
+        gate_up[:, :inter], gate_up[:, inter:], down, None, None, None, combine, gate_up, dense, dtype, per_expert
+    )
+
+
+def experts_per_chunk(w, budget_bytes: int) -> int:
+    """Experts whose dequantized weights fit `budget_bytes` (at least one)."""
+    return max(1, min(w.num_experts, budget_bytes // max(w.chunk_bytes_per_expert, 1)))
+
+
+def fp8_dequantized_experts_forward(self, hidden_states, top_k_index, top_k_weights):
+    """transformers' grouped_mm experts forward on FP8Experts whose FP8 kernels do not load (a CPU, or a GPU
+    without the `kernels` package or its hub download): the tokens sorted by expert as there, and each chunk
+    of experts (within the module's `_reap_chunk_bytes`) dequantized by Fp8Dequantize and multiplied with
+    transformers' `_grouped_linear`. The same numbers as the dequantized model's grouped_mm forward."""
+    from transformers.integrations.moe import _grouped_linear
+
+    w = fp8_expert_weights(self)
+    T, K = top_k_index.shape
+    E = w.num_experts
+    expert_ids, perm = torch.sort(top_k_index.reshape(-1))
+    hidden_g = hidden_states[perm // K]
+    weights_g = top_k_weights.reshape(-1)[perm]
+    counts = torch.bincount(expert_ids.clamp(0, E), minlength=E + 1)[:E]  # ids >= E (EP sentinels) left out
+    ends = torch.cumsum(counts, dim=0).tolist()
+    out = torch.zeros((hidden_g.shape[0], hidden_states.shape[-1]), dtype=w.dtype, device=hidden_states.device)
+    step = experts_per_chunk(w, getattr(self, "_reap_chunk_bytes", DEFAULT_CHUNK_BYTES))
+    for e0 in range(0, E, step):
+        e1 = min(e0 + step, E)
+        lo, hi = ends[e0 - 1] if e0 else 0, ends[e1 - 1]
+        if lo == hi:
+            continue
+        chunk = w.experts(e0, e1)
+        offsets = torch.tensor(ends[e0:e1], dtype=torch.int32, device=hidden_states.device) - lo
+        proj = self._apply_gate(_grouped_linear(hidden_g[lo:hi], chunk.gate_up, offsets))
+        out[lo:hi] = _grouped_linear(proj, chunk.down, offsets)
+        del chunk, proj
+    weighted = out * weights_g.to(out.dtype).unsqueeze(-1)
+    inv_perm = torch.empty_like(perm)
+    inv_perm[perm] = torch.arange(perm.size(0), device=perm.device)
+    return weighted[inv_perm].view(T, K, -1).sum(dim=1).to(hidden_states.dtype)
+
+
+def fp8_experts_class():
+    """transformers' FP8Experts, decorated as its quantizer does (experts implementations through
+    ALL_FP8_EXPERTS_FUNCTIONS), with the dequantizing forward registered. Once per process."""
+    if not _FP8_CLASS:
+        from transformers.integrations.finegrained_fp8 import ALL_FP8_EXPERTS_FUNCTIONS, FP8Experts
+        from transformers.integrations.moe import use_experts_implementation
+
+        type(ALL_FP8_EXPERTS_FUNCTIONS).register(FP8_DEQUANTIZED_IMPL, fp8_dequantized_experts_forward)
+        _FP8_CLASS.append(
+            use_experts_implementation(
+                experts_class=FP8Experts, experts_interface=ALL_FP8_EXPERTS_FUNCTIONS, has_bias=False, has_gate=True
+            )
+        )
+    return _FP8_CLASS[0]
+
+
+def fp8_kernels_load(device: torch.device) -> bool:
+    """Whether transformers' FP8 expert kernels (its finegrained-fp8 Triton kernel) load for `device`."""
+    if device.type != "cuda":
+        return False
+    try:
+        from transformers.integrations.finegrained_fp8 import load_finegrained_fp8_kernel
+
+        load_finegrained_fp8_kernel()
+    except Exception:  # ImportError without `kernels`; a failed hub download; no build for this torch
+        return False
+    return True
+
+
+def fp8_experts_keepable(quant: Quantization | None, layout) -> bool:
+    """Whether the checkpoint's routed experts can stay FP8 in memory: FP8 block-wise, and every expert
+    tensor a per-expert e4m3 `weight` with its `weight_scale_inv` (the layout of Qwen's and DeepSeek's
+    releases), of projections whose rows split into whole blocks."""
+    if quant is None or quant.format != "fp8" or not quant.block_size:
+        return False
+    names = [n for n in layout.tensors if ".experts." in n]
+    per_expert = re.compile(r"\.experts\.\d+\.(gate_proj|up_proj|down_proj)\.(weight|weight_scale_inv)$")
+    if not names or not all(per_expert.search(canonical(n)) for n in names):
+        return False
+    weights = [n for n in names if n.endswith(".weight")]
+    if any(layout.tensors[n].dtype != "F8_E4M3" for n in weights):
+        return False
+    return len(weights) == len(names) - len(weights) and all(
+        layout.tensors[n].shape[0] % quant.block_size[0] == 0 for n in weights
+    )
+
+
+def keep_fp8_experts(model: torch.nn.Module, block_size, dtype: torch.dtype) -> list[str]:
+    """Replace every fused experts module of the meta-device `model` by transformers' FP8Experts (meta too,
+    the same shapes in e4m3 plus block scales), as its FP8 quantizer does before loading. Returns their paths."""
+    cls = fp8_experts_class()
+    swapped = []
+    for name, module in list(model.named_modules()):
+        if not name.endswith(".experts") or not isinstance(getattr(module, "gate_up_proj", None), torch.Tensor):
+            continue
+        if getattr(module, "has_bias", False) or not getattr(module, "has_gate", True):
+            continue
+        if getattr(module, "is_transposed", False) or getattr(module, "config", None) is None:
+            continue
+        with torch.device("meta"):
+            new = cls(config=module.config, block_size=tuple(block_size), activation_scheme="dynamic")
+        if new.gate_up_proj.shape != module.gate_up_proj.shape or new.down_proj.shape != module.down_proj.shape:
+            continue
+        new._reap_compute_dtype = dtype
+        model.set_submodule(name, new)
+        swapped.append(name)
+    return swapped

@@ -477,14 +477,22 @@ def _per_expert(name: str, tensor: torch.Tensor, hidden: int):
 
 
 def quantize_checkpoint(
-    src: Path, dst: Path, fmt: str, *, block: int = 16, group: int = 16, parts: tuple[str, ...] = QUANTIZED_PARTS
+    src: Path,
+    dst: Path,
+    fmt: str,
+    *,
+    block: int = 16,
+    group: int = 16,
+    parts: tuple[str, ...] = QUANTIZED_PARTS,
+    device: str = "cpu",
 ) -> Path:
     """A quantized copy of the checkpoint `src` in `dst` with per-expert names (fused experts are split, as
     Qwen's FP8 releases store them), made by the formats' own producers: fp8 block-wise by transformers'
     `Fp8Quantize` (e4m3 + weight_scale_inv per [block, block]); `ct-int4` (pack-quantized, asymmetric,
     groups of `group`) and `ct-fp8` (float-quantized, per channel) by compressed-tensors' compressors, with
     the scales of its `calculate_qparams`. Only the 2-D weights of `parts` are quantized (routers, norms,
-    embeddings, head and vision tower stay)."""
+    embeddings, head and vision tower stay). `device`: where the producers compute (a GPU makes a real-width
+    checkpoint in seconds)."""
     import shutil
 
     from safetensors import safe_open
@@ -555,7 +563,10 @@ def quantize_checkpoint(
         with safe_open(str(src / shard), framework="pt") as f:
             for name in f.keys():
                 for name2, tensor in _per_expert(name, f.get_tensor(name), hidden):
-                    out.update(convert(name2, tensor) if _quantizable(name2, tensor, parts) else {name2: tensor})
+                    if _quantizable(name2, tensor, parts):
+                        out.update({k: v.cpu() for k, v in convert(name2, tensor.to(device)).items()})
+                    else:
+                        out[name2] = tensor
         save_file(out, str(dst / shard), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(out, shard))
     if index:

@@ -21,7 +21,7 @@ from reap_vlm.execution.stream import StreamedModel, observe
 from reap_vlm.loading import load_model
 from reap_vlm.moe import find_moe_blocks
 from reap_vlm.observe import Observer
-from reap_vlm.quantization import detect
+from reap_vlm.quantization import DEQUANTIZED, detect, is_fp8_experts
 from reap_vlm.tiny import quantize_checkpoint
 
 FORMATS = ("fp8", "ct-int4", "ct-fp8")
@@ -285,26 +285,43 @@ def test_llm_compressor_export_dequantizes_as_compressed_tensors_does(quantized)
     streamed.close()
 
 
-def _statistics(model_dir: Path, mode: str, streamed: bool, spec: str = "code:3,writing:3") -> dict:
+def _statistics(
+    model_dir: Path,
+    mode: str,
+    streamed: bool,
+    spec: str = "code:3,writing:3",
+    keep_fp8_experts: bool = False,
+    budget_mb: float = 768,
+    merge: bool = False,
+) -> dict:
+    """The observer's statistics (and with `merge`, the merge statistics' tensors under "merge")."""
+    from reap_vlm.observe.merge_stats import MergeStats
+
     if streamed:
         run = StreamedModel(model_dir, device="cpu", dtype="float32")
         model, processor = run.model, run.processor
     else:
-        model, processor, _ = load_model(model_dir, device="cpu", dtype="float32")
+        model, processor, _ = load_model(model_dir, device="cpu", dtype="float32", keep_fp8_experts=keep_fp8_experts)
     batches = list(
         make_batches(load_samples(spec, max_samples=6, seed=0), processor, max_seq_len=80, batch_size=3, **PIXELS)
     )
     blocks = find_moe_blocks(model)
+    if keep_fp8_experts:  # transformers' FP8Experts holding the checkpoint's e4m3 experts
+        assert all(is_fp8_experts(model.get_submodule(b.experts)) for b in blocks)
     if streamed:
         got, _ = observe(run, blocks, batches, mode, 768)
         run.close()
         return got
-    observer = Observer(model, blocks, mode, 768)
+    collector = MergeStats(blocks, 64, 32, 0) if merge else None
+    observer = Observer(model, blocks, mode, budget_mb, merge=collector)
     with observer, torch.inference_mode():
         for batch in batches:
             observer.set_modality(batch.modality)
             forward(model, batch)
-    return observer.export()
+    out = observer.export()
+    if merge:
+        out["merge"] = {k: v.flatten().tolist() for k, v in collector.tensors().items()}
+    return out
 
 
 @pytest.mark.parametrize(
@@ -335,6 +352,38 @@ def test_qwen3_vl_fp8_release_layout_scores_like_its_twin(tiny_vl_dir, tmp_path)
     reference = _statistics(twin, "full", streamed=False, spec="code:2,vision:4")
     _close(reference, _statistics(qdir, "full", streamed=False, spec="code:2,vision:4"))
     _close(reference, _statistics(qdir, "full", streamed=True, spec="code:2,vision:4"))
+    _close(reference, _statistics(qdir, "full", streamed=False, spec="code:2,vision:4", keep_fp8_experts=True))
+
+
+@pytest.mark.parametrize("mode", ["full", "routed", "router"])
+def test_fp8_experts_kept_in_memory_score_like_the_dequantized_model(mode, quantized):
+    """The experts stay e4m3 in transformers' FP8Experts (what a GPU load does): routed and router modes run
+    their forward (here, without transformers' FP8 kernels, the chunk-by-chunk dequantizing one), full mode
+    dequantizes the experts chunk by chunk; the statistics equal those of the model transformers' FP8 loader
+    dequantized whole, within 1e-5 relative."""
+    qdir, _ = quantized["fp8"]
+    reference = _statistics(qdir, mode, streamed=False)
+    model, _, _ = load_model(qdir, device="cpu", dtype="float32")
+    assert not any(is_fp8_experts(m) for m in model.modules())  # the reference is the dequantized model
+    _close(reference, _statistics(qdir, mode, streamed=False, keep_fp8_experts=True))
+
+
+def test_fp8_experts_kept_dequantize_within_the_chunk_budget(quantized):
+    """Full mode with merge statistics under a chunk budget of a quarter MiB: the dequantized expert weights
+    alive at once (counted by quantization.DEQUANTIZED) stay within the budget and below one layer's, in many
+    chunks, and the statistics and merge statistics still equal the dequantized model's at the default budget."""
+    qdir, _ = quantized["fp8"]
+    reference = _statistics(qdir, "full", streamed=False, merge=True)
+    budget = 0.25
+    DEQUANTIZED.reset()
+    got = _statistics(qdir, "full", streamed=False, keep_fp8_experts=True, budget_mb=budget, merge=True)
+    _close(reference, got)
+    layer = 8 * (64 * 64 + 64 * 32) * 4  # one layer's experts in fp32: gate_up [8, 64, 64], down [8, 64, 32]
+    assert 0 < DEQUANTIZED.peak <= budget * 2**20
+    assert DEQUANTIZED.largest <= 3 * layer // 8 < layer  # 3 of the 8 experts at most (forward chunks)
+    # per batch and layer: the forward's 3 chunks and the Gram norms' 8 single experts (2 batches, 4 layers)
+    assert DEQUANTIZED.chunks >= 2 * 4 * (3 + 8)
+    assert DEQUANTIZED.live == 0  # every chunk was freed
 
 
 def test_reap_stage_records_the_quantization_and_the_pruned_export_is_exact(quantized, tiny_text_dir, tmp_path):

@@ -64,7 +64,18 @@ def _meta(module: torch.nn.Module) -> list[str]:
 
 
 class LayerReader:
-    def __init__(self, model_dir: Path, model: torch.nn.Module, *, device: torch.device, dtype: torch.dtype):
+    def __init__(
+        self,
+        model_dir: Path,
+        model: torch.nn.Module,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        keep_fp8_experts: bool = False,
+    ):
+        """keep_fp8_experts: the model's experts are transformers' FP8Experts (quantization.keep_fp8_experts);
+        the experts' e4m3 weights and block scales are loaded as they are, fused by transformers' conversions
+        with the copies its FP8 quantizer adds for the scales; every other quantized weight is dequantized."""
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
@@ -87,11 +98,28 @@ class LayerReader:
             self.dequantizer = Dequantizer(model_dir, self.layout.config, self.quantization)
             plan, self.unused = self.dequantizer.plan(self.layout.tensors)
             self.parts = {canonical(n): parts for n, parts in plan.items()}
+            if keep_fp8_experts:  # the experts' parts are read as they are, each its own tensor
+                for name in [n for n, parts in self.parts.items() if ".experts." in n and len(parts) > 1]:
+                    for part in self.parts.pop(name):
+                        self.parts[canonical(part)] = (part,)
         extra = PER_EXPERT_CONVERSIONS.get(getattr(model.config, "model_type", ""))
         if extra and any(".experts.0." in n for n in self.parts):
             from transformers.conversion_mapping import get_checkpoint_conversion_mapping
 
             self.mapping = [*self.mapping, *get_checkpoint_conversion_mapping(extra)]
+            renamings = [w for w in self.mapping if isinstance(w, WeightRenaming)]
+            converters = [w for w in self.mapping if isinstance(w, WeightConverter)]
+        if keep_fp8_experts:
+            from transformers import FineGrainedFP8Config
+            from transformers.quantizers.base import HfQuantizer
+            from transformers.quantizers.quantizer_finegrained_fp8 import FineGrainedFP8HfQuantizer
+
+            fp8 = FineGrainedFP8HfQuantizer(
+                FineGrainedFP8Config(weight_block_size=list(self.quantization.block_size)), pre_quantized=True
+            )
+            # the converters' copies for `*_scale_inv` (the base rule, without the FP8 quantizer's renames of
+            # other scale names, which this checkpoint does not have)
+            self.mapping = HfQuantizer.update_weight_conversions(fp8, self.mapping, model)
             renamings = [w for w in self.mapping if isinstance(w, WeightRenaming)]
             converters = [w for w in self.mapping if isinstance(w, WeightConverter)]
         head = self.layers_path + "."

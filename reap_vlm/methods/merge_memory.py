@@ -17,6 +17,14 @@ from . import merge
 
 def _views(model: torch.nn.Module, block: MoEBlock) -> merge.LayerExperts:
     w = expert_weights(model.get_submodule(block.experts))
+    if w.dequantize is not None:
+        from ..errors import UnsupportedModelError
+
+        raise UnsupportedModelError(
+            "merged experts cannot be written into experts kept in FP8",
+            "the model was loaded with its routed experts quantized (an FP8 checkpoint on a GPU)",
+            "Measure merge plans with REAP_EXECUTION=stream, or leave REAP_EVAL_MERGE off",
+        )
     return merge.LayerExperts(w.gate, w.up, w.down, w.gate_bias, w.up_bias, w.down_bias)
 
 

@@ -5,6 +5,12 @@ gate/up columns, biases). Scoring wants one shape: for expert j, gate/up weights
 [H, I] in nn.Linear convention, plus the activation that combines gate and up. `expert_weights`
 returns that view (no copies) from the flags transformers' `@use_experts_implementation` decorator
 sets on the experts module (`is_transposed`, `is_concatenated`, `has_gate`, `has_bias`).
+
+Experts kept in FP8 (transformers' `FP8Experts`: e4m3 `gate_up_proj` / `down_proj` with a
+`*_scale_inv` per block) have no dense weights to view: their `ExpertWeights` carries the FP8 tensors
+(for their shapes) and a `dequantize(e0, e1)` that makes the dense weights of experts e0..e1 when they
+are needed (reap_vlm.quantization.fp8_expert_weights). Readers go through `experts(e0, e1)`, which is a
+view of the dense tensors, or such a chunk, so no reader dequantizes a whole layer.
 """
 
 from __future__ import annotations
@@ -50,10 +56,38 @@ class ExpertWeights:
     down_bias: torch.Tensor | None  # [E, H]
     combine: Callable[[torch.Tensor | None, torch.Tensor], torch.Tensor]  # (gate_out, up_out) -> hidden
     gate_up: torch.Tensor | None = None  # [E, 2I, H] when gate rows [:I] and up rows [I:] are one tensor
+    # quantized experts: (e0, e1) -> the dense ExpertWeights of experts e0..e1-1, dequantized on each call
+    dequantize: Callable[[int, int], ExpertWeights] | None = None
+    compute_dtype: torch.dtype | None = None  # quantized: the dtype `dequantize` returns
+    chunk_bytes_per_expert: int = 0  # quantized: memory one expert takes while dequantized (temporaries too)
 
     @property
     def num_experts(self) -> int:
         return self.up.shape[0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the experts compute in (the dense weights', or the dequantized ones')."""
+        return self.compute_dtype or self.up.dtype
+
+    def experts(self, e0: int, e1: int) -> ExpertWeights:
+        """Dense weights of experts e0..e1-1: views of the tensors, or (quantized) dequantized now."""
+        if self.dequantize is not None:
+            return self.dequantize(e0, e1)
+
+        def cut(t):
+            return None if t is None else t[e0:e1]
+
+        return ExpertWeights(
+            cut(self.gate),
+            cut(self.up),
+            cut(self.down),
+            cut(self.gate_bias),
+            cut(self.up_bias),
+            cut(self.down_bias),
+            self.combine,
+            cut(self.gate_up),
+        )
 
 
 def _glu(act: Callable) -> Callable:
@@ -87,6 +121,10 @@ def _own_apply_gate(experts: torch.nn.Module) -> bool:
 
 def expert_weights(experts: torch.nn.Module) -> ExpertWeights:
     """Canonical views of a fused experts module's weights (see module docstring)."""
+    from ..quantization import fp8_expert_weights, is_fp8_experts
+
+    if is_fp8_experts(experts):
+        return fp8_expert_weights(experts)
     transposed = bool(getattr(experts, "is_transposed", False))
     if not hasattr(experts, "is_transposed") and hasattr(experts, "gate_up_proj"):  # undecorated (Llama 4)
         hidden = getattr(experts, "hidden_size", None) or getattr(experts, "hidden_dim", None)
@@ -138,6 +176,7 @@ def expert_weights(experts: torch.nn.Module) -> ExpertWeights:
 
 def expert_output(w: ExpertWeights, j: int, x: torch.Tensor) -> torch.Tensor:
     """f_j(x) for tokens x [T, H]: the unweighted output of expert j (reference path, one expert)."""
+    w, j = w.experts(j, j + 1), 0
     up = torch.nn.functional.linear(x, w.up[j], None if w.up_bias is None else w.up_bias[j])
     gate = None
     if w.gate is not None:

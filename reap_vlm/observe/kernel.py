@@ -2,7 +2,11 @@
 
 Batched matmuls over the fused expert weights, chunked over tokens and experts so that the extra
 memory stays under a budget: only [T, E] norms leave a chunk, never an (E, T, H) tensor for a
-whole batch. Matmuls run in the weights' dtype (bf16 on GPU) with norms reduced in fp32."""
+whole batch. Matmuls run in the weights' dtype (bf16 on GPU) with norms reduced in fp32.
+
+The weights of each chunk of experts come from `ExpertWeights.experts(e0, e1)`: views of dense weights,
+or, for experts kept quantized (FP8), that chunk dequantized now; its bytes (and the dequantization's
+temporaries) count against the same budget, so a layer is never dequantized whole unless it fits."""
 
 from __future__ import annotations
 
@@ -107,31 +111,37 @@ def all_expert_gram_norms(w: ExpertWeights, x: torch.Tensor, budget_mb: int = 76
     statistics, observe.merge_stats), from the h this function computes anyway."""
     T = x.shape[0]
     E, inter = w.num_experts, w.up.shape[1]
-    x = x.to(w.up.dtype)
+    x = x.to(w.dtype)
     norms = torch.empty((T, E), dtype=torch.float32, device=x.device)
     per_pair = 5 * inter * x.element_size() + 8  # gate+up, h, h·G (+ slack for the epilogues)
-    gram_bytes = inter * inter * x.element_size()
-    t_step, e_step = _chunk_sizes(T, E, per_pair, gram_bytes, budget_mb << 20)
+    per_expert = inter * inter * x.element_size() + w.chunk_bytes_per_expert  # Gram (+ dequantized weights)
+    t_step, e_step = _chunk_sizes(T, E, per_pair, per_expert, _budget(budget_mb))
     rowdot = _fused("rowdot", _rowdot_eager, x.device)
     for e0 in range(0, E, e_step):
         e1 = min(e0 + e_step, E)
         e = e1 - e0
-        up_weight, bias = _up_weight(w, e0, e1)
-        down = w.down[e0:e1]  # [e, H, I]
+        c = w.experts(e0, e1)
+        up_weight, bias = _up_weight(c, 0, e)
+        down = c.down  # [e, H, I]
         gram = torch.bmm(down.transpose(1, 2), down)  # [e, I, I]
         cross = sq_bias = None
-        if w.down_bias is not None:
-            b = w.down_bias[e0:e1].float()
+        if c.down_bias is not None:
+            b = c.down_bias.float()
             cross = torch.bmm(down.transpose(1, 2).float(), b[:, :, None])  # [e, I, 1]
             sq_bias = (b * b).sum(-1)[:, None]  # [e, 1]
         for t0 in range(0, T, t_step):
-            h = _hidden(w, x[t0 : t0 + t_step], up_weight, bias, e)  # [e, t, I]
+            h = _hidden(c, x[t0 : t0 + t_step], up_weight, bias, e)  # [e, t, I]
             _add_gated(gated, h, t0, e0, e1)
             sq = rowdot(torch.bmm(h, gram), h)  # [e, t]: hᵀGh, the products summed in fp32
             if cross is not None:
                 sq = sq + 2 * torch.bmm(h.float(), cross).squeeze(-1) + sq_bias
             norms[t0 : t0 + t_step, e0:e1] = sq.clamp_min_(0).sqrt_().T
+        del c, up_weight, bias, down  # a dequantized chunk is freed before the next one is made
     return norms
+
+
+def _budget(budget_mb: float) -> int:
+    return int(budget_mb * 2**20)
 
 
 def _add_gated(gated, h: torch.Tensor, t0: int, e0: int, e1: int) -> None:
@@ -153,22 +163,24 @@ def all_expert_norms(
     [t, H] x [H, e*2I]; the down projection is a batched GEMM over the experts."""
     T, H = x.shape
     E, inter = w.num_experts, w.up.shape[1]
-    x = x.to(w.up.dtype)
+    x = x.to(w.dtype)
     norms = torch.empty((T, E), dtype=torch.float32, device=x.device)
     peaks = torch.empty((T, E), dtype=torch.float32, device=x.device)
     per_pair = (3 * inter + 2 * H) * x.element_size() + 8  # gate+up+act, output (+ fp32 square)
-    t_step, e_step = _chunk_sizes(T, E, per_pair, 0, budget_mb << 20)
+    t_step, e_step = _chunk_sizes(T, E, per_pair, w.chunk_bytes_per_expert, _budget(budget_mb))
     for e0 in range(0, E, e_step):
         e1 = min(e0 + e_step, E)
-        up_weight, bias = _up_weight(w, e0, e1)
-        down_t = w.down[e0:e1].transpose(1, 2)  # [e, I, H]
+        c = w.experts(e0, e1)
+        up_weight, bias = _up_weight(c, 0, e1 - e0)
+        down_t = c.down.transpose(1, 2)  # [e, I, H]
         for t0 in range(0, T, t_step):
-            h = _hidden(w, x[t0 : t0 + t_step], up_weight, bias, e1 - e0)
+            h = _hidden(c, x[t0 : t0 + t_step], up_weight, bias, e1 - e0)
             _add_gated(gated, h, t0, e0, e1)
             out = torch.bmm(h, down_t)  # [e, t, H]
-            if w.down_bias is not None:
-                out = out + w.down_bias[e0:e1, None, :]
+            if c.down_bias is not None:
+                out = out + c.down_bias[:, None, :]
             n, p = row_stats(out)
             norms[t0 : t0 + t_step, e0:e1] = n.T
             peaks[t0 : t0 + t_step, e0:e1] = p.T
+        del c, up_weight, bias, down_t  # a dequantized chunk is freed before the next one is made
     return norms, peaks

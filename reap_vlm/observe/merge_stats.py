@@ -24,6 +24,7 @@ import torch
 
 from ..errors import BugError, MetadataError
 from ..moe.spec import ExpertWeights, MoEBlock
+from ..quantization import DEFAULT_CHUNK_BYTES, experts_per_chunk
 from .kernel import _hidden, _up_weight
 from .stats import to_device
 
@@ -50,12 +51,22 @@ class MergeStats:
         self._gen = torch.Generator().manual_seed(seed)
         self._blocks = {b.key: b for b in blocks}
         self._weights: dict[str, ExpertWeights] = {}
+        self._budget = DEFAULT_CHUNK_BYTES  # bytes of quantized experts dequantized at a time (add's)
         self.sums: dict[str, dict[str, torch.Tensor]] = {}
         self.acts: dict[str, list[torch.Tensor]] = {}
 
-    def add(self, block: MoEBlock, w: ExpertWeights, hidden: torch.Tensor, logits: torch.Tensor | None, probs):
+    def add(
+        self,
+        block: MoEBlock,
+        w: ExpertWeights,
+        hidden: torch.Tensor,
+        logits: torch.Tensor | None,
+        probs,
+        budget_bytes: int = DEFAULT_CHUNK_BYTES,
+    ):
         """hidden [T, H] and logits [T, R] of the block's real tokens; probs [T, E] fp32 (p of the block's
-        score function). Returns (probs, gated_hidden_sum) for the kernel to add Σ p h into."""
+        score function). Returns (probs, gated_hidden_sum) for the kernel to add Σ p h into. Experts kept
+        quantized are dequantized `budget_bytes` at a time."""
         if logits is None:
             raise BugError(f"no router logits were captured for block {block.key}")
         E, inter = w.up.shape[0], w.up.shape[1]
@@ -70,6 +81,7 @@ class MergeStats:
             }
             self.acts[block.key] = []
         self._weights[block.key] = w
+        self._budget = budget_bytes
         s = self.sums[block.key]
         if s["tokens"].device != device:  # resumed from a checkpoint on the cpu
             s.update({name: t.to(device) for name, t in s.items()})
@@ -81,11 +93,17 @@ class MergeStats:
         want = min(self.per_batch, self.samples - taken, hidden.shape[0])
         if want > 0:
             rows = torch.randperm(hidden.shape[0], generator=self._gen)[:want].sort().values
-            x = hidden[to_device(rows, device)].to(w.up.dtype)
-            up_weight, bias = _up_weight(w, 0, E)
-            # a few rows: the eager SwiGLU (a compiled one would recompile for this shape), and the copy to
-            # the host without waiting for it (tensors() and state() wait, once)
-            h = _hidden(w, x, up_weight, bias, E, fused=False).to(ACT_DTYPE)
+            x = hidden[to_device(rows, device)].to(w.dtype)
+            step = E if w.dequantize is None else experts_per_chunk(w, budget_bytes)
+            parts = []
+            for e0 in range(0, E, step):  # quantized experts: a chunk of them dequantized at a time
+                c = w.experts(e0, min(e0 + step, E))
+                up_weight, bias = _up_weight(c, 0, c.num_experts)
+                # a few rows: the eager SwiGLU (a compiled one would recompile for this shape)
+                parts.append(_hidden(c, x, up_weight, bias, c.num_experts, fused=False).to(ACT_DTYPE))
+                del c, up_weight, bias
+            # the copy to the host without waiting for it (tensors() and state() wait, once)
+            h = torch.cat(parts) if len(parts) > 1 else parts[0]
             self.acts[block.key].append(h.to("cpu", non_blocking=device.type == "cuda"))
         return probs, s["gated_hidden_sum"]
 
@@ -101,9 +119,11 @@ class MergeStats:
             # a few experts at a time: the float64 copy of every down projection at once would be
             # E·H·I·8 bytes (1.5 GiB for one Qwen3-VL-30B-A3B layer) on the GPU
             step = max(1, MEAN_CHUNK_BYTES // max(w.down[0].numel() * 8, 1))
+            if w.dequantize is not None:
+                step = min(step, experts_per_chunk(w, self._budget))
             mean = torch.cat(
                 [
-                    torch.einsum("ehi,ei->eh", w.down[e : e + step].double(), gated[e : e + step])
+                    torch.einsum("ehi,ei->eh", w.experts(e, e + step).down.double(), gated[e : e + step])
                     for e in range(0, w.down.shape[0], step)
                 ]
             )

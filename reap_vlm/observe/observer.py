@@ -24,6 +24,7 @@ import torch
 
 from ..errors import BugError
 from ..moe.spec import MoEBlock, expert_output, expert_weights
+from ..quantization import is_fp8_experts
 from .kernel import all_expert_gram_norms, all_expert_norms, row_stats
 from .stats import BlockStats, Rows
 
@@ -31,6 +32,7 @@ ROUTED_IMPL = "reap_routed"
 TOKEN_TYPE_SETS = {"text": False, "vision": True}  # Ernie-4.5-VL expert sets -> takes the vision tokens
 MERGE_STATE = "__merge__"  # the merge statistics' entry in the resume state
 _ACTIVE: dict[int, Observer] = {}  # id(experts module) -> observer, for the routed implementation
+_FP8_INTERFACE: list = []  # transformers' ALL_FP8_EXPERTS_FUNCTIONS, once an FP8Experts module was seen
 
 
 def _grouped_routed(self, observer, hidden_states, top_k_index, top_k_weights):
@@ -41,6 +43,8 @@ def _grouped_routed(self, observer, hidden_states, top_k_index, top_k_weights):
     except ImportError:
         return None
     if getattr(self, "_is_expert_parallel", False) or getattr(self, "has_post_expert_norm", False):
+        return None
+    if is_fp8_experts(self):  # e4m3 weights: the FP8 implementation computes the pairs (base_forward)
         return None
     T, K = top_k_index.shape
     expert_ids, perm = torch.sort(top_k_index.reshape(-1))
@@ -97,7 +101,22 @@ def _register_routed() -> bool:
     except ImportError:
         return False
     ExpertsInterface.register(ROUTED_IMPL, _routed_experts_forward)
+    if _FP8_INTERFACE:  # transformers' FP8Experts dispatch through their own interface
+        type(_FP8_INTERFACE[0]).register(ROUTED_IMPL, _routed_experts_forward)
     return True
+
+
+def _interface(experts: torch.nn.Module):
+    """The experts implementations the module dispatches through (FP8Experts have their own)."""
+    if is_fp8_experts(experts):
+        from transformers.integrations.finegrained_fp8 import ALL_FP8_EXPERTS_FUNCTIONS
+
+        if not _FP8_INTERFACE:
+            _FP8_INTERFACE.append(ALL_FP8_EXPERTS_FUNCTIONS)
+        return ALL_FP8_EXPERTS_FUNCTIONS
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    return ALL_EXPERTS_FUNCTIONS
 
 
 class Observer:
@@ -154,8 +173,13 @@ class Observer:
 
     def _use_interface(self, experts: torch.nn.Module) -> bool:
         config = getattr(experts, "config", None)
-        if config is None or not hasattr(config, "_experts_implementation") or not _register_routed():
+        if config is None or not hasattr(config, "_experts_implementation"):
             return False
+        _interface(experts)  # FP8Experts: their interface gets the routed implementation too
+        if not _register_routed():
+            return False
+        if is_fp8_experts(experts):  # its dequantizing forward's chunks within this observer's budget
+            experts._reap_chunk_bytes = int(self.budget_mb * 2**20)
         # one config is shared by all experts modules of a (sub)model: swap it once, remember the base
         if not any(c is config for c, _ in self._restore):
             if config._experts_implementation == ROUTED_IMPL:
@@ -167,11 +191,9 @@ class Observer:
         return True
 
     def base_forward(self, experts: torch.nn.Module):
-        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
-
         original = type(experts).forward.__wrapped__  # the class' own (eager) forward
         name = experts._reap_base_impl
-        return original if name in (None, "eager") else ALL_EXPERTS_FUNCTIONS.get_interface(name, original)
+        return original if name in (None, "eager") else _interface(experts).get_interface(name, original)
 
     # ---- per batch -------------------------------------------------------------------------
     def set_modality(self, modality: torch.Tensor) -> None:
@@ -258,7 +280,7 @@ class Observer:
         valid = (modality >= 0).unsqueeze(1) & (top_k_index >= 0) & (top_k_index < num_experts)
         for e in torch.unique(top_k_index[valid]).tolist():
             tok, k = torch.nonzero(valid & (top_k_index == e), as_tuple=True)
-            f = expert_output(w, e, hidden[tok].to(w.up.dtype))
+            f = expert_output(w, e, hidden[tok].to(w.dtype))
             pair_norms[tok, k] = torch.linalg.vector_norm(f, dim=-1, dtype=torch.float32)
             pair_max[tok, k] = f.abs().amax(dim=-1).float()
         return pair_norms, pair_max
@@ -290,7 +312,7 @@ class Observer:
         if z is not None:
             probs = torch.empty((z.shape[0], block.num_experts), dtype=torch.float32, device=z.device)
             self.stats[block.key]._probabilities(z, probs)
-        return self.merge.add(block, w, hidden, z, probs)
+        return self.merge.add(block, w, hidden, z, probs, int(self.budget_mb * 2**20))
 
     # ---- results ---------------------------------------------------------------------------
     def export(self) -> dict[str, dict]:
