@@ -76,6 +76,39 @@ def _sync(cuda: bool) -> None:
         torch.cuda.synchronize()
 
 
+def _dequantize_check(experts, cuda: bool) -> dict:
+    """One layer's FP8 experts dequantized chunk by chunk as full mode does: milliseconds per layer, and
+    whether the op used (compiled on CUDA) gives transformers' eager Fp8Dequantize bit for bit."""
+    from transformers.integrations.finegrained_fp8 import Fp8Dequantize
+
+    from reap_vlm.moe import expert_weights
+    from reap_vlm.quantization import experts_per_chunk
+
+    w = expert_weights(experts)
+    step = experts_per_chunk(w, CHUNK_MB << 20)
+    eager = Fp8Dequantize(None)._dequantize_one
+    same = True
+    for e0 in range(0, w.num_experts, step):
+        c = w.experts(e0, e0 + step)
+        ref = eager(experts.gate_up_proj[e0 : e0 + step], experts.gate_up_proj_scale_inv[e0 : e0 + step], w.dtype)
+        same = same and torch.equal(c.gate_up, ref)
+        ref = eager(experts.down_proj[e0 : e0 + step], experts.down_proj_scale_inv[e0 : e0 + step], w.dtype)
+        same = same and torch.equal(c.down, ref)
+        del c, ref
+    _sync(cuda)
+    t0 = time.perf_counter()
+    for _ in range(5):
+        for e0 in range(0, w.num_experts, step):
+            c = w.experts(e0, e0 + step)
+            del c
+    _sync(cuda)
+    return {
+        "dequantize_equals_eager_fp8dequantize": same,
+        "dequantize_one_layer_ms": (time.perf_counter() - t0) / 5 * 1000,
+        "experts_per_chunk": step,
+    }
+
+
 def child(args) -> None:
     """One scoring run in this process; writes <work>/<name>-<execution>.json (+ its statistics)."""
     from reap_vlm.execution.memory import forward
@@ -122,6 +155,7 @@ def child(args) -> None:
         if any(kept):
             extra["dequantized_peak_mib"] = DEQUANTIZED.peak / 2**20
             extra["dequantized_chunks"] = DEQUANTIZED.chunks
+            extra.update(_dequantize_check(model.get_submodule(blocks[0].experts), cuda))
     else:
         from reap_vlm.execution.stream import StreamedModel, observe
 
