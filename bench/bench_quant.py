@@ -111,7 +111,7 @@ def _dequantize_check(experts, cuda: bool) -> dict:
 
 def child(args) -> None:
     """One scoring run in this process; writes <work>/<name>-<execution>.json (+ its statistics)."""
-    from reap_vlm.execution.memory import forward
+    from reap_vlm.execution.memory import forward, precompute_positions
     from reap_vlm.loading import input_device, load_model
     from reap_vlm.moe import find_moe_blocks
     from reap_vlm.observe import Observer
@@ -131,6 +131,7 @@ def child(args) -> None:
         loaded = time.perf_counter() - started
         blocks = find_moe_blocks(model)
         batches = _batches(args, processor)
+        precompute_positions(model, batches)  # as the reap stage does in memory
         kept = [is_fp8_experts(model.get_submodule(b.experts)) for b in blocks]
         if any(kept):
             extra["experts_kept_fp8"] = f"{sum(kept)} of {len(kept)} MoE blocks"
