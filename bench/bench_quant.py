@@ -290,6 +290,9 @@ def main() -> None:
         subprocess.run(cmd, check=True)
         runs[f"{name}-{execution}"] = json.loads((args.work / f"{name}-{execution}.json").read_text())
         r = runs[f"{name}-{execution}"]
+        if args.out:  # what is measured so far, should a limit end the bench
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps({"seconds_building": round(built, 1), "runs": runs}, indent=1))
         print(
             f"{name}-{execution}: {r['tokens_per_s']:,.0f} tokens/s, GPU peak {r['gpu_peak_gib']} GiB "
             f"({time.perf_counter() - t:.0f} s)",
