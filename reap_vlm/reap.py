@@ -451,8 +451,16 @@ def _quantization(model_dir: Path, config: dict, model) -> dict | None:
     quant = quantization_of(model_dir, config)
     if quant is None:
         return None
+    from .quantization import FP8_DEQUANTIZED_IMPL, is_fp8_experts
+
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    return {**quant.summary(), "statistics_from": f"the dequantized weights in {dtype}"}
+    source = f"the dequantized weights in {dtype}"
+    kept = [m for m in model.modules() if is_fp8_experts(m)]
+    if kept:  # the routed experts stayed e4m3 in memory (quantization.keep_fp8_experts)
+        impl = kept[0].config._experts_implementation
+        forward = "dequantized" if impl == FP8_DEQUANTIZED_IMPL else f"transformers' FP8 kernels ({impl})"
+        source += f"; the experts kept in FP8, dequantized chunk by chunk; the experts' forward {forward}"
+    return {**quant.summary(), "statistics_from": source}
 
 
 def _load(settings: ReapSettings, execution, config: dict, meta_path: Path) -> tuple:

@@ -361,11 +361,19 @@ def test_fp8_experts_kept_in_memory_score_like_the_dequantized_model(mode, quant
     their forward (here, without transformers' FP8 kernels, the chunk-by-chunk dequantizing one), full mode
     dequantizes the experts chunk by chunk; the statistics equal those of the model transformers' FP8 loader
     dequantized whole, within 1e-5 relative."""
+    from reap_vlm.reap import _quantization
+
     qdir, _ = quantized["fp8"]
     reference = _statistics(qdir, mode, streamed=False)
-    model, _, _ = load_model(qdir, device="cpu", dtype="float32")
+    model, _, config = load_model(qdir, device="cpu", dtype="float32")
     assert not any(is_fp8_experts(m) for m in model.modules())  # the reference is the dequantized model
     _close(reference, _statistics(qdir, mode, streamed=False, keep_fp8_experts=True))
+    if mode == "full":  # what the metadata says about it
+        kept, _, _ = load_model(qdir, device="cpu", dtype="float32", keep_fp8_experts=True)
+        assert _quantization(qdir, config, kept)["statistics_from"] == (
+            "the dequantized weights in float32; the experts kept in FP8, dequantized chunk by chunk; the "
+            "experts' forward dequantized"
+        )
 
 
 def test_fp8_experts_kept_dequantize_within_the_chunk_budget(quantized):
