@@ -16,9 +16,13 @@ class Execution:
     reason: str
 
 
-def choose(settings, *, gpu_bytes: int | None = None) -> Execution:
-    """Resolve REAP_EXECUTION. auto streams when the model's weights plus the scoring memory (as
-    `verify` estimates it) do not fit the visible GPU memory; without a GPU it keeps the in-memory path."""
+def choose(settings, *, gpu_free: list[int] | None = None) -> Execution:
+    """Resolve REAP_EXECUTION. auto streams when the model's weights plus the scoring memory (as `verify`
+    estimates it) do not fit the free memory of ONE of the GPUs in use, even when several are visible:
+    accelerate's device_map over several GPUs runs the layers one GPU after another (one GPU busy at a
+    time), while streaming on one GPU measured 1.01x the in-memory path's throughput (docs/multi-gpu.md);
+    REAP_EXECUTION=memory keeps the device_map. Without a GPU auto keeps the in-memory path.
+    `gpu_free`: free bytes per GPU in use (default: asked of CUDA)."""
     mode = getattr(settings, "execution", "memory")
     if mode not in MODES:
         raise SettingsError(f"REAP_EXECUTION={mode!r} is not a mode", "expected auto, memory or stream", "Fix it")
@@ -26,20 +30,25 @@ def choose(settings, *, gpu_bytes: int | None = None) -> Execution:
         return Execution(mode, f"REAP_EXECUTION={mode}")
     import torch
 
-    if gpu_bytes is None:
+    if gpu_free is None:
         if not torch.cuda.is_available() or settings.device == "cpu":
             return Execution("memory", "auto: no GPU in use, the model is loaded into CPU memory")
         indices = range(torch.cuda.device_count())
         if settings.device.startswith("cuda:"):
             indices = [int(settings.device.split(":")[1])]
-        gpu_bytes = sum(torch.cuda.mem_get_info(i)[0] for i in indices)
+        gpu_free = [torch.cuda.mem_get_info(i)[0] for i in indices]
     from ..verify import describe
 
     need = describe(settings.model_path, None)["scoring_memory_gib"][settings.scoring_mode] * 2**30
-    fits = need <= gpu_bytes
-    verdict = "fit" if fits else "do not fit"
-    reason = (
-        f"auto: weights + {settings.scoring_mode}-mode scoring need {need / 2**30:.1f} GiB and {verdict} "
-        f"the {gpu_bytes / 2**30:.1f} GiB free on the GPU(s)"
-    )
-    return Execution("memory" if fits else "stream", reason)
+    one = max(gpu_free)
+    where = "one GPU" if len(gpu_free) == 1 else f"the largest of the {len(gpu_free)} visible GPUs"
+    head = f"auto: weights + {settings.scoring_mode}-mode scoring need {need / 2**30:.1f} GiB"
+    if need <= one:
+        return Execution("memory", f"{head} and fit the {one / 2**30:.1f} GiB free on {where}")
+    reason = f"{head} and do not fit the {one / 2**30:.1f} GiB free on {where}"
+    if len(gpu_free) > 1:
+        reason += (
+            "; streaming on one GPU, not accelerate's device_map over the GPUs (one GPU busy at a time; "
+            "REAP_EXECUTION=memory keeps it)"
+        )
+    return Execution("stream", reason)
