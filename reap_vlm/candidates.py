@@ -448,6 +448,22 @@ def _run_plans(
     return baseline_rows, per_plan_rows, counts
 
 
+def greedy_steps(blocks_meta: list[dict], ratio, num_keep: int, round_to: int = 1) -> int:
+    """How many add-back steps greedy_plan takes (each one a measurement of all its trial plans, and the next
+    step's trials built from its result, so the steps run one after another): one per SEARCH_SHARE kept
+    experts of the smallest block, at most kept - top_k. PlanError where the search cannot run."""
+    if any(b.get("n_group", 1) > 1 for b in blocks_meta):
+        raise PlanError("greedy search does not handle group-limited routing", "", "")
+    steps = None
+    for block in blocks_meta:
+        n_keep = _n_keep(block, ratio, num_keep, round_to)
+        s = min(max(1, n_keep // SEARCH_SHARE), n_keep - block["top_k"])
+        if s <= 0:
+            raise PlanError("no room for a search: the plan keeps only top_k experts", "", "")
+        steps = s if steps is None else min(steps, s)
+    return steps
+
+
 def greedy_plan(
     model,
     blocks: list[MoEBlock],
@@ -471,18 +487,9 @@ def greedy_plan(
     Returns (kept per block, what the search did)."""
     started = time.perf_counter()
     blocks_meta = meta["model"]["blocks"]
-    if any(b.get("n_group", 1) > 1 for b in blocks_meta):
-        raise PlanError("greedy search does not handle group-limited routing", "", "")
+    steps = greedy_steps(blocks_meta, ratio, num_keep, round_to)
     kept: dict[str, list[int]] = {}
     shortlist: dict[str, list[int]] = {}
-    steps = None
-    for block in blocks_meta:
-        key, stats = block["key"], meta["layers"][block["key"]]["stats"]
-        n_keep = _n_keep(block, ratio, num_keep, round_to)
-        s = min(max(1, n_keep // SEARCH_SHARE), n_keep - block["top_k"])
-        if s <= 0:
-            raise PlanError("no room for a search: the plan keeps only top_k experts", "", "")
-        steps = s if steps is None else min(steps, s)
     for block in blocks_meta:
         key, stats = block["key"], meta["layers"][block["key"]]["stats"]
         n_keep = _n_keep(block, ratio, num_keep, round_to)
@@ -840,7 +847,7 @@ def measure_and_choose(
     fixed = None if settings.criterion == "auto" else (settings.criterion, settings.modality)
     with (
         console.steps("greedy search", "forwards") as search_progress,
-        console.steps("measuring plans", "forwards" if not hasattr(model, "run_plans") else "layers") as progress,
+        console.steps("measuring plans", "forwards") as progress,
     ):
         table = measure_plans(
             model,

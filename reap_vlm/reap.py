@@ -15,7 +15,7 @@ import torch
 
 from . import console, distributed, metadata, outputs, scoring
 from .calibration import BUILTIN, SELECTION_SHARE, load_samples, make_batches, parse_spec, token_budget
-from .errors import SettingsError
+from .errors import PlanError, SettingsError
 from .execution import choose as choose_execution
 from .execution.memory import forward, precompute_positions
 from .loading import input_device, load_model, read_config
@@ -514,7 +514,7 @@ def _score(settings: ReapSettings, meta_path: Path, on_batch: Callable[[int], No
         )
 
     with phases("data") as data_phase:  # reading the samples, the processor, collation
-        samples, held, batches, eval_batches, search_batches = _data(settings, processor, streamed is not None)
+        samples, held, batches, eval_batches, search_batches = _data(settings, processor)
         if streamed is None:  # M-RoPE position ids on the host, once, instead of in every forward
             precompute_positions(model, [*batches, *(eval_batches or []), *(search_batches or [])])
         budget = token_budget(batches)
@@ -618,10 +618,11 @@ def _plans(settings, model, streamed, blocks, meta, eval_batches, search_batches
         # merge candidates need the experts' weights in memory, so streamed scoring does not measure them
         if stats_by_block is not None and eval_batches:
             console.info("note: streamed execution does not measure merge candidates (the prune candidates are)")
-        if eval_batches and settings.greedy_search and settings.criterion == "auto":
-            note = "the greedy search is skipped: each of its steps would be another pass over the weights"
-            console.info(f"note: streamed execution: {note}")
-            meta["scoring"]["execution"]["notes"] = [note]
+        if search_batches and settings.criterion == "auto":
+            note = _greedy_passes_note(settings, meta)
+            if note:
+                console.info(f"note: streamed execution: {note}")
+                meta["scoring"]["execution"]["notes"] = [note]
         choose_plan(settings, streamed, blocks, meta, eval_batches, search_batches, None)
         meta["scoring"]["execution"]["passes"] = 1 + streamed.extra_passes
         meta["scoring"]["execution"]["seconds"] = {k: round(v, 3) for k, v in streamed.timings.items()}
@@ -629,6 +630,28 @@ def _plans(settings, model, streamed, blocks, meta, eval_batches, search_batches
         streamed.close()
     else:
         choose_plan(settings, model, blocks, meta, eval_batches, search_batches, stats_by_block)
+
+
+def _greedy_passes_note(settings, meta: dict) -> str | None:
+    """What the greedy search costs in streamed execution: its steps depend on each other (each step's
+    trial plans are built from the previous step's result), so each step is one more pass over the weights
+    (more where its trial streams do not fit the hidden-state cache), and its plan one more on the held-out
+    batches. None where the search will not run (candidates.greedy_steps says why in the table's notes)."""
+    from .candidates import greedy_steps
+
+    try:
+        steps = greedy_steps(
+            meta["model"]["blocks"],
+            None if settings.num_keep else settings.prune_ratio,
+            settings.num_keep,
+            settings.round_to,
+        )
+    except PlanError:
+        return None
+    return (
+        f"the greedy search takes {steps} step(s), each one more pass over the weights, and one more pass "
+        f"measures its plan ({steps + 1} passes besides the scoring pass; REAP_GREEDY_SEARCH=false skips it)"
+    )
 
 
 def _write(settings, meta: dict, meta_path: Path, merge, info: dict | None, stats: dict, blocks) -> list[str]:
@@ -662,10 +685,9 @@ def _write(settings, meta: dict, meta_path: Path, merge, info: dict | None, stat
     return list(files.names)
 
 
-def _data(settings: ReapSettings, processor, streamed: bool = False) -> tuple:
+def _data(settings: ReapSettings, processor) -> tuple:
     """(calibration samples, held-out samples, their batches, held-out batches or None, greedy-search batches or
-    None: none when REAP_GREEDY_SEARCH is off or in streamed execution, where each search step would be another
-    pass)."""
+    None: none when REAP_GREEDY_SEARCH is off)."""
     samples = load_samples(
         settings.calibration,
         "all" if settings.eval_data else "calibration",  # held-out data from elsewhere: user files are scored whole
@@ -689,7 +711,7 @@ def _data(settings: ReapSettings, processor, streamed: bool = False) -> tuple:
 
         held = plan_heldout(settings)
         eval_batches = encode("encoding held-out", held, processor, answers=True, **batch_args)
-    if settings.eval_samples > 0 and settings.greedy_search and not streamed:
+    if settings.eval_samples > 0 and settings.greedy_search:
         search_batches = encode("encoding search", search_samples(settings), processor, answers=True, **batch_args)
     return samples, held, batches, eval_batches, search_batches
 

@@ -272,8 +272,8 @@ class ReapSettings(Settings):
     )
     greedy_search: bool = opt(
         True,
-        "With REAP_CRITERION=auto also run the greedy add-back search among the candidate plans (in memory only: "
-        "each of its steps would be another pass over the weights, so streamed execution skips it with a note).",
+        "With REAP_CRITERION=auto also run the greedy add-back search among the candidate plans (streamed "
+        "execution: one more pass over the weights per search step, and one for its plan).",
     )
     plots: bool = opt(True, "Write heatmap and candidate-plan PNGs next to the metadata.")
     eval_merge: bool = opt(
@@ -289,7 +289,8 @@ class ReapSettings(Settings):
     execution: str = opt(
         "auto",
         "How the model is driven: memory (whole model loaded), stream (one decoder layer at a time, read from "
-        "the shards), auto (stream when weights + scoring memory do not fit the visible GPU memory).",
+        "the shards), auto (stream when weights + scoring memory do not fit one GPU's free memory, even with several "
+        "GPUs visible; memory keeps accelerate's device_map over them).",
         choices=EXECUTION_MODES,
     )
     stream_cache_gb: float = opt(

@@ -147,12 +147,14 @@ def test_more_ranks_and_streamed_execution_give_the_metadata_of_one(ranks, execu
     assert result.returncode == 0, result.stderr[-3000:]
     many = _same(one, tmp_path / "many", ranks)
     assert many["scoring"]["execution"]["mode"] == execution
-    if execution == "memory":  # streamed execution skips the greedy search
-        assert any(r["policy"] == "greedy" for r in many["candidates"]["rows"])
-    else:  # the plans measured in the statistics' pass as in one process; with fewer held-out batches than
-        # ranks (4 ranks: the bucketed held-out slice fits in fewer batches) the plans take a pass of their own
-        assert one["scoring"]["execution"]["passes"] == 1
-        assert many["scoring"]["execution"]["passes"] == (1 if ranks == 2 else 2)
+    greedy = [r for r in many["candidates"]["rows"] if r["policy"] == "greedy"]
+    assert greedy  # in both modes (the table equals one process', greedy row included)
+    if execution == "stream":  # the plans measured in the statistics' pass as in one process, then one pass per
+        # greedy step and one for its plan unless measured already; with fewer held-out batches than ranks
+        # (4 ranks: the bucketed held-out slice fits in fewer batches) the plans take a pass of their own
+        steps = greedy[0]["search"]["added_per_block"]
+        assert one["scoring"]["execution"]["passes"] - 1 - steps in (0, 1)
+        assert many["scoring"]["execution"]["passes"] - 1 - steps in ((0, 1) if ranks == 2 else (1,))
     _same_merge_stats(tmp_path / "one", tmp_path / "many")
 
 

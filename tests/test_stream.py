@@ -49,6 +49,8 @@ def _close(a, b, path: str = "") -> None:
     elif isinstance(a, float) and isinstance(b, float):
         if math.isnan(a) or math.isnan(b):
             assert math.isnan(a) and math.isnan(b), path
+        elif math.isinf(a) or math.isinf(b):
+            assert a == b, f"{path}: {a} vs {b}"  # an expert never routed: -inf on both sides
         else:
             assert abs(a - b) <= RTOL * max(abs(a), abs(b), 1e-30), f"{path}: {a} vs {b}"
     else:
@@ -92,55 +94,114 @@ def one_pass(monkeypatch):
     return made
 
 
-def _read_once(streamed) -> None:
-    """One pass: every tensor of the checkpoint read exactly once, never more than two decoder layers'
-    weights resident, and no plan measured in another pass."""
+def _read_once(streamed, passes: int = 1) -> None:
+    """Every decoder layer's tensors read once per pass over the weights (the outer parts once), never more
+    than two decoder layers' weights resident."""
     reader = streamed.reader
     assert sorted(reader.reads) == sorted(reader.layout.tensors)
-    assert set(reader.reads.values()) == {1}
+    outer = set(reader.groups[OUTER])
+    assert {reader.reads[n] for n in outer} == {1}
+    assert {reader.reads[n] for n in reader.layout.tensors if n not in outer} == {passes}
     assert reader.peak_resident == 2 and reader.resident == set()
-    assert streamed.extra_passes == 0
+    assert streamed.extra_passes == passes - 1
 
 
-@pytest.mark.parametrize(
-    "family, calibration, run",
-    [
-        ("qwen3_vl_moe", "code:3,writing:2,vision:4", dict(eval_samples=3, eval_ratios="0.5", criterion="reap")),
-        ("qwen3_moe", "code:5,writing:4", dict(eval_samples=0)),
-        pytest.param("qwen3_vl_moe", "code:3,writing:2,vision:4", dict(eval_samples=4), marks=pytest.mark.slow),
+def _family_dir(family: str, root: Path, tiny_vl_dir: Path, tiny_text_dir: Path, monkeypatch) -> Path:
+    """The tiny checkpoint of `family`, with what its streamed replay must get right: DeepSeek-V3 with a dense
+    first layer (and its 2 expert groups), gpt-oss with a sliding and a full attention layer."""
+    if family == "qwen3_vl_moe":
+        return tiny_vl_dir
+    if family == "qwen3_moe":
+        return tiny_text_dir
+    if family == "deepseek_v3":
+        monkeypatch.setitem(
+            tiny.TEXT_FAMILIES, "deepseek_v3", {**tiny.TEXT_FAMILIES["deepseek_v3"], "first_k_dense_replace": 1}
+        )
+        model_dir = tiny.make_tiny("deepseek_v3", root / family, num_layers=3)
+        config = json.loads((model_dir / "config.json").read_text())
+        assert config["first_k_dense_replace"] == 1 and config["n_group"] == 2
+        return model_dir
+    model_dir = tiny.make_tiny(family, root / family)
+    if family == "gpt_oss":
+        config = json.loads((model_dir / "config.json").read_text())
+        config["layer_types"] = ["sliding_attention", "full_attention"]  # same weights, two mask types
+        (model_dir / "config.json").write_text(json.dumps(config))
+    return model_dir
+
+
+VISION = ("qwen3_vl_moe", "ernie4_5_vl_moe", "glm4v_moe")
+ALL_CANDIDATES = dict(eval_samples=4)  # REAP_CRITERION=auto: every criterion x policy x ratio, random, greedy
+STAGE_RUNS = [
+    pytest.param("qwen3_vl_moe", "image+text", ALL_CANDIDATES, id="qwen3_vl_moe-image+text-all-candidates"),
+    pytest.param("qwen3_moe", "text", dict(eval_samples=3, eval_ratios="0.5", criterion="reap"), id="qwen3_moe-text"),
+    pytest.param("qwen3_vl_moe", "text", ALL_CANDIDATES, id="qwen3_vl_moe-text", marks=pytest.mark.slow),
+    pytest.param("qwen3_moe", "text", ALL_CANDIDATES, id="qwen3_moe-text-all-candidates", marks=pytest.mark.slow),
+    *[
+        pytest.param(
+            family,
+            "image+text" if family in VISION else "text",
+            ALL_CANDIDATES,
+            id=f"{family}-{'image+text' if family in VISION else 'text'}",
+            marks=pytest.mark.slow,
+        )
+        for family in sorted(STREAMABLE)
+        if family not in ("qwen3_vl_moe", "qwen3_moe")
     ],
-    ids=["qwen3_vl_moe-image+text-plans", "qwen3_moe-text", "qwen3_vl_moe-image+text-all-candidates"],
-)
+]
+
+
+def test_every_streamable_family_is_in_the_stage_comparison():
+    assert {p.values[0] for p in STAGE_RUNS} == set(STREAMABLE)
+
+
+@pytest.mark.parametrize("family, batches, run", STAGE_RUNS)
 def test_streamed_stage_writes_the_same_metadata_as_in_memory(
-    family, calibration, run, tiny_vl_dir, tiny_text_dir, tmp_path, one_pass
+    family, batches, run, tiny_vl_dir, tiny_text_dir, tmp_path, one_pass, monkeypatch
 ):
-    """Statistics and every candidate plan from one pass over the weights: the same metadata, candidate
-    table included, as in memory (with the greedy search off there: streamed execution skips it)."""
+    """Statistics in one pass over the weights, every candidate plan of that pass measured in it, the greedy
+    search in one more pass per step (and one for its plan): the same metadata as in memory, raw sums, plans,
+    candidate table (greedy row included) and merge statistics."""
     from reap_vlm.reap import score
 
-    model_dir = tiny_vl_dir if family == "qwen3_vl_moe" else tiny_text_dir
+    model_dir = _family_dir(family, tmp_path / "models", tiny_vl_dir, tiny_text_dir, monkeypatch)
+    calibration = "code:3,writing:2,vision:4" if batches == "image+text" else "code:5,writing:4"
     run = dict(calibration=calibration, **run)
-    memory = score(_settings(model_dir, tmp_path / "memory", execution="memory", no_greedy_search=True, **run))
+    memory = score(_settings(model_dir, tmp_path / "memory", execution="memory", **run))
     streamed = score(_settings(model_dir, tmp_path / "stream", execution="stream", **run))
     _same_metadata(memory, streamed)
-    assert streamed["scoring"]["execution"]["passes"] == 1
+    passes = streamed["scoring"]["execution"]["passes"]
     (driver,) = one_pass
-    _read_once(driver)
-    if run["eval_samples"]:
-        rows = memory["candidates"]["rows"]
-        assert len(rows) > 10 and not any(r["policy"] == "greedy" for r in rows)
-        assert driver.answered == memory["candidates"]["plans_evaluated"]
-        if run.get("criterion") == "auto" or "criterion" not in run:
-            assert "greedy search is skipped" in streamed["scoring"]["execution"]["notes"][0]
-    if family == "qwen3_vl_moe":
+    _read_once(driver, passes)
+    rows = memory["candidates"]["rows"]
+    greedy = [r for r in rows if r["policy"] == "greedy"]
+    if run.get("criterion", "auto") == "auto":
+        assert len(rows) > 10
+        if greedy:  # its steps, then its plan unless the statistics' pass measured it already
+            steps = greedy[0]["search"]["added_per_block"]
+            assert passes - 1 - steps in (0, 1)
+            assert f"the greedy search takes {steps} step(s)" in streamed["scoring"]["execution"]["notes"][0]
+        else:
+            assert family == "deepseek_v3" and passes == 1  # no greedy search with expert groups (a note says so)
+            assert any("greedy" in n and "group-limited" in n for n in memory["candidates"]["notes"])
+    else:
+        assert passes == 1 and not greedy
+        assert driver.answered == memory["candidates"]["plans_evaluated"]  # every plan from the one pass
+    if batches == "image+text":
         assert memory["calibration"]["tokens"]["image"] > 0
-    assert json.loads((tmp_path / "stream" / "reap_metadata.json").read_text())["layers"] == streamed["layers"]
+    else:
+        assert memory["calibration"]["tokens"]["image"] == 0
+    from reap_vlm.metadata import _clean  # what the file holds: JSON has no inf (a never-routed expert's mean)
+
+    assert json.loads((tmp_path / "stream" / "reap_metadata.json").read_text())["layers"] == _clean(streamed["layers"])
     # the merge statistics: every sum the same; the sampled activations a draw of the same size
     from reap_vlm.observe import merge_stats
 
     def made(info: dict) -> dict:
         return {k: v for k, v in info.items() if k != "created"}  # each run's own timestamp
 
+    if "merge_stats" not in memory:
+        assert "merge_stats" not in streamed
+        return
     assert made(memory["merge_stats"]) == made(streamed["merge_stats"])
     (a, info_a), (b, info_b) = (merge_stats.read(tmp_path / m / merge_stats.FILE_NAME) for m in ("memory", "stream"))
     assert a.keys() == b.keys() and made(info_a) == made(info_b)
@@ -193,6 +254,27 @@ def test_spill_to_disk_gives_identical_metadata_and_removes_its_folder(tiny_vl_d
     assert ram["plan"] == disk["plan"]
     assert json.dumps(_untimed(ram["candidates"])) == json.dumps(_untimed(disk["candidates"]))
     assert not [p.name for p in (tmp_path / "disk").iterdir() if p.name.startswith(".")]  # spill folder removed
+
+
+def test_greedy_search_passes_carry_as_many_plans_as_the_cache_holds(tiny_vl_dir, tmp_path, one_pass):
+    """With a hidden-state cache of a few KiB every extra pass carries one plan beside the unpruned model: more
+    passes, the same candidate table (greedy row included) as with every plan in one pass per step."""
+    from reap_vlm.reap import score
+
+    run = dict(calibration="code:3,vision:4", execution="stream", eval_samples=4, eval_ratios="none")
+    wide = score(_settings(tiny_vl_dir, tmp_path / "wide", **run))
+    narrow = score(_settings(tiny_vl_dir, tmp_path / "narrow", stream_cache_gb=2**-20, **run))
+    greedy = [r for r in wide["candidates"]["rows"] if r["policy"] == "greedy"]
+    assert greedy and greedy[0]["search"]["added_per_block"] == 1
+    trials = greedy[0]["search"]["evaluations"] - 1  # the trial plans of its one step (+ the unpruned model)
+    assert trials > 2
+    wide_driver, narrow_driver = one_pass
+    assert narrow_driver.plans_per_pass(narrow_driver.measured.batches) == 1
+    assert wide["scoring"]["execution"]["passes"] in (3, 2)  # scoring, the step, its plan unless measured
+    assert narrow["scoring"]["execution"]["passes"] == wide["scoring"]["execution"]["passes"] - 1 + trials
+    assert json.dumps(_untimed(wide["candidates"])) == json.dumps(_untimed(narrow["candidates"]))
+    assert wide["plan"] == narrow["plan"]
+    _read_once(narrow_driver, narrow["scoring"]["execution"]["passes"])
 
 
 def test_hidden_cache_spills_above_its_budget(tmp_path):
@@ -343,8 +425,28 @@ def test_auto_streams_only_when_the_model_does_not_fit_the_gpu(tiny_vl_dir, tmp_
     settings = _settings(tiny_vl_dir, tmp_path, execution="auto")
     assert choose(settings).mode == "memory"  # no GPU in use
     settings.device = "cuda"
-    small, large = choose(settings, gpu_bytes=2**20), choose(settings, gpu_bytes=2**40)
-    assert small.mode == "stream" and "do not fit" in small.reason
-    assert large.mode == "memory" and "fit" in large.reason
+    small, large = choose(settings, gpu_free=[2**20]), choose(settings, gpu_free=[2**40])
+    assert small.mode == "stream" and "do not fit the 0.0 GiB free on one GPU" in small.reason
+    assert large.mode == "memory" and "and fit the 1024.0 GiB free on one GPU" in large.reason
     settings.execution = "stream"
     assert choose(settings).mode == "stream"
+
+
+def test_auto_streams_when_the_model_fits_several_gpus_together_but_not_one(tiny_vl_dir, tmp_path):
+    """Eight GPUs whose memory together holds the model, none alone: streaming (one GPU busy, 1.01x the
+    in-memory throughput on an H200), not accelerate's device_map (one GPU busy at a time); memory when one fits."""
+    from reap_vlm.verify import describe
+
+    settings = _settings(tiny_vl_dir, tmp_path, execution="auto")
+    settings.device = "auto"
+    need = describe(tiny_vl_dir, None)["scoring_memory_gib"][settings.scoring_mode] * 2**30
+    eighth = int(need / 6)  # 8 GPUs of 1/6 each: 1.33x the need together
+    spread = choose(settings, gpu_free=[eighth] * 8)
+    assert spread.mode == "stream"
+    assert "do not fit" in spread.reason and "the largest of the 8 visible GPUs" in spread.reason
+    assert "not accelerate's device_map" in spread.reason and "REAP_EXECUTION=memory keeps it" in spread.reason
+    assert "\n" not in spread.reason
+    fits = choose(settings, gpu_free=[eighth] * 7 + [int(need) + 1])
+    assert fits.mode == "memory" and "fit the" in fits.reason and "the largest of the 8 visible GPUs" in fits.reason
+    settings.execution = "memory"  # the device_map stays available
+    assert choose(settings, gpu_free=[eighth] * 8).mode == "memory"

@@ -1,13 +1,13 @@
 """The candidate plans of streamed scoring, cut layer by layer inside the statistics' pass.
 
-candidates.measure_and_choose measures, without the greedy search and the merge candidates: every
+candidates.measure_and_choose measures, besides the greedy search and the merge candidates: every
 criterion of the scoring mode under REAP_MODALITY at every ratio, with REAP_CRITERION=auto the other
 modality policies at the requested ratio, and the random plans at the requested ratio. A block's kept
 experts depend on that block's statistics only (scoring.select), so each candidate's plan of a layer
 can be cut as soon as the layer's calibration batches are through, and its held-out hidden states run
 through the same resident layer (execution.stream.score_pass). measure_plans then asks
-StreamedModel.run_plans for its plans and gets them from that pass; a plan missing here would cost
-another pass over the weights (StreamedModel.extra_passes; tests assert there is none).
+StreamedModel.run_plans for its plans and gets them from that pass; a plan missing here (the greedy
+search's: its steps depend on each other) costs another pass over the weights (StreamedModel.extra_passes).
 """
 
 from __future__ import annotations

@@ -435,14 +435,14 @@ class StreamedModel:
         skip = self.layers_path + "."
         return sum(p.numel() for n, p in self.model.named_parameters() if not n.startswith(skip)) * item
 
-    def _ram_cache_bytes(self) -> int:
+    def _ram_cache_bytes(self, quiet: bool = False) -> int:
         """REAP_STREAM_CACHE_GB, or less where the machine's available memory cannot hold it beside the
         two layers, the outer parts and 2 GiB for the process (the rest spills; the numbers are the same)."""
         available = _available_ram()
         if available is None:
             return self.cache_bytes
         room = max(0, available - 2 * self.layer_bytes() - self.outer_bytes() - 2 * 2**30)
-        if room < self.cache_bytes:
+        if room < self.cache_bytes and not quiet:
             print(
                 f"note: streamed execution keeps {room / 2**30:.1f} GiB of hidden states in RAM, not "
                 f"REAP_STREAM_CACHE_GB={self.cache_bytes / 2**30:g}: that is what the available memory allows; "
@@ -605,23 +605,60 @@ class StreamedModel:
 
     def run_plans(self, blocks: list, batches: list, plans: list[dict], *, usage: bool, progress=None):
         """candidates._run_plans for streamed execution. Plans the statistics' pass measured already
-        (`score_pass` with a PlanSpace on the same batches) are answered from it; otherwise one pass over
-        the weights for all of them: the unpruned model and every plan side by side as streams of the
-        held-out batches. A plan's stream runs each layer with that layer's removed experts masked
-        (masking.masked, as in memory); expert usage is the router-mode observer of the layer's blocks. At
-        the end the final norm and the LM head give the logits that candidates._token_metrics compares,
-        batch by batch. Same return value as _run_plans."""
+        (`score_pass` with a PlanSpace on the very same batches) are answered from it; the others (the greedy
+        search's trial plans, its result) run in extra passes over the weights: the unpruned model and every
+        plan side by side as streams of the batches, as many plans per pass as the hidden-state cache holds
+        in RAM and on the GPU (`plans_per_pass`), so the streams do not spill. A plan's stream runs each
+        layer with that layer's removed experts masked (masking.masked, as in memory); expert usage is the
+        router-mode observer of the layer's blocks. At the end the final norm and the LM head give the
+        logits that candidates._token_metrics compares, batch by batch. Same return value as _run_plans;
+        `progress(done, total)` counts forwards of the whole model, as in memory."""
         measured = self.measured
+        found: list = [None] * len(plans)
         same = measured is not None and len(measured.batches) == len(batches)
         if same and all(a is b for a, b in zip(measured.batches, batches, strict=True)):  # the very batches
             found = [measured.plans.get(_signature(blocks, plan)) for plan in plans]
-            if all(f is not None for f in found):
-                self.answered += len(plans)
-                return (
-                    measured.baseline_rows,
-                    [f[0] for f in found],
-                    [measured.baseline_counts, *[f[1] for f in found]],
-                )
+        missing = [pi for pi, f in enumerate(found) if f is None]
+        self.answered += len(plans) - len(missing)
+        if not missing:
+            return measured.baseline_rows, [f[0] for f in found], [measured.baseline_counts, *[f[1] for f in found]]
+        per_pass = self.plans_per_pass(batches)
+        forwards = len(batches) * (len(missing) + (len(missing) + per_pass - 1) // per_pass)
+        done = 0
+        baseline_rows = baseline_counts = None
+        computed: dict[int, tuple[list[dict], dict]] = {}
+        for start in range(0, len(missing), per_pass):
+            chunk = missing[start : start + per_pass]
+            report = None
+            if progress:
+                size = len(batches) * (len(chunk) + 1)
+
+                def report(layers: int, total: int, done=done, size=size) -> None:
+                    progress(done + size * layers // total, forwards)
+
+            rows, plan_rows, counts = self._plan_pass(blocks, batches, [plans[pi] for pi in chunk], usage, report)
+            done += len(batches) * (len(chunk) + 1)
+            if baseline_rows is None:
+                baseline_rows, baseline_counts = rows, counts[0]
+            for k, pi in enumerate(chunk):
+                computed[pi] = (plan_rows[k], counts[k + 1])
+        if same:  # the statistics' pass measured the unpruned model on these batches: the same rows
+            baseline_rows, baseline_counts = measured.baseline_rows, measured.baseline_counts
+        answers = [found[pi] if found[pi] is not None else computed[pi] for pi in range(len(plans))]
+        return baseline_rows, [a[0] for a in answers], [baseline_counts, *[a[1] for a in answers]]
+
+    def plans_per_pass(self, batches: list) -> int:
+        """How many plans one extra pass carries beside the unpruned model: as many as the hidden-state
+        cache's RAM and GPU budgets hold streams of `batches` (each stream: one [B, T, H] state per batch in
+        the compute dtype), at least one."""
+        hidden = self.model.config.get_text_config().hidden_size
+        item = torch.empty(0, dtype=self.dtype).element_size()
+        stream = sum(b.inputs["input_ids"].numel() for b in batches) * hidden * item
+        budget = self._ram_cache_bytes(quiet=True) + self._gpu_cache_bytes()
+        return max(1, budget // max(stream, 1) - 1)
+
+    def _plan_pass(self, blocks: list, batches: list, plans: list[dict], usage: bool, progress=None):
+        """One pass over the weights: the unpruned model and every plan side by side (see run_plans)."""
         from ..masking import masked, removed_from_kept
         from ..observe.usage import ExpertUsage
 
@@ -659,7 +696,7 @@ class StreamedModel:
 
         self.extra_passes += 1
         streams = [Stream(batches, context(pi), before_batch) for pi in range(-1, len(plans))]
-        cache = self.run(streams, (lambda done, total: progress(done, total)) if progress else None)
+        cache = self.run(streams, progress)
         baseline_rows: list[dict] = []
         per_plan_rows: list[list[dict]] = [[] for _ in plans]
         try:
