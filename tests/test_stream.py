@@ -268,7 +268,7 @@ def test_greedy_search_passes_carry_as_many_plans_as_the_cache_holds(tiny_vl_dir
     assert greedy and greedy[0]["search"]["added_per_block"] == 1
     trials = greedy[0]["search"]["evaluations"] - 1  # the trial plans of its one step (+ the unpruned model)
     assert trials > 2
-    wide_driver, narrow_driver = one_pass
+    _, narrow_driver = one_pass
     assert narrow_driver.plans_per_pass(narrow_driver.measured.batches) == 1
     assert wide["scoring"]["execution"]["passes"] in (3, 2)  # scoring, the step, its plan unless measured
     assert narrow["scoring"]["execution"]["passes"] == wide["scoring"]["execution"]["passes"] - 1 + trials
