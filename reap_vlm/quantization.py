@@ -434,37 +434,56 @@ def experts_per_chunk(w, budget_bytes: int) -> int:
     return max(1, min(w.num_experts, budget_bytes // max(w.chunk_bytes_per_expert, 1)))
 
 
+class SortedPairs:
+    """The selected (token, expert) pairs of a batch sorted by expert, as transformers' grouped_mm forward
+    sorts them, and their unweighted expert outputs, filled a chunk of experts at a time (`run`)."""
+
+    def __init__(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, w):
+        self.T, self.K = top_k_index.shape
+        E = w.num_experts
+        expert_ids, self.perm = torch.sort(top_k_index.reshape(-1))
+        self.hidden_g = hidden_states[self.perm // self.K]
+        counts = torch.bincount(expert_ids.clamp(0, E), minlength=E + 1)[:E]  # ids >= E (EP sentinels) left out
+        self.ends = torch.cumsum(counts, dim=0).tolist()
+        shape = (self.hidden_g.shape[0], hidden_states.shape[-1])
+        self.out = torch.zeros(shape, dtype=w.dtype, device=self.perm.device)
+
+    def run(self, experts: torch.nn.Module, e0: int, e1: int, chunk) -> None:
+        """The outputs of the pairs of experts e0..e1-1 from their dense weights `chunk` (ExpertWeights)."""
+        from transformers.integrations.moe import _grouped_linear
+
+        lo, hi = self.ends[e0 - 1] if e0 else 0, self.ends[e1 - 1]
+        if lo == hi:
+            return
+        offsets = torch.tensor(self.ends[e0:e1], dtype=torch.int32, device=self.out.device) - lo
+        proj = experts._apply_gate(_grouped_linear(self.hidden_g[lo:hi], chunk.gate_up, offsets))
+        self.out[lo:hi] = _grouped_linear(proj, chunk.down, offsets)
+
+    def unsort(self, t: torch.Tensor) -> torch.Tensor:
+        """Rows in the sorted order -> [T, K, ...] in the batch's order."""
+        inv_perm = torch.empty_like(self.perm)
+        inv_perm[self.perm] = torch.arange(self.perm.size(0), device=self.perm.device)
+        return t[inv_perm].view(self.T, self.K, *t.shape[1:])
+
+
 def fp8_dequantized_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     """transformers' grouped_mm experts forward on FP8Experts whose FP8 kernels do not load (a CPU, or a GPU
     without the `kernels` package or its hub download): the tokens sorted by expert as there, and each chunk
     of experts (within the module's `_reap_chunk_bytes`) dequantized by Fp8Dequantize and multiplied with
     transformers' `_grouped_linear`. The same numbers as the dequantized model's grouped_mm forward."""
-    from transformers.integrations.moe import _grouped_linear
-
     w = fp8_expert_weights(self)
-    T, K = top_k_index.shape
-    E = w.num_experts
-    expert_ids, perm = torch.sort(top_k_index.reshape(-1))
-    hidden_g = hidden_states[perm // K]
-    weights_g = top_k_weights.reshape(-1)[perm]
-    counts = torch.bincount(expert_ids.clamp(0, E), minlength=E + 1)[:E]  # ids >= E (EP sentinels) left out
-    ends = torch.cumsum(counts, dim=0).tolist()
-    out = torch.zeros((hidden_g.shape[0], hidden_states.shape[-1]), dtype=w.dtype, device=hidden_states.device)
+    pairs = SortedPairs(hidden_states, top_k_index, w)
     step = experts_per_chunk(w, getattr(self, "_reap_chunk_bytes", DEFAULT_CHUNK_BYTES))
-    for e0 in range(0, E, step):
-        e1 = min(e0 + step, E)
-        lo, hi = ends[e0 - 1] if e0 else 0, ends[e1 - 1]
-        if lo == hi:
-            continue
+    for e0 in range(0, w.num_experts, step):
+        e1 = min(e0 + step, w.num_experts)
+        if (pairs.ends[e0 - 1] if e0 else 0) == pairs.ends[e1 - 1]:
+            continue  # no token chose these experts: nothing to dequantize
         chunk = w.experts(e0, e1)
-        offsets = torch.tensor(ends[e0:e1], dtype=torch.int32, device=hidden_states.device) - lo
-        proj = self._apply_gate(_grouped_linear(hidden_g[lo:hi], chunk.gate_up, offsets))
-        out[lo:hi] = _grouped_linear(proj, chunk.down, offsets)
-        del chunk, proj
-    weighted = out * weights_g.to(out.dtype).unsqueeze(-1)
-    inv_perm = torch.empty_like(perm)
-    inv_perm[perm] = torch.arange(perm.size(0), device=perm.device)
-    return weighted[inv_perm].view(T, K, -1).sum(dim=1).to(hidden_states.dtype)
+        pairs.run(self, e0, e1, chunk)
+        del chunk
+    weights_g = top_k_weights.reshape(-1)[pairs.perm]
+    weighted = pairs.out * weights_g.to(pairs.out.dtype).unsqueeze(-1)
+    return pairs.unsort(weighted).sum(dim=1).to(hidden_states.dtype)
 
 
 def fp8_experts_class():

@@ -388,10 +388,16 @@ def test_fp8_experts_kept_dequantize_within_the_chunk_budget(quantized):
     _close(reference, got)
     layer = 8 * (64 * 64 + 64 * 32) * 4  # one layer's experts in fp32: gate_up [8, 64, 64], down [8, 64, 32]
     assert 0 < DEQUANTIZED.peak <= budget * 2**20
-    assert DEQUANTIZED.largest <= 3 * layer // 8 < layer  # 3 of the 8 experts at most (forward chunks)
-    # per batch and layer: the forward's 3 chunks and the Gram norms' 8 single experts (2 batches, 4 layers)
-    assert DEQUANTIZED.chunks >= 2 * 4 * (3 + 8)
+    assert DEQUANTIZED.largest <= 3 * layer // 8 < layer  # 3 of the 8 experts at most (merge statistics' chunks)
+    # per batch and layer at least the Gram norms' 8 single experts (which the routed pairs share), 2 batches,
+    # 4 layers
+    assert DEQUANTIZED.chunks >= 2 * 4 * 8
     assert DEQUANTIZED.live == 0  # every chunk was freed
+    # where the whole layer fits the budget, full mode dequantizes it once per batch (the routed pairs'
+    # outputs come from the Gram pass's chunk): 2 batches x 4 layers
+    DEQUANTIZED.reset()
+    _statistics(qdir, "full", streamed=False, keep_fp8_experts=True)
+    assert DEQUANTIZED.chunks == 2 * 4 and DEQUANTIZED.largest == layer
 
 
 def test_reap_stage_records_the_quantization_and_the_pruned_export_is_exact(quantized, tiny_text_dir, tmp_path):

@@ -95,7 +95,9 @@ def _hidden(w: ExpertWeights, xt: torch.Tensor, up_weight, bias, e: int, fused: 
     return w.combine(proj[..., :inter], proj[..., inter:])
 
 
-def all_expert_gram_norms(w: ExpertWeights, x: torch.Tensor, budget_mb: int = 768, gated=None) -> torch.Tensor:
+def all_expert_gram_norms(
+    w: ExpertWeights, x: torch.Tensor, budget_mb: int = 768, gated=None, on_chunk=None
+) -> torch.Tensor:
     """‖f_j(x)‖ [T, E] fp32 of every expert's unweighted output, without forming f_j(x) = W_j h + b_j:
 
         ‖f‖² = hᵀ (W_jᵀ W_j) h + 2 (W_jᵀ b_j)·h + ‖b_j‖²
@@ -108,7 +110,10 @@ def all_expert_gram_norms(w: ExpertWeights, x: torch.Tensor, budget_mb: int = 76
     fp32 it equals the direct sum to rounding. max|f| needs f itself: `all_expert_norms` computes it.
 
     gated = (probs [T, E], acc [E, I]): also add Σ_x p_j(x) h_j(x) into acc (expert merging's
-    statistics, observe.merge_stats), from the h this function computes anyway."""
+    statistics, observe.merge_stats), from the h this function computes anyway.
+
+    on_chunk(e0, e1, chunk): called with the dense weights of each chunk of experts while they exist (full
+    mode on FP8 experts computes the routed pairs' outputs from the same dequantized chunk)."""
     T = x.shape[0]
     E, inter = w.num_experts, w.up.shape[1]
     x = x.to(w.dtype)
@@ -121,6 +126,8 @@ def all_expert_gram_norms(w: ExpertWeights, x: torch.Tensor, budget_mb: int = 76
         e1 = min(e0 + e_step, E)
         e = e1 - e0
         c = w.experts(e0, e1)
+        if on_chunk is not None:
+            on_chunk(e0, e1, c)
         up_weight, bias = _up_weight(c, 0, e)
         down = c.down  # [e, H, I]
         gram = torch.bmm(down.transpose(1, 2), down)  # [e, I, I]

@@ -24,7 +24,7 @@ import torch
 
 from ..errors import BugError
 from ..moe.spec import MoEBlock, expert_output, expert_weights
-from ..quantization import is_fp8_experts
+from ..quantization import FP8_DEQUANTIZED_IMPL, SortedPairs, is_fp8_experts
 from .kernel import all_expert_gram_norms, all_expert_norms, row_stats
 from .stats import BlockStats, Rows
 
@@ -78,6 +78,8 @@ def _grouped_routed(self, observer, hidden_states, top_k_index, top_k_weights):
 
 def _routed_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     observer = _ACTIVE.get(id(self))
+    if observer.mode == "full" and self._reap_base_impl == FP8_DEQUANTIZED_IMPL:
+        return observer.full_fp8(self, hidden_states, top_k_index, top_k_weights)
     if self._reap_base_impl == "grouped_mm":
         out = _grouped_routed(self, observer, hidden_states, top_k_index, top_k_weights)
         if out is not None:
@@ -301,6 +303,27 @@ class Observer:
             gated = self._merge_add(block, w, real, logits, rows)
             all_norms = rows.scatter(all_expert_gram_norms(w, real, self.budget_mb, gated))
         self.stats[block.key].add(rows, top_k_index, top_k_weights, logits, norms, peaks, all_norms=all_norms)
+
+    def full_fp8(self, experts, hidden, top_k_index, top_k_weights) -> torch.Tensor:
+        """Full mode on FP8 experts without transformers' FP8 kernels: each chunk of experts is dequantized
+        once, for the Gram norms of every token and for the outputs of the pairs routed to it (the
+        dequantizing forward's arithmetic, quantization.SortedPairs); returns the block's output."""
+        block = self._block_of[id(experts)]
+        rows = self._rows(hidden.device, hidden.shape[0], block)
+        logits = self._logits.pop(block.key, None)
+        w = expert_weights(experts)
+        pairs = SortedPairs(hidden, top_k_index, w)
+        real = rows.select(hidden)
+        gated = self._merge_add(block, w, real, logits, rows)
+
+        def routed(e0, e1, chunk):
+            pairs.run(experts, e0, e1, chunk)
+
+        all_norms = rows.scatter(all_expert_gram_norms(w, real, self.budget_mb, gated, on_chunk=routed))
+        f = pairs.unsort(pairs.out)  # [T, K, H] unweighted
+        norms, peaks = row_stats(f)
+        self.stats[block.key].add(rows, top_k_index, top_k_weights, logits, norms, peaks, all_norms=all_norms)
+        return (f * top_k_weights.unsqueeze(-1)).sum(dim=1).to(hidden.dtype)
 
     def _merge_add(self, block, w, hidden, logits, rows: Rows):
         """Merge statistics of the block's real tokens (`hidden`: those rows); (probs, acc) for the kernel,
