@@ -125,9 +125,10 @@ def plans_for_ratio(meta: dict, ratio: float, measured: bool = True, merges: tup
     plan = meta["plan"]
     out = []
     if measured:
+        merged = "merge of " if plan.get("method") == "merge" else ""
         out.append(
             {
-                "label": f"auto ({plan['criterion']}/{plan['policy']})",
+                "label": f"auto ({merged}{plan['criterion']}/{plan['policy']})",
                 "kind": "auto",
                 "kept": {b["key"]: meta["layers"][b["key"]]["kept"] for b in blocks},
             }

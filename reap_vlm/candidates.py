@@ -10,7 +10,9 @@ The plan `auto` keeps is the one with the best *fidelity* (`objective`: KL to th
 with equal weight per source within a modality and per modality — not token-weighted, so a few image
 answers count as much as many text tokens), among the plans that lose no more on any held-out source
 than the median random plan of the same size (the floor); a plan within the bootstrap noise of the best
-goes to the simpler default (REAP's criterion with the REAP_MODALITY policy).
+goes to the simpler default (REAP's criterion with the REAP_MODALITY policy). Merge plans (REAP_EVAL_MERGE:
+the merged weights swapped into the live model) compete by the same objective, floor and noise rule, as the
+least simple option: merging is chosen only when every pruning plan is measurably worse.
 
 The held-out slice never overlaps the scored samples: built-in sets read their evaluation files;
 JSONL files and image folders are split by a content hash (reap_vlm.calibration), so a sample is
@@ -34,6 +36,7 @@ from .errors import BugError, PlanError
 from .execution.memory import Headless
 from .loading import input_device
 from .masking import masked, removed_from_kept
+from .methods.merge import DEFAULTS as MERGE_DEFAULTS
 from .moe.spec import MoEBlock
 from .observe.usage import ExpertUsage, usage_entropy
 
@@ -566,14 +569,15 @@ def measure_plans(
     progress=None,
     merge_stats: dict | None = None,
     search_progress=None,
+    merge_settings: dict | None = None,
 ) -> dict:
     """Measure every candidate: criteria under `modality` at every ratio; at the first ratio also under every
     other policy of `policies`, the greedy search (with `search_batches`, from `greedy_base`) and
     `random_seeds` random plans. Each distinct plan runs once.
 
-    With `merge_stats` (the merge statistics per block key), REAM merging of `greedy_base`'s criterion is
-    measured at every ratio too (policy "merge"): the merged weights swapped into the live model, the other
-    group members masked. Shown beside the pruning plans; `choose` keeps choosing among pruning plans."""
+    With `merge_stats` (the merge statistics per block key), merging with `greedy_base`'s saliency and
+    `merge_settings` (grouping, group_size, router; MERGE_DEFAULTS) is measured at every ratio too (policy
+    "merge"): the merged weights swapped into the live model, the other group members masked."""
     started = time.perf_counter()
     blocks_meta = meta["model"]["blocks"]
     candidates: list[dict] = []
@@ -592,7 +596,7 @@ def measure_plans(
             swaps.append(swap)
         candidates.append({**info, "plan": by_signature[signature], "n_keep": {k: len(v) for k, v in kept.items()}})
 
-    greedy_seconds = 0.0
+    greedy_seconds = merge_seconds = 0.0
     for i, ratio in enumerate(ratios):
         measured_policies = [modality] + ([p for p in policies if p != modality] if i == 0 else [])
         for policy in measured_policies:
@@ -639,13 +643,15 @@ def measure_plans(
                 break
             add(kept, criterion="random", policy="random", ratio=ratio, seed=seed)
         if merge_stats is not None and greedy_base:
+            t0 = time.perf_counter()
             try:
                 kept, swap, info = _merge_candidate(
-                    model, blocks, meta, merge_stats, greedy_base, ratio, num_keep, round_to
+                    model, blocks, meta, merge_stats, greedy_base, ratio, num_keep, round_to, merge_settings
                 )
                 add(kept, swap, criterion=greedy_base.split("/")[0], policy="merge", ratio=ratio, merge=info)
             except PlanError as err:
                 notes.append(f"merge at ratio {ratio}: skipped ({err.what})")
+            merge_seconds += time.perf_counter() - t0
 
     baseline_rows, per_plan_rows, plan_counts = _run_plans(
         model, blocks, eval_batches, plans, usage=True, progress=progress, swaps=swaps
@@ -688,27 +694,40 @@ def measure_plans(
         "heldout": heldout_tokens,
         "plans_evaluated": len(plans),
         "greedy_seconds": greedy_seconds,
+        "merge_seconds": round(merge_seconds, 3),  # grouping, alignment and averaging of the merge plans
         "seconds": round(time.perf_counter() - started, 3),
         "plans": plans,
         "_rows": {"baseline": baseline_rows, "plans": per_plan_rows},
     }
 
 
-def _merge_candidate(model, blocks, meta, merge_stats, base: str, ratio, num_keep: int, round_to: int):
-    """(kept centroids, weight swap, description) of REAM merging at this ratio with the default settings
-    of the prune stage's merge method (C = 16, centroid router rows)."""
-    from .methods import merge, merge_checkpoint, merge_memory
+def _merge_candidate(
+    model, blocks, meta, merge_stats, base: str, ratio, num_keep: int, round_to: int, settings: dict | None = None
+):
+    """(kept centroids, weight swap, description) of merging at this ratio with `base`'s saliency
+    (criterion/policy) and `settings` (MERGE_DEFAULTS): exactly what the prune stage's merge method writes
+    from the same metadata, statistics and settings."""
+    from .methods import merge_checkpoint, merge_memory
 
+    settings = {**MERGE_DEFAULTS, **(settings or {})}
     criterion, policy = base.split("/")
     counts = {_n_keep(b, ratio, num_keep, round_to) for b in meta["model"]["blocks"]}
     if len(counts) != 1:
         raise PlanError("the blocks would keep different numbers of experts", "", "")
     k = counts.pop()
-    groups, saliency, acts = merge_checkpoint.build_groups(meta, merge_stats, k, criterion, modality=policy)
+    groups, saliency, acts = merge_checkpoint.build_groups(
+        meta,
+        merge_stats,
+        k,
+        criterion,
+        grouping=settings["grouping"],
+        group_size=settings["group_size"],
+        modality=policy,
+    )
     device = next(model.parameters()).device
-    swap = merge_memory.prepare(model, blocks, groups, saliency, acts, device=device)
+    swap = merge_memory.prepare(model, blocks, groups, saliency, acts, router_mode=settings["router"], device=device)
     kept = {f"{layer}.{s}": sorted(g[0] for g in gs) for (layer, s), gs in groups.items()}
-    return kept, swap, {"grouping": "ream", "group_size": merge.REAM_GROUP_SIZE, "router": "centroid"}
+    return kept, swap, {**settings, "base": base}
 
 
 def _ratio_key(ratio) -> str:
@@ -755,6 +774,10 @@ def _label(row: dict) -> str:
         return f"random (seed {row['seed']})"
     if row["policy"] == "greedy":
         return f"greedy from {row['search']['base']}"
+    if row["policy"] == "merge":
+        m = row["merge"]
+        how = f"{m['grouping']} C {m['group_size']}" if m["grouping"] == "ream" else m["grouping"]
+        return f"merge from {m['base']} ({how}, {m['router']} router)"
     return f"{row['criterion']}/{row['policy']}"
 
 
@@ -763,10 +786,17 @@ def choose(table: dict, *, requested, default: tuple[str, str], fixed: tuple[str
 
     auto (fixed=None): among the plans that pass the per-source floor (every plan when none does, flagged),
     find the best objective; then walk the plans from the simplest — the default (criterion, policy) first,
-    then the other criteria of the default policy, the other policies, the greedy search — and keep the first
-    that is not measurably worse than the best (paired, source-stratified bootstrap, 95 %).
-    fixed: that (criterion, policy), with a note when another plan is measurably better or it fails the floor."""
-    rows = [r for r in table["rows"] if r["ratio"] == requested and r["policy"] not in ("random", "merge")]
+    then the other criteria of the default policy, the other policies, the greedy search, merging last — and
+    keep the first that is not measurably worse than the best (paired, source-stratified bootstrap, 95 %).
+    fixed: that (criterion, policy), with a note when another pruning plan is measurably better or it fails
+    the floor (merge plans are not candidates then).
+    The result's `method` is "merge" for a merge plan (then `policy` is its saliency's modality policy and
+    `merge` its settings), else "prune"."""
+    rows = [
+        r
+        for r in table["rows"]
+        if r["ratio"] == requested and r["policy"] != "random" and (fixed is None or r["policy"] != "merge")
+    ]
     rows = [r for r in rows if r["objective"] is not None]
     if not rows:
         return {}
@@ -779,7 +809,7 @@ def choose(table: dict, *, requested, default: tuple[str, str], fixed: tuple[str
     def tier(r: dict) -> int:
         if (r["criterion"], r["policy"]) == default:
             return 0
-        return 1 if r["policy"] == default[1] else (3 if r["policy"] == "greedy" else 2)
+        return 1 if r["policy"] == default[1] else {"greedy": 3, "merge": 4}.get(r["policy"], 2)
 
     if fixed is None:
         chosen, interval = None, (0.0, 0.0)
@@ -819,9 +849,11 @@ def choose(table: dict, *, requested, default: tuple[str, str], fixed: tuple[str
             for s, v in chosen["floor"]["worse_sources"].items()
         )
         reason += f"; WARNING: below the per-source floor on {worst}"
-    return {
+    merged = chosen["policy"] == "merge"
+    out = {
+        "method": "merge" if merged else "prune",
         "criterion": chosen["criterion"],
-        "policy": chosen["policy"],
+        "policy": chosen["merge"]["base"].split("/")[1] if merged else chosen["policy"],
         "ratio": requested,
         "plan_id": chosen["plan_id"],
         "label": _label(chosen),
@@ -832,6 +864,9 @@ def choose(table: dict, *, requested, default: tuple[str, str], fixed: tuple[str
         "best_objective": best["objective"],
         "reason": reason,
     }
+    if merged:
+        out["merge"] = {k: chosen["merge"][k] for k in MERGE_DEFAULTS}
+    return out
 
 
 def measure_and_choose(
@@ -865,6 +900,11 @@ def measure_and_choose(
             search_batches=search_batches if fixed is None else None,
             greedy_base=f"{default_criterion}/{settings.modality}",
             merge_stats=merge_stats if settings.eval_merge else None,
+            merge_settings={
+                "grouping": settings.merge_grouping,
+                "group_size": settings.merge_group_size,
+                "router": settings.merge_router,
+            },
             progress=progress,
             search_progress=search_progress,
         )

@@ -8,6 +8,7 @@ from pathlib import Path
 from . import console, hub, metadata, outputs, scoring
 from .checkpoint import check_target, inspect_checkpoint, plan_prune, write_pruned
 from .errors import MetadataError, SettingsError
+from .methods.merge import DEFAULTS as MERGE_DEFAULTS
 from .provenance import tool_version
 from .settings import RECIPE_NAME, PruneSettings, combined_recipe, dump, recipe_text
 
@@ -70,7 +71,33 @@ def _recut(settings: PruneSettings, meta: dict) -> tuple[dict[tuple[int, str], l
     }
 
 
-def _merge_plan(settings: PruneSettings, layout, meta: dict, n_keep: int, criterion: str, modality: str):
+def resolve_method(settings: PruneSettings, meta: dict) -> tuple[str, dict | None, str]:
+    """(method, merge settings or None, why): --method, else the reap stage's choice (its plan's method); each
+    merge setting from its flag, else the merge plan the reap stage measured, else REAM's default."""
+    plan = meta.get("plan") or {}
+    chosen = plan.get("method", "prune")
+    if settings.method == "auto":
+        method = chosen
+        why = "chosen by the reap stage" if "method" in plan else "the default (the metadata records no method)"
+    else:
+        method, why = settings.method, "REAP_METHOD / --method"
+    if method != "merge":
+        if chosen == "merge":
+            console.info(
+                "note: the reap stage chose merging; --method prune removes the merge groups' other members instead"
+            )
+        return method, None, why
+    measured = plan.get("merge") or {}
+    given = {
+        "grouping": settings.merge_grouping or None,
+        "group_size": settings.merge_group_size,
+        "router": settings.merge_router or None,
+    }
+    merge = {k: given[k] if given[k] is not None else measured.get(k, v) for k, v in MERGE_DEFAULTS.items()}
+    return method, merge, why
+
+
+def _merge_plan(settings: PruneSettings, layout, meta: dict, n_keep: int, criterion: str, modality: str, merge: dict):
     """The merge method's plan and groups, from the metadata's scores and the merge statistics."""
     from .methods import merge_checkpoint
     from .observe import merge_stats
@@ -95,8 +122,8 @@ def _merge_plan(settings: PruneSettings, layout, meta: dict, n_keep: int, criter
         stats,
         n_keep,
         criterion,
-        grouping=settings.merge_grouping,
-        group_size=settings.merge_group_size,
+        grouping=merge["grouping"],
+        group_size=merge["group_size"],
         modality=modality,
     )
     plan = merge_checkpoint.plan_merge(
@@ -104,7 +131,7 @@ def _merge_plan(settings: PruneSettings, layout, meta: dict, n_keep: int, criter
         groups,
         saliency,
         acts,
-        router_mode=settings.merge_router,
+        router_mode=merge["router"],
         collapse_groups=settings.collapse_groups,
         max_shard_size=settings.max_shard_size,
     )
@@ -156,21 +183,23 @@ def run(settings: PruneSettings) -> int:
     keep, plan_info = _recut(settings, meta)
     n_keep = len(next(iter(keep.values())))
     groups = None
-    if settings.method == "merge":
+    method, merge, why = resolve_method(settings, meta)
+    if merge is not None:
         modality = plan_info.get("modality") or "joint"
-        plan, groups = _merge_plan(settings, layout, meta, n_keep, plan_info["criterion"], modality)
+        plan, groups = _merge_plan(settings, layout, meta, n_keep, plan_info["criterion"], modality, merge)
         keep = plan.keep  # the groups' centroids: where the merged experts sit
         sizes = [len(g) for gs in groups.values() for g in gs]
         console.info(
-            f"merge: {settings.merge_grouping} grouping"
-            + (f" (C {settings.merge_group_size})" if settings.merge_grouping == "ream" else "")
-            + f", {n_keep} groups per block, "
+            f"merge: {merge['grouping']} grouping"
+            + (f" (C {merge['group_size']})" if merge["grouping"] == "ream" else "")
+            + f", {merge['router']} router rows, {n_keep} groups per block, "
             f"{sum(s > 1 for s in sizes) / len(groups):.1f} merged per block on average, largest {max(sizes)} experts"
         )
     else:
         plan = plan_prune(
             layout, keep, collapse_groups=settings.collapse_groups, max_shard_size=settings.max_shard_size
         )
+    console.info(f"method: {method} ({why})")
     for note in plan.notes:
         console.info(f"note: {note}")
     console.info(
@@ -212,9 +241,7 @@ def run(settings: PruneSettings) -> int:
     if groups is not None:
         provenance["method"] = "merge"
         provenance["merge"] = {
-            "grouping": settings.merge_grouping,
-            "group_size": settings.merge_group_size,
-            "router": settings.merge_router,
+            **merge,
             "groups": {f"{layer}.{s}": g for (layer, s), g in sorted(groups.items())},
         }
     base_model = settings.base_model or hub.cache_repo_id(src)
@@ -259,7 +286,7 @@ def run(settings: PruneSettings) -> int:
             "pruned": str(dst),
             "settings": str(settings_file),
             "recipe": str(dst / RECIPE_NAME),
-            "method": settings.method,
+            "method": method,
             "experts": {"source": layout.num_experts, "kept": n_keep},
             "bytes": {"source": source_bytes, "pruned": summary["bytes"]},
             "shards": summary["shards"],

@@ -167,7 +167,9 @@ def _print_plan(meta: dict) -> None:
     from rich.table import Table
 
     crit = meta["plan"]["criterion"]
-    table = Table(title=f"keep plan: {crit}, ratio {meta['plan']['ratio']}, modality {meta['plan']['modality']}")
+    plan = meta["plan"]
+    how = f"merge ({plan['merge']['grouping']}) of {crit}" if plan.get("method") == "merge" else crit
+    table = Table(title=f"keep plan: {how}, ratio {plan['ratio']}, modality {plan['modality']}")
     for col in ("block", "experts", "kept", "removed", "score min / median / max (kept)", "protected"):
         table.add_column(col)
     import numpy as np
@@ -315,7 +317,7 @@ def choose_plan(
             "",
             "Use REAP_SCORING_MODE=full or routed, or a routing criterion (frequency, weighted_frequency)",
         )
-    policy, kept = settings.modality, None
+    policy, kept, method, merge = settings.modality, None, "prune", None
     if eval_batches:
         from .candidates import measure_and_choose
 
@@ -324,6 +326,7 @@ def choose_plan(
         meta["candidates"] = table
         if chosen:
             criterion, policy, chosen_by, kept = chosen["criterion"], chosen["policy"], chosen["reason"], chosen["kept"]
+            method, merge = chosen["method"], chosen.get("merge")
         else:
             criterion = ("weighted_frequency" if mode == "router" else "reap") if criterion == "auto" else criterion
             chosen_by = "held-out slice has no targets; " + (
@@ -347,7 +350,9 @@ def choose_plan(
         protect_super=settings.protect_super_experts,
         super_factor=settings.super_expert_factor,
     )
-    if kept is not None:  # the measured plan (the greedy search's differs from any ranking's)
+    if (
+        kept is not None
+    ):  # the measured plan (the greedy search's, or a merge plan's centroids, differ from a ranking's)
         plans = {
             key: {"kept": kept[key], "protected": {j: r for j, r in p["protected"].items() if int(j) in kept[key]}}
             for key, p in plans.items()
@@ -355,6 +360,8 @@ def choose_plan(
     for key, p in plans.items():
         meta["layers"][key].update(p)
     meta["plan"] = {
+        "method": method,  # what the prune stage does by default (prune_model.py --method auto)
+        **({"merge": merge} if merge else {}),
         "criterion": criterion,
         "ratio": ratio,
         "num_keep": settings.num_keep or None,
@@ -603,7 +610,9 @@ def _score(settings: ReapSettings, meta_path: Path, on_batch: Callable[[int], No
         {
             "metadata": str(meta_path),
             "files": sorted(str(out_dir / name) for name in written),
-            "plan": {k: meta["plan"][k] for k in ("criterion", "modality", "policy", "ratio", "kept_per_block")},
+            "plan": {
+                k: meta["plan"][k] for k in ("method", "criterion", "modality", "policy", "ratio", "kept_per_block")
+            },
             "chosen_by": meta["plan"]["chosen_by"],
             "calibration": {"samples": len(samples), **meta["calibration"]["tokens"]},
             "scoring_seconds": meta["scoring"]["seconds"],
@@ -616,7 +625,7 @@ def _plans(settings, model, streamed, blocks, meta, eval_batches, search_batches
     if streamed is not None:
         # the plans were measured in the statistics' pass (candidates._run_plans asks StreamedModel.run_plans);
         # merge candidates need the experts' weights in memory, so streamed scoring does not measure them
-        if stats_by_block is not None and eval_batches:
+        if stats_by_block is not None and eval_batches and settings.eval_merge:
             console.info("note: streamed execution does not measure merge candidates (the prune candidates are)")
         if search_batches and settings.criterion == "auto":
             note = _greedy_passes_note(settings, meta)

@@ -277,9 +277,28 @@ class ReapSettings(Settings):
     )
     plots: bool = opt(True, "Write heatmap and candidate-plan PNGs next to the metadata.")
     eval_merge: bool = opt(
-        False,
-        "Also measure REAM expert merging (C 16, centroid router rows) at every ratio, beside the pruning plans "
-        "(full mode with merge statistics; shown in the table, not chosen by auto).",
+        True,
+        "Also measure expert merging (REAP_MERGE_GROUPING, REAP_MERGE_GROUP_SIZE, REAP_MERGE_ROUTER) at every "
+        "ratio beside the pruning plans (full mode with merge statistics, in-memory execution); with "
+        "REAP_CRITERION=auto it is chosen only when measurably better than every pruning plan, and the prune "
+        "stage then merges by default.",
+    )
+    merge_grouping: str = opt(
+        "ream",
+        "Merge grouping of the measured merge plan (recorded for the prune stage): ream (the top experts as "
+        "centroids, pseudo-pruning) or hcsmoe (average-linkage clustering).",
+        choices=MERGE_GROUPINGS,
+    )
+    merge_group_size: int = opt(
+        16,
+        "REAM's C of the measured merge plan (recorded for the prune stage): a centroid absorbs at most C-1 "
+        "experts (0 = every expert joins its nearest centroid).",
+    )
+    merge_router: str = opt(
+        "centroid",
+        "Router row of a merged expert in the measured merge plan (recorded for the prune stage): the centroid's, "
+        "or the group's rows averaged by saliency.",
+        choices=MERGE_ROUTERS,
     )
     merge_stats_mb: int = opt(
         512,
@@ -309,6 +328,10 @@ class ReapSettings(Settings):
             _check_ratio("REAP_PRUNE_RATIO", self.prune_ratio)
         if self.merge_stats_mb < 0:
             raise SettingsError("REAP_MERGE_STATS_MB must be >= 0", f"got {self.merge_stats_mb}", "Use 0 to skip it")
+        if self.merge_group_size < 0:
+            raise SettingsError(
+                "REAP_MERGE_GROUP_SIZE must be >= 0", f"got {self.merge_group_size}", "Use 16 (REAM) or 0"
+            )
         for name in ("max_samples", "max_seq_len", "batch_size", "round_to", "chunk_memory_mb"):
             if getattr(self, name) <= 0:
                 key = PREFIX + name.upper()
@@ -368,23 +391,25 @@ class PruneSettings(Settings):
     hash_check_mb: int = opt(256, "Hash-compare every copied non-expert tensor up to this size (MiB) after writing.")
     hash_check_all: bool = opt(False, "Hash-compare every copied tensor whatever its size.")
     method: str = opt(
-        "prune",
+        "auto",
         "prune: remove the least salient experts; merge: fold every removed expert into a kept one (REAM: "
-        "grouped, neuron-aligned, saliency-weighted) from the merge statistics of full-mode scoring.",
-        choices=METHODS,
+        "grouped, neuron-aligned, saliency-weighted) from the merge statistics of full-mode scoring; auto: the "
+        "method the reap stage chose (its metadata's plan; prune when it records none).",
+        choices=("auto", *METHODS),
     )
     merge_grouping: str = opt(
-        "ream",
-        "Merge grouping: ream (the top experts as centroids, pseudo-pruning) or hcsmoe (average-linkage clustering).",
-        choices=MERGE_GROUPINGS,
+        "",
+        "Merge grouping (ream, hcsmoe); empty = the one the reap stage measured (its metadata's plan), else ream.",
+        choices=("", *MERGE_GROUPINGS),
     )
-    merge_group_size: int = opt(
-        16, "REAM's C: a centroid absorbs at most C-1 experts (0 = every expert joins its nearest centroid)."
+    merge_group_size: int | None = opt(
+        None,
+        "REAM's C; empty = the one the reap stage measured, else 16.",
     )
     merge_router: str = opt(
-        "centroid",
-        "Router row of a merged expert: the centroid's, or the group's rows averaged by saliency.",
-        choices=MERGE_ROUTERS,
+        "",
+        "Router row of a merged expert (centroid, average); empty = the one the reap stage measured, else centroid.",
+        choices=("", *MERGE_ROUTERS),
     )
     merge_stats_path: Path | None = opt(
         None, "Merge statistics to read (default: reap_merge_stats.safetensors beside the metadata)."
@@ -403,7 +428,7 @@ class PruneSettings(Settings):
 
     def validate(self) -> None:
         super().validate()
-        if self.merge_group_size < 0:
+        if self.merge_group_size is not None and self.merge_group_size < 0:
             raise SettingsError(
                 "REAP_MERGE_GROUP_SIZE must be >= 0", f"got {self.merge_group_size}", "Use 16 (REAM) or 0"
             )

@@ -89,11 +89,12 @@ def test_table_shows_disagreement_and_auto_picks_by_the_objective(disagreeing):
     assert len({r["plan_id"] for r in at_ratio}) > 1  # criteria chose different experts
     assert len({round(r["objective"], 9) for r in at_ratio}) > 1  # ... and it shows in the held-out objective
     policies = {r["policy"] for r in table["rows"] if r["ratio"] == 0.5}
-    assert policies == {"balanced", "joint", "either", "greedy", "random"}
+    assert policies == {"balanced", "joint", "either", "greedy", "random", "merge"}
     # three random plans beside the criteria at the requested ratio; the others ratios show the default policy
+    # and merging (REAP_EVAL_MERGE, full mode)
     assert sorted(r["seed"] for r in table["rows"] if r["ratio"] == 0.5 and r["policy"] == "random") == [0, 1, 2]
     for ratio in (0.25, 0.75):
-        assert {r["policy"] for r in table["rows"] if r["ratio"] == ratio} == {"balanced"}
+        assert {r["policy"] for r in table["rows"] if r["ratio"] == ratio} == {"balanced", "merge"}
     chosen = table["chosen"]
     candidates = [r for r in table["rows"] if r["ratio"] == 0.5 and r["policy"] != "random"]
     passing = [r for r in candidates if r["floor"]["ok"]] or candidates

@@ -536,3 +536,184 @@ def test_candidate_table_measures_merge_plans_in_the_live_model(tiny_vl_dir, tmp
             want += m["kl"].tolist()
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
     assert sum(want) > 0
+
+
+# ---- auto chooses between pruning and merging by the same objective ---------------------------------
+
+
+def _choice_table(plans: dict, base: list, randoms: list) -> dict:
+    """test_balanced's constructed table, its "reap/merge" row described as measure_plans describes a merge row."""
+    from test_balanced import _table
+
+    table = _table(plans, base, randoms)
+    for row in table["rows"]:
+        if row["policy"] == "merge":
+            row["merge"] = {**merge.DEFAULTS, "group_size": 2, "base": "reap/balanced"}
+    return table
+
+
+def test_auto_chooses_merging_only_when_every_pruning_plan_is_measurably_worse():
+    """Merge rows compete by the objective, the per-source floor and the bootstrap noise rule, as the least simple
+    option: chosen when measurably better than every pruning plan, not within the noise, not below the floor, and
+    never for a fixed criterion."""
+    from test_balanced import _image, _rows, _text
+
+    from reap_vlm.candidates import choose
+
+    def pick(table, fixed=None):
+        return choose(table, requested=0.5, default=("reap", "balanced"), fixed=fixed, seed=0)
+
+    base = _rows({"code": _text(0.0), "charts": _image(0.0)})
+    pruned = _rows({"code": _text(0.10), "charts": _image(0.20)})
+    randoms = [_rows({"code": _text(0.5), "charts": _image(kl)}) for kl in (0.4, 0.5, 0.6)]
+    better = _rows({"code": _text(0.02), "charts": _image(0.05)})
+    table = _choice_table({"reap/balanced": pruned, "frequency/joint": pruned, "reap/merge": better}, base, randoms)
+    chosen = pick(table)
+    assert chosen["method"] == "merge" and chosen["criterion"] == "reap" and chosen["policy"] == "balanced"
+    assert chosen["merge"] == {"grouping": "ream", "group_size": 2, "router": "centroid"}
+    assert chosen["label"] == "merge from reap/balanced (ream C 2, centroid router)"
+    assert "best objective" in chosen["reason"]
+    fixed = pick(table, fixed=("reap", "balanced"))
+    assert fixed["method"] == "prune" and "merge" not in fixed
+    # within the noise of the merge plan: the pruning default (simpler)
+    jitter = [0.049, 0.051] * 6
+    c = _rows({"code": ("text", [(205, k * 100, 100.0) for k in jitter]), "charts": _image(0.05)})
+    d = _rows({"code": ("text", [(205, k * 100 - 0.01, 100.0) for k in reversed(jitter)]), "charts": _image(0.05)})
+    table = _choice_table({"reap/balanced": c, "reap/merge": d}, base, randoms)
+    assert table["rows"][1]["objective"] < table["rows"][0]["objective"]
+    chosen = pick(table)
+    assert chosen["method"] == "prune" and "within the noise" in chosen["reason"] and "merge from" in chosen["reason"]
+    # the best objective, but below the floor on one source: pruning
+    randoms = [_rows({"code": _text(0.5), "charts": _image(kl)}) for kl in (0.25, 0.3, 0.35)]
+    pruned = _rows({"code": _text(0.3), "charts": _image(0.2)})
+    worse_on_charts = _rows({"code": _text(0.0), "charts": _image(0.35)})
+    table = _choice_table({"reap/balanced": pruned, "reap/merge": worse_on_charts}, base, randoms)
+    assert table["rows"][1]["objective"] < table["rows"][0]["objective"] and not table["rows"][1]["floor"]["ok"]
+    assert pick(table)["method"] == "prune"
+
+
+def _paired_experts(dst):
+    """A tiny Qwen3-MoE whose experts come in pairs (2p, 2p + 1) that the router always selects together
+    (identical router rows, sharpened) and that differ only in the down projection (the second: half the
+    first's): each pair's output is 0.75 of its first member's. Pruning the second members leaves the first
+    alone (1.0 of it: 0.25 off); REAM merging of the pairs (C 2) averages them by saliency (1 : 0.5), giving
+    0.83 of it (0.08 off): merging is measurably better than any pruning plan."""
+    from reap_vlm.moe import expert_weights
+    from reap_vlm.tiny import build
+
+    model, tokenizer = build("qwen3_moe", seed=0)
+    with torch.no_grad():
+        for b in find_moe_blocks(model):
+            w = expert_weights(model.get_submodule(b.experts))
+            router = model.get_parameter(b.router_weight)
+            scale = w.down.flatten(1).norm(dim=1).mean()
+            for a in range(0, b.num_experts, 2):
+                w.down[a] *= scale / w.down[a].norm()  # equal norms: one member of every pair is a centroid
+                w.gate[a + 1], w.up[a + 1], w.down[a + 1] = w.gate[a], w.up[a], 0.5 * w.down[a]
+                router[a + 1] = router[a]
+            router *= 10.0
+    model.save_pretrained(dst, max_shard_size="300KB")
+    tokenizer.save_pretrained(dst)
+    return dst
+
+
+def _auto_settings(src, out, *extra):
+    from test_candidates import _settings as candidate_settings
+
+    return candidate_settings(src, out, "--eval-ratios", "none", "--prune-ratio", "0.5", "--no-plots", *extra)
+
+
+def test_auto_chooses_merge_where_it_wins_and_the_prune_stage_writes_that_merge(tmp_path, capsys):
+    """Experts in pairs that merging reproduces better than pruning can: auto (criterion and method) chooses the
+    merge plan, the table shows it beside the pruning plans, the metadata records the method and its settings,
+    and `prune_model.py` without --method merges — the checkpoint equals the in-memory merge (the oracle)."""
+    import json
+
+    from reap_vlm.cli import main
+    from reap_vlm.observe import merge_stats
+    from reap_vlm.prune import run
+    from reap_vlm.reap import score
+
+    src, out = _paired_experts(tmp_path / "src"), tmp_path / "run"
+    meta = score(_auto_settings(src, out, "--merge-group-size", "2"))
+    err = capsys.readouterr().err
+    plan, table = meta["plan"], meta["candidates"]
+    assert plan["method"] == "merge" and plan["merge"] == {"grouping": "ream", "group_size": 2, "router": "centroid"}
+    assert (plan["criterion"], plan["modality"], plan["policy"]) == ("reap", "balanced", "balanced")
+    assert "auto: merge from reap/balanced (ream C 2, centroid router): best objective" in plan["chosen_by"]
+    assert (out / merge_stats.FILE_NAME).is_file()
+    stats, _ = merge_stats.read(out / merge_stats.FILE_NAME)
+    groups, saliency, acts = merge_checkpoint.build_groups(meta, stats, 4, "reap", group_size=2, modality="balanced")
+    assert all(sorted(g) == [g[0] - g[0] % 2, g[0] - g[0] % 2 + 1] for gs in groups.values() for g in gs)
+    rows = {r["policy"]: r for r in table["rows"] if r["policy"] in ("merge", "balanced")}
+    assert rows["merge"]["objective"] < 0.5 * rows["balanced"]["objective"]  # 0.08 vs 0.25 off: KL ~ 1/9
+    assert rows["merge"]["floor"]["ok"] and table["merge_seconds"] > 0
+    # the console table: both methods, the merge plan chosen
+    cells = [[c.strip() for c in x.split("│")[1:-1]] for x in err.splitlines() if x.startswith("│")]
+    merge_cells = next(c for c in cells if c[0] == "merge from")
+    assert merge_cells[-1] == "chosen" and any(c[0] == "reap/balanced" and c[-1] == "" for c in cells)
+
+    dst = tmp_path / "merged"
+
+    def write(_layout, target):
+        assert (
+            main(
+                "prune", run, ["--model-path", str(src), "--output-path", str(out), "--pruned-model-path", str(target)]
+            )
+            == 0
+        )
+        info = json.loads((target / "config.json").read_text())["reap_pruning"]
+        assert info["method"] == "merge" and info["merge"]["group_size"] == 2 and info["merge"]["router"] == "centroid"
+        return {(int(k.split(".")[0]), k.split(".", 1)[1]): v for k, v in info["kept"].items()}
+
+    def edit(model, blocks):
+        merge_memory.apply_merge(model, blocks, groups, saliency, acts)
+
+    batches = [b.inputs for b in _inputs(src, with_image=False)]
+    prune_and_compare(src, dst, batches, write=write, edit_original=edit, atol=1e-5)
+    assert "method: merge (chosen by the reap stage)" in capsys.readouterr().err
+    # --method prune: the merge plan's centroids, pruned, with a note
+    pruned = tmp_path / "pruned"
+    args = [
+        "--model-path",
+        str(src),
+        "--output-path",
+        str(out),
+        "--pruned-model-path",
+        str(pruned),
+        "--method",
+        "prune",
+    ]
+    assert main("prune", run, args) == 0
+    assert "note: the reap stage chose merging" in capsys.readouterr().err
+    info = json.loads((pruned / "config.json").read_text())["reap_pruning"]
+    assert "merge" not in info and info["kept"] == {
+        f"{layer}.{s}": sorted(g[0] for g in gs) for (layer, s), gs in groups.items()
+    }
+
+
+def test_auto_stays_with_pruning_where_merging_loses(tmp_path, capsys):
+    """Random experts and REAM's default C 16 (the most salient expert absorbs every other one of 8): merging is
+    measured beside the pruning plans and loses; auto keeps a pruning plan and the prune stage prunes."""
+    import json
+
+    from reap_vlm.cli import main
+    from reap_vlm.prune import run
+    from reap_vlm.reap import score
+    from reap_vlm.tiny import make_tiny
+
+    src, out = make_tiny("qwen3_moe", tmp_path / "src"), tmp_path / "run"
+    meta = score(_auto_settings(src, out))
+    rows = [r for r in meta["candidates"]["rows"] if r["ratio"] == 0.5]
+    merge_row = next(r for r in rows if r["policy"] == "merge")
+    assert merge_row["merge"]["group_size"] == 16
+    assert meta["plan"]["method"] == "prune" and "merge" not in meta["plan"]
+    assert merge_row["objective"] > meta["candidates"]["chosen"]["objective"]
+    cells = [[c.strip() for c in x.split("│")[1:-1]] for x in capsys.readouterr().err.splitlines() if x.startswith("│")]
+    assert next(c for c in cells if c[0] == "merge from")[-1] == "" and any(c[-1] == "chosen" for c in cells)
+    dst = tmp_path / "pruned"
+    assert (
+        main("prune", run, ["--model-path", str(src), "--output-path", str(out), "--pruned-model-path", str(dst)]) == 0
+    )
+    assert "method: prune (chosen by the reap stage)" in capsys.readouterr().err
+    assert "merge" not in json.loads((dst / "config.json").read_text())["reap_pruning"]

@@ -30,6 +30,7 @@ RTOL = 1e-5
 def _settings(model_dir: Path, out: Path, **extra) -> ReapSettings:
     argv = ["--model-path", str(model_dir), "--output-path", str(out), "--device", "cpu", "--max-samples", "9"]
     argv += ["--max-seq-len", "96", "--batch-size", "3", "--eval-samples", "0", "--no-plots"]
+    argv += ["--no-eval-merge"]  # streamed execution measures no merge plans; the memory runs compared with it neither
     argv += ["--min-pixels", "1024", "--max-pixels", "16384"]
     for k, v in extra.items():
         argv += [f"--{k.replace('_', '-')}"] + ([] if v is True else [str(v)])

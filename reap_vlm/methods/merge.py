@@ -41,6 +41,7 @@ ROUTER_MODES = ("centroid", "average")
 REAM_GROUP_SIZE = 16  # C, the REAM paper's and the official code's default
 PCA_DIM = 64  # the official code's heuristic
 ZERO_SALIENCY_CAP = 0.5  # zero saliency -> min(0.5, smallest positive), as the official code does
+DEFAULTS = {"grouping": "ream", "group_size": REAM_GROUP_SIZE, "router": "centroid"}  # of the settings
 
 
 @dataclass
