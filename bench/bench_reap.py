@@ -457,7 +457,8 @@ def main() -> None:
         label, mode = args.auto.split("/")
         spec, samples = specs[label]
         left = args.budget - (time.perf_counter() - started)
-        result["auto"] = {"set": label, "mode": mode, **auto_plans(args, spec, samples, mode, left)}
+        timed = auto_plans(args, spec, samples, mode, left) if left >= 30 else {"skipped": f"{left:.0f} s left"}
+        result["auto"] = {"set": label, "mode": mode, **timed}
         print(f"auto plans: {json.dumps(result['auto'])}", flush=True)
         save()
     save()

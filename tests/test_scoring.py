@@ -143,6 +143,34 @@ def test_routed_mode_leaves_the_model_output_unchanged(vl):
     assert model.config.text_config._experts_implementation != "reap_routed"  # restored
 
 
+@pytest.mark.parametrize("mode", ["router", "full"])
+def test_deferred_sums_equal_sums_added_per_block(vl, monkeypatch, mode):
+    """The Observer adds the sums of all blocks together after the forward (flush); with FLUSH_BYTES 0 every
+    block is added alone at its hook. Both give the same statistics; a batch run twice before a flush (a block
+    waiting twice) counts twice."""
+    from reap_vlm.observe import observer
+
+    model, _, batches = vl
+    together = _observe(model, batches, mode)
+    monkeypatch.setattr(observer, "FLUSH_BYTES", 0)
+    alone = _observe(model, batches, mode)
+    twice = _observe(model, [batches[0], batches[0]], mode)
+    monkeypatch.undo()
+    with Observer(model, find_moe_blocks(model), mode, budget_mb=1) as obs, torch.inference_mode():
+        obs.set_modality(batches[0].modality)
+        model(**batches[0].inputs)
+        model(**batches[0].inputs)
+    doubled = obs.export()
+    for key in together:
+        for m in ("text", "image", "all"):
+            for name, value in together[key][m].items():
+                if value is None:
+                    continue
+                np.testing.assert_allclose(value, alone[key][m][name], rtol=1e-6, atol=1e-9, err_msg=name)
+                np.testing.assert_allclose(doubled[key][m][name], twice[key][m][name], rtol=1e-6, atol=1e-9)
+            assert together[key][m]["count"] == alone[key][m]["count"]
+
+
 def test_precomputed_position_ids_leave_the_forward_unchanged(vl):
     """The M-RoPE position ids made once on the host (reap.py's data phase) are the ones the forward makes:
     the same logits bit for bit, in every batch with images (these have padding too); text batches get none,

@@ -13,6 +13,10 @@
 - full mode: as routed mode, plus ‖f_j‖ of every other expert on every token (for Σp·‖f‖), computed
   with the Gram identity (kernel.all_expert_gram_norms): the down projection's [I, I] Gram matrix
   instead of its [H, I] weights, no expert output written.
+In every mode a block's sums are not added where its hook runs: the hook keeps references to the batch's
+tensors, and `flush` (at the next batch, or when the tables would pass FLUSH_BYTES) adds the sums of all
+waiting blocks that share token rows with one set of stacked kernels (stats.add_stacked): about twenty
+kernel launches and their Python per flush instead of per block and batch.
 Experts without the interface (and Llama 4's, which take no indices) are observed by the experts hook:
 routed mode recomputes the selected pairs there, full mode computes every expert directly
 (kernel.all_expert_norms).
@@ -26,13 +30,14 @@ from ..errors import BugError
 from ..moe.spec import MoEBlock, expert_output, expert_weights
 from ..quantization import FP8_DEQUANTIZED_IMPL, SortedPairs, is_fp8_experts
 from .kernel import all_expert_gram_norms, all_expert_norms, row_stats
-from .stats import BlockStats, Rows
+from .stats import BlockStats, Rows, Totals, add_stacked
 
 ROUTED_IMPL = "reap_routed"
 TOKEN_TYPE_SETS = {"text": False, "vision": True}  # Ernie-4.5-VL expert sets -> takes the vision tokens
 MERGE_STATE = "__merge__"  # the merge statistics' entry in the resume state
 _ACTIVE: dict[int, Observer] = {}  # id(experts module) -> observer, for the routed implementation
 _FP8_INTERFACE: list = []  # transformers' ALL_FP8_EXPERTS_FUNCTIONS, once an FP8Experts module was seen
+FLUSH_BYTES = 128 * 2**20  # the working tables of one deferred addition of many blocks' sums (Observer.flush)
 
 
 def _grouped_routed(self, observer, hidden_states, top_k_index, top_k_weights):
@@ -140,16 +145,15 @@ class Observer:
         self._handles: list = []
         self._restore: list = []
         self._block_of: dict[int, MoEBlock] = {}
+        self._pending: list[tuple] = []  # (stats, rows, tensors...) of blocks whose sums wait for flush()
+        self._pending_bytes = 0
 
     # ---- lifecycle -------------------------------------------------------------------------
     def __enter__(self) -> Observer:
+        self._make_stats()
         for b in self.blocks:
             experts = self.model.get_submodule(b.experts)
             router = self.model.get_submodule(b.router)
-            device = next(experts.parameters()).device
-            if device.type == "meta":  # offloaded by accelerate until its forward: BlockStats.add moves the totals
-                device = torch.device("cpu")
-            self.stats.setdefault(b.key, BlockStats(b.num_experts, device, self.mode == "full", b.score_fn))
             self._block_of[id(experts)] = b
             self._handles.append(router.register_forward_hook(self._router_hook(b)))
             parent = b.block.rsplit(".", 1)[0]
@@ -164,7 +168,25 @@ class Observer:
             self._handles.append(experts.register_forward_hook(self._experts_hook(b), with_kwargs=True))
         return self
 
+    def _make_stats(self) -> None:
+        """One BlockStats per block; blocks with the same expert count, score function and device share one
+        Totals (so that flush adds them together)."""
+        groups: dict[tuple, list[MoEBlock]] = {}
+        for b in self.blocks:
+            if b.key in self.stats:
+                continue
+            device = next(self.model.get_submodule(b.experts).parameters()).device
+            if device.type == "meta":  # offloaded by accelerate until its forward: BlockStats.add moves the totals
+                self.stats[b.key] = BlockStats(b.num_experts, "cpu", self.mode == "full", b.score_fn)
+                continue
+            groups.setdefault((b.num_experts, b.score_fn, device), []).append(b)
+        for (num_experts, score_fn, device), members in groups.items():
+            totals = Totals(num_experts, len(members), device)
+            for row, b in enumerate(members):
+                self.stats[b.key] = BlockStats(num_experts, device, self.mode == "full", score_fn, totals, row)
+
     def __exit__(self, *exc) -> None:
+        self.flush()
         for h in self._handles:
             h.remove()
         for config, value in self._restore:
@@ -200,6 +222,7 @@ class Observer:
     # ---- per batch -------------------------------------------------------------------------
     def set_modality(self, modality: torch.Tensor) -> None:
         """[B, S] with 0 text, 1 image, -1 padding; flattened like the blocks flatten hidden states."""
+        self.flush()
         self._modality = modality.reshape(-1)
         self._by_device = {}
 
@@ -248,9 +271,8 @@ class Observer:
                 top_k_weights, top_k_index = scores.topk(block.top_k, dim=-1)
             rows = self._rows(hidden.device, hidden.shape[0], block)
             logits = self._logits.pop(block.key, None)
-            stats = self.stats[block.key]
             if self.mode == "router":
-                stats.add(rows, top_k_index, top_k_weights, logits)
+                self._add(block, rows, top_k_index, top_k_weights, logits)
                 return None
             w = expert_weights(module)
             if self.mode == "full":
@@ -258,18 +280,11 @@ class Observer:
                 gated = self._merge_add(block, w, real, logits, rows)
                 norms, peaks = (rows.scatter(v) for v in all_expert_norms(w, real, self.budget_mb, gated))
                 safe = top_k_index.clamp(0, block.num_experts - 1)
-                stats.add(
-                    rows,
-                    top_k_index,
-                    top_k_weights,
-                    logits,
-                    norms.gather(1, safe),
-                    peaks.gather(1, safe),
-                    all_norms=norms,
-                )
+                pair_norms, pair_max = norms.gather(1, safe), peaks.gather(1, safe)
+                self._add(block, rows, top_k_index, top_k_weights, logits, pair_norms, pair_max, norms)
                 return None
             pair_norms, pair_max = self._recompute_pairs(w, hidden, top_k_index, rows.modality, block.num_experts)
-            stats.add(rows, top_k_index, top_k_weights, logits, pair_norms, pair_max)
+            self._add(block, rows, top_k_index, top_k_weights, logits, pair_norms, pair_max)
             return None
 
         return hook
@@ -302,7 +317,39 @@ class Observer:
             real = rows.select(hidden)
             gated = self._merge_add(block, w, real, logits, rows)
             all_norms = rows.scatter(all_expert_gram_norms(w, real, self.budget_mb, gated))
-        self.stats[block.key].add(rows, top_k_index, top_k_weights, logits, norms, peaks, all_norms=all_norms)
+        self._add(block, rows, top_k_index, top_k_weights, logits, norms, peaks, all_norms)
+
+    # ---- deferred sums -----------------------------------------------------------------------
+    def _add(
+        self, block: MoEBlock, rows: Rows, top_k_index, top_k_weights, logits, norms=None, peaks=None, all_norms=None
+    ):
+        """A block's sums of this forward: added by flush() together with the other waiting blocks'."""
+        stats = self.stats[block.key]
+        if stats.totals.acc.device != top_k_index.device:  # offloaded weights (meta): added now, onto the data's device
+            stats.add(rows, top_k_index, top_k_weights, logits, norms, peaks, all_norms)
+            return
+        T, E = top_k_index.shape[0], block.num_experts
+        width = (4 if norms is not None else 2) * (E + 1) + (0 if logits is None else E * (1 + (all_norms is not None)))
+        self._pending.append((stats, rows, top_k_index, top_k_weights, logits, norms, peaks, all_norms))
+        self._pending_bytes += 4 * T * (width + (3 * (E + 1) if peaks is not None else 0))
+        if self._pending_bytes >= FLUSH_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        """Add the waiting blocks' sums: blocks that share Totals, token rows and tensor shapes at once."""
+        pending, self._pending, self._pending_bytes = self._pending, [], 0
+        groups: dict[tuple, list[tuple]] = {}
+        for entry in pending:
+            stats, rows, *tensors = entry
+            shape = tuple(None if t is None else (tuple(t.shape), t.dtype) for t in tensors)
+            key = (id(stats.totals), id(rows), shape)
+            while any(e[0] is stats for e in groups.get(key, ())):  # a block twice: another group
+                key = (*key, 0)
+            groups.setdefault(key, []).append(entry)
+        for entries in groups.values():
+            stats = [e[0] for e in entries]
+            tensors = [None if e[0] is None else torch.stack(e) for e in zip(*(x[2:] for x in entries), strict=True)]
+            add_stacked(stats, entries[0][1], *tensors)
 
     def full_fp8(self, experts, hidden, top_k_index, top_k_weights) -> torch.Tensor:
         """Full mode on FP8 experts without transformers' FP8 kernels: each chunk of experts is dequantized
@@ -322,7 +369,7 @@ class Observer:
         all_norms = rows.scatter(all_expert_gram_norms(w, real, self.budget_mb, gated, on_chunk=routed))
         f = pairs.unsort(pairs.out)  # [T, K, H] unweighted
         norms, peaks = row_stats(f)
-        self.stats[block.key].add(rows, top_k_index, top_k_weights, logits, norms, peaks, all_norms=all_norms)
+        self._add(block, rows, top_k_index, top_k_weights, logits, norms, peaks, all_norms)
         return (f * top_k_weights.unsqueeze(-1)).sum(dim=1).to(hidden.dtype)
 
     def _merge_add(self, block, w, hidden, logits, rows: Rows):
@@ -339,9 +386,11 @@ class Observer:
 
     # ---- results ---------------------------------------------------------------------------
     def export(self) -> dict[str, dict]:
+        self.flush()
         return {key: s.export(self.mode) for key, s in self.stats.items()}
 
     def state(self) -> dict:
+        self.flush()
         state = {key: s.state() for key, s in self.stats.items()}
         if self.merge is not None:
             state[MERGE_STATE] = self.merge.state()

@@ -29,6 +29,7 @@ class ExpertUsage:
 
     def totals(self) -> dict[str, torch.Tensor]:
         """Block key -> float64 [E] picks of text and image tokens so far (cpu)."""
+        self._observer.flush()
         return {key: s.acc[:, :, 0].sum(0).cpu() for key, s in self._observer.stats.items()}
 
 
