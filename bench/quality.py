@@ -1,13 +1,16 @@
 """What pruning keeps, measured on written checkpoints: every criterion × modality policy × ratio, the greedy
-search, the `auto` choice and three random plans, each pruned by the prune stage and evaluated with the test
-stage's metrics.
+and swap searches, the `auto` choice and three random plans, each pruned by the prune stage and evaluated with
+the test stage's metrics.
 
 For every ratio the reap stage runs once with the given settings (default: the built-in calibration,
-REAP_CRITERION=auto); its metadata holds the raw sums, the auto plan, the greedy plan and the random plans.
-Then, for every plan:
+REAP_CRITERION=auto); its metadata holds the raw sums, the auto plan, the greedy and swap plans and the random
+plans. Then, for every plan:
   criterion × policy   the prune stage re-cuts it from the raw sums (--criterion C --modality P --prune-ratio R)
   auto                 the prune stage writes the metadata's plan as it is
-  greedy, random       the prune stage writes the plan from a copy of the metadata whose kept lists are that plan
+  greedy, swap, random the prune stage writes the plan from a copy of the metadata whose kept lists are that plan
+  oracle               (--oracle-budget N) the swap search from the greedy plan run on the evaluation rows
+                       themselves: what a uniform plan found by this search reaches when it may see the rows it
+                       is judged on; a reference, never a plan the reap stage could choose
 Every distinct plan is written once (identical plans share the checkpoint) and evaluated with the test
 stage's functions (reap_vlm.evaluate): the log-perplexity ratio ln(ppl_pruned / ppl_original) per text
 domain (compare) and the exact-match accuracy of greedy answers per image task (generate). The original's
@@ -165,9 +168,9 @@ def plans_for_ratio(meta: dict, ratio: float, measured: bool = True, merges: tup
             )
     table = meta.get("candidates") or {}
     for row in table.get("rows", []):
-        if row["ratio"] != ratio or row["policy"] not in ("greedy", "random"):
+        if row["ratio"] != ratio or row["policy"] not in ("greedy", "swap", "random"):
             continue
-        label = "greedy" if row["policy"] == "greedy" else f"random (seed {row['seed']})"
+        label = row["policy"] if row["policy"] != "random" else f"random (seed {row['seed']})"
         out.append({"label": label, "kind": row["policy"], "kept": table["plans"][row["plan_id"]]})
     if meta.get("merge_stats"):  # REAM merging from the same saliency as the auto plan (prune_model.py --method merge)
         base = f"{plan['criterion']}/{plan.get('modality', plan['policy'])}"
@@ -181,7 +184,7 @@ def plans_for_ratio(meta: dict, ratio: float, measured: bool = True, merges: tup
                     "kept": {},
                 }
             )
-    order = {"auto": 0, "merge": 0.5, "random": 1, "greedy": 2}
+    order = {"auto": 0, "merge": 0.5, "random": 1, "greedy": 2, "swap": 2.5}
     return sorted(out, key=lambda e: order.get(e["kind"], 4 if e.get("criterion") != "reap" else 3))
 
 
@@ -232,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only",
         default="",
-        help="Measure only these plan kinds (auto,random,greedy,recut,merge) or labels (e.g. reap/balanced).",
+        help="Measure only these plan kinds (auto,random,greedy,swap,recut,merge,oracle) or labels "
+        "(e.g. reap/balanced).",
     )
     parser.add_argument(
         "--merge-group-sizes", default="16", help="REAM group sizes C of the merge plans (0 = nearest)."
@@ -241,6 +245,14 @@ def main(argv: list[str] | None = None) -> int:
         "--merge-routers",
         default="centroid",
         help="Router rows of the merge plans, comma-separated: centroid, average.",
+    )
+    parser.add_argument(
+        "--oracle-budget",
+        type=int,
+        default=0,
+        help="Also run the swap search from the greedy plan directly on the evaluation samples, with this many "
+        "evaluations (0 = off): the best this search reaches when it sees the rows it is judged on. An upper "
+        "reference for what a uniform plan can do, never a plan the reap stage could choose.",
     )
     parser.add_argument(
         "--generate", default="auto,random", help="Plan kinds whose greedy generations are also scored."
@@ -299,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
             meta, meta_path, reap_seconds = _reap(args, out_dir, ratio, ["--eval-ratios", f"{ratio:g}"])
             print(f"ratio {ratio}: reap stage {reap_seconds:.0f} s; {meta['plan']['chosen_by']}")
             plans = plans_for_ratio(meta, ratio, merges=merges)
+            if args.oracle_budget > 0:
+                plans.append(oracle_plan(args, meta, samples, base_reap))
         written: dict[tuple, dict] = {}
         rows = []
         for entry in plans:
@@ -324,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {entry['label']}: {_line(measured, original)}", flush=True)
             m = written[sig]
             rows.append({"label": entry["label"], "kind": entry["kind"], "checkpoint": m["id"], **_row(m, original)})
+            if "search" in entry:
+                rows[-1]["search"] = entry["search"]
             results["ratios"][f"{ratio:g}"] = {  # after every plan: an interrupted run keeps what it measured
                 "reap_seconds": round(reap_seconds, 1),
                 "chosen_by": "not measured: --score-once (no candidate table)"
@@ -341,6 +357,42 @@ def main(argv: list[str] | None = None) -> int:
     if args.markdown:
         Path(args.markdown).write_text(text)
     return 0
+
+
+def oracle_plan(args, meta: dict, samples: list, reap_settings: ReapSettings) -> dict:
+    """The swap search from the metadata's greedy plan run on the evaluation samples themselves (their answers as
+    the targets, the reap stage's objective), with --oracle-budget evaluations: the plan entry to write."""
+    from reap_vlm.moe import find_moe_blocks
+    from reap_vlm.reap import encode
+
+    table = meta.get("candidates") or {}
+    greedy = next((r for r in table.get("rows", []) if r["policy"] == "greedy"), None)
+    if greedy is None:
+        raise RuntimeError("--oracle-budget needs the greedy plan in the candidate table (REAP_GREEDY_SEARCH)")
+    model, processor, _ = load_model(args.model_path, device="cpu", dtype="float32")
+    ordered = sorted(samples, key=lambda s: (s.kind, s.source, s.task or ""))  # no image row padded to a text's
+    batches = encode(
+        "encoding the oracle's rows",
+        ordered,
+        processor,
+        answers=True,
+        max_seq_len=reap_settings.max_seq_len,
+        batch_size=reap_settings.batch_size,
+        min_pixels=reap_settings.min_pixels,
+        max_pixels=reap_settings.max_pixels,
+        chat_template=reap_settings.chat_template,
+    )
+    kept, info = candidates.swap_plan(
+        model,
+        find_moe_blocks(model),
+        meta,
+        batches,
+        start=table["plans"][greedy["plan_id"]],
+        start_label=f"greedy from {greedy['search']['base']}",
+        budget=args.oracle_budget,
+    )
+    print(f"  oracle search: {info['evaluations']} evaluations in {info['seconds']:.0f} s", flush=True)
+    return {"label": "oracle (swap search on the evaluation rows)", "kind": "oracle", "kept": kept, "search": info}
 
 
 def _reap(args, out_dir: Path, ratio: float, extra: list[str]) -> tuple[dict, Path, float]:

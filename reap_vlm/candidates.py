@@ -22,6 +22,7 @@ in exactly one split.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import random
 import time
@@ -549,6 +550,167 @@ def greedy_plan(
     return kept, info
 
 
+SWAP_PAIRS = 4  # exact swap trials per block step: the best pairs by the drop/add screening (swap_search)
+
+
+def swap_search(
+    evaluate,
+    start: dict[str, list[int]],
+    num_experts: dict[str, int],
+    *,
+    budget: int,
+    min_keep: dict[str, int],
+    pairs: int = SWAP_PAIRS,
+    progress=None,
+) -> tuple[dict[str, list[int]], dict]:
+    """Local search over plans that keep as many experts per block as `start`, minimising `evaluate`.
+
+    evaluate(plans) -> (scores, cost): one score per plan (lower is better, None = not measurable) and the
+    evaluations it spent (the masked measurement: one per plan plus one for the unpruned reference). At most
+    `budget` evaluations in all, the first measurement of `start` included.
+
+    When every plan of that size fits the budget (the product over blocks of C(E, k)), they are all measured and
+    the best is returned: the exact optimum. Otherwise, block after block in turn: measure the plan with each
+    kept expert dropped and with each removed expert added (the screening, E plans; drops only where k - 1 is at
+    least `min_keep`), estimate each swap (kept i out, removed j in) by the sum of the two measured changes,
+    measure the `pairs` best estimated swaps exactly (every swap, without screening, when there are no more
+    than that or drops are not possible) and take the best one if it beats the current plan. Stops after a
+    turn over every block without an improvement, or when the next step would exceed the budget.
+    Returns (plan, what the search did)."""
+    started = time.perf_counter()
+    keys = list(start)
+    current = {k: sorted(start[k]) for k in keys}
+    sizes = {k: len(current[k]) for k in keys}
+    spent = 0
+    history: list[dict] = []
+
+    def measure(plans: list[dict]) -> list:
+        nonlocal spent
+        scores, cost = evaluate(plans)
+        spent += cost
+        if progress:
+            progress(spent, budget)
+        return scores
+
+    space = math.prod(math.comb(num_experts[k], sizes[k]) for k in keys)
+    if space + 1 <= budget:  # exhaustive: every plan of this size (one reference forward)
+        combos = itertools.product(*(itertools.combinations(range(num_experts[k]), sizes[k]) for k in keys))
+        plans = [{k: list(c) for k, c in zip(keys, combo, strict=True)} for combo in combos]
+        scores = measure(plans)
+        measured = [(s, i) for i, s in enumerate(scores) if s is not None]
+        if not measured:
+            raise PlanError("no plan of the search could be measured", "", "")
+        best, i = min(measured)
+        info = {"mode": "exhaustive", "plans": len(plans), "objective": best, "evaluations": spent, "swaps": []}
+        return plans[i], {**info, "seconds": round(time.perf_counter() - started, 3)}
+
+    if budget < 2:
+        raise PlanError("the search budget does not cover a measurement of the start plan", "", "")
+    (value,) = measure([current])
+    if value is None:
+        raise PlanError("the search's start plan could not be measured", "", "")
+    start_value = value
+    failed, turn, steps = 0, 0, 0
+    while failed < len(keys):
+        key = keys[turn % len(keys)]
+        turn += 1
+        kept = current[key]
+        out = [j for j in range(num_experts[key]) if j not in kept]
+        swaps = [(i, j) for i in kept for j in out]
+        can_drop = len(kept) - 1 >= min_keep[key]
+        if not swaps:
+            failed += 1
+            continue
+
+        def with_block(new_kept, key=key, current=current):
+            return {**current, key: sorted(new_kept)}
+
+        if can_drop and len(swaps) > pairs:
+            if spent + len(kept) + len(out) + 1 + min(pairs, len(swaps)) + 1 > budget:
+                break
+            screen = [with_block([x for x in kept if x != i]) for i in kept] + [with_block([*kept, j]) for j in out]
+            scores = measure(screen)
+            drop = dict(zip(kept, scores[: len(kept)], strict=True))
+            add = dict(zip(out, scores[len(kept) :], strict=True))
+            estimated = [
+                ((drop[i] - value) + (add[j] - value), i, j)
+                for i, j in swaps
+                if drop[i] is not None and add[j] is not None
+            ]
+            trials = [(i, j) for _, i, j in sorted(estimated)[:pairs]]
+        else:
+            if spent + len(swaps) + 1 > budget:
+                break
+            trials = swaps
+        if not trials:
+            failed += 1
+            continue
+        steps += 1
+        scores = measure([with_block([x for x in kept if x != i] + [j]) for i, j in trials])
+        measured = [(s, i, j) for s, (i, j) in zip(scores, trials, strict=True) if s is not None]
+        best = min(measured) if measured else None
+        if best is not None and best[0] < value:
+            value, i, j = best
+            current = with_block([x for x in kept if x != i] + [j])
+            history.append({"block": key, "out": i, "in": j, "objective": value})
+            failed = 0
+        else:
+            failed += 1
+    info = {
+        "mode": "swap",
+        "start_objective": start_value,
+        "objective": value,
+        "swaps": history,
+        "block_steps": steps,
+        "local_optimum": failed >= len(keys),
+        "evaluations": spent,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    return current, info
+
+
+def search_evaluator(model, blocks: list[MoEBlock], search_batches: list):
+    """evaluate(plans) -> (fidelity of each plan on `search_batches`, evaluations spent) for swap_search."""
+
+    def evaluate(plans: list[dict]) -> tuple[list, int]:
+        _, rows, _ = _run_plans(model, blocks, search_batches, plans, usage=False)
+        return [fidelity(r) for r in rows], len(plans) + 1
+
+    return evaluate
+
+
+def swap_plan(
+    model,
+    blocks: list[MoEBlock],
+    meta: dict,
+    search_batches: list,
+    *,
+    start: dict[str, list[int]],
+    start_label: str,
+    budget: int,
+    progress=None,
+) -> tuple[dict[str, list[int]], dict]:
+    """swap_search from `start` on the search slice (the fidelity objective, masked), at most `budget`
+    evaluations. Returns (kept per block, what the search did)."""
+    blocks_meta = meta["model"]["blocks"]
+    if any(b.get("n_group", 1) > 1 for b in blocks_meta):
+        raise PlanError("the swap search does not handle group-limited routing", "", "")
+    kept, info = swap_search(
+        search_evaluator(model, blocks, search_batches),
+        start,
+        {b["key"]: b["num_experts"] for b in blocks_meta},
+        budget=budget,
+        min_keep={b["key"]: b["top_k"] for b in blocks_meta},
+        progress=progress,
+    )
+    info.update(
+        base=start_label,
+        budget=budget,
+        search_samples=sum(len(b.samples) for b in search_batches),
+    )
+    return kept, info
+
+
 def measure_plans(
     model,
     blocks: list[MoEBlock],
@@ -570,9 +732,12 @@ def measure_plans(
     merge_stats: dict | None = None,
     search_progress=None,
     merge_settings: dict | None = None,
+    search_budget: int = 0,
+    swap_progress=None,
 ) -> dict:
     """Measure every candidate: criteria under `modality` at every ratio; at the first ratio also under every
-    other policy of `policies`, the greedy search (with `search_batches`, from `greedy_base`) and
+    other policy of `policies`, the greedy search (with `search_batches`, from `greedy_base`), the swap search
+    from the greedy plan (at most `search_budget` evaluations on `search_batches`; 0 = none) and
     `random_seeds` random plans. Each distinct plan runs once.
 
     With `merge_stats` (the merge statistics per block key), merging with `greedy_base`'s saliency and
@@ -633,8 +798,40 @@ def measure_plans(
                 )
                 greedy_seconds = search["seconds"]
                 add(kept, criterion=base_criterion, policy="greedy", ratio=ratio, search=search)
+                start, start_label = kept, f"greedy from {greedy_base}"
             except PlanError as err:
                 notes.append(f"greedy at ratio {ratio}: skipped ({err.what})")
+                start, start_label = None, greedy_base
+            if search_budget > 0 and hasattr(model, "run_plans"):
+                notes.append(
+                    f"swap search at ratio {ratio}: skipped in streamed execution (each of its block steps would be "
+                    "two more passes over the weights)"
+                )
+            elif search_budget > 0:
+                try:
+                    if start is None:
+                        base = scoring.plan(
+                            meta["layers"],
+                            blocks_meta,
+                            criterion=base_criterion,
+                            ratio=ratio,
+                            modality=base_policy,
+                            **cut,
+                        )
+                        start = {k: v["kept"] for k, v in base.items()}
+                    kept, search = swap_plan(
+                        model,
+                        blocks,
+                        meta,
+                        search_batches,
+                        start=start,
+                        start_label=start_label,
+                        budget=search_budget,
+                        progress=swap_progress,
+                    )
+                    add(kept, criterion=base_criterion, policy="swap", ratio=ratio, search=search)
+                except PlanError as err:
+                    notes.append(f"swap search at ratio {ratio}: skipped ({err.what})")
         for seed in random_seeds if i == 0 else ():  # the floor compares at the requested ratio
             try:
                 kept = random_plan(blocks_meta, ratio=ratio, num_keep=num_keep, round_to=round_to, seed=seed)
@@ -774,6 +971,8 @@ def _label(row: dict) -> str:
         return f"random (seed {row['seed']})"
     if row["policy"] == "greedy":
         return f"greedy from {row['search']['base']}"
+    if row["policy"] == "swap":
+        return f"swap search from {row['search']['base']}"
     if row["policy"] == "merge":
         m = row["merge"]
         how = f"{m['grouping']} C {m['group_size']}" if m["grouping"] == "ream" else m["grouping"]
@@ -786,8 +985,9 @@ def choose(table: dict, *, requested, default: tuple[str, str], fixed: tuple[str
 
     auto (fixed=None): among the plans that pass the per-source floor (every plan when none does, flagged),
     find the best objective; then walk the plans from the simplest — the default (criterion, policy) first,
-    then the other criteria of the default policy, the other policies, the greedy search, merging last — and
-    keep the first that is not measurably worse than the best (paired, source-stratified bootstrap, 95 %).
+    then the other criteria of the default policy, the other policies, the greedy search, the swap search,
+    merging last — and keep the first that is not measurably worse than the best (paired, source-stratified
+    bootstrap, 95 %).
     fixed: that (criterion, policy), with a note when another pruning plan is measurably better or it fails
     the floor (merge plans are not candidates then).
     The result's `method` is "merge" for a merge plan (then `policy` is its saliency's modality policy and
@@ -809,7 +1009,7 @@ def choose(table: dict, *, requested, default: tuple[str, str], fixed: tuple[str
     def tier(r: dict) -> int:
         if (r["criterion"], r["policy"]) == default:
             return 0
-        return 1 if r["policy"] == default[1] else {"greedy": 3, "merge": 4}.get(r["policy"], 2)
+        return 1 if r["policy"] == default[1] else {"greedy": 3, "swap": 4, "merge": 5}.get(r["policy"], 2)
 
     if fixed is None:
         chosen, interval = None, (0.0, 0.0)
@@ -882,6 +1082,7 @@ def measure_and_choose(
     fixed = None if settings.criterion == "auto" else (settings.criterion, settings.modality)
     with (
         console.steps("greedy search", "forwards") as search_progress,
+        console.steps("swap search", "evaluations") as swap_progress,
         console.steps("measuring plans", "forwards") as progress,
     ):
         table = measure_plans(
@@ -907,6 +1108,8 @@ def measure_and_choose(
             },
             progress=progress,
             search_progress=search_progress,
+            search_budget=settings.search_budget if fixed is None else 0,
+            swap_progress=swap_progress,
         )
     chosen = choose(
         table, requested=requested, default=(default_criterion, settings.modality), fixed=fixed, seed=settings.seed

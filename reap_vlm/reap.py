@@ -337,7 +337,8 @@ def choose_plan(
     elif criterion == "auto":
         criterion = "weighted_frequency" if mode == "router" else "reap"
         chosen_by = "default for this mode (plan measurement off: REAP_EVAL_SAMPLES=0)"
-    modality = settings.modality if policy == "greedy" else policy  # greedy starts from REAP_MODALITY's ranking
+    # the searches start from REAP_MODALITY's ranking
+    modality = settings.modality if policy in ("greedy", "swap") else policy
     ratio = None if settings.num_keep else settings.prune_ratio
     plans = scoring.plan(
         meta["layers"],
@@ -350,9 +351,7 @@ def choose_plan(
         protect_super=settings.protect_super_experts,
         super_factor=settings.super_expert_factor,
     )
-    if (
-        kept is not None
-    ):  # the measured plan (the greedy search's, or a merge plan's centroids, differ from a ranking's)
+    if kept is not None:  # the measured plan (the searches', or a merge plan's centroids, differ from a ranking's)
         plans = {
             key: {"kept": kept[key], "protected": {j: r for j, r in p["protected"].items() if int(j) in kept[key]}}
             for key, p in plans.items()

@@ -275,6 +275,12 @@ class ReapSettings(Settings):
         "With REAP_CRITERION=auto also run the greedy add-back search among the candidate plans (streamed "
         "execution: one more pass over the weights per search step, and one for its plan).",
     )
+    search_budget: int = opt(
+        200,
+        "With REAP_CRITERION=auto and the greedy search on: most masked evaluations (one plan over the search "
+        "slice; each measurement's unpruned reference counts one) the swap search from the greedy plan may spend "
+        "(0 = no swap search; in memory only: streamed execution skips it with a note).",
+    )
     plots: bool = opt(True, "Write heatmap and candidate-plan PNGs next to the metadata.")
     eval_merge: bool = opt(
         True,
@@ -346,6 +352,8 @@ class ReapSettings(Settings):
             raise SettingsError("REAP_CHECKPOINT_EVERY and REAP_EVAL_SAMPLES must be >= 0", "", "Fix the value")
         if self.eval_per_task < 0 or self.eval_per_source < 0:
             raise SettingsError("REAP_EVAL_PER_TASK and REAP_EVAL_PER_SOURCE must be >= 0", "", "Fix the value")
+        if self.search_budget < 0:
+            raise SettingsError("REAP_SEARCH_BUDGET must be >= 0", f"got {self.search_budget}", "Fix the value")
         if self.min_pixels > self.max_pixels:
             raise SettingsError("REAP_MIN_PIXELS exceeds REAP_MAX_PIXELS", "", "Raise REAP_MAX_PIXELS")
         for r in self.candidate_ratios:

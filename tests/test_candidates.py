@@ -89,7 +89,10 @@ def test_table_shows_disagreement_and_auto_picks_by_the_objective(disagreeing):
     assert len({r["plan_id"] for r in at_ratio}) > 1  # criteria chose different experts
     assert len({round(r["objective"], 9) for r in at_ratio}) > 1  # ... and it shows in the held-out objective
     policies = {r["policy"] for r in table["rows"] if r["ratio"] == 0.5}
-    assert policies == {"balanced", "joint", "either", "greedy", "random", "merge"}
+    assert policies == {"balanced", "joint", "either", "greedy", "swap", "random", "merge"}
+    (swap,) = [r for r in table["rows"] if r["policy"] == "swap"]  # from the greedy plan, within the budget
+    assert swap["search"]["base"] == "greedy from reap/balanced" and swap["search"]["evaluations"] <= 200
+    assert swap["search"]["objective"] <= swap["search"].get("start_objective", swap["search"]["objective"])
     # three random plans beside the criteria at the requested ratio; the others ratios show the default policy
     # and merging (REAP_EVAL_MERGE, full mode)
     assert sorted(r["seed"] for r in table["rows"] if r["ratio"] == 0.5 and r["policy"] == "random") == [0, 1, 2]

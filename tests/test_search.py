@@ -1,0 +1,199 @@
+"""The swap search (candidates.swap_search, swap_plan): exact on a space it can enumerate, the optimum of a
+separable objective, its evaluation budget honoured, and on a real tiny VLM it brings back an expert whose
+removal hurts although its criterion score is low."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+import torch
+
+from reap_vlm import candidates, scoring
+from reap_vlm.calibration import load_samples, make_batches
+from reap_vlm.errors import PlanError
+from reap_vlm.moe import find_moe_blocks
+from reap_vlm.tiny import build
+
+PIXELS = {"min_pixels": 1024, "max_pixels": 16384}
+
+
+def _objective(seed: int, keys, experts: int, pairwise: float):
+    """A synthetic objective over plans: per removed expert a cost, plus `pairwise` times a random cost for every
+    pair of removed experts within a block and across the first two blocks (interactions)."""
+    rng = random.Random(seed)
+    single = {(k, j): rng.random() for k in keys for j in range(experts)}
+    pairs = {
+        (a, b): rng.random() * pairwise
+        for a, b in itertools.combinations([(k, j) for k in keys for j in range(experts)], 2)
+        if pairwise
+    }
+
+    def value(plan: dict) -> float:
+        removed = [(k, j) for k in keys for j in range(experts) if j not in plan[k]]
+        both = sum(pairs[p] for p in itertools.combinations(removed, 2)) if pairwise else 0.0
+        return sum(single[r] for r in removed) + both
+
+    return value
+
+
+class Counting:
+    """evaluate(plans) for swap_search that counts what it is asked: one per plan and one per call (the
+    unpruned reference of a masked measurement), as search_evaluator does."""
+
+    def __init__(self, value):
+        self.value, self.calls, self.plans = value, 0, 0
+
+    def __call__(self, plans):
+        self.calls += 1
+        self.plans += len(plans)
+        return [self.value(p) for p in plans], len(plans) + 1
+
+
+def _brute_force(value, keys, experts: int, keep: int) -> tuple[float, dict]:
+    best = None
+    for combo in itertools.product(*(itertools.combinations(range(experts), keep) for _ in keys)):
+        plan = {k: list(c) for k, c in zip(keys, combo, strict=True)}
+        v = value(plan)
+        if best is None or v < best[0]:
+            best = (v, plan)
+    return best
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_exhaustive_when_the_space_fits_the_budget_equals_brute_force(seed):
+    keys, experts, keep = ["0.experts", "1.experts"], 5, 3  # C(5, 3)^2 = 100 plans
+    value = _objective(seed, keys, experts, pairwise=0.5)
+    start = {k: [0, 1, 2] for k in keys}
+    evaluate = Counting(value)
+    plan, info = candidates.swap_search(
+        evaluate, start, dict.fromkeys(keys, experts), budget=101, min_keep=dict.fromkeys(keys, 2)
+    )
+    best_value, best_plan = _brute_force(value, keys, experts, keep)
+    assert info["mode"] == "exhaustive" and info["plans"] == 100 and info["evaluations"] == 101
+    assert plan == best_plan and info["objective"] == pytest.approx(best_value, abs=0)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_swaps_reach_the_optimum_of_a_separable_objective(seed):
+    """Without interactions the screening's estimate of a swap is exact, so the search ends at the optimum
+    (keep the experts whose removal costs most) from any start, inside a budget below the space."""
+    keys, experts, keep = ["0.experts", "1.experts"], 8, 4  # 70^2 plans
+    value = _objective(seed, keys, experts, pairwise=0.0)
+    rng = random.Random(seed)
+    start = {k: sorted(rng.sample(range(experts), keep)) for k in keys}
+    evaluate = Counting(value)
+    plan, info = candidates.swap_search(
+        evaluate, start, dict.fromkeys(keys, experts), budget=1000, min_keep=dict.fromkeys(keys, 2)
+    )
+    best_value, best_plan = _brute_force(value, keys, experts, keep)
+    assert info["mode"] == "swap" and info["local_optimum"]
+    assert plan == best_plan and info["objective"] == pytest.approx(best_value)
+    assert info["evaluations"] == evaluate.plans + evaluate.calls <= 1000
+    # every accepted swap improved the objective, and the history replays to the result
+    replay = {k: list(v) for k, v in start.items()}
+    last = value(start)
+    for step in info["swaps"]:
+        replay[step["block"]] = sorted([x for x in replay[step["block"]] if x != step["out"]] + [step["in"]])
+        assert step["objective"] == pytest.approx(value(replay)) and step["objective"] < last
+        last = step["objective"]
+    assert replay == plan
+
+
+@pytest.mark.parametrize("budget", [2, 3, 10, 23, 24, 47, 60, 150, 400])
+def test_the_budget_is_never_exceeded(budget):
+    keys, experts = ["0.experts", "1.experts"], 8
+    value = _objective(7, keys, experts, pairwise=0.3)
+    start = {k: [0, 1, 2, 3] for k in keys}
+    evaluate = Counting(value)
+    plan, info = candidates.swap_search(
+        evaluate, start, dict.fromkeys(keys, experts), budget=budget, min_keep=dict.fromkeys(keys, 2)
+    )
+    assert evaluate.plans + evaluate.calls == info["evaluations"] <= budget
+    assert all(len(plan[k]) == 4 and len(set(plan[k])) == 4 for k in keys)
+    assert value(plan) <= value(start) and info["objective"] == pytest.approx(value(plan))
+    if budget >= 24:  # the start (2) and one screened block step (8 + 1 + 4 + 1) fit
+        assert evaluate.calls >= 3
+
+
+def test_no_drop_below_min_keep_and_too_small_a_budget_is_refused():
+    keys, experts = ["0.experts"], 6
+    value = _objective(3, keys, experts, pairwise=0.2)
+    start = {"0.experts": [0, 1]}
+    seen = []
+
+    def evaluate(plans):
+        seen.extend(plans)
+        return [value(p) for p in plans], len(plans) + 1
+
+    # C(6, 2) = 15 plans do not fit 14 evaluations: swaps; with 2 kept and min_keep 2 no drop is screened, every
+    # one of the 2 x 4 swaps is measured instead (start 1 + 1, a block step 8 + 1; a second step would not fit)
+    _, info = candidates.swap_search(evaluate, start, {"0.experts": experts}, budget=14, min_keep={"0.experts": 2})
+    assert info["mode"] == "swap" and info["evaluations"] == 11 and info["block_steps"] == 1
+    assert all(len(p["0.experts"]) == 2 for p in seen) and len(seen) == 9
+    with pytest.raises(PlanError, match="budget"):
+        candidates.swap_search(evaluate, start, {"0.experts": 16}, budget=1, min_keep={"0.experts": 2})
+
+
+# ---- on a real tiny VLM ----------------------------------------------------------------------------
+
+
+def _meta(blocks, stats) -> dict:
+    return {
+        "model": {
+            "blocks": [
+                {
+                    "key": b.key,
+                    "layer": b.layer,
+                    "expert_set": b.expert_set,
+                    "num_experts": b.num_experts,
+                    "top_k": b.top_k,
+                }
+                for b in blocks
+            ]
+        },
+        "layers": {b.key: {"stats": stats[b.key]} for b in blocks},
+    }
+
+
+@pytest.mark.parametrize(("keep", "budget", "mode"), [(7, 60, "exhaustive"), (6, 25, "swap")])
+def test_swap_search_brings_back_an_expert_whose_removal_hurts_but_whose_score_is_low(keep, budget, mode):
+    """The most rarely routed expert of the first block gets outputs 40 times larger: measured, removing it hurts
+    more than removing any other; the frequency criterion (its count is unchanged) still drops it when that block
+    keeps `keep` of its 8 experts; the search from that plan takes it back, by measurement: all C(8, 7) = 8 plans
+    measured within 60 evaluations, or swaps, C(8, 6) = 28 plans not fitting 25 evaluations."""
+    from reap_vlm.observe import Observer
+
+    model, processor = build("qwen3_vl_moe", seed=3)
+    blocks = find_moe_blocks(model)
+    samples = load_samples("code:3,writing:2,vision:3", max_samples=8, seed=1)
+    batches = list(make_batches(samples, processor, max_seq_len=64, batch_size=4, **PIXELS))
+    first = blocks[0]
+    with Observer(model, blocks, "routed") as obs, torch.inference_mode():
+        for b in batches:
+            obs.set_modality(b.modality)
+            model(**b.inputs)
+    stats = obs.export()
+    counts = stats[first.key]["all"]["count"]
+    rare = min((c, j) for j, c in enumerate(counts) if c > 0)[1]
+    with torch.no_grad():
+        model.get_submodule(first.experts).down_proj[rare] *= 40.0
+    evaluate = candidates.search_evaluator(model, blocks, batches)
+    full = {b.key: list(range(b.num_experts)) for b in blocks}
+    drops, _ = evaluate([{**full, first.key: [x for x in full[first.key] if x != j]} for j in full[first.key]])
+    assert max(range(len(drops)), key=drops.__getitem__) == rare  # removing it hurts most
+    assert drops[rare] > 2 * sorted(drops)[-2]
+    base, _ = scoring.select(
+        stats[first.key], criterion="frequency", n_keep=keep, modality="joint", protect_super=False
+    )
+    start = {**full, first.key: sorted(base)}
+    assert rare not in start[first.key]  # the criterion drops it
+    kept, info = candidates.swap_plan(
+        model, blocks, _meta(blocks, stats), batches, start=start, start_label="frequency/joint", budget=budget
+    )
+    assert rare in kept[first.key] and len(kept[first.key]) == keep
+    assert kept[blocks[1].key] == full[blocks[1].key]  # nothing to swap in a block that keeps every expert
+    assert info["mode"] == mode and info["evaluations"] <= budget and info["base"] == "frequency/joint"
+    (before, after), _ = evaluate([start, kept])
+    assert after == pytest.approx(info["objective"]) and after < before / 2
