@@ -654,8 +654,12 @@ def swap_search(
             current = with_block([x for x in kept if x != i] + [j])
             history.append({"block": key, "out": i, "in": j, "objective": value})
             failed = 0
+            console.step(
+                f"swap search, block {key}: expert {i} out, {j} in: objective {value:.5f} ({spent} evaluations)"
+            )
         else:
             failed += 1
+            console.step(f"swap search, block {key}: no better swap ({spent} evaluations)")
     info = {
         "mode": "swap",
         "start_objective": start_value,
