@@ -110,13 +110,15 @@ def _token_metrics(
     answer_mask: torch.Tensor | None = None,
     head=None,
     chunk_bytes: int = METRICS_CHUNK_BYTES,
+    ref_head=None,
 ) -> dict[str, torch.Tensor]:
     """Per-row sums over next-token positions, for two sets of targets (float64 tensors of shape [B]).
 
     The prediction at position t is scored against the token at t + 1 (its target). `ref_logits` are the
     reference (unpruned) model's, `logits` the model under test; pass the same tensor twice for the
     reference's own loss. With `head` (a function of [n, H] hidden states to [n, V] logits: the LM head),
-    the two are the final hidden states [B, T, H] instead and the logits are made chunk by chunk. Either
+    the two are the final hidden states [B, T, H] instead and the logits are made chunk by chunk (`ref_head`:
+    the reference's own head where the two models' heads differ; default `head`). Either
     way the positions are taken in chunks of about `chunk_bytes` of fp32 vocabulary-wide work, so the
     memory this needs does not grow with the batch, and without `head` only the given logits are full size.
     Keys, each a per-row sum over the targets of its set:
@@ -133,7 +135,8 @@ def _token_metrics(
     Per-token means are sum / tokens over any group of rows."""
     rows, width = input_ids.shape[0], input_ids.shape[1] - 1
     same = ref_logits is logits
-    vocab = ref_logits.shape[-1] if head is None else head(ref_logits[:1, :1].reshape(1, -1)).shape[-1]
+    ref_head = head if ref_head is None else ref_head
+    vocab = ref_logits.shape[-1] if head is None else ref_head(ref_logits[:1, :1].reshape(1, -1)).shape[-1]
     # log-softmax, exp, the products: about six fp32 tensors of [n, V] alive at once
     step = max(1, chunk_bytes // (vocab * 4 * 6))
     if step >= width:  # whole rows at a time
@@ -146,7 +149,7 @@ def _token_metrics(
         ref_chunk = ref_logits[rs, ps].reshape(-1, ref_logits.shape[-1])
         chunk = ref_chunk if same else logits[rs, ps].reshape(-1, logits.shape[-1])
         if head is not None:
-            ref_chunk = head(ref_chunk)
+            ref_chunk = ref_head(ref_chunk)
             chunk = ref_chunk if same else head(chunk)
         targets = input_ids[rs, ps.start + 1 : ps.stop + 1].reshape(-1).to(ref_chunk.device)
         shape = (min(rs.stop, rows) - rs.start, ps.stop - ps.start)

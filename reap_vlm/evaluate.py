@@ -3,9 +3,12 @@ original on held-out data, expert usage, a report and a pass/fail verdict (exit 
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import math
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -16,7 +19,7 @@ from .candidates import _token_metrics
 from .checkpoint import inspect_checkpoint
 from .degeneration import analyse
 from .errors import EXIT_FAILED, CheckpointError, InputNotFoundError
-from .loading import input_device, is_vision_language, load_model
+from .loading import input_device, is_vision_language, load_model, read_config
 from .moe import find_moe_blocks
 from .observe.usage import ExpertUsage, usage_entropy
 from .settings import TestSettings, dump
@@ -168,16 +171,23 @@ def _generate_group(model, processor, samples, group: list[int], budgets, stop, 
 
 
 def generate(
-    model, processor, samples, max_new_tokens: int, settings: TestSettings, label: str = "generating"
+    model,
+    processor,
+    samples,
+    max_new_tokens: int,
+    settings: TestSettings,
+    label: str = "generating",
+    tasks: dict | None = None,
 ) -> list[dict]:
     """Greedy generations, REAP_BATCH_SIZE prompts at a time (left-padded; image and text prompts in
     separate batches). A prompt with a reference answer gets room for the answer's tokens plus
     ANSWER_MARGIN (its end-of-turn and a few more) and is scored by exact match; the others get
     max_new_tokens and are checked for degeneration. Each row is cut at its own budget and after its
-    first end-of-sequence token, as if it had been generated alone."""
+    first end-of-sequence token, as if it had been generated alone. `tasks`: name_tasks of the whole held-out
+    set, when `samples` are some of it."""
     tok = getattr(processor, "tokenizer", processor)
     device = input_device(model)
-    tasks = name_tasks(samples)
+    tasks = name_tasks(samples) if tasks is None else tasks
     stop = _stop_ids(model, tok)
     budgets = [
         len(tok(s.answer.strip(), add_special_tokens=False)["input_ids"]) + ANSWER_MARGIN
@@ -237,6 +247,19 @@ def encode(samples, processor, settings: TestSettings) -> list:
         )
 
 
+def _sample_rows(batch, m: dict, ref: dict | None, tasks: dict) -> list[dict]:
+    """One row per sample: its source, kind and task, the pruned-vs-original sums (`m`) and the original's own
+    loss and answers (`ref`; None without the original)."""
+    rows = []
+    for r, s in enumerate(batch.samples):
+        row = {"source": s.source, "kind": s.kind, "task": tasks.get(s.id)}
+        row.update({k: float(v[r]) for k, v in m.items()})
+        for key in ("nll", "answer_nll", "answer_correct"):
+            row[key + "_original"] = float(ref[key][r]) if ref is not None else None
+        rows.append(row)
+    return rows
+
+
 def compare(pruned, original, processor, samples, settings: TestSettings, batches: list | None = None) -> dict:
     """Agreement, KL and perplexity per source and modality (text targets), loss / agreement / KL on the
     reference answers' tokens per task, and usage entropy per layer of the pruned model. `batches`: the
@@ -264,21 +287,62 @@ def compare(pruned, original, processor, samples, settings: TestSettings, batche
             else:
                 o_logits, ref = p_logits, None
             m = _token_metrics(o_logits, p_logits, inputs["input_ids"], modality, batch.answer_mask)
-            for r, s in enumerate(batch.samples):
-                row = {"source": s.source, "kind": s.kind, "task": tasks.get(s.id)}
-                row.update({k: float(v[r]) for k, v in m.items()})
-                for key in ("nll", "answer_nll", "answer_correct"):
-                    row[key + "_original"] = float(ref[key][r]) if ref is not None else None
-                rows.append(row)
+            rows += _sample_rows(batch, m, ref, tasks)
             bar.advance(len(batch.samples))
         counts = usage.totals()
+    return _summarise(rows, counts, original is not None)
+
+
+def compare_streamed(pruned_dir: Path, original_dir: Path | None, samples, settings: TestSettings) -> tuple[dict, dict]:
+    """compare() with both models streamed one decoder layer at a time from their own shards
+    (reap_vlm.execution.heldout): the same metrics from the same rows, and what the pass did (pre-layer parts
+    run once or not and why, per model the layers, the most resident at once and the tensors read, the memory
+    report of streamed execution)."""
+    from .candidates import METRICS_CHUNK_BYTES
+    from .execution.heldout import compare_pass
+    from .execution.stream import StreamedModel
+
+    kwargs = dict(
+        device=settings.device,
+        dtype=settings.dtype,
+        attn_implementation=settings.attn_implementation,
+        trust_remote_code=settings.trust_remote_code,
+        cache_bytes=int(settings.stream_cache_gb * 2**30),
+        spill_parent=settings.report_dir.parent,
+        chunk_bytes=METRICS_CHUNK_BYTES,
+    )
+    streamed = []
+    try:
+        if original_dir:
+            console.step(f"reading {original_dir} outside its decoder layers")
+            streamed.append(StreamedModel(Path(original_dir), **kwargs))
+        original = streamed[0] if streamed else None
+        pruned = StreamedModel(pruned_dir, load_outer=False, **kwargs)
+        streamed.append(pruned)
+        batches = encode(samples, pruned.processor, settings)
+        blocks = find_moe_blocks(pruned.model)
+        layers = sum(len(m.layers) for m in streamed)
+        with console.progress("comparing with the original (streamed)", layers, "layers") as bar:
+            out, counts, info = compare_pass(
+                pruned, original, batches, blocks, on_layer=lambda _done, _total: bar.advance(1)
+            )
+    finally:
+        for m in streamed:
+            m.close()
+    tasks = name_tasks(samples)
+    rows = [row for batch, (m, ref) in zip(batches, out, strict=True) for row in _sample_rows(batch, m, ref, tasks)]
+    return _summarise(rows, counts, original_dir is not None), info
+
+
+def _summarise(rows: list[dict], counts: dict, with_original: bool) -> dict:
+    """The report's metrics from compare's per-sample rows and the pruned model's usage counts."""
 
     def summary(sel):
         tokens = sum(r["tokens"] for r in sel)
         if not tokens:
             return {"tokens": 0}
         out = {"tokens": int(tokens), "ppl_pruned": math.exp(min(sum(r["nll"] for r in sel) / tokens, 50))}
-        if original is not None:
+        if with_original:
             out.update(
                 agreement=sum(r["agree"] for r in sel) / tokens,
                 kl=sum(r["kl"] for r in sel) / tokens,
@@ -294,7 +358,7 @@ def compare(pruned, original, processor, samples, settings: TestSettings, batche
             "loss_pruned": sum(r["answer_nll"] for r in sel) / tokens,
             "teacher_forced_accuracy_pruned": sum(r["answer_correct"] for r in sel) / len(sel),
         }
-        if original is not None:
+        if with_original:
             out.update(
                 loss_original=sum(r["answer_nll_original"] for r in sel) / tokens,
                 teacher_forced_accuracy_original=sum(r["answer_correct_original"] for r in sel) / len(sel),
@@ -353,6 +417,7 @@ def verdict(report: dict, settings: TestSettings) -> list[str]:
                     f"text perplexity on {domain} {entry['ppl_original']:.2f} -> {entry['ppl_pruned']:.2f} (ratio "
                     f"{entry['ppl_pruned'] / entry['ppl_original']:.3f}) > REAP_MAX_PPL_RATIO {settings.max_ppl_ratio}"
                 )
+    gen = report["generation"]
     for task, entry in report.get("tasks", {}).items():
         if entry.get("drop_points") is not None and entry["drop_points"] > settings.max_accuracy_drop:
             failures.append(
@@ -360,7 +425,15 @@ def verdict(report: dict, settings: TestSettings) -> list[str]:
                 f"{entry['accuracy_pruned']:.0%} of {entry['samples']} (-{entry['drop_points']:.0f} points) "
                 f"> REAP_MAX_ACCURACY_DROP {settings.max_accuracy_drop:g}"
             )
-    gen = report["generation"]
+        # without greedy answers to every question (offloaded generation on a few, or none): teacher-forced
+        elif gen.get("scope", "all") != "all" and entry.get("teacher_forced_accuracy_original") is not None:
+            before, after = entry["teacher_forced_accuracy_original"], entry["teacher_forced_accuracy_pruned"]
+            if 100 * (before - after) > settings.max_accuracy_drop:
+                failures.append(
+                    f"{entry['kind']} task {task}: teacher-forced exact match {before:.0%} -> {after:.0%} of "
+                    f"{entry['samples']} (-{100 * (before - after):.0f} points) > REAP_MAX_ACCURACY_DROP "
+                    f"{settings.max_accuracy_drop:g}"
+                )
     # With the original present, count what pruning broke: prompts whose pruned answer is degenerate while the
     # original's is not (an original that loops on a prompt says nothing about pruning). Without it: all.
     # Prompts with a reference answer are judged by exact match instead.
@@ -402,6 +475,17 @@ def before_after(report: dict) -> list[tuple[str, str, str, str]]:
                     "-" if o is None else f"{100 * (p - o):+.0f} points",
                 )
             )
+        elif "teacher_forced_accuracy_pruned" in e:  # no greedy answers to every question: teacher-forced
+            o, p = e.get("teacher_forced_accuracy_original"), e["teacher_forced_accuracy_pruned"]
+            rows.append(
+                (
+                    f"{task}: teacher-forced exact match, {e['samples']} {e['kind']} "
+                    f"question{'s' if e['samples'] != 1 else ''}",
+                    "-" if o is None else f"{o:.0%}",
+                    f"{p:.0%}",
+                    "-" if o is None else f"{100 * (p - o):+.0f} points",
+                )
+            )
         if e.get("answer_tokens"):
             o, p = e.get("loss_original"), e["loss_pruned"]
             rows.append(
@@ -427,8 +511,20 @@ def _markdown(report: dict, figures: list[str]) -> str:
             if report.get("skipped_image_samples")
             else ""
         ),
-        "",
     ]
+    execution = report.get("execution")
+    if execution:
+        lines.append(f"- execution: {execution['mode']} ({execution['reason']})")
+        shared = execution.get("pre_layer_parts")
+        if shared:
+            lines.append(
+                "- pre-layer parts (embeddings, vision tower, final norm, head): "
+                + ("run once for both models: " if shared["run_once"] else "each model's own: ")
+                + shared["why"]
+            )
+    if report["generation"].get("note"):
+        lines.append(f"- {report['generation']['note']}")
+    lines.append("")
     from .report import pruning_md
 
     lines += pruning_md(report.get("pruning"))
@@ -504,10 +600,13 @@ def _markdown(report: dict, figures: list[str]) -> str:
     lines += [f"| {k} | {_fmt(v, '.3f')} |" for k, v in m["usage_entropy"].items()]
     g = report["generation"]
     share = g["pruned_degenerate_share"]
+    lines += ["", "## Generation (greedy)", ""]
+    if g.get("mode") == "skip":
+        lines += [g["note"][0].upper() + g["note"][1:] + "."]
+        return "\n".join(lines + [""] + [f"![{f}]({f})" for f in figures]) + "\n"
+    if g.get("note"):
+        lines += [g["note"][0].upper() + g["note"][1:] + ".", ""]
     lines += [
-        "",
-        "## Generation (greedy)",
-        "",
         (
             f"Degenerate (prompts without a reference answer): pruned {share:.0%}"
             + (
@@ -658,10 +757,144 @@ def run(settings: TestSettings) -> int:
         return _run(settings)
 
 
+def memory_need(pruned_dir: Path, original_dir: Path | None, settings: TestSettings) -> int:
+    """Bytes the in-memory comparison needs on the GPU(s): both models' weights as `verify` counts them
+    (dequantized for a quantized checkpoint), both models' full logits of one batch in fp32, and 1 GiB."""
+    from .verify import describe
+
+    total = 0
+    for model_dir in (pruned_dir, original_dir):
+        if model_dir:
+            info = describe(Path(model_dir), None)
+            total += info.get("bytes_dequantized") or sum(info["bytes"].values())
+    config = read_config(pruned_dir)
+    vocab = (config.get("text_config") or {}).get("vocab_size") or config.get("vocab_size") or 0
+    return total + 2 * settings.batch_size * settings.max_seq_len * vocab * 4 + 2**30
+
+
+def choose_execution(settings: TestSettings, pruned_dir: Path, original_dir: Path | None, gpu_bytes=None):
+    """REAP_EXECUTION for the test stage (reap_vlm.execution.choose with the comparison's estimate)."""
+    from .execution import choose
+
+    what = "the pruned and the original model's weights + the comparison's logits"
+    return choose(settings, gpu_bytes=gpu_bytes, need=lambda: (memory_need(pruned_dir, original_dir, settings), what))
+
+
+def generation_mode(settings: TestSettings, execution) -> str:
+    """REAP_GENERATION resolved: auto generates in memory, or offloaded when the comparison is streamed."""
+    if settings.generation != "auto":
+        return settings.generation
+    return "memory" if execution.mode == "memory" else "offload"
+
+
+def spread(samples, n: int) -> list:
+    """At most n prompts, one task or source after the other (in held-out order), then the held-out order."""
+    groups: dict[str, list] = {}
+    for s in samples:
+        groups.setdefault(task_of(s) if s.answer.strip() else s.source, []).append(s)
+    chosen: set[str] = set()
+    for depth in range(max((len(g) for g in groups.values()), default=0)):
+        for group in groups.values():
+            if depth < len(group) and len(chosen) < n:
+                chosen.add(group[depth].id)
+    return [s for s in samples if s.id in chosen]
+
+
+def offload_budget(settings: TestSettings) -> dict:
+    """accelerate's max_memory for offloaded generation: per GPU in use 90 % of its free memory less 1 GiB
+    (activations and the KV cache), REAP_STREAM_CACHE_GB of RAM; the rest of the weights is read from disk."""
+    budget: dict = {"cpu": int(settings.stream_cache_gb * 2**30)}
+    if settings.device != "cpu" and torch.cuda.is_available():
+        indices = range(torch.cuda.device_count())
+        if settings.device.startswith("cuda:"):
+            indices = [int(settings.device.split(":")[1])]
+        for i in indices:
+            budget[i] = max(0, int(0.9 * torch.cuda.mem_get_info(i)[0]) - 2**30)
+    return budget
+
+
+@contextlib.contextmanager
+def offloaded(model_dir: Path, settings: TestSettings, kwargs: dict):
+    """(model, processor) loaded with accelerate's offload (offload_budget), its offload folder beside the
+    report and removed afterwards."""
+    parent = settings.report_dir.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=".reap_offload_", dir=parent))
+    try:
+        console.step(f"loading {model_dir} with offload")
+        model, processor, _ = load_model(model_dir, **kwargs, offload=(offload_budget(settings), folder))
+        yield model, processor
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _generate_all(settings, gen_mode, prompts, names, pruned_dir, original_dir, kwargs) -> tuple[list, tuple]:
+    """Greedy generations of the pruned model and, with the original, its answers beside them. Returns
+    (generations, (pruned, original, processor): the models loaded whole, for compare; Nones otherwise)."""
+    if gen_mode == "skip":
+        return [], (None, None, None)
+    if gen_mode == "memory":
+        console.step(f"loading {pruned_dir}")
+        pruned, processor, _ = load_model(pruned_dir, **kwargs)
+        generations = generate(
+            pruned, processor, prompts, settings.max_new_tokens, settings, "generating (pruned)", names
+        )
+        original = None
+        if original_dir:
+            console.step(f"loading {original_dir}")
+            original, _, _ = load_model(original_dir, **kwargs)
+            answers = generate(
+                original, processor, prompts, settings.max_new_tokens, settings, "generating (original)", names
+            )
+            _pair(generations, answers)
+        return generations, (pruned, original, processor)
+    with offloaded(pruned_dir, settings, kwargs) as (model, processor):
+        generations = generate(
+            model, processor, prompts, settings.max_new_tokens, settings, "generating (pruned, offloaded)", names
+        )
+    if original_dir:
+        with offloaded(Path(original_dir), settings, kwargs) as (model, _):
+            answers = generate(
+                model, processor, prompts, settings.max_new_tokens, settings, "generating (original, offloaded)", names
+            )
+        _pair(generations, answers)
+    return generations, (None, None, None)
+
+
+def _pair(generations: list[dict], answers: list[dict]) -> None:
+    for g, o in zip(generations, answers, strict=True):
+        g["original_answer"], g["original_degenerate"] = o["answer"], o["degenerate"]
+        if "correct" in o:
+            g["original_correct"] = o["correct"]
+
+
+GENERATION_NOTES = {
+    "offload": (
+        "greedy generation with accelerate's offload (REAP_GENERATION=offload: at most REAP_STREAM_CACHE_GB of "
+        "weights in RAM, the rest read from disk) on {n} of {total} held-out prompts (REAP_OFFLOAD_PROMPTS); the "
+        "per-task exact-match check is teacher-forced on every held-out question"
+    ),
+    "skip": (
+        "generation skipped (REAP_GENERATION=skip): the verdict rests on the teacher-forced metrics (agreement, "
+        "KL, perplexity, and per task the exact match of every answer token at top-1)"
+    ),
+}
+
+
 def _run(settings: TestSettings) -> int:
     pruned_dir = settings.pruned_dir
     checks = structural_check(pruned_dir, settings.metadata_file)
     original_dir = settings.original_model_path or settings.model_path
+    execution = choose_execution(settings, pruned_dir, original_dir)
+    gen_mode = generation_mode(settings, execution)
+    config = read_config(pruned_dir)
+    if execution.mode == "stream":  # refuse a family streaming does not support before anything is loaded
+        from .execution.stream import check_streamable
+
+        for model_dir in (pruned_dir, original_dir):
+            if model_dir:
+                check_streamable(read_config(Path(model_dir)))
+    console.info(f"execution: {execution.mode} ({execution.reason}); generation: {gen_mode}")
     console.step("reading the held-out samples")
     samples = heldout(settings)
     kwargs = dict(
@@ -670,55 +903,68 @@ def _run(settings: TestSettings) -> int:
         trust_remote_code=settings.trust_remote_code,
         attn_implementation=settings.attn_implementation,
     )
-    console.step(f"loading {pruned_dir}")
-    pruned, processor, config = load_model(pruned_dir, **kwargs)
     skipped_images = 0
     if not is_vision_language(config):  # a text model cannot see the images: its questions say nothing
         skipped_images = sum(bool(s.images) for s in samples)
         samples = [s for s in samples if not s.images]
-    generations = generate(pruned, processor, samples, settings.max_new_tokens, settings, "generating (pruned)")
-    original = None
-    if original_dir:
-        console.step(f"loading {original_dir}")
-        original, _, _ = load_model(original_dir, **kwargs)
-        for g, o in zip(
-            generations,
-            generate(original, processor, samples, settings.max_new_tokens, settings, "generating (original)"),
-            strict=True,
-        ):
-            g["original_answer"], g["original_degenerate"] = o["answer"], o["degenerate"]
-            if "correct" in o:
-                g["original_correct"] = o["correct"]
-    metrics = compare(pruned, original, processor, samples, settings)
-    tasks = task_accuracy(generations)
+    names = name_tasks(samples)
+    prompts = (
+        samples if gen_mode == "memory" else spread(samples, settings.offload_prompts) if gen_mode == "offload" else []
+    )
+    generations, (pruned, original, processor) = _generate_all(
+        settings, gen_mode, prompts, names, pruned_dir, original_dir, kwargs
+    )
+    streamed = None
+    if execution.mode == "memory":
+        if pruned is None:
+            console.step(f"loading {pruned_dir}")
+            pruned, processor, _ = load_model(pruned_dir, **kwargs)
+            if original_dir:
+                console.step(f"loading {original_dir}")
+                original, _, _ = load_model(original_dir, **kwargs)
+        metrics = compare(pruned, original, processor, samples, settings)
+    else:
+        del pruned, original  # the generation models, before the streamed pass
+        gc.collect()
+        metrics, streamed = compare_streamed(pruned_dir, original_dir, samples, settings)
+    scope = "all" if gen_mode == "memory" else "some" if gen_mode == "offload" else "none"
+    tasks = task_accuracy(generations) if scope == "all" else {}
     for task, entry in metrics.pop("answers_by_task").items():
         tasks.setdefault(task, {}).update(entry)
     kind_of = {s.id: s.kind for s in samples}
-    kinds = {name: kind_of[sample_id] for sample_id, name in name_tasks(samples).items()}
+    kinds = {name: kind_of[sample_id] for sample_id, name in names.items()}
     for task, entry in tasks.items():
         entry["kind"] = kinds.get(task, "text")
     examples, images = _examples(samples, generations)
     from .report import pruning_summary
 
     meta = metadata.read(settings.metadata_file) if settings.metadata_file.is_file() else None
+    with_original = bool(original_dir) and bool(generations)
     report = {
         "pruned": str(pruned_dir),
         "original": str(original_dir) if original_dir else None,
         "pruning": pruning_summary(pruned_dir, Path(original_dir) if original_dir else None, meta),
         "samples": len(samples),
         "skipped_image_samples": skipped_images,
+        "execution": {"mode": execution.mode, "reason": execution.reason, **(streamed or {})},
         "structure": checks,
         "metrics": metrics,
         "tasks": tasks,
         "examples": examples,
         "generation": {
+            "mode": gen_mode,
+            "scope": scope,
+            "prompts": len(prompts),
+            "note": GENERATION_NOTES[gen_mode].format(n=len(prompts), total=len(samples))
+            if gen_mode in GENERATION_NOTES
+            else None,
             "pruned_degenerate_share": _share(generations, lambda g: g["degenerate"]),
             "samples": generations,
             "original_degenerate_share": _share(generations, lambda g: g["original_degenerate"])
-            if original is not None
+            if with_original
             else None,
             "newly_degenerate_share": _share(generations, lambda g: g["degenerate"] and not g["original_degenerate"])
-            if original is not None
+            if with_original
             else None,
         },
         "thresholds": {
@@ -733,11 +979,13 @@ def _run(settings: TestSettings) -> int:
             )
         },
     }
+    if scope == "some":
+        report["generation"]["accuracy_by_task"] = task_accuracy(generations)
     report["failures"] = verdict(report, settings)
     report["passed"] = not report["failures"]
     console.step("writing the report and its charts")
     write_report(report, settings.report_dir, settings.metadata_file, images, settings)
-    if original is not None:
+    if original_dir:
         from .card import record_results
 
         record_results(pruned_dir, report)  # the headline numbers in the pruned checkpoint's model card

@@ -110,12 +110,15 @@ def load_model(
     attn_implementation: str = "",
     experts_implementation: str | None = None,
     keep_fp8_experts: bool | None = None,
+    offload: tuple[dict, Path] | None = None,
 ):
     """(model, processor, config dict). The model is in eval mode; the processor is the checkpoint's own
     (a tokenizer for text-only models).
 
     keep_fp8_experts: an FP8 block-wise checkpoint's routed experts stay e4m3 in memory (transformers'
-    FP8Experts, see reap_vlm.quantization); None: on a GPU (on a CPU transformers dequantizes anyway)."""
+    FP8Experts, see reap_vlm.quantization); None: on a GPU (on a CPU transformers dequantizes anyway).
+    offload: (max_memory, folder) for accelerate's device_map="auto", what does not fit max_memory
+    offloaded to that folder on disk."""
     from huggingface_hub.errors import StrictDataclassError  # transformers' typed config fields
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
@@ -126,13 +129,19 @@ def load_model(
     device = resolve_device(device)
     quant = quantization_of(model_dir, config)
     if keep_fp8_experts is None:
-        keep_fp8_experts = device != "cpu" and torch.cuda.is_available()
+        keep_fp8_experts = device != "cpu" and torch.cuda.is_available() and offload is None
     if quant is not None and keep_fp8_experts:
         from .checkpoint.layout import inspect_checkpoint
         from .quantization import fp8_experts_keepable
 
         keep_fp8_experts = fp8_experts_keepable(quant, inspect_checkpoint(model_dir))
     if quant is not None and (keep_fp8_experts or not _transformers_reads(quant, model_dir, config)):
+        if offload is not None:
+            raise SettingsError(
+                f"REAP_GENERATION=offload cannot offload this {quant.format} checkpoint",
+                "it is dequantized by this tool while loading, which accelerate's offload does not do",
+                "Use REAP_GENERATION=skip (the verdict is then teacher-forced) or memory",
+            )
         model = _load_dequantizing(
             model_dir, config, device, dtype, trust_remote_code, attn_implementation, keep_fp8_experts
         )
@@ -148,6 +157,9 @@ def load_model(
             dequantize=True,
         )
     kwargs["device_map"] = device
+    if offload is not None:
+        kwargs["device_map"] = "auto"
+        kwargs["max_memory"], kwargs["offload_folder"] = offload[0], str(offload[1])
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     if experts_implementation:
@@ -290,5 +302,12 @@ def _load_error(model_dir: Path, first: str) -> CheckpointError:
 
 
 def input_device(model: torch.nn.Module) -> torch.device:
-    """Where the inputs go: the embedding's device (first GPU under a device_map)."""
-    return model.get_input_embeddings().weight.device
+    """Where the inputs go: the embedding's device (first GPU under a device_map; for an embedding that
+    accelerate offloaded, the device its hook computes on)."""
+    embedding = model.get_input_embeddings()
+    if embedding.weight.device.type == "meta":
+        hook = getattr(embedding, "_hf_hook", None)
+        device = getattr(hook, "execution_device", None)
+        if device is not None:
+            return torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
+    return embedding.weight.device

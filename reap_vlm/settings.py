@@ -55,6 +55,7 @@ METHODS = ("prune", "merge")
 MERGE_GROUPINGS = ("ream", "hcsmoe")  # reap_vlm.methods.merge.GROUPINGS
 MERGE_ROUTERS = ("centroid", "average")
 EXECUTION_MODES = ("auto", "memory", "stream")
+GENERATION_MODES = ("auto", "memory", "offload", "skip")
 
 
 def opt(default: Any, help: str, *, choices: tuple | None = None, env: str | None = None, group: str = ""):
@@ -492,6 +493,28 @@ class TestSettings(Settings):
         "Fail when more than this share of generations is degenerate (with the original: degenerate for the "
         "pruned model but not for the original).",
     )
+    execution: str = opt(
+        "auto",
+        "How the comparison with the original runs: memory (both models loaded), stream (each model one decoder "
+        "layer at a time, read from its own shards), auto (stream when both models' weights + the comparison's "
+        "logits do not fit one GPU's free memory).",
+        choices=EXECUTION_MODES,
+    )
+    stream_cache_gb: float = opt(
+        32.0,
+        "Streamed execution: GiB of hidden states kept in RAM (the rest goes to a spill folder); offloaded "
+        "generation: GiB of weights kept in RAM (the rest is read from disk).",
+    )
+    generation: str = opt(
+        "auto",
+        "Greedy generation: memory (each model loaded whole, every held-out prompt), offload (accelerate's "
+        "offload to RAM and disk, REAP_OFFLOAD_PROMPTS prompts), skip (none: the report says so and per-task "
+        "exact match is judged teacher-forced), auto (memory, or offload when the comparison is streamed).",
+        choices=GENERATION_MODES,
+    )
+    offload_prompts: int = opt(
+        4, "Prompts generated under REAP_GENERATION=offload (spread over the tasks and sources), each model."
+    )
 
     @property
     def report_dir(self) -> Path:
@@ -499,6 +522,11 @@ class TestSettings(Settings):
 
     def validate(self) -> None:
         super().validate()
+        if not self.stream_cache_gb >= 0:
+            raise SettingsError(
+                "REAP_STREAM_CACHE_GB must be >= 0", f"got {self.stream_cache_gb}", "Set e.g. 32 (0 = spill all)"
+            )
+        _check_range("offload_prompts", self.offload_prompts, 1, None)
         if self.max_new_tokens <= 0 or self.eval_samples < 0:
             raise SettingsError("REAP_MAX_NEW_TOKENS must be > 0 and REAP_EVAL_SAMPLES >= 0", "", "Fix the value")
         if not 0.0 <= self.image_share <= 1.0:

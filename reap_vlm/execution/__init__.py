@@ -16,13 +16,14 @@ class Execution:
     reason: str
 
 
-def choose(settings, *, gpu_free: list[int] | None = None) -> Execution:
+def choose(settings, *, gpu_free: list[int] | None = None, need=None) -> Execution:
     """Resolve REAP_EXECUTION. auto streams when the model's weights plus the scoring memory (as `verify`
     estimates it) do not fit the free memory of ONE of the GPUs in use, even when several are visible:
     accelerate's device_map over several GPUs runs the layers one GPU after another (one GPU busy at a
     time), while streaming on one GPU measured 1.01x the in-memory path's throughput (docs/multi-gpu.md);
     REAP_EXECUTION=memory keeps the device_map. Without a GPU auto keeps the in-memory path.
-    `gpu_free`: free bytes per GPU in use (default: asked of CUDA)."""
+    `gpu_free`: free bytes per GPU in use (default: asked of CUDA). `need`: another stage's estimate
+    instead (the test stage's), a function returning (bytes, what)."""
     mode = getattr(settings, "execution", "memory")
     if mode not in MODES:
         raise SettingsError(f"REAP_EXECUTION={mode!r} is not a mode", "expected auto, memory or stream", "Fix it")
@@ -37,13 +38,17 @@ def choose(settings, *, gpu_free: list[int] | None = None) -> Execution:
         if settings.device.startswith("cuda:"):
             indices = [int(settings.device.split(":")[1])]
         gpu_free = [torch.cuda.mem_get_info(i)[0] for i in indices]
-    from ..verify import describe
+    if need is None:
+        from ..verify import describe
 
-    need = describe(settings.model_path, None)["scoring_memory_gib"][settings.scoring_mode] * 2**30
+        needed = describe(settings.model_path, None)["scoring_memory_gib"][settings.scoring_mode] * 2**30
+        what = f"weights + {settings.scoring_mode}-mode scoring"
+    else:
+        needed, what = need()
     one = max(gpu_free)
     where = "one GPU" if len(gpu_free) == 1 else f"the largest of the {len(gpu_free)} visible GPUs"
-    head = f"auto: weights + {settings.scoring_mode}-mode scoring need {need / 2**30:.1f} GiB"
-    if need <= one:
+    head = f"auto: {what} need {needed / 2**30:.1f} GiB"
+    if needed <= one:
         return Execution("memory", f"{head} and fit the {one / 2**30:.1f} GiB free on {where}")
     reason = f"{head} and do not fit the {one / 2**30:.1f} GiB free on {where}"
     if len(gpu_free) > 1:

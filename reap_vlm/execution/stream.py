@@ -307,6 +307,7 @@ class StreamedModel:
         spill_parent: Path | None = None,
         prefetch: bool = True,
         chunk_bytes: int = 768 * 2**20,
+        load_outer: bool = True,
     ):
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
@@ -333,7 +334,8 @@ class StreamedModel:
         if not isinstance(getattr(self.decoder, "norm", None), torch.nn.Module):
             raise BugError(f"{type(self.decoder).__name__} has no final norm to stop the capture at")
         self.reader = LayerReader(model_dir, self.model, device=self.device, dtype=self.dtype)
-        self.reader.load(OUTER)
+        if load_outer:  # False: the caller loads them (reader.load(OUTER)) or runs another model's instead
+            self.reader.load(OUTER)
         self.chunk_bytes = chunk_bytes
         self.last_cache: HiddenCache | None = None
         self.measured: Measured | None = None  # the candidate plans measured in the statistics' pass
