@@ -3,7 +3,6 @@ original on held-out data, expert usage, a report and a pass/fail verdict (exit 
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import json
 import math
@@ -813,52 +812,54 @@ def offload_budget(settings: TestSettings) -> dict:
     return budget
 
 
-@contextlib.contextmanager
-def offloaded(model_dir: Path, settings: TestSettings, kwargs: dict):
-    """(model, processor) loaded with accelerate's offload (offload_budget), its offload folder beside the
-    report and removed afterwards."""
+def generate_offloaded(model_dir: Path, settings: TestSettings, kwargs: dict, prompts, label: str, names) -> list:
+    """generate() with the model loaded under accelerate's offload (offload_budget), its offload folder beside
+    the report; the model is freed and the folder removed before this returns."""
     parent = settings.report_dir.parent
     parent.mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(prefix=".reap_offload_", dir=parent))
     try:
         console.step(f"loading {model_dir} with offload")
         model, processor, _ = load_model(model_dir, **kwargs, offload=(offload_budget(settings), folder))
-        yield model, processor
+        try:
+            return generate(model, processor, prompts, settings.max_new_tokens, settings, label, names)
+        finally:
+            del model
+            gc.collect()
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _generate_all(settings, gen_mode, prompts, names, pruned_dir, original_dir, kwargs) -> tuple[list, tuple]:
+def _generate_all(settings, gen_mode, prompts, names, pruned_dir, original_dir, kwargs, keep: bool) -> tuple:
     """Greedy generations of the pruned model and, with the original, its answers beside them. Returns
-    (generations, (pruned, original, processor): the models loaded whole, for compare; Nones otherwise)."""
+    (generations, (pruned, original, processor)): with `keep` and REAP_GENERATION=memory the models loaded
+    whole, for compare; else Nones (and never two models in memory at once)."""
     if gen_mode == "skip":
         return [], (None, None, None)
-    if gen_mode == "memory":
-        console.step(f"loading {pruned_dir}")
-        pruned, processor, _ = load_model(pruned_dir, **kwargs)
-        generations = generate(
-            pruned, processor, prompts, settings.max_new_tokens, settings, "generating (pruned)", names
-        )
-        original = None
+    if gen_mode == "offload":
+        generations = generate_offloaded(pruned_dir, settings, kwargs, prompts, "generating (pruned, offloaded)", names)
         if original_dir:
-            console.step(f"loading {original_dir}")
-            original, _, _ = load_model(original_dir, **kwargs)
-            answers = generate(
-                original, processor, prompts, settings.max_new_tokens, settings, "generating (original)", names
-            )
-            _pair(generations, answers)
-        return generations, (pruned, original, processor)
-    with offloaded(pruned_dir, settings, kwargs) as (model, processor):
-        generations = generate(
-            model, processor, prompts, settings.max_new_tokens, settings, "generating (pruned, offloaded)", names
-        )
+            label = "generating (original, offloaded)"
+            _pair(generations, generate_offloaded(Path(original_dir), settings, kwargs, prompts, label, names))
+        return generations, (None, None, None)
+    console.step(f"loading {pruned_dir}")
+    pruned, processor, _ = load_model(pruned_dir, **kwargs)
+    generations = generate(pruned, processor, prompts, settings.max_new_tokens, settings, "generating (pruned)", names)
+    if not keep:
+        del pruned
+        gc.collect()
+        pruned = None
+    original = None
     if original_dir:
-        with offloaded(Path(original_dir), settings, kwargs) as (model, _):
-            answers = generate(
-                model, processor, prompts, settings.max_new_tokens, settings, "generating (original, offloaded)", names
-            )
-        _pair(generations, answers)
-    return generations, (None, None, None)
+        console.step(f"loading {original_dir}")
+        original, _, _ = load_model(original_dir, **kwargs)
+        label = "generating (original)"
+        _pair(generations, generate(original, processor, prompts, settings.max_new_tokens, settings, label, names))
+        if not keep:
+            del original
+            gc.collect()
+            original = None
+    return generations, (pruned, original, processor)
 
 
 def _pair(generations: list[dict], answers: list[dict]) -> None:
@@ -868,12 +869,16 @@ def _pair(generations: list[dict], answers: list[dict]) -> None:
             g["original_correct"] = o["correct"]
 
 
+OFFLOADED = (
+    "greedy generation with accelerate's offload (REAP_GENERATION=offload: at most REAP_STREAM_CACHE_GB of weights "
+    "in RAM, the rest read from disk)"
+)
 GENERATION_NOTES = {
     "offload": (
-        "greedy generation with accelerate's offload (REAP_GENERATION=offload: at most REAP_STREAM_CACHE_GB of "
-        "weights in RAM, the rest read from disk) on {n} of {total} held-out prompts (REAP_OFFLOAD_PROMPTS); the "
-        "per-task exact-match check is teacher-forced on every held-out question"
+        OFFLOADED + " on {n} of {total} held-out prompts (REAP_OFFLOAD_PROMPTS); the per-task exact-match check is "
+        "teacher-forced on every held-out question"
     ),
+    "offload-all": OFFLOADED + " on all {n} held-out prompts",
     "skip": (
         "generation skipped (REAP_GENERATION=skip): the verdict rests on the teacher-forced metrics (agreement, "
         "KL, perplexity, and per task the exact match of every answer token at top-1)"
@@ -912,7 +917,7 @@ def _run(settings: TestSettings) -> int:
         samples if gen_mode == "memory" else spread(samples, settings.offload_prompts) if gen_mode == "offload" else []
     )
     generations, (pruned, original, processor) = _generate_all(
-        settings, gen_mode, prompts, names, pruned_dir, original_dir, kwargs
+        settings, gen_mode, prompts, names, pruned_dir, original_dir, kwargs, keep=execution.mode == "memory"
     )
     streamed = None
     if execution.mode == "memory":
@@ -924,10 +929,8 @@ def _run(settings: TestSettings) -> int:
                 original, _, _ = load_model(original_dir, **kwargs)
         metrics = compare(pruned, original, processor, samples, settings)
     else:
-        del pruned, original  # the generation models, before the streamed pass
-        gc.collect()
         metrics, streamed = compare_streamed(pruned_dir, original_dir, samples, settings)
-    scope = "all" if gen_mode == "memory" else "some" if gen_mode == "offload" else "none"
+    scope = "none" if gen_mode == "skip" else "all" if len(prompts) == len(samples) else "some"
     tasks = task_accuracy(generations) if scope == "all" else {}
     for task, entry in metrics.pop("answers_by_task").items():
         tasks.setdefault(task, {}).update(entry)
@@ -955,8 +958,10 @@ def _run(settings: TestSettings) -> int:
             "mode": gen_mode,
             "scope": scope,
             "prompts": len(prompts),
-            "note": GENERATION_NOTES[gen_mode].format(n=len(prompts), total=len(samples))
-            if gen_mode in GENERATION_NOTES
+            "note": GENERATION_NOTES[gen_mode if scope != "all" else "offload-all"].format(
+                n=len(prompts), total=len(samples)
+            )
+            if gen_mode != "memory"
             else None,
             "pruned_degenerate_share": _share(generations, lambda g: g["degenerate"]),
             "samples": generations,

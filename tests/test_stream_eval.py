@@ -159,7 +159,7 @@ def test_pre_layer_parts_differing_in_one_byte_are_run_per_model(tiny_vl_dir, tm
     assert "each model's own: " + shared["why"] in md
 
 
-def test_offloaded_generation_gives_the_in_memory_answers_on_a_few_prompts(tiny_vl_dir, tmp_path):
+def test_offloaded_generation_gives_the_in_memory_answers_on_a_few_prompts(tiny_vl_dir, tmp_path, monkeypatch):
     """auto streams nothing on a CPU; REAP_GENERATION=offload with no RAM for weights (REAP_STREAM_CACHE_GB=0:
     every weight read from accelerate's disk offload) generates REAP_OFFLOAD_PROMPTS prompts, text and image,
     and their answers are the in-memory stage's; per-task exact match is judged teacher-forced; the offload
@@ -167,8 +167,19 @@ def test_offloaded_generation_gives_the_in_memory_answers_on_a_few_prompts(tiny_
     pruned = _prune(tiny_vl_dir, tmp_path / "pruned", {0, 5})
     _, memory = _test(pruned, tiny_vl_dir, tmp_path / "memory")
     assert memory["execution"]["mode"] == "memory" and memory["generation"]["mode"] == "memory"
+    from reap_vlm import evaluate
+
+    placed, load = [], evaluate.load_model
+
+    def recorded(*args, **kwargs):
+        out = load(*args, **kwargs)
+        placed.append(getattr(out[0], "hf_device_map", None))
+        return out
+
+    monkeypatch.setattr(evaluate, "load_model", recorded)
     few = ["--execution", "stream", "--generation", "offload", "--offload-prompts", "5", "--stream-cache-gb", "0"]
     code, offload = _test(pruned, tiny_vl_dir, tmp_path / "offload", *few)
+    assert placed == [{"": "disk"}, {"": "disk"}]  # each model offloaded whole, one after the other
     gen = offload["generation"]
     assert gen["mode"] == "offload" and gen["scope"] == "some" and gen["prompts"] == len(gen["samples"]) == 5
     assert {g["kind"] for g in gen["samples"]} == {"image", "text"}
