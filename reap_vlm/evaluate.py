@@ -800,15 +800,18 @@ def spread(samples, n: int) -> list:
 
 
 def offload_budget(settings: TestSettings) -> dict:
-    """accelerate's max_memory for offloaded generation: per GPU in use 90 % of its free memory less 1 GiB
+    """accelerate's max_memory for offloaded generation: per GPU in use 90 % of what this process may still
+    allocate (its free memory, or less under torch.cuda.set_per_process_memory_fraction) less 1 GiB
     (activations and the KV cache), REAP_STREAM_CACHE_GB of RAM; the rest of the weights is read from disk."""
     budget: dict = {"cpu": int(settings.stream_cache_gb * 2**30)}
     if settings.device != "cpu" and torch.cuda.is_available():
         indices = range(torch.cuda.device_count())
         if settings.device.startswith("cuda:"):
             indices = [int(settings.device.split(":")[1])]
+        fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda _i: 1.0)
         for i in indices:
-            budget[i] = max(0, int(0.9 * torch.cuda.mem_get_info(i)[0]) - 2**30)
+            allowed = torch.cuda.get_device_properties(i).total_memory * fraction(i) - torch.cuda.memory_allocated(i)
+            budget[i] = max(0, int(0.9 * min(torch.cuda.mem_get_info(i)[0], allowed)) - 2**30)
     return budget
 
 
