@@ -138,13 +138,6 @@ def main() -> None:
     gib = {d.name: bench_stream.weight_bytes(d) / 2**30 for d in (model_dir, pruned_dir)}
     print(f"original {gib['model']:.2f} GiB, pruned {gib['pruned']:.2f} GiB ({built:.0f} s)")
     runs = {}
-    for mode in args.modes.split(","):
-        cmd = [sys.executable, __file__, "--child", mode, "--work", str(args.work), "--layers", str(args.layers)]
-        cmd += ["--samples", str(args.samples), "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size)]
-        cmd += ["--cache-gb", str(args.cache_gb), "--prompts", str(args.prompts)]
-        cmd += ["--max-new-tokens", str(args.max_new_tokens)] + (["--small"] if args.small else [])
-        subprocess.run(cmd, check=True)
-        runs[mode] = json.loads((args.work / f"{mode}.json").read_text())
     result = {
         "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
         "layers": args.layers,
@@ -152,6 +145,15 @@ def main() -> None:
         "seconds_checkpoints": round(built, 1),
         "runs": runs,
     }
+    for mode in args.modes.split(","):
+        cmd = [sys.executable, __file__, "--child", mode, "--work", str(args.work), "--layers", str(args.layers)]
+        cmd += ["--samples", str(args.samples), "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size)]
+        cmd += ["--cache-gb", str(args.cache_gb), "--prompts", str(args.prompts)]
+        cmd += ["--max-new-tokens", str(args.max_new_tokens)] + (["--small"] if args.small else [])
+        subprocess.run(cmd, check=True)
+        runs[mode] = json.loads((args.work / f"{mode}.json").read_text())
+        if args.out:  # after every run: a run cut off at a time limit keeps what was measured
+            args.out.write_text(json.dumps(result, indent=1))
     if "memory" in runs and "stream" in runs:
         result["max_rel_diff_metrics"] = _max_rel(runs["memory"]["metrics"], runs["stream"]["metrics"])
         result["max_rel_diff_tasks"] = _max_rel(runs["memory"]["tasks"], runs["stream"]["tasks"])
