@@ -771,12 +771,13 @@ def memory_need(pruned_dir: Path, original_dir: Path | None, settings: TestSetti
     return total + 2 * settings.batch_size * settings.max_seq_len * vocab * 4 + 2**30
 
 
-def choose_execution(settings: TestSettings, pruned_dir: Path, original_dir: Path | None, gpu_bytes=None):
-    """REAP_EXECUTION for the test stage (reap_vlm.execution.choose with the comparison's estimate)."""
+def choose_execution(settings: TestSettings, pruned_dir: Path, original_dir: Path | None, gpu_free=None):
+    """REAP_EXECUTION for the test stage (reap_vlm.execution.choose with the comparison's estimate;
+    `gpu_free`: free bytes per GPU in use, default asked of CUDA)."""
     from .execution import choose
 
     what = "the pruned and the original model's weights + the comparison's logits"
-    return choose(settings, gpu_bytes=gpu_bytes, need=lambda: (memory_need(pruned_dir, original_dir, settings), what))
+    return choose(settings, gpu_free=gpu_free, need=lambda: (memory_need(pruned_dir, original_dir, settings), what))
 
 
 def generation_mode(settings: TestSettings, execution) -> str:

@@ -245,10 +245,12 @@ def test_auto_streams_the_comparison_only_when_the_models_do_not_fit(tiny_vl_dir
     need = memory_need(pruned, tiny_vl_dir, settings)
     weights = sum(t.nbytes for d in (pruned, tiny_vl_dir) for t in inspect_checkpoint(d).tensors.values())
     assert need > weights + 2**30
-    small = choose_execution(settings, pruned, tiny_vl_dir, gpu_bytes=need - 1)
-    large = choose_execution(settings, pruned, tiny_vl_dir, gpu_bytes=need)
+    small = choose_execution(settings, pruned, tiny_vl_dir, gpu_free=[need - 1])
+    large = choose_execution(settings, pruned, tiny_vl_dir, gpu_free=[need])
     assert small.mode == "stream" and "do not fit" in small.reason and "the pruned and the original" in small.reason
     assert large.mode == "memory" and " fit " in large.reason
+    two = choose_execution(settings, pruned, tiny_vl_dir, gpu_free=[need - 1, need - 1])  # one GPU must hold it
+    assert two.mode == "stream" and "largest of the 2 visible GPUs" in two.reason
     assert (generation_mode(settings, small), generation_mode(settings, large)) == ("offload", "memory")
     settings.generation = "skip"
     assert generation_mode(settings, small) == generation_mode(settings, large) == "skip"
