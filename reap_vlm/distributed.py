@@ -276,6 +276,7 @@ def reduce_merge(merge, total_batches: int):
         merge.add(reduce_merged_tensors(merge.tensors(), merge.samples))
         return merge
     # on the CPU: a CUDA tensor would be unpickled onto its GPU in every other rank
+    merge.settle()
     sums = {k: {n: t.cpu() for n, t in s.items()} for k, s in merge.sums.items()}
     parts = gather({"sums": sums, "acts": {k: [a.cpu() for a in v] for k, v in merge.acts.items()}})
     for key, sums in merge.sums.items():

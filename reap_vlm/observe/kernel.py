@@ -82,16 +82,15 @@ def _up_weight(w: ExpertWeights, e0: int, e1: int) -> tuple[torch.Tensor, torch.
     return weight, bias
 
 
-def _hidden(w: ExpertWeights, xt: torch.Tensor, up_weight, bias, e: int, fused: bool = True) -> torch.Tensor:
-    """h = combine(gate, up) [e, t, I] of e experts on tokens xt: one GEMM for all of their up projections.
-    fused=False: the eager SwiGLU (for a few rows, where a compiled one would only add a recompilation)."""
+def _hidden(w: ExpertWeights, xt: torch.Tensor, up_weight, bias, e: int) -> torch.Tensor:
+    """h = combine(gate, up) [e, t, I] of e experts on tokens xt: one GEMM for all of their up projections."""
     inter = w.up.shape[1]
     width = up_weight.shape[0] // e
     proj = torch.nn.functional.linear(xt, up_weight, bias).view(-1, e, width).transpose(0, 1)  # [e, t, w]
     if w.gate is None:
         return w.combine(None, proj)
     if _is_silu(w.combine):
-        return (_fused("swiglu", _swiglu_eager, proj.device) if fused else _swiglu_eager)(proj, inter)
+        return _fused("swiglu", _swiglu_eager, proj.device)(proj, inter)
     return w.combine(proj[..., :inter], proj[..., inter:])
 
 
@@ -152,12 +151,15 @@ def _budget(budget_mb: float) -> int:
 
 
 def _add_gated(gated, h: torch.Tensor, t0: int, e0: int, e1: int) -> None:
-    """acc[e] += Σ_t p[t, e] h[e, t] for this chunk (gated = (probs [T, E], acc [E, I]) or None)."""
+    """acc[e] += Σ_t p[t, e] h[e, t] for this chunk (gated = (probs [T, E], acc [E, I][, sample]) or None), and
+    the sampled rows' h to the sample (merge_stats.Sample) where there is one."""
     if gated is None:
         return
-    probs, acc = gated
+    probs, acc, *sample = gated
     p = probs[t0 : t0 + h.shape[1], e0:e1].T.unsqueeze(1).to(h.dtype)  # [e, 1, t]
     acc[e0:e1] += torch.bmm(p, h).squeeze(1).to(acc.dtype)
+    if sample:
+        sample[0].take(h, t0, e0, e1)
 
 
 def all_expert_norms(

@@ -9,13 +9,14 @@ Per MoE block, over the calibration tokens (padding never counts):
                     cosines, which is all REAM's router similarity needs, exactly, whatever N.
   activations       h_j(x) of every expert on the same S sampled tokens [E, S, I] (bfloat16): the
                     neuron activation patterns that alignment matches. S is set by the size bound.
-The sums ride on the Gram-path kernel (it computes every h anyway); the sampled activations are a
-small extra up projection of the sampled rows. Written as reap_merge_stats.safetensors next to
-reap_metadata.json (`write`), read by the prune stage's merge method (`read`).
+The sums and the sampled activations ride on the Gram-path kernel (it computes every h anyway).
+Written as reap_merge_stats.safetensors next to reap_metadata.json (`write`), read by the prune stage's
+merge method (`read`).
 """
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 from pathlib import Path
@@ -25,7 +26,6 @@ import torch
 from ..errors import BugError, MetadataError
 from ..moe.spec import ExpertWeights, MoEBlock
 from ..quantization import DEFAULT_CHUNK_BYTES, experts_per_chunk
-from .kernel import _hidden, _up_weight
 from .stats import to_device
 
 FILE_NAME = "reap_merge_stats.safetensors"
@@ -54,6 +54,7 @@ class MergeStats:
         self._budget = DEFAULT_CHUNK_BYTES  # bytes of quantized experts dequantized at a time (add's)
         self.sums: dict[str, dict[str, torch.Tensor]] = {}
         self.acts: dict[str, list[torch.Tensor]] = {}
+        self._filling: dict[str, torch.Tensor] = {}  # this batch's sampled h per block, on the device
 
     def add(
         self,
@@ -65,7 +66,8 @@ class MergeStats:
         budget_bytes: int = DEFAULT_CHUNK_BYTES,
     ):
         """hidden [T, H] and logits [T, R] of the block's real tokens; probs [T, E] fp32 (p of the block's
-        score function). Returns (probs, gated_hidden_sum) for the kernel to add Σ p h into. Experts kept
+        score function). Returns (probs, gated_hidden_sum[, Sample]) for the kernel to add Σ p h into and to hand
+        the sampled rows' h to (kernel._add_gated). Experts kept
         quantized are dequantized `budget_bytes` at a time."""
         if logits is None:
             raise BugError(f"no router logits were captured for block {block.key}")
@@ -89,28 +91,34 @@ class MergeStats:
         s["router_logit_gram"] += z.T @ z
         s["prob_sum"] += probs.double().sum(0)
         s["tokens"] += hidden.shape[0]
+        self._collect(block.key)  # the previous batch's sampled rows of this block, to the host
         taken = sum(a.shape[1] for a in self.acts[block.key])
         want = min(self.per_batch, self.samples - taken, hidden.shape[0])
-        if want > 0:
-            rows = torch.randperm(hidden.shape[0], generator=self._gen)[:want].sort().values
-            x = hidden[to_device(rows, device)].to(w.dtype)
-            step = E if w.dequantize is None else experts_per_chunk(w, budget_bytes)
-            parts = []
-            for e0 in range(0, E, step):  # quantized experts: a chunk of them dequantized at a time
-                c = w.experts(e0, min(e0 + step, E))
-                up_weight, bias = _up_weight(c, 0, c.num_experts)
-                # a few rows: the eager SwiGLU (a compiled one would recompile for this shape)
-                parts.append(_hidden(c, x, up_weight, bias, c.num_experts, fused=False).to(ACT_DTYPE))
-                del c, up_weight, bias
-            # the copy to the host without waiting for it (tensors() and state() wait, once)
-            h = torch.cat(parts) if len(parts) > 1 else parts[0]
-            self.acts[block.key].append(h.to("cpu", non_blocking=device.type == "cuda"))
-        return probs, s["gated_hidden_sum"]
+        if want <= 0:
+            return probs, s["gated_hidden_sum"]
+        # the sampled rows' h are taken from the chunks the kernel computes anyway (Sample.take): no extra
+        # up projection of all experts (it read every expert's weights again for a few rows, per block and batch)
+        rows = torch.randperm(hidden.shape[0], generator=self._gen)[:want].sort().values
+        buffer = torch.zeros((E, want, inter), dtype=ACT_DTYPE, device=device)
+        self._filling[block.key] = buffer
+        return probs, s["gated_hidden_sum"], Sample(rows, buffer)
+
+    def settle(self) -> None:
+        """Every sampled activation on the host (`acts` complete): after the last batch, before reading acts."""
+        self._collect()
+        _settle()
+
+    def _collect(self, key: str | None = None) -> None:
+        """Sampled activations the kernel has filled -> the host, without waiting (tensors() and state() wait)."""
+        for k in [key] if key is not None else list(self._filling):
+            buffer = self._filling.pop(k, None)
+            if buffer is not None:
+                self.acts[k].append(buffer.to("cpu", non_blocking=buffer.device.type == "cuda"))
 
     @torch.no_grad()
     def tensors(self) -> dict[str, torch.Tensor]:
         """Everything the side file holds, by '<block key>.<name>' (cpu)."""
-        _settle()
+        self.settle()
         out = {}
         for key, s in self.sums.items():
             w = self._weights[key]
@@ -139,7 +147,7 @@ class MergeStats:
 
     # ---- resume -----------------------------------------------------------------------------
     def state(self) -> dict:
-        _settle()
+        self.settle()
         return {
             "sums": {k: {n: t.cpu() for n, t in s.items()} for k, s in self.sums.items()},
             "acts": self.acts,
@@ -150,6 +158,26 @@ class MergeStats:
         self.sums = {k: dict(s) for k, s in state["sums"].items()}
         self.acts = {k: list(a) for k, a in state["acts"].items()}
         self._gen.set_state(state["gen"])
+
+
+class Sample:
+    """Which rows of a block's batch keep their h (rows: sorted host indices into the kernel's tokens) and
+    where they go (buffer [E, n, I] on the device); the kernel hands over each chunk it computes (`take`)."""
+
+    def __init__(self, rows: torch.Tensor, buffer: torch.Tensor):
+        self.rows, self.buffer = rows, buffer
+        self._starts = rows.tolist()
+        self._local: dict[tuple[int, int], torch.Tensor] = {}
+
+    def take(self, h: torch.Tensor, t0: int, e0: int, e1: int) -> None:
+        """h [e1 - e0, t, I] of the experts e0..e1 on tokens t0..t0 + t: the sampled rows among them."""
+        t1 = t0 + h.shape[1]
+        lo, hi = bisect.bisect_left(self._starts, t0), bisect.bisect_left(self._starts, t1)
+        if hi <= lo:
+            return
+        if (t0, t1) not in self._local:  # the same token chunks for every chunk of experts
+            self._local[(t0, t1)] = to_device(self.rows[lo:hi] - t0, h.device)
+        self.buffer[e0:e1, lo:hi] = h.index_select(1, self._local[(t0, t1)]).to(self.buffer.dtype)
 
 
 def _settle() -> None:
