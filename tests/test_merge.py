@@ -687,6 +687,12 @@ def test_auto_chooses_merge_where_it_wins_and_the_prune_stage_writes_that_merge(
     assert main("prune", run, args) == 0
     assert "note: the reap stage chose merging" in capsys.readouterr().err
     info = json.loads((pruned / "config.json").read_text())["reap_pruning"]
+    # the merge the reap stage chose needs its statistics: without them, one line and nothing written
+    (out / merge_stats.FILE_NAME).rename(tmp_path / "moved.safetensors")
+    code = main("prune", run, [*args[:-2], "--pruned-model-path", str(tmp_path / "refused")])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and f"{merge_stats.FILE_NAME} does not exist" in lines[0]
+    assert "--method prune" in lines[0] and not (tmp_path / "refused").exists()
     assert "merge" not in info and info["kept"] == {
         f"{layer}.{s}": sorted(g[0] for g in gs) for (layer, s), gs in groups.items()
     }
