@@ -748,8 +748,9 @@ def measure_plans(
     `random_seeds` random plans. Each distinct plan runs once.
 
     With `merge_stats` (the merge statistics per block key), merging with `greedy_base`'s saliency and
-    `merge_settings` (grouping, group_size, router; MERGE_DEFAULTS) is measured at every ratio too (policy
-    "merge"): the merged weights swapped into the live model, the other group members masked."""
+    `merge_settings` (grouping, group_size, router; MERGE_DEFAULTS) is measured at the first ratio too (policy
+    "merge"; the one `choose` decides at: each merge costs an alignment of every layer): the merged weights
+    swapped into the live model, the other group members masked."""
     started = time.perf_counter()
     blocks_meta = meta["model"]["blocks"]
     candidates: list[dict] = []
@@ -846,7 +847,7 @@ def measure_plans(
                 notes.append(f"random plan at ratio {ratio}: skipped ({err.what})")
                 break
             add(kept, criterion="random", policy="random", ratio=ratio, seed=seed)
-        if merge_stats is not None and greedy_base:
+        if i == 0 and merge_stats is not None and greedy_base:  # where auto chooses
             t0 = time.perf_counter()
             try:
                 kept, swap, info = _merge_candidate(

@@ -285,8 +285,8 @@ class ReapSettings(Settings):
     plots: bool = opt(True, "Write heatmap and candidate-plan PNGs next to the metadata.")
     eval_merge: bool = opt(
         True,
-        "Also measure expert merging (REAP_MERGE_GROUPING, REAP_MERGE_GROUP_SIZE, REAP_MERGE_ROUTER) at every "
-        "ratio beside the pruning plans (full mode with merge statistics, in-memory execution); with "
+        "Also measure expert merging (REAP_MERGE_GROUPING, REAP_MERGE_GROUP_SIZE, REAP_MERGE_ROUTER) at the "
+        "requested ratio beside the pruning plans (full mode with merge statistics, in-memory execution); with "
         "REAP_CRITERION=auto it is chosen only when measurably better than every pruning plan, and the prune "
         "stage then merges by default.",
     )

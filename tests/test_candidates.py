@@ -93,11 +93,11 @@ def test_table_shows_disagreement_and_auto_picks_by_the_objective(disagreeing):
     (swap,) = [r for r in table["rows"] if r["policy"] == "swap"]  # from the greedy plan, within the budget
     assert swap["search"]["base"] == "greedy from reap/balanced" and swap["search"]["evaluations"] <= 200
     assert swap["search"]["objective"] <= swap["search"].get("start_objective", swap["search"]["objective"])
-    # three random plans beside the criteria at the requested ratio; the others ratios show the default policy
-    # and merging (REAP_EVAL_MERGE, full mode)
+    # three random plans and merging (REAP_EVAL_MERGE, full mode) beside the criteria at the requested ratio; the
+    # others ratios show the default policy
     assert sorted(r["seed"] for r in table["rows"] if r["ratio"] == 0.5 and r["policy"] == "random") == [0, 1, 2]
     for ratio in (0.25, 0.75):
-        assert {r["policy"] for r in table["rows"] if r["ratio"] == ratio} == {"balanced", "merge"}
+        assert {r["policy"] for r in table["rows"] if r["ratio"] == ratio} == {"balanced"}
     chosen = table["chosen"]
     candidates = [r for r in table["rows"] if r["ratio"] == 0.5 and r["policy"] != "random"]
     passing = [r for r in candidates if r["floor"]["ok"]] or candidates

@@ -483,7 +483,7 @@ def test_prune_stage_merge_method_end_to_end(tiny_vl_dir, tmp_path, capsys):
 @pytest.mark.slow  # about 2 minutes on two cores: scoring with plan measurement, then the direct check
 def test_candidate_table_measures_merge_plans_in_the_live_model(tiny_vl_dir, tmp_path):
     """REAP_EVAL_MERGE: the merged weights are swapped in for the merge rows only (restored after), the rows'
-    per-sample KL equals a direct forward of the merged, masked model, and auto never picks a merge row."""
+    per-sample KL equals a direct forward of the merged, masked model, and a fixed criterion never picks merging."""
     from test_scoring import _settings
 
     from reap_vlm.calibration import make_batches
@@ -496,7 +496,7 @@ def test_candidate_table_measures_merge_plans_in_the_live_model(tiny_vl_dir, tmp
     settings = _settings(tiny_vl_dir, tmp_path, eval_merge=True, eval_samples=6, criterion="reap")
     meta = score(settings)
     rows = [r for r in meta["candidates"]["rows"] if r["policy"] == "merge"]
-    assert {r["ratio"] for r in rows} == {0.25, 0.5, 0.75} and all(r["merge"]["group_size"] == 16 for r in rows)
+    assert [r["ratio"] for r in rows] == [0.5] and rows[0]["merge"]["group_size"] == 16  # where auto chooses
     assert meta["candidates"]["chosen"]["policy"] != "merge"
 
     model, processor, _ = load_model(tiny_vl_dir, device="cpu", dtype="float32")
