@@ -534,8 +534,13 @@ def _markdown(report: dict, figures: list[str]) -> str:
         lines += [
             "## Before → after (held-out)",
             "",
-            "Text perplexity per domain on held-out text; exact match of greedy answers (whitespace and case "
-            "normalised) and the loss on the reference answer's tokens per image task.",
+            "Text perplexity per domain on held-out text; "
+            + (
+                "exact match of greedy answers (whitespace and case normalised)"
+                if report["generation"].get("scope", "all") == "all"
+                else "teacher-forced exact match (every answer token the model's top-1)"
+            )
+            + " and the loss on the reference answer's tokens per image task.",
             "",
             "| what | original | pruned | change |",
             "|---|---|---|---|",

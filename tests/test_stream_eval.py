@@ -194,6 +194,7 @@ def test_offloaded_generation_gives_the_in_memory_answers_on_a_few_prompts(tiny_
     assert offload["generation"]["accuracy_by_task"]
     md = (tmp_path / "offload" / "report" / "report.md").read_text()
     assert "teacher-forced exact match," in md and "accelerate's offload" in md
+    assert "; teacher-forced exact match (every answer token the model's top-1) and the loss" in md
     assert code in (0, 1) and not [p for p in (tmp_path / "offload").iterdir() if p.name.startswith(".reap_")]
 
 
