@@ -319,6 +319,26 @@ def test_hidden_cache_tiers_device_then_ram_then_disk(tmp_path):
     cache.close()
 
 
+def test_hidden_cache_promotes_entries_to_its_device_tier_after_the_capture(tmp_path):
+    """The capture fills RAM and the spill folder first (the GPU's room is known only once the outer parts
+    left it); promote() moves entries to the device tier while they fit, RAM ones first, the numbers unchanged."""
+    from reap_vlm.execution.stream import HiddenCache
+
+    cache = HiddenCache(limit_bytes=80, spill_parent=tmp_path)
+    tensors = {i: torch.randn(2, 5, generator=torch.Generator().manual_seed(i)) for i in range(4)}
+    for i, t in tensors.items():
+        cache.put(i, t)
+    assert (cache.gpu_bytes, cache.ram_bytes, cache.spilled_writes) == (0, 80, 2)
+    cache.promote(80, torch.device("cpu"))  # room for two entries: the RAM ones
+    assert (cache.gpu_bytes, cache.ram_bytes, cache.spilled_reads) == (80, 0, 0)
+    for i, t in tensors.items():
+        assert torch.equal(cache.get(i), t)
+    cache.put(0, tensors[3])  # a device entry put again stays on the device
+    assert cache.gpu_bytes == 80 and torch.equal(cache.get(0), tensors[3])
+    cache.close()
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_loader_reads_each_layer_once_with_at_most_two_layers_resident(tiny_vl_dir):
     streamed = StreamedModel(tiny_vl_dir, device="cpu")
     reader = streamed.reader
@@ -355,6 +375,96 @@ def test_loader_reads_each_layer_once_with_at_most_two_layers_resident(tiny_vl_d
         assert torch.equal(p, ref), name
     reader.release(1)
     assert all(p.is_meta for p in streamed.layers[1].parameters())
+
+
+def test_reader_gives_safetensors_bytes_without_mapping_the_shard(tiny_vl_dir):
+    from safetensors import safe_open
+
+    from reap_vlm.checkpoint import inspect_checkpoint
+    from reap_vlm.execution.weights import read_tensor
+
+    layout = inspect_checkpoint(tiny_vl_dir)
+    for name, info in layout.tensors.items():
+        with open(tiny_vl_dir / info.shard, "rb", buffering=0) as f, safe_open(tiny_vl_dir / info.shard, "pt") as st:
+            ours, theirs = read_tensor(f, info), st.get_tensor(name)
+        assert ours.dtype == theirs.dtype and ours.shape == theirs.shape, name
+        assert ours.view(torch.uint8).reshape(-1).tolist() == theirs.view(torch.uint8).reshape(-1).tolist(), name
+
+
+@pytest.fixture(scope="module")
+def wide_dir(tmp_path_factory):
+    """An olmoe checkpoint of 3 layers wide enough (H 512, 32 experts of I 512: ~0.1 GiB per layer in fp32) that
+    a layer more or less in RAM shows in the process' RSS."""
+    monkeypatch = pytest.MonkeyPatch()
+    wide = {"hidden_size": 512, "intermediate_size": 512, "num_experts": 32, "head_dim": 128}
+    monkeypatch.setitem(tiny.TEXT_FAMILIES, "olmoe", wide)
+    try:
+        return tiny.make_tiny("olmoe", tmp_path_factory.mktemp("wide") / "olmoe", num_layers=3, max_shard_size="1GB")
+    finally:
+        monkeypatch.undo()
+
+
+def _child(code: str, *args: str) -> dict:
+    """`code` in a fresh interpreter (its own peak RSS), the JSON it prints last."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, cwd=root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+READER_RSS = """
+import json, sys
+from pathlib import Path
+from reap_vlm.calibration import load_samples, make_batches
+from reap_vlm.execution.stream import Stream, StreamedModel, _rss
+streamed = StreamedModel(Path(sys.argv[1]), device="cpu", dtype="float32")
+batches = list(make_batches(load_samples("code:4", max_samples=4, seed=0), streamed.processor, max_seq_len=64,
+                            batch_size=4))
+before = _rss("VmRSS")
+streamed.run([Stream(batches)]).close()
+print(json.dumps({"before": before, "peak": _rss("VmHWM"), "layer": streamed.layer_bytes(),
+                  "cache": streamed.cache_peaks["ram_cache_peak_gib"], "resident": streamed.reader.peak_resident}))
+"""
+
+
+def test_streamed_layer_reads_hold_the_layers_in_rss_that_the_bound_counts(wide_dir):
+    """The reader reads a layer into buffers of its own (no mapping of the shard), so the prefetched layer is
+    really in memory while the current one computes: the pass' RSS above the process before it is at least
+    1.5 layers, and at most the 3 layers of the CPU bound (olmoe stores its experts one by one: while a layer
+    is fused at load, its raw tensors, transformers' stacked intermediate and the fused result are alive;
+    measured 2.98 layers) plus the cache and one small batch's activations. (safe_open's mapped tensors gave
+    about one layer: the prefetch read nothing, the pages came in at compute time.)"""
+    got = _child(READER_RSS, str(wide_dir))
+    layer, above = got["layer"], got["peak"] - got["before"]
+    assert layer > 90 * 2**20 and got["resident"] == 2
+    assert 1.5 * layer <= above <= 3 * layer + got["cache"] + 64 * 2**20, (above / layer, got)
+
+
+STAGE_RSS = """
+import json, sys
+from reap_vlm.reap import score
+from reap_vlm.settings import ReapSettings, load
+argv = ["--model-path", sys.argv[1], "--output-path", sys.argv[2], "--device", "cpu", "--execution", "stream",
+        "--calibration", "code:4,writing:4", "--max-samples", "8", "--max-seq-len", "64", "--batch-size", "4",
+        "--eval-samples", "2", "--no-plots"]
+print(json.dumps(score(load(ReapSettings, argv, {}))["scoring"]["execution"]["memory"]))
+"""
+
+
+def test_streamed_cpu_run_stays_within_its_rss_bound(wide_dir, tmp_path):
+    """A whole streamed reap stage on the CPU (full mode, merge statistics, candidate plans and the greedy
+    search): the process' peak RSS within the bound of docs/design.md ("Memory bounds") that the metadata
+    records, and above the process' baseline by at least a layer (the bound's layer terms are needed)."""
+    memory = _child(STAGE_RSS, str(wide_dir), str(tmp_path / "out"))
+    gib = 2**30
+    assert memory["cpu_peak_rss_gib"] <= memory["cpu_bound_gib"], memory
+    assert memory["cpu_peak_rss_gib"] >= memory["baseline_rss_gib"] + memory["largest_layer_gib"], memory
+    assert memory["merge_stats_gib"] > 0 and memory["largest_layer_gib"] * gib > 90 * 2**20
 
 
 def _observed(model_dir: Path, spec: str, mode: str = "full") -> tuple[dict, dict]:

@@ -36,6 +36,10 @@ from ..quantization import FORMATS as QUANT_METHODS
 from .memory import prepare_inputs
 from .weights import OUTER, LayerReader, decoder_layers, text_decoder
 
+# What the CPU bound allows beyond its named terms: Python objects of the stage (samples, tokenizer, rows),
+# the accumulators, allocator fragmentation (docs/design.md, "Memory bounds").
+PROCESS_SLACK = 2**29
+
 
 @dataclass(frozen=True)
 class Replay:
@@ -182,6 +186,26 @@ class HiddenCache:
         self.spilled_reads += 1
         return torch.load(self._files[key], weights_only=True)
 
+    def promote(self, gpu_bytes: int, device: torch.device) -> None:
+        """Give the cache a GPU tier of `gpu_bytes` on `device` and move entries there (RAM ones first, then
+        spilled ones) while they fit: the capture fills the cache before the GPU's room is known."""
+        self.gpu_limit, self.device = gpu_bytes, device
+        for key in [*self._ram, *self._files]:
+            if self.gpu_bytes >= self.gpu_limit:
+                break
+            tensor = self._ram.get(key)
+            size = self._size(tensor) if tensor is not None else None
+            if size is None:
+                tensor = self.get(key)
+                size = self._size(tensor)
+            if self.gpu_bytes + size > self.gpu_limit:
+                continue
+            moved = tensor.to(device)
+            self._drop(key)
+            self._gpu[key] = moved
+            self.gpu_bytes += size
+            self.peak_gpu_bytes = max(self.peak_gpu_bytes, self.gpu_bytes)
+
     def __contains__(self, key) -> bool:
         return key in self._gpu or key in self._ram or key in self._files
 
@@ -238,6 +262,21 @@ def _to(obj, device: torch.device, memo: dict | None = None):
     if isinstance(obj, dict):
         return {k: _to(v, device, memo) for k, v in obj.items()}
     return obj
+
+
+def _rss(field: str = "VmHWM") -> int | None:
+    """VmRSS (resident now) or VmHWM (the peak so far) of this process from /proc/self/status, in bytes."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _inputs_nbytes(batch) -> int:
+    return sum(t.numel() * t.element_size() for t in batch.inputs.values() if isinstance(t, torch.Tensor))
 
 
 def _available_ram() -> int | None:
@@ -333,6 +372,13 @@ class StreamedModel:
         self.decoder = text_decoder(self.model)
         if not isinstance(getattr(self.decoder, "norm", None), torch.nn.Module):
             raise BugError(f"{type(self.decoder).__name__} has no final norm to stop the capture at")
+        if self.device.type == "cuda":  # the CUDA context and cuBLAS' host memory belong to the baseline
+            one = torch.ones(8, 8, device=self.device)
+            (one @ one).sum().item()
+        self.baseline_rss = _rss("VmRSS") or 0  # the process before any weight is read ("Memory bounds")
+        self.input_bytes = 0  # the batches' input tensors (pixel values included), each distinct batch once
+        self._inputs_seen: set[int] = set()
+        self.merge_bytes = 0  # the merge statistics' tensors of the last statistics' pass (in RAM)
         self.reader = LayerReader(model_dir, self.model, device=self.device, dtype=self.dtype)
         if load_outer:  # False: the caller loads them (reader.load(OUTER)) or runs another model's instead
             self.reader.load(OUTER)
@@ -461,7 +507,33 @@ class StreamedModel:
             "reserve_gib": self.reserve_bytes() / gib,
         }
         out.update({k: v / gib if k.endswith("_gib") else v for k, v in self.cache_peaks.items()})
+        out["baseline_rss_gib"] = self.baseline_rss / gib
+        out["inputs_gib"] = self.input_bytes / gib
+        out["merge_stats_gib"] = self.merge_bytes / gib
+        out["cpu_bound_gib"] = self.cpu_bound_bytes() / gib
+        peak = _rss("VmHWM")
+        if peak is not None:
+            out["cpu_peak_rss_gib"] = peak / gib  # the process' peak so far (its whole life, not only this stage)
         return {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
+
+    def cpu_bound_bytes(self) -> int:
+        """docs/design.md, "Memory bounds": the process' RSS before any weight was read (interpreter,
+        libraries, the CUDA context) + the batches' input tensors + the peaks of the cache's RAM tier and of
+        the captured layer arguments + 2 layers (the prefetched one as read, the one being loaded) + the outer
+        parts + the merge statistics (their sampled activations are kept in RAM) + PROCESS_SLACK; on a CPU
+        device also what a GPU would hold: the chunk budget, the head's metrics chunk
+        (candidates.METRICS_CHUNK_BYTES), 1 GiB for one batch's activations, and a third layer."""
+        from ..candidates import METRICS_CHUNK_BYTES
+
+        peaks = self.cache_peaks
+        out = self.baseline_rss + self.input_bytes + peaks.get("ram_cache_peak_gib", 0)
+        out += peaks.get("captured_args_gib", 0) + 2 * self.layer_bytes() + self.outer_bytes()
+        out += self.merge_bytes + PROCESS_SLACK
+        if self.device.type == "cpu":  # what a GPU would hold: the chunks, the head's metrics, a batch, and a
+            # third layer: a layer fused at load (experts stored one by one) has its raw tensors, transformers'
+            # stacked intermediate and the result alive at once, in RAM when the device is the CPU
+            out += self.chunk_bytes + METRICS_CHUNK_BYTES + 2**30 + self.layer_bytes()
+        return int(out)
 
     def _outer_to(self, device: torch.device, *, head_only: bool = False) -> None:
         """Move the parts outside the decoder layers (all of them, or only the final norm and the LM head)
@@ -488,17 +560,41 @@ class StreamedModel:
         self.timings[phase] = self.timings.get(phase, 0.0) + now - started
         return now
 
-    def _capture_all(self, batch_lists: list[list]) -> dict[int, Captured]:
-        """One capture per distinct batch (by identity) of all lists."""
-        self._outer_to(self.device)  # embeddings and vision tower (off the GPU during a layer pass)
-        started = time.perf_counter()
+    def _begin(self, keyed: list[tuple[object, object]]) -> tuple[HiddenCache, dict[int, Captured]]:
+        """Capture every distinct batch of `keyed` ((cache key, batch) pairs) once and put its first-layer
+        input into a new cache under each of its keys right away, so the captured states are never all in
+        RAM beside the cache (only what the cache's RAM tier holds, plus one batch). During the capture the
+        outer parts are on the device and the cache has no GPU tier; afterwards the outer parts go to the
+        CPU and the entries move to the GPU tier as far as its budget allows. Returns (cache, the captured
+        records by id(batch), their hidden states dropped)."""
+        keys: dict[int, list] = {}
+        batches: dict[int, object] = {}
+        for key, batch in keyed:
+            keys.setdefault(id(batch), []).append(key)
+            batches[id(batch)] = batch
+        cuda = self.device.type == "cuda"
+        cache = HiddenCache(self._ram_cache_bytes(), self.spill_parent, pin=cuda)
         out: dict[int, Captured] = {}
-        for batches in batch_lists:
-            for batch in batches:
-                if id(batch) not in out:
-                    out[id(batch)] = self.capture(batch)
-        self._clock("capture", started)
-        return out
+        try:
+            self._outer_to(self.device)  # embeddings and vision tower (off the GPU during a layer pass)
+            started = time.perf_counter()
+            for bid, batch in batches.items():
+                if bid not in self._inputs_seen:
+                    self._inputs_seen.add(bid)
+                    self.input_bytes += _inputs_nbytes(batch)
+                record = self.capture(batch)
+                for key in keys[bid]:
+                    cache.put(key, record.hidden)
+                record.hidden = None
+                out[bid] = record
+            self._clock("capture", started)
+            self._outer_to(torch.device("cpu"))
+            if cuda:
+                cache.promote(self._gpu_cache_bytes(), self.device)
+        except BaseException:
+            cache.close()
+            raise
+        return cache, out
 
     def _layers(self, on_layer: Callable[[int, int], None] | None) -> Iterator[int]:
         """Each decoder layer in turn, resident while the caller works on it; the next is prefetched."""
@@ -519,24 +615,17 @@ class StreamedModel:
                 on_layer(i + 1, n)
 
     def _note_cache(self, cache: HiddenCache, captured) -> None:
+        """The pass' cache budgets; its peaks, captured arguments and spilled writes: the largest over the
+        passes (the greedy search's run after the statistics' pass)."""
+        before = self.cache_peaks
         self.cache_peaks = {
             "gpu_cache_budget_gib": cache.gpu_limit,
-            "gpu_cache_peak_gib": cache.peak_gpu_bytes,
+            "gpu_cache_peak_gib": max(cache.peak_gpu_bytes, before.get("gpu_cache_peak_gib", 0)),
             "ram_cache_budget_gib": cache.limit,
-            "ram_cache_peak_gib": cache.peak_ram_bytes,
-            "captured_args_gib": _args_bytes(captured),
-            "spilled_writes": cache.spilled_writes,
+            "ram_cache_peak_gib": max(cache.peak_ram_bytes, before.get("ram_cache_peak_gib", 0)),
+            "captured_args_gib": max(_args_bytes(captured), before.get("captured_args_gib", 0)),
+            "spilled_writes": cache.spilled_writes + before.get("spilled_writes", 0),
         }
-
-    def _new_cache(self) -> HiddenCache:
-        cuda = self.device.type == "cuda"
-        return HiddenCache(
-            self._ram_cache_bytes(),
-            self.spill_parent,
-            pin=cuda,
-            gpu_bytes=self._gpu_cache_bytes(),
-            device=self.device if cuda else None,
-        )
 
     def run(self, streams: list[Stream], on_layer: Callable[[int, int], None] | None = None) -> HiddenCache:
         """Every stream's batches through every decoder layer, one layer resident (plus the prefetched
@@ -546,15 +635,10 @@ class StreamedModel:
         cache = None
         try:
             with torch.inference_mode():
-                by_batch = self._capture_all([stream.batches for stream in streams])
-                self._outer_to(torch.device("cpu"))
-                cache = self._new_cache()
-                for s, stream in enumerate(streams):
-                    for b, batch in enumerate(stream.batches):
-                        captured[(s, b)] = by_batch[id(batch)]
-                        cache.put((s, b), by_batch[id(batch)].hidden)
-                for record in by_batch.values():
-                    record.hidden = None
+                keyed = [((s, b), batch) for s, stream in enumerate(streams) for b, batch in enumerate(stream.batches)]
+                cache, by_batch = self._begin(keyed)
+                for (s, b), batch in keyed:
+                    captured[(s, b)] = by_batch[id(batch)]
                 for i in self._layers(on_layer):
                     for s, stream in enumerate(streams):
                         started = time.perf_counter()
@@ -808,15 +892,10 @@ def score_pass(
     measured = None
     try:
         with torch.inference_mode():
-            captured = streamed._capture_all([batches, held])
-            streamed._outer_to(torch.device("cpu"))
-            cache = streamed._new_cache()
-            for b, batch in enumerate(batches):
-                cache.put(("calibration", b), captured[id(batch)].hidden)
-            for b, batch in enumerate(held):
-                cache.put((0, b), captured[id(batch)].hidden)
-            for record in captured.values():
-                record.hidden = None
+            cache, captured = streamed._begin(
+                [(("calibration", b), batch) for b, batch in enumerate(batches)]
+                + [((0, b), batch) for b, batch in enumerate(held)]
+            )
             for i in streamed._layers(on_layer):
                 mine = by_layer.get(i, [])
                 started = time.perf_counter()
@@ -910,6 +989,8 @@ def score_pass(
         if cache is not None:
             cache.close()
     streamed.measured = measured
+    if merged is not None:
+        streamed.merge_bytes = sum(t.numel() * t.element_size() for t in merged.tensors().values())
     return {b.key: stats[b.key] for b in blocks}, merged, measured
 
 

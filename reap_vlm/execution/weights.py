@@ -5,7 +5,8 @@ transformers' own loading conversions (`get_model_conversion_mapping`: per-exper
 `gate_up_proj` / `down_proj`, Qwen3-VL's hub layout transposed, Mixtral's renames, ...), and groups
 the tensors by decoder layer. The inventory (shards, offsets, dtypes, the index checked against the
 headers) is reap_vlm.checkpoint.layout's. `load(i)` reads exactly layer i's tensors, tensor by
-tensor with `safe_open` (never a whole shard), converts them with
+tensor at their offsets into buffers of their own (`read_tensor`; never a whole shard, never a mapping of
+it), converts them with
 `convert_and_load_state_dict_in_model` into the meta-device skeleton and checks that nothing of the
 layer is left on the meta device; `release(i)` puts the layer's parameters back on the meta device.
 `prefetch(i)` reads layer i's tensors in a background thread while the current layer computes.
@@ -57,6 +58,46 @@ def decoder_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
     layers = text_decoder(model).layers
     path = next(name for name, module in model.named_modules() if module is layers)
     return path, layers
+
+
+def read_tensor(f, info) -> torch.Tensor:
+    """One tensor of a safetensors shard (`info`: its checkpoint.layout.TensorInfo) read with `readinto` into
+    a tensor of its own: the bytes safetensors' get_tensor gives, without mapping the file. safe_open maps
+    the shard and its tensors are views of the mapping: the pages read stay in the process' RSS (as file
+    pages) as long as any of its tensors lives, which added about one layer to the peak RSS of a streamed
+    run (docs/design.md, "Memory bounds"). Safetensors stores little-endian bytes, as this machine does."""
+    import sys
+
+    from safetensors.torch import _TYPES
+
+    if sys.byteorder != "little":
+        raise BugError("the streamed layer reader assumes a little-endian machine, as safetensors stores")
+    if info.dtype not in _TYPES:  # a dtype torch has no plain type for here: safetensors' own reader, copied
+        from safetensors import safe_open
+
+        with safe_open(f.name, framework="pt", device="cpu") as st:
+            return st.get_tensor(info.name).clone()
+    out = torch.empty(info.shape, dtype=_TYPES[info.dtype])
+    size = info.end - info.start
+    if size != out.numel() * out.element_size():
+        raise CheckpointError(
+            f"{info.name} in {info.shard} has {size} bytes for shape {list(info.shape)} {info.dtype}",
+            "the shard's header is inconsistent",
+            "Check the checkpoint with ./run.sh verify",
+        )
+    if size == 0:
+        return out
+    view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+    f.seek(info.start)
+    done = 0
+    while done < size:
+        n = f.readinto(view[done:])
+        if not n:
+            raise CheckpointError(
+                f"{info.shard} ends inside {info.name}", "the shard is truncated", "Download or copy it again"
+            )
+        done += n
+    return out
 
 
 def _meta(module: torch.nn.Module) -> list[str]:
@@ -155,9 +196,8 @@ class LayerReader:
                 self.peak_resident = max(self.peak_resident, len(self.resident))
 
     def _read(self, group: int) -> dict[str, torch.Tensor]:
-        """The group's tensors, tensor by tensor, shard by shard in file order."""
-        from safetensors import safe_open
-
+        """The group's tensors, tensor by tensor, shard by shard in file order (read_tensor: into buffers of
+        their own, no mapping of the shard)."""
         self._mark(group)
         by_shard: dict[str, list[str]] = {}
         for name in self.groups[group]:
@@ -166,9 +206,9 @@ class LayerReader:
         read = {}
         for shard, names in by_shard.items():
             names.sort(key=lambda n: self.layout.tensors[n].start)
-            with safe_open(str(self.model_dir / shard), framework="pt", device="cpu") as f:
+            with open(self.model_dir / shard, "rb", buffering=0) as f:
                 for name in names:
-                    read[name] = f.get_tensor(name)
+                    read[name] = read_tensor(f, self.layout.tensors[name])
                     with self._lock:
                         self.reads[name] += 1
         if self.dequantizer is None:
