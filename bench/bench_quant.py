@@ -44,6 +44,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from bench_stream import REAL, SMALL, _max_rel, make_checkpoint, weight_bytes  # noqa: E402
 
 CHUNK_MB = 768  # REAP_CHUNK_MEMORY_MB's default: full mode's all-expert chunks
+DYNAMO_COUNTERS = ("stats", "graph_break", "recompiles")  # whether the compiled dequantization recompiled
 
 
 def layer_bytes(model_dir: Path) -> tuple[int, int]:
@@ -95,16 +96,33 @@ def _dequantize_check(experts, cuda: bool) -> dict:
         ref = eager(experts.down_proj[e0 : e0 + step], experts.down_proj_scale_inv[e0 : e0 + step], w.dtype)
         same = same and torch.equal(c.down, ref)
         del c, ref
-    _sync(cuda)
-    t0 = time.perf_counter()
-    for _ in range(5):
-        for e0 in range(0, w.num_experts, step):
-            c = w.experts(e0, e0 + step)
-            del c
-    _sync(cuda)
+
+    def timed(make) -> float:
+        _sync(cuda)
+        t0 = time.perf_counter()
+        for _ in range(5):
+            for e0 in range(0, w.num_experts, step):
+                c = make(e0)
+                del c
+        _sync(cuda)
+        return (time.perf_counter() - t0) / 5 * 1000
+
+    def eager_chunk(e0):
+        sl = slice(e0, e0 + step)
+        gu = eager(experts.gate_up_proj[sl], experts.gate_up_proj_scale_inv[sl], w.dtype)
+        return gu, eager(experts.down_proj[sl], experts.down_proj_scale_inv[sl], w.dtype)
+
+    from reap_vlm import quantization
+
+    op = quantization._DEQUANTIZE[0] if quantization._DEQUANTIZE else None
     return {
         "dequantize_equals_eager_fp8dequantize": same,
-        "dequantize_one_layer_ms": (time.perf_counter() - t0) / 5 * 1000,
+        "dequantize_one_layer_ms": timed(lambda e0: w.experts(e0, e0 + step)),
+        "dequantize_one_layer_eager_ms": timed(eager_chunk),
+        "dequantize_op": type(op).__name__ + ("" if op is None else f" {getattr(op, '__qualname__', '')}"),
+        "dynamo_counters": {
+            k: dict(v) for k, v in torch._dynamo.utils.counters.items() if k in ("stats", "graph_break")
+        },
         "experts_per_chunk": step,
     }
 
