@@ -304,3 +304,24 @@ def test_token_metrics_with_two_heads_equal_full_logits():
     )
     for key, value in full.items():
         assert torch.allclose(value, chunked[key], rtol=1e-6, atol=1e-9), key
+
+
+def test_spilled_comparison_equals_in_memory_and_stdout_is_the_json_line(tiny_vl_dir, tmp_path, capsys, monkeypatch):
+    """No RAM for hidden states (the machine's available memory taken as 0): every state spills to disk, the
+    numbers are the in-memory ones, the spill folder is removed, and the note goes to stderr while stdout holds
+    only the --json result line."""
+    from reap_vlm.execution import stream
+
+    pruned = _prune(tiny_vl_dir, tmp_path / "pruned", {2, 5})
+    _, memory = _test(pruned, tiny_vl_dir, tmp_path / "memory", "--execution", "memory", "--generation", "skip")
+    capsys.readouterr()
+    monkeypatch.setattr(stream, "_available_ram", lambda: 0)
+    extra = ("--execution", "stream", "--generation", "skip", "--json")
+    _, streamed = _test(pruned, tiny_vl_dir, tmp_path / "stream", *extra)
+    out, err = capsys.readouterr()
+    assert len(out.strip().splitlines()) == 1 and json.loads(out)["verdict"] in ("pass", "fail")
+    assert "keeps 0.0 GiB of hidden states in RAM" in err
+    assert streamed["execution"]["memory"]["spilled_writes"] > 0
+    assert streamed["execution"]["memory"]["ram_cache_peak_gib"] == 0
+    _same_report(memory, streamed)
+    assert not [p.name for p in (tmp_path / "stream").iterdir() if p.name.startswith(".reap_")]

@@ -125,23 +125,25 @@ def compare_pass(
     try:
         with torch.inference_mode():
             first = original if original is not None else pruned
-            captured = {}
-            if original is not None:
-                captured["original"] = original._capture_all([batches])
-                original._outer_to(torch.device("cpu"))
-            if shared:  # the pruned model's outer parts are never read: the original's stand in for them
-                captured["pruned"] = captured["original"]
-            else:  # read once the original's are off the device
+            captured: dict = {}
+            if original is not None:  # the capture puts each batch's first-layer input under its keys
+                keyed = [(("original", b), batch) for b, batch in enumerate(batches)]
+                if shared:  # the pruned model's outer parts are never read: the original's stand in for them
+                    keyed += [(("pruned", b), batch) for b, batch in enumerate(batches)]
+                cache, captured["original"] = original._begin(keyed)
+                if shared:
+                    captured["pruned"] = captured["original"]
+            if "pruned" not in captured:  # read once the original's are off the device
                 pruned.reader.load(OUTER)
-                captured["pruned"] = pruned._capture_all([batches])
-                pruned._outer_to(torch.device("cpu"))
-            cache = first._new_cache()
-            for key in captured:
-                for b, batch in enumerate(batches):
-                    cache.put((key, b), captured[key][id(batch)].hidden)
-            for records in captured.values():
-                for record in records.values():
-                    record.hidden = None
+                own, captured["pruned"] = pruned._begin([(("pruned", b), batch) for b, batch in enumerate(batches)])
+                if cache is None:
+                    cache = own
+                else:  # one cache, the original's budgets
+                    try:
+                        for b in range(len(batches)):
+                            cache.put(("pruned", b), own.get(("pruned", b)))
+                    finally:
+                        own.close()
             if original is not None:
                 _pass(original, captured["original"], batches, cache, "original", None, on_layer)
             counts = _pass(pruned, captured["pruned"], batches, cache, "pruned", blocks, on_layer)

@@ -491,7 +491,9 @@ class StreamedModel:
             return self.cache_bytes
         room = max(0, available - 2 * self.layer_bytes() - self.outer_bytes() - 2 * 2**30)
         if room < self.cache_bytes and not quiet:
-            print(
+            from .. import console
+
+            console.info(  # stderr: stdout carries only the --json result line
                 f"note: streamed execution keeps {room / 2**30:.1f} GiB of hidden states in RAM, not "
                 f"REAP_STREAM_CACHE_GB={self.cache_bytes / 2**30:g}: that is what the available memory allows; "
                 "the rest spills to disk"
