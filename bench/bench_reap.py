@@ -89,16 +89,14 @@ def _sync(device: torch.device) -> None:
 
 
 def _model_and_batches(settings):
-    from reap_vlm.loading import load_model
-    from reap_vlm.reap import _data
+    """The model and the batches as the stage has them (reap._load, reap._data and the host-side position ids)."""
+    from reap_vlm.execution.memory import precompute_positions
+    from reap_vlm.reap import _data, _load
 
-    model, processor, _ = load_model(
-        settings.model_path,
-        device=settings.device,
-        dtype=settings.dtype,
-        attn_implementation=settings.attn_implementation,
-    )
+    memory = argparse.Namespace(mode="memory")
+    model, processor, _ = _load(settings, memory, {}, Path(settings.output_path) / "unused")  # the stage's model
     _, _, batches, _, _ = _data(settings, processor)  # settings with REAP_EVAL_SAMPLES=0
+    precompute_positions(model, batches)
     return model, batches
 
 

@@ -18,6 +18,7 @@ from .calibration import BUILTIN, SELECTION_SHARE, load_samples, make_batches, p
 from .errors import PlanError, SettingsError
 from .execution import choose as choose_execution
 from .execution.memory import forward, precompute_positions
+from .execution.vision import group_vision_attention
 from .loading import input_device, load_model, read_config
 from .moe import find_moe_blocks
 from .observe import Observer
@@ -494,6 +495,7 @@ def _load(settings: ReapSettings, execution, config: dict, meta_path: Path) -> t
         trust_remote_code=settings.trust_remote_code,
         attn_implementation=settings.attn_implementation,
     )
+    group_vision_attention(model)  # Qwen3-VL with SDPA: one attention call per image size, not per image
     return model, processor, None
 
 

@@ -193,6 +193,34 @@ def test_precomputed_position_ids_leave_the_forward_unchanged(vl):
     model.model.rope_deltas = None
 
 
+def test_grouped_vision_attention_gives_the_same_outputs():
+    """Qwen3-VL's vision attention with one SDPA call per image size (execution.vision) equals the per-image
+    calls bit for bit: image features and logits, on images of three sizes in one batch; the text attention
+    keeps its implementation."""
+    from reap_vlm.execution.vision import GROUPED, group_vision_attention
+
+    model, processor = build("qwen3_vl_moe", seed=3)
+    samples = load_samples("vision:6,tasks:4", max_samples=10, seed=1)
+    batches = list(make_batches(samples, processor, max_seq_len=96, batch_size=8, bucket=True, **PIXELS))
+    images = [b for b in batches if "image_grid_thw" in b.inputs]
+    assert any(len(set(b.inputs["image_grid_thw"].prod(-1).tolist())) > 2 for b in images)
+
+    def run():
+        with torch.inference_mode():
+            feats = [
+                model.model.get_image_features(b.inputs["pixel_values"], b.inputs["image_grid_thw"]) for b in images
+            ]
+            return [f.pooler_output for f in feats], [model(**b.inputs).logits for b in batches]
+
+    (feats, logits), text = run(), model.config.text_config._attn_implementation
+    assert group_vision_attention(model) > 0 and model.model.visual.config._attn_implementation == GROUPED
+    grouped_feats, grouped_logits = run()
+    assert model.config.text_config._attn_implementation == text
+    pairs = [(a, b) for fa, fb in zip(feats, grouped_feats, strict=True) for a, b in zip(fa, fb, strict=True)]
+    assert pairs and all(torch.equal(a, b) for a, b in pairs)
+    assert all(torch.equal(a, b) for a, b in zip(logits, grouped_logits, strict=True))
+
+
 def test_router_mode_equals_output_router_logits_topk():
     model, tokenizer = build("qwen3_moe", seed=2)
     samples = load_samples("code:4,math:2", max_samples=6, seed=0)
