@@ -197,3 +197,12 @@ def test_swap_search_brings_back_an_expert_whose_removal_hurts_but_whose_score_i
     assert info["mode"] == mode and info["evaluations"] <= budget and info["base"] == "frequency/joint"
     (before, after), _ = evaluate([start, kept])
     assert after == pytest.approx(info["objective"]) and after < before / 2
+
+
+def test_a_negative_budget_is_refused_in_one_line():
+    from reap_vlm.errors import SettingsError
+    from reap_vlm.settings import ReapSettings, load
+
+    with pytest.raises(SettingsError, match="REAP_SEARCH_BUDGET must be >= 0"):
+        load(ReapSettings, ["--model-path", "m", "--search-budget", "-1"], {})
+    assert load(ReapSettings, ["--model-path", "m", "--search-budget", "0"], {}).search_budget == 0
