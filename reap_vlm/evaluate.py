@@ -793,13 +793,17 @@ def generation_mode(settings: TestSettings, execution) -> str:
 
 
 def spread(samples, n: int) -> list:
-    """At most n prompts, one task or source after the other (in held-out order), then the held-out order."""
+    """At most n prompts: one task or source after another, image and text groups alternating (image
+    first), each group's prompts in held-out order; returned in held-out order."""
     groups: dict[str, list] = {}
     for s in samples:
         groups.setdefault(task_of(s) if s.answer.strip() else s.source, []).append(s)
+    by_kind = [[g for g in groups.values() if bool(g[0].images) == image] for image in (True, False)]
+    order = [g for pair in zip(*by_kind, strict=False) for g in pair]
+    order += [g for kind in by_kind for g in kind[min(map(len, by_kind)) :]]
     chosen: set[str] = set()
-    for depth in range(max((len(g) for g in groups.values()), default=0)):
-        for group in groups.values():
+    for depth in range(max((len(g) for g in order), default=0)):
+        for group in order:
             if depth < len(group) and len(chosen) < n:
                 chosen.add(group[depth].id)
     return [s for s in samples if s.id in chosen]

@@ -198,6 +198,22 @@ def test_offloaded_generation_gives_the_in_memory_answers_on_a_few_prompts(tiny_
     assert code in (0, 1) and not [p for p in (tmp_path / "offload").iterdir() if p.name.startswith(".reap_")]
 
 
+def test_offloaded_prompts_alternate_image_and_text_groups():
+    from types import SimpleNamespace
+
+    from reap_vlm.evaluate import spread
+
+    def sample(i, source, image=False, task=""):
+        return SimpleNamespace(id=str(i), source=source, images=[1] if image else [], answer=task, task=task)
+
+    samples = [sample(0, "code"), sample(1, "code"), sample(2, "math"), sample(3, "tasks", True, "count")]
+    samples += [sample(4, "tasks", True, "chart"), sample(5, "tasks", True, "count")]
+    assert [s.id for s in spread(samples, 2)] == ["0", "3"]  # an image task and a text source
+    assert [s.id for s in spread(samples, 4)] == ["0", "2", "3", "4"]  # every group once
+    assert [s.id for s in spread(samples, 5)] == ["0", "2", "3", "4", "5"]  # then the first group's next
+    assert spread(samples, 10) == samples and spread([], 3) == []
+
+
 def test_skipped_generation_is_noted_and_the_verdict_is_teacher_forced():
     from reap_vlm.evaluate import GENERATION_NOTES, _markdown, verdict
     from reap_vlm.settings import TestSettings
