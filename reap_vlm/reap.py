@@ -639,6 +639,16 @@ def _plans(settings, model, streamed, blocks, meta, eval_batches, search_batches
         meta["scoring"]["execution"]["memory"] = streamed.memory_report()
         streamed.close()
     else:
+        from .quantization import is_fp8_experts
+
+        if stats_by_block is not None and any(is_fp8_experts(model.get_submodule(b.experts)) for b in blocks):
+            # merged experts would be written into the model's weights, which are e4m3 here
+            if eval_batches and settings.eval_merge:
+                console.info(
+                    "note: the routed experts are kept in FP8 in memory, so merge candidates are not measured "
+                    "(the prune candidates are)"
+                )
+            stats_by_block = None
         choose_plan(settings, model, blocks, meta, eval_batches, search_batches, stats_by_block)
 
 

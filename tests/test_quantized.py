@@ -449,3 +449,21 @@ def test_the_bf16_original_prunes_with_the_quantized_metadata(quantized, tiny_te
     assert note.startswith("the metadata was scored on the compressed-tensors checkpoint and the original is")
     assert "same architecture and expert counts" in note
     assert metadata.quantized_pair(meta, quant) is None
+
+
+def test_reap_stage_with_fp8_experts_kept_measures_the_prune_candidates(quantized, tmp_path, monkeypatch, capsys):
+    """The reap stage on an FP8 checkpoint whose experts stay FP8 (a GPU's default; forced here on the CPU):
+    merge candidates cannot be written into e4m3 weights, so they are left out with a note, the prune
+    candidates are measured, and the metadata says how the statistics were computed."""
+    from test_scoring import _settings
+
+    import reap_vlm.reap as reap_stage
+
+    qdir, _ = quantized["fp8"]
+    real = reap_stage.load_model
+    monkeypatch.setattr(reap_stage, "load_model", lambda *a, **k: real(*a, **k, keep_fp8_experts=True))
+    meta = reap_stage.score(_settings(qdir, tmp_path / "run", eval_samples=6, num_keep=4))
+    assert "merge candidates are not measured" in capsys.readouterr().err
+    rows = meta["candidates"]["rows"]
+    assert rows and all(r["policy"] != "merge" for r in rows)
+    assert "the experts kept in FP8" in meta["model"]["quantization"]["statistics_from"]

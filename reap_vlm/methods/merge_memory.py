@@ -23,7 +23,7 @@ def _views(model: torch.nn.Module, block: MoEBlock) -> merge.LayerExperts:
         raise UnsupportedModelError(
             "merged experts cannot be written into experts kept in FP8",
             "the model was loaded with its routed experts quantized (an FP8 checkpoint on a GPU)",
-            "Measure merge plans with REAP_EXECUTION=stream, or leave REAP_EVAL_MERGE off",
+            "Measure merge plans on the dequantized model (load_model(..., keep_fp8_experts=False))",
         )
     return merge.LayerExperts(w.gate, w.up, w.down, w.gate_bias, w.up_bias, w.down_bias)
 
