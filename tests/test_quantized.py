@@ -467,3 +467,4 @@ def test_reap_stage_with_fp8_experts_kept_measures_the_prune_candidates(quantize
     rows = meta["candidates"]["rows"]
     assert rows and all(r["policy"] != "merge" for r in rows)
     assert "the experts kept in FP8" in meta["model"]["quantization"]["statistics_from"]
+    assert (tmp_path / "run" / "reap_merge_stats.safetensors").is_file()  # the prune stage can still merge
