@@ -106,7 +106,7 @@ def _empty_cache() -> None:
         torch.cuda.empty_cache()
 
 
-def plain_forward(settings, args) -> dict:
+def plain_forward(settings, args, label: str) -> dict:
     """The plain forward of the stage's own batches (reap._data), with and without the LM head, and the
     observer alone in the same warm loop per mode."""
     from reap_vlm.execution.memory import prepare_inputs
@@ -121,7 +121,8 @@ def plain_forward(settings, args) -> dict:
     with torch.inference_mode():
         for b in batches[:2]:  # warm-up (kernels, allocator)
             model(**prepare_inputs(model, b), use_cache=False, logits_to_keep=1)
-        for name, keep in (("with_head", 0), ("without_head", 1)):
+        heads = (("with_head", 0),) if label in args.with_head.split(",") else ()
+        for name, keep in (*heads, ("without_head", 1)):
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             _sync(device)
@@ -315,7 +316,13 @@ def targets(result: dict) -> list[tuple[str, str, str, str]]:
                 (
                     f"{label}, {mode} mode / plain forward (no LM head)",
                     f"{ratio:.2f}x ({s['tokens_per_s']:,.0f} vs {run['plain']['without_head']['tokens_per_s']:,.0f} "
-                    f"tokens/s; with LM head {run['plain']['with_head']['tokens_per_s']:,.0f})"
+                    "tokens/s"
+                    + (
+                        f"; with LM head {run['plain']['with_head']['tokens_per_s']:,.0f}"
+                        if "with_head" in run["plain"]
+                        else ""
+                    )
+                    + ")"
                     + (f"; the observer alone in the warm loop {observed['seconds'] / plain:.2f}x" if observed else ""),
                     f"<= {limit}x" if limit else "-",
                     met,
@@ -349,6 +356,16 @@ def targets(result: dict) -> list[tuple[str, str, str, str]]:
     return rows
 
 
+def _commit() -> str | None:
+    import subprocess
+
+    try:
+        done = subprocess.run(["git", "-C", str(ROOT), "log", "-1", "--format=%h %cI"], capture_output=True, text=True)
+        return done.stdout.strip() or None
+    except OSError:
+        return None
+
+
 def _child(args, extra: list[str], seconds: float):
     """This script again in a child process (the profiler must not touch the timed process)."""
     import subprocess
@@ -376,6 +393,7 @@ def main() -> None:
         "--plan-args", default="", help="more reap.py options for those runs, e.g. '--criterion reap' (no search)"
     )
     parser.add_argument("--stage-repeat", type=int, default=1, help="run each stage N times (the last is kept)")
+    parser.add_argument("--with-head", default="text", help="sets whose plain forward is also timed with the LM head")
     parser.add_argument("--profile", type=int, default=0, help="batches per kind (text, image) under the profiler")
     parser.add_argument("--profile-out", type=Path, help="the profile summary (default: WORK/profile.txt)")
     parser.add_argument("--auto", default="", help="SET/MODE: time the default plan measurement (reap.py, a child)")
@@ -418,6 +436,7 @@ def main() -> None:
         "batch_size": args.batch_size,
         "seq_len": args.seq_len,
         "weights_gib": weight_bytes(model_dir) / 2**30,
+        "commit": _commit(),
         "sets": {},
     }
 
@@ -430,7 +449,7 @@ def main() -> None:
     for label in labels:
         spec, samples = specs[label]
         base = settings_for(args, spec, samples, args.modes[0], 0, args.work / f"{label}-plain")
-        run = {"plain": plain_forward(base, args), "modes": {}}
+        run = {"plain": plain_forward(base, args, label), "modes": {}}
         result["sets"][label] = run
         print(f"{label}: plain forward {json.dumps(run['plain'])}", flush=True)
         for mode in args.modes:
