@@ -578,7 +578,8 @@ def swap_search(
     least `min_keep`), estimate each swap (kept i out, removed j in) by the sum of the two measured changes,
     measure the `pairs` best estimated swaps exactly (every swap, without screening, when there are no more
     than that or drops are not possible) and take the best one if it beats the current plan. Stops after a
-    turn over every block without an improvement, or when the next step would exceed the budget.
+    turn over every block without an improvement, or when the next step would exceed the budget. A budget that
+    does not cover one turn over every block is refused (PlanError): a partial turn only tries the first blocks.
     Returns (plan, what the search did)."""
     started = time.perf_counter()
     keys = list(start)
@@ -607,8 +608,21 @@ def swap_search(
         info = {"mode": "exhaustive", "plans": len(plans), "objective": best, "evaluations": spent, "swaps": []}
         return plans[i], {**info, "seconds": round(time.perf_counter() - started, 3)}
 
-    if budget < 2:
-        raise PlanError("the search budget does not cover a measurement of the start plan", "", "")
+    def step_cost(key: str) -> int:  # the evaluations of one block step (as in the loop below)
+        k, out = sizes[key], num_experts[key] - sizes[key]
+        if k * out == 0:
+            return 0
+        if k - 1 >= min_keep[key] and k * out > pairs:
+            return num_experts[key] + 1 + min(pairs, k * out) + 1
+        return k * out + 1
+
+    turn_cost = 2 + sum(step_cost(k) for k in keys)
+    if turn_cost > budget:  # a partial turn would only ever try the first blocks
+        raise PlanError(
+            "the search budget does not cover one step in every block",
+            f"a turn over the {len(keys)} blocks takes {turn_cost} evaluations, the budget is {budget}",
+            "Raise REAP_SEARCH_BUDGET, or set it to 0",
+        )
     (value,) = measure([current])
     if value is None:
         raise PlanError("the search's start plan could not be measured", "", "")
@@ -839,7 +853,7 @@ def measure_plans(
                     )
                     add(kept, criterion=base_criterion, policy="swap", ratio=ratio, search=search)
                 except PlanError as err:
-                    notes.append(f"swap search at ratio {ratio}: skipped ({err.what})")
+                    notes.append(f"swap search at ratio {ratio}: skipped ({err.line()})")
         for seed in random_seeds if i == 0 else ():  # the floor compares at the requested ratio
             try:
                 kept = random_plan(blocks_meta, ratio=ratio, num_keep=num_keep, round_to=round_to, seed=seed)
