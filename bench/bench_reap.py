@@ -8,7 +8,8 @@
    a plain forward of the very batches the stage builds (the model as loaded, no hooks), timed with and
    without the LM head (logits_to_keep=1), and the observer of each mode alone in the same warm loop;
    then `reap_vlm.reap.score` (what reap.py runs, --stage-repeat times) in every
-   --modes scoring mode. The stage records wall time, tokens/s and GPU peak per phase (load, data,
+   --modes scoring mode, each mode on every set in turn (the runs a combined / text-only ratio compares
+   follow each other). The stage records wall time, tokens/s and GPU peak per phase (load, data,
    scoring, plans) in the metadata; this script reads them back.
 3. The candidate-plan measurement (REAP_EVAL_SAMPLES, default 16) runs in the --plans-in runs only
    (default: full mode on combined, the defaults a user gets); the other runs pass --eval-samples 0.
@@ -446,13 +447,18 @@ def main() -> None:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(result, indent=1) + "\n")
 
+    # the plain forwards of every set, then each mode on every set in turn: the runs that the combined /
+    # text-only ratios compare follow each other (the same GPU state: clocks, temperature, allocator)
     for label in labels:
         spec, samples = specs[label]
         base = settings_for(args, spec, samples, args.modes[0], 0, args.work / f"{label}-plain")
-        run = {"plain": plain_forward(base, args, label), "modes": {}}
-        result["sets"][label] = run
-        print(f"{label}: plain forward {json.dumps(run['plain'])}", flush=True)
-        for mode in args.modes:
+        result["sets"][label] = {"plain": plain_forward(base, args, label), "modes": {}}
+        print(f"{label}: plain forward {json.dumps(result['sets'][label]['plain'])}", flush=True)
+        save()
+    for mode in args.modes:
+        for label in labels:
+            spec, samples = specs[label]
+            run = result["sets"][label]
             plans = f"{label}/{mode}" in args.plans_in.split(",")
             evals, extra = (args.eval_samples, args.plan_args.split()) if plans else (0, [])
             out = args.work / f"{label}-{mode}"
