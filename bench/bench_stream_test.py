@@ -6,7 +6,8 @@
 2. Runs the test stage (pruned vs original, the built-in held-out set) three times, each in its own process:
      memory    both models on the GPU, no cap, REAP_GENERATION=skip
      stream    REAP_EXECUTION=stream, the GPU capped by torch.cuda.set_per_process_memory_fraction to one
-               third of the original's weight bytes, REAP_GENERATION=skip
+               third of the original's weight bytes (at least 2 layers + 2.25 GiB: gpu_cap),
+               REAP_GENERATION=skip
      offload   as stream, with REAP_GENERATION=offload on `--prompts` prompts (accelerate's offload under
                the same cap, `--max-new-tokens` tokens)
    and reports each run's seconds, GPU peak (max_memory_allocated) and CPU peak RSS, the streamed runs'
@@ -52,6 +53,16 @@ def make_pruned(src: Path, dst: Path) -> Path:
     return dst
 
 
+def gpu_cap(model_dir: Path) -> float:
+    """The streamed runs' GPU cap: a third of the original's weights, but at least what streaming needs
+    (two decoder layers + the metrics' 256 MiB chunk + 1 GiB, docs/design.md) + 1 GiB for the capture, so
+    that a skeleton of a few layers can be run (both models together are still far above it)."""
+    from reap_vlm.checkpoint import inspect_checkpoint
+
+    layer = sum(t.nbytes for n, t in inspect_checkpoint(model_dir).tensors.items() if ".layers.0." in n)
+    return max(bench_stream.weight_bytes(model_dir) / 3, 2 * layer + 2**28 + 2 * 2**30)
+
+
 def child(args) -> None:
     """One test-stage run in this process; writes <work>/<mode>.json."""
     from reap_vlm.cli import main
@@ -60,7 +71,7 @@ def child(args) -> None:
     cap = None
     if cuda and args.child != "memory":
         total = torch.cuda.get_device_properties(0).total_memory
-        cap = bench_stream.weight_bytes(args.work / "model") / 3
+        cap = gpu_cap(args.work / "model")
         torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), 0)
     out = args.work / args.child
     if out.exists():
