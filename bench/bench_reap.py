@@ -271,15 +271,15 @@ def stage(settings) -> dict:
     }
 
 
-def auto_plans(args, spec: str, samples: int, mode: str, seconds: float) -> dict:
+def auto_plans(args, spec: str, samples: int, mode: str, seconds: float, model_dir: Path) -> dict:
     """The default plan measurement as a user runs it: reap.py in a child process (cold: loading and the
     compiled epilogues included), the bench's settings, REAP_EVAL_SAMPLES and the plan options at their
-    defaults, killed after `seconds`."""
+    defaults, on `model_dir`, killed after `seconds`."""
     import subprocess
 
-    out = args.work / f"auto-{mode}"
+    out = args.work / f"auto-{mode}-{model_dir.name}"
     settings = settings_for(args, spec, samples, mode, 0, out)
-    argv = [sys.executable, str(ROOT / "reap.py"), "--model-path", str(settings.model_path)]
+    argv = [sys.executable, str(ROOT / "reap.py"), "--model-path", str(model_dir)]
     argv += ["--output-path", str(out), "--device", settings.device, "--dtype", settings.dtype]
     argv += ["--calibration", spec, "--max-samples", str(samples), "--max-seq-len", str(args.seq_len)]
     argv += ["--batch-size", str(args.batch_size), "--scoring-mode", mode, "--execution", "memory", "--no-plots"]
@@ -289,7 +289,7 @@ def auto_plans(args, spec: str, samples: int, mode: str, seconds: float) -> dict
         done = subprocess.run(argv, capture_output=True, text=True, timeout=max(seconds, 1), check=False)
     except subprocess.TimeoutExpired as err:
         tail = (err.stderr or b"").decode(errors="replace") if isinstance(err.stderr, bytes) else err.stderr or ""
-        return {"timed_out_after_s": round(seconds, 1), "stderr_tail": tail.strip().splitlines()[-4:]}
+        return {"timed_out_after_s": round(seconds, 1), "stderr_tail": tail.strip().splitlines()[-6:]}
     result = {"seconds": round(time.perf_counter() - started, 1), "returncode": done.returncode}
     if done.returncode != 0:
         return {**result, "stderr_tail": done.stderr.strip().splitlines()[-6:]}
@@ -297,7 +297,9 @@ def auto_plans(args, spec: str, samples: int, mode: str, seconds: float) -> dict
     candidates = meta.get("candidates", {})
     result["phases"] = meta["scoring"]["phases"]
     result["plans_evaluated"] = candidates.get("plans_evaluated")
-    result["greedy_seconds"] = candidates.get("greedy_seconds")
+    result["greedy_seconds"] = candidates.get("greedy_seconds")  # the searches (greedy, swap)
+    result["merge_seconds"] = candidates.get("merge_seconds")
+    result["measure_seconds"] = candidates.get("seconds")
     result["chosen_by"] = meta["plan"].get("chosen_by")
     return result
 
@@ -398,6 +400,7 @@ def main() -> None:
     parser.add_argument("--profile", type=int, default=0, help="batches per kind (text, image) under the profiler")
     parser.add_argument("--profile-out", type=Path, help="the profile summary (default: WORK/profile.txt)")
     parser.add_argument("--auto", default="", help="SET/MODE: time the default plan measurement (reap.py, a child)")
+    parser.add_argument("--auto-layers", type=int, default=0, help="decoder layers of --auto's skeleton (0: --layers)")
     parser.add_argument("--budget", type=float, default=280.0, help="seconds for everything; --auto gets what is left")
     parser.add_argument("--profile-child", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, default=Path("bench_reap_work"))
@@ -413,7 +416,8 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     cuda = torch.cuda.is_available() and not args.small
     sizes, dtype = (SMALL, torch.float32) if args.small else (REAL, torch.bfloat16)
-    model_dir = make_checkpoint(args.work / "model", sizes, args.layers, dtype, "cuda" if cuda else "cpu")
+    device = "cuda" if cuda else "cpu"
+    model_dir = make_checkpoint(args.work / "model", sizes, args.layers, dtype, device)
     if cuda:
         torch.cuda.empty_cache()
     specs = {
@@ -479,9 +483,15 @@ def main() -> None:
     if args.auto:
         label, mode = args.auto.split("/")
         spec, samples = specs[label]
+        auto_dir = model_dir
+        if args.auto_layers:  # its own skeleton: the search's cost grows with the layers it searches over
+            auto_dir = make_checkpoint(args.work / f"model-{args.auto_layers}", sizes, args.auto_layers, dtype, device)
+            if cuda:
+                torch.cuda.empty_cache()
         left = args.budget - (time.perf_counter() - started)
-        timed = auto_plans(args, spec, samples, mode, left) if left >= 30 else {"skipped": f"{left:.0f} s left"}
-        result["auto"] = {"set": label, "mode": mode, **timed}
+        enough = left >= 30
+        timed = auto_plans(args, spec, samples, mode, left, auto_dir) if enough else {"skipped": f"{left:.0f} s left"}
+        result["auto"] = {"set": label, "mode": mode, "layers": args.auto_layers or args.layers, **timed}
         print(f"auto plans: {json.dumps(result['auto'])}", flush=True)
         save()
     save()
