@@ -16,6 +16,7 @@ from reap_vlm import tiny
 from reap_vlm.checkpoint import inspect_checkpoint, plan_prune, write_pruned
 from reap_vlm.cli import main
 from reap_vlm.evaluate import run
+from reap_vlm.execution.stream import STREAMABLE
 from reap_vlm.execution.weights import OUTER
 
 ARGS = ["--device", "cpu", "--dtype", "float32", "--eval-samples", "8", "--max-new-tokens", "6", "--max-seq-len", "96"]
@@ -129,6 +130,19 @@ def test_streamed_test_stage_gives_the_in_memory_report(family, tmp_path, driver
         assert entry["peak_resident_layers"] == 2 and entry["decoder_layers"] == len(original.layers), name
     assert (tmp_path / "stream" / "report" / "report.md").read_text().count("- execution: stream") == 1
     assert not [p.name for p in (tmp_path / "stream").iterdir() if p.name.startswith(".reap_")]  # spill removed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", sorted(set(STREAMABLE) - {"qwen3_vl_moe", "deepseek_v3", "gpt_oss"}))
+def test_every_streamable_family_gives_the_in_memory_report(family, tmp_path):
+    """The other streamable families (generation skipped: the comparison is the subject)."""
+    src = tiny.make_tiny(family, tmp_path / family)
+    pruned = _prune(src, tmp_path / "pruned", {3, 7})
+    skip = ("--generation", "skip")
+    _, memory = _test(pruned, src, tmp_path / "memory", "--execution", "memory", *skip)
+    _, streamed = _test(pruned, src, tmp_path / "stream", "--execution", "stream", *skip)
+    _same_report(memory, streamed)
+    assert streamed["execution"]["pre_layer_parts"]["run_once"] is True
 
 
 def test_pre_layer_parts_differing_in_one_byte_are_run_per_model(tiny_vl_dir, tmp_path, drivers):
