@@ -1027,6 +1027,8 @@ def _run(settings: TestSettings) -> int:
             "report_json": str(settings.report_dir / "report.json"),
             "verdict": "fail" if report["failures"] else "pass",
             "failures": report["failures"],
+            "execution": execution.mode,
+            "generation": gen_mode,
             "samples": len(samples),
             "overall": {k: o.get(k) for k in ("agreement", "kl", "ppl_original", "ppl_pruned")},
             "accuracy": {t: {k: e.get(k) for k in ("accuracy_original", "accuracy_pruned")} for t, e in tasks.items()},

@@ -349,7 +349,9 @@ def test_spilled_comparison_equals_in_memory_and_stdout_is_the_json_line(tiny_vl
     extra = ("--execution", "stream", "--generation", "skip", "--json")
     _, streamed = _test(pruned, tiny_vl_dir, tmp_path / "stream", *extra)
     out, err = capsys.readouterr()
-    assert len(out.strip().splitlines()) == 1 and json.loads(out)["verdict"] in ("pass", "fail")
+    line = json.loads(out)
+    assert len(out.strip().splitlines()) == 1 and line["verdict"] in ("pass", "fail")
+    assert (line["execution"], line["generation"]) == ("stream", "skip")
     assert "keeps 0.0 GiB of hidden states in RAM" in err
     assert streamed["execution"]["memory"]["spilled_writes"] > 0
     assert streamed["execution"]["memory"]["ram_cache_peak_gib"] == 0
