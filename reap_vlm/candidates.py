@@ -824,12 +824,7 @@ def measure_plans(
             except PlanError as err:
                 notes.append(f"greedy at ratio {ratio}: skipped ({err.what})")
                 start, start_label = None, greedy_base
-            if search_budget > 0 and hasattr(model, "run_plans"):
-                notes.append(
-                    f"swap search at ratio {ratio}: skipped in streamed execution (each of its block steps would be "
-                    "two more passes over the weights)"
-                )
-            elif search_budget > 0:
+            if search_budget > 0:  # streamed execution: each measurement one more pass (StreamedModel.run_plans)
                 try:
                     if start is None:
                         base = scoring.plan(

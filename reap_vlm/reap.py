@@ -653,10 +653,11 @@ def _plans(settings, model, streamed, blocks, meta, eval_batches, search_batches
 
 
 def _greedy_passes_note(settings, meta: dict) -> str | None:
-    """What the greedy search costs in streamed execution: its steps depend on each other (each step's
-    trial plans are built from the previous step's result), so each step is one more pass over the weights
-    (more where its trial streams do not fit the hidden-state cache), and its plan one more on the held-out
-    batches. None where the search will not run (candidates.greedy_steps says why in the table's notes)."""
+    """What the searches cost in streamed execution: their steps depend on each other (each step's trial
+    plans are built from the previous step's result), so each greedy step is one more pass over the weights
+    (more where its trial streams do not fit the hidden-state cache), each swap-search measurement too, and
+    their plans one more on the held-out batches. None where the greedy search will not run
+    (candidates.greedy_steps says why in the table's notes)."""
     from .candidates import greedy_steps
 
     try:
@@ -668,10 +669,16 @@ def _greedy_passes_note(settings, meta: dict) -> str | None:
         )
     except PlanError:
         return None
-    return (
-        f"the greedy search takes {steps} step(s), each one more pass over the weights, and one more pass "
-        f"measures its plan ({steps + 1} passes besides the scoring pass; REAP_GREEDY_SEARCH=false skips it)"
+    note = (
+        f"the greedy search takes {steps} step(s), each one more pass over the weights (REAP_GREEDY_SEARCH=false "
+        "skips it)"
     )
+    if settings.search_budget:  # candidates.swap_search: a screening and an exact measurement per block step
+        note += (
+            f"; the swap search after it spends at most REAP_SEARCH_BUDGET={settings.search_budget} evaluations, "
+            "each measurement of its one more pass (two per block step; REAP_SEARCH_BUDGET=0 skips it)"
+        )
+    return note + "; one more pass measures the searches' plans on the held-out batches"
 
 
 def _write(settings, meta: dict, meta_path: Path, merge, info: dict | None, stats: dict, blocks) -> list[str]:

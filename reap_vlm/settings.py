@@ -280,7 +280,7 @@ class ReapSettings(Settings):
         200,
         "With REAP_CRITERION=auto and the greedy search on: most masked evaluations (one plan over the search "
         "slice; each measurement's unpruned reference counts one) the swap search from the greedy plan may spend "
-        "(0 = no swap search; in memory only: streamed execution skips it with a note).",
+        "(0 = no swap search; streamed execution: one more pass over the weights per measurement, two per block step).",
     )
     plots: bool = opt(True, "Write heatmap and candidate-plan PNGs next to the metadata.")
     eval_merge: bool = opt(
