@@ -218,3 +218,45 @@ def test_a_negative_budget_is_refused_in_one_line():
     with pytest.raises(SettingsError, match="REAP_SEARCH_BUDGET must be >= 0"):
         load(ReapSettings, ["--model-path", "m", "--search-budget", "-1"], {})
     assert load(ReapSettings, ["--model-path", "m", "--search-budget", "0"], {}).search_budget == 0
+
+
+def test_the_swap_search_finds_the_same_plan_in_memory_and_streamed(tiny_vl_dir, tmp_path):
+    """Streamed execution measures every plan one decoder layer at a time with the same rows: the swap search
+    takes the same steps and ends at the same plan, within the same budget."""
+    from reap_vlm.execution.stream import StreamedModel
+    from reap_vlm.loading import load_model
+    from reap_vlm.reap import score
+    from reap_vlm.settings import ReapSettings, load
+
+    argv = ["--model-path", str(tiny_vl_dir), "--output-path", str(tmp_path), "--device", "cpu", "--max-samples"]
+    settings = load(ReapSettings, [*argv, "9", "--max-seq-len", "96", "--eval-samples", "0", "--no-plots"], {})
+    meta = score(settings)  # the statistics the plans are cut from
+    model, processor, _ = load_model(tiny_vl_dir, device="cpu")
+    samples = load_samples("code:2,vision:2", max_samples=4, seed=0)
+    batches = list(make_batches(samples, processor, answers=True, max_seq_len=64, batch_size=2, **PIXELS))
+    streamed = StreamedModel(tiny_vl_dir, device="cpu")
+    found = []
+    for driver in (model, streamed):
+        blocks = find_moe_blocks(model if driver is model else streamed.model)
+        table = candidates.measure_plans(
+            driver,
+            blocks,
+            meta,
+            batches,
+            criteria=("reap",),
+            ratios=[0.5],
+            modality="balanced",
+            random_seeds=(),
+            search_batches=batches,
+            greedy_base="reap/balanced",
+            search_budget=60,
+        )
+        (swap,) = [r for r in table["rows"] if r["policy"] == "swap"]
+        found.append((table["plans"][swap["plan_id"]], swap["search"]))
+    streamed.close()
+    (memory_plan, memory), (stream_plan, stream) = found
+    assert memory_plan == stream_plan and memory["evaluations"] == stream["evaluations"] <= 60
+    assert [(s["block"], s["out"], s["in"]) for s in memory["swaps"]] == [
+        (s["block"], s["out"], s["in"]) for s in stream["swaps"]
+    ]
+    assert memory["objective"] == pytest.approx(stream["objective"], rel=1e-5)
