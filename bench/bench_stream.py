@@ -217,6 +217,7 @@ def child(args) -> None:
     argv += ["--batch-size", str(args.batch_size), "--eval-samples", str(args.eval_samples), "--no-plots"]
     argv += ["--execution", args.child, "--stream-cache-gb", str(args.cache_gb)]
     argv += [] if args.greedy else ["--no-greedy-search"]
+    argv += ["--no-eval-merge"]  # merge plans are measured in memory only: the two tables are compared
     if args.small:
         argv += ["--min-pixels", "1024", "--max-pixels", "16384"]
     if out.exists():
