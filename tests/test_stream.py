@@ -130,7 +130,7 @@ def _family_dir(family: str, root: Path, tiny_vl_dir: Path, tiny_text_dir: Path,
     return model_dir
 
 
-VISION = ("qwen3_vl_moe", "ernie4_5_vl_moe", "glm4v_moe")
+VISION = ("qwen3_vl_moe", "ernie4_5_vl_moe", "glm4v_moe", "aria", "minimax_m3_vl")  # tiny models with images
 ALL_CANDIDATES = dict(eval_samples=4)  # REAP_CRITERION=auto: every criterion x policy x ratio, random, greedy
 STAGE_RUNS = [
     pytest.param("qwen3_vl_moe", "image+text", ALL_CANDIDATES, id="qwen3_vl_moe-image+text-all-candidates"),
@@ -180,7 +180,7 @@ def test_streamed_stage_writes_the_same_metadata_as_in_memory(
         if greedy:  # its steps, the swap search's measurements, their plans unless measured already
             steps = greedy[0]["search"]["added_per_block"]
             swap = [r for r in rows if r["policy"] == "swap"]
-            assert passes >= 1 + steps + (2 if swap else 0)
+            assert passes >= 1 + steps + (1 if swap else 0)  # one when the whole space fits its budget
             assert f"the greedy search takes {steps} step(s)" in streamed["scoring"]["execution"]["notes"][0]
         else:
             assert family == "deepseek_v3" and passes == 1  # no greedy search with expert groups (a note says so)

@@ -62,6 +62,46 @@ STREAMABLE: dict[str, Replay] = {
     "ernie4_5_vl_moe": Replay(),
     "llama4_text": Replay(),
     "glm4v_moe": Replay(),
+    # verified 2026-12-02 with the same tests (statistics in all three modes, the stage's metadata and table)
+    **{
+        name: Replay()
+        for name in (
+            "afmoe",
+            "aria",
+            "aria_text",
+            "axk1",
+            "bailing_hybrid",
+            "deepseek_v2",
+            "dots1",
+            "ernie4_5_moe",
+            "exaone_moe",
+            "flex_olmo",
+            "flint",
+            "gemma4_text",
+            "glm4_moe_lite",
+            "granitemoe",
+            "granitemoe_swa",
+            "granitemoehybrid",
+            "granitemoeshared",
+            "hunyuan_v1_moe",
+            "hy_v3",
+            "kimi_linear",
+            "kolibri1",
+            "laguna",
+            "llama4",
+            "longcat_flash",
+            "mellum",
+            "mimo_v2_flash",
+            "minimax",
+            "minimax_m2",
+            "minimax_m3_vl",
+            "minimax_m3_vl_text",
+            "phimoe",
+            "qwen3_5_moe_text",
+            "qwen3_next",
+            "solar_open",
+        )
+    },
 }
 
 
