@@ -120,7 +120,8 @@ def plain_forward(settings, args, label: str) -> dict:
     padded = sum(b.modality.numel() for b in batches)
     out = {"batches": len(batches), "tokens": tokens, "padded_positions": padded}
     with torch.inference_mode():
-        for b in batches[:2]:  # warm-up (kernels, allocator)
+        images = [b for b in batches if "pixel_values" in b.inputs]
+        for b in batches[:2] + images[:1]:  # warm-up (kernels, allocator; the vision tower's too)
             model(**prepare_inputs(model, b), use_cache=False, logits_to_keep=1)
         heads = (("with_head", 0),) if label in args.with_head.split(",") else ()
         for name, keep in (*heads, ("without_head", 1)):
