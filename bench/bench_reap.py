@@ -171,7 +171,9 @@ def _profile_summary(prof, label: str, mode: str, batches: int, cuda: bool) -> s
     ops by self CUDA and by self CPU time."""
     events = prof.key_averages()
     by_name = {e.key: e for e in events}
-    gpu_us = sum(getattr(e, "self_device_time_total", 0) or 0 for e in events)
+    # the kernels' own rows only: an op's row repeats its kernels' time, the "batch" range spans them all
+    kernels = [e for e in events if str(getattr(e, "device_type", "")).endswith("CUDA") and e.key != "batch"]
+    gpu_us = sum(getattr(e, "self_device_time_total", 0) or 0 for e in kernels)
     host_us = max((e.cpu_time_total for e in events if e.key.startswith("ProfilerStep") or e.key == "batch"), default=0)
     launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel"))
     lines = [f"== {label} {mode}: {batches} batches (per batch below)"]
