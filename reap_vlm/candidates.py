@@ -938,8 +938,9 @@ def _merge_candidate(
         group_size=settings["group_size"],
         modality=policy,
     )
-    device = next(model.parameters()).device
-    swap = merge_memory.prepare(model, blocks, groups, saliency, acts, router_mode=settings["router"], device=device)
+    # the merged experts are kept in host memory and copied in only while the merge plan runs a batch: on a
+    # GPU they would add the merged centroids of every layer (and their saved originals) to the stage's peak
+    swap = merge_memory.prepare(model, blocks, groups, saliency, acts, router_mode=settings["router"], device="cpu")
     kept = {f"{layer}.{s}": sorted(g[0] for g in gs) for (layer, s), gs in groups.items()}
     return kept, swap, {**settings, "base": base}
 

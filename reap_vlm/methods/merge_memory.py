@@ -41,7 +41,8 @@ def prepare(
     device: str | torch.device = "cpu",
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(target, value) pairs: `target` a view of a centroid's slot in the model's parameters, `value` the
-    merged weights in the parameter's dtype (kept on `device`). Computed once; applied by copying."""
+    merged weights in the parameter's dtype (kept on `device`; in pinned memory when that is the CPU and the
+    model is on a GPU, so copying them in is a fast transfer). Computed once; applied by copying."""
     updates = []
     for b in blocks:
         key = (b.layer, b.expert_set)
@@ -53,12 +54,19 @@ def prepare(
             for name in ("gate", "up", "down", "gate_bias", "up_bias", "down_bias"):
                 target = getattr(views, name)
                 if target is not None:
-                    updates.append((target[m.centroid], getattr(m, name).to(device, target.dtype)))
+                    updates.append((target[m.centroid], _keep(getattr(m, name), target, device)))
         if router_mode == "average":
             weight = model.get_parameter(b.router_weight)
             rows = merge.merged_router(weight.double(), multi, saliency[key], "average")
-            updates += [(weight[g[0]], row.to(device, weight.dtype)) for g, row in zip(multi, rows, strict=True)]
+            updates += [(weight[g[0]], _keep(row, weight, device)) for g, row in zip(multi, rows, strict=True)]
     return updates
+
+
+def _keep(value: torch.Tensor, like: torch.Tensor, device) -> torch.Tensor:
+    out = value.to(device, like.dtype)
+    if out.device.type == "cpu" and like.device.type == "cuda":
+        out = out.pin_memory()
+    return out
 
 
 @torch.no_grad()
@@ -70,9 +78,11 @@ def apply_merge(model, blocks, groups, saliency, acts, *, router_mode="centroid"
 
 @contextlib.contextmanager
 def swapped(updates: list[tuple[torch.Tensor, torch.Tensor]]):
-    """The merged weights in place while the context is active; the original values restored on exit."""
+    """The merged weights in place while the context is active; the original values restored on exit. The
+    originals are saved where the merged values are kept (the host, for the reap stage's merge candidate), so
+    swapping adds nothing to the GPU's peak."""
     with torch.no_grad():
-        saved = [target.detach().clone() for target, _ in updates]
+        saved = [target.detach().to(value.device, copy=True) for target, value in updates]
     try:
         with torch.no_grad():
             for target, value in updates:
