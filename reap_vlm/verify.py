@@ -14,6 +14,7 @@ import math
 import sys
 from pathlib import Path
 
+from . import console
 from .checkpoint import inspect_checkpoint
 from .checkpoint.layout import DTYPE_BYTES
 from .cli import guarded
@@ -138,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prune-ratio", type=float, default=0.5, help="show sizes after removing this fraction")
     parser.add_argument("--metadata-path", type=Path, help="also check this reap_metadata.json against the model")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    # this entry point's own output (its --json prints the description itself, not a stage's result line); the
+    # console's state may have been set by an earlier stage run in the same process
+    console.configure("info", False)
     return guarded("verify", lambda: _show(parser.parse_args(argv)))
 
 

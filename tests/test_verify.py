@@ -42,3 +42,14 @@ def test_verify_checks_metadata_and_reports_bad_input(tmp_path, capsys):
     (tmp_path / "meta.json").write_text(json.dumps(meta))
     assert main([str(src), "--metadata-path", str(tmp_path / "meta.json")]) == 2
     assert "made for MixtralForCausalLM" in capsys.readouterr().err
+
+
+def test_verify_json_is_one_document_after_a_json_stage_in_the_same_process(tmp_path, capsys):
+    """A stage run with --json earlier in the process (the console's result line on) must not add its result
+    line to verify's own JSON (the suite runs stages in-process)."""
+    from reap_vlm import console
+
+    console.configure("info", True)
+    src = make_tiny("mixtral", tmp_path / "m")
+    assert main([str(src), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["experts"] == 8
