@@ -46,9 +46,18 @@ def _launch(n: int, script: str, argv: list[str], timeout: int = 600) -> subproc
 
 
 def _single(model_dir: Path, out: Path, **extra) -> dict:
+    """The single process with one thread, as every rank has (_env): a CPU matmul's rounding can depend on how
+    many threads split it, and max-activation is compared exactly."""
+    import torch
+
     from reap_vlm.reap import score
 
-    return score(load(ReapSettings, _argv(model_dir, out, **extra), {}))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return score(load(ReapSettings, _argv(model_dir, out, **extra), {}))
+    finally:
+        torch.set_num_threads(threads)
 
 
 worst: list[float] = []
