@@ -17,3 +17,20 @@ def tiny_text_dir(tmp_path_factory):
     from reap_vlm.tiny import make_tiny
 
     return make_tiny("qwen3_moe", tmp_path_factory.mktemp("tiny") / "qwen3_moe")
+
+
+@pytest.fixture
+def one_pass(monkeypatch):
+    """The StreamedModel of every streamed run (scoring, or the test stage's two models in the order they are
+    closed), kept for its reader's and driver's counters."""
+    from reap_vlm.execution import stream
+
+    made: list = []
+    close = stream.StreamedModel.close
+
+    def keep(self) -> None:
+        made.append(self)
+        close(self)
+
+    monkeypatch.setattr(stream.StreamedModel, "close", keep)
+    return made

@@ -79,22 +79,6 @@ def _same_metadata(memory: dict, streamed: dict) -> None:
     assert memory["model"] == streamed["model"]
 
 
-@pytest.fixture
-def one_pass(monkeypatch):
-    """The StreamedModel of every streamed scoring run, kept for its reader's and driver's counters."""
-    from reap_vlm.execution import stream
-
-    made: list = []
-    close = stream.StreamedModel.close
-
-    def keep(self) -> None:
-        made.append(self)
-        close(self)
-
-    monkeypatch.setattr(stream.StreamedModel, "close", keep)
-    return made
-
-
 def _read_once(streamed, passes: int = 1) -> None:
     """Every decoder layer's tensors read once per pass over the weights (the outer parts once), never more
     than two decoder layers' weights resident."""

@@ -6,11 +6,11 @@ the in-memory answers, or is skipped with a note and a teacher-forced verdict.""
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
 import torch
+from test_stream import _close
 
 from reap_vlm import tiny
 from reap_vlm.checkpoint import inspect_checkpoint, plan_prune, write_pruned
@@ -20,23 +20,6 @@ from reap_vlm.execution.stream import STREAMABLE
 from reap_vlm.execution.weights import OUTER
 
 ARGS = ["--device", "cpu", "--dtype", "float32", "--eval-samples", "8", "--max-new-tokens", "6", "--max-seq-len", "96"]
-RTOL = 1e-5
-
-
-def _close(a, b, path: str = "") -> None:
-    """Every number of `b` within RTOL (relative) of `a`; everything else identical."""
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for k in a:
-            _close(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, list):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            _close(x, y, f"{path}[{i}]")
-    elif isinstance(a, float) and isinstance(b, float) and not (math.isnan(a) and math.isnan(b)):
-        assert abs(a - b) <= RTOL * max(abs(a), abs(b), 1e-30), f"{path}: {a} vs {b}"
-    else:
-        assert a == b, f"{path}: {a!r} vs {b!r}"
 
 
 def _prune(src: Path, dst: Path, drop: set[int]) -> Path:
@@ -51,22 +34,6 @@ def _test(pruned: Path, original: Path, out: Path, *extra: str) -> tuple[int, di
     argv = ["--pruned-model-path", str(pruned), "--original-model-path", str(original), "--output-path", str(out)]
     code = main("test", run, [*argv, *ARGS, *extra])
     return code, json.loads((out / "report" / "report.json").read_text())
-
-
-@pytest.fixture
-def drivers(monkeypatch):
-    """Every StreamedModel the stage makes, kept (with its reader's counters) when it is closed."""
-    from reap_vlm.execution import stream
-
-    made: list = []
-    close = stream.StreamedModel.close
-
-    def keep(self) -> None:
-        made.append(self)
-        close(self)
-
-    monkeypatch.setattr(stream.StreamedModel, "close", keep)
-    return made
 
 
 def _model(family: str, root: Path) -> tuple[Path, Path]:
@@ -98,7 +65,7 @@ def _same_report(memory: dict, streamed: dict) -> None:
     ["qwen3_vl_moe", "deepseek_v3", "gpt_oss"],
     ids=["qwen3_vl_moe-images-deepstack", "deepseek_v3-dense-first-layer", "gpt_oss-sliding-layers"],
 )
-def test_streamed_test_stage_gives_the_in_memory_report(family, tmp_path, drivers):
+def test_streamed_test_stage_gives_the_in_memory_report(family, tmp_path, one_pass):
     """Every metric of the report (per text domain perplexity, per task teacher-forced exact match and answer
     loss, agreement, KL, usage entropy) within 1e-5 of the in-memory stage's, the verdict and the generations
     (in memory for both) identical; each model's layers read once, never more than two resident; the pruned
@@ -118,7 +85,7 @@ def test_streamed_test_stage_gives_the_in_memory_report(family, tmp_path, driver
     execution = streamed["execution"]
     assert execution["pre_layer_parts"]["run_once"] is True
     assert "have the same sha256 in both checkpoints" in execution["pre_layer_parts"]["why"]
-    original, model = drivers  # closed in this order: the original, then the pruned model
+    original, model = one_pass  # closed in this order: the original, then the pruned model
     assert original.model.config.to_dict() != model.model.config.to_dict()  # each built from its own config
     for driver, outer_read in ((original, True), (model, False)):
         reader = driver.reader
@@ -145,7 +112,7 @@ def test_every_streamable_family_gives_the_in_memory_report(family, tmp_path):
     assert streamed["execution"]["pre_layer_parts"]["run_once"] is True
 
 
-def test_pre_layer_parts_differing_in_one_byte_are_run_per_model(tiny_vl_dir, tmp_path, drivers):
+def test_pre_layer_parts_differing_in_one_byte_are_run_per_model(tiny_vl_dir, tmp_path, one_pass):
     """The pruned checkpoint's embedding changed by one value: the hashes differ, each model reads and runs
     its own pre-layer parts and head, and the report still equals the in-memory one (generation skipped in
     both: per-task exact match judged teacher-forced)."""
@@ -165,7 +132,7 @@ def test_pre_layer_parts_differing_in_one_byte_are_run_per_model(tiny_vl_dir, tm
     _same_report(memory, streamed)
     shared = streamed["execution"]["pre_layer_parts"]
     assert shared == {"run_once": False, "why": f"{name} has other bytes (sha256)"}
-    original, model = drivers
+    original, model = one_pass
     for driver in (original, model):
         assert set(driver.reader.reads.values()) == {1}  # outer parts and layers, each model its own, once
         assert driver.reader.peak_resident == 2
