@@ -13,6 +13,9 @@
    and streamed (`stream`: one dequantized layer resident, execution.stream). In memory the first
    `--warmup` batches (compiled epilogues, allocator) are left out of the timing; the streamed pass runs
    once on them first and is then timed whole. bf16 runs in memory (and streamed with `--bf16-stream`).
+   `--repeats N` (in memory): after that first pass (whose statistics are compared), N more windows of whole
+   passes over all batches, each at least `--min-seconds` long (5 s), each with a fresh observer; the run's
+   tokens/s is then the median window's, and every window is reported.
 4. Reports per run tokens/s, GPU peak (max_memory_allocated, loading included), for FP8 kept in memory the
    experts implementation that ran and the largest dequantized expert bytes alive at once; per quantized
    run the ratio to bf16 in memory (target >= 0.8 for fp8), GPU peak against the quantized weights + chunk
@@ -21,6 +24,7 @@
    experts, and the overlap of the REAP keep plans at 25 % and 50 % pruning.
 
 Usage:  python bench/bench_quant.py [--layers 4] [--samples 64] [--runs memory,stream] [--out result.json]
+        python bench/bench_quant.py --runs memory --repeats 3 --min-seconds 5   # FP8 vs bf16 throughput
         python bench/bench_quant.py --small      # CPU smoke test (tiny widths, a few samples)
         python bench/bench_quant.py --model DIR --formats fp8,ct-int4 --runs memory   # a real bf16 model
 """
@@ -127,6 +131,29 @@ def _dequantize_check(experts, cuda: bool) -> dict:
     }
 
 
+def _window(model, blocks, batches, args, cuda: bool) -> tuple[int, float, int]:
+    """(tokens, seconds, passes) of whole passes over `batches` in full scoring (a fresh observer, its sums
+    added before the clock stops) until at least `args.min_seconds` have passed."""
+    from reap_vlm.execution.memory import forward
+    from reap_vlm.loading import input_device
+    from reap_vlm.observe import Observer
+
+    tokens, passes, seconds = 0, 0, 0.0
+    observer = Observer(model, blocks, args.mode, CHUNK_MB)
+    with observer, torch.inference_mode():
+        _sync(cuda)
+        t0 = time.perf_counter()
+        while passes == 0 or seconds < args.min_seconds:
+            for batch in batches:
+                observer.set_modality(batch.modality)
+                forward(model, batch, input_device(model))
+                tokens += int((batch.modality >= 0).sum())
+            observer.flush()
+            _sync(cuda)
+            passes, seconds = passes + 1, time.perf_counter() - t0
+    return tokens, seconds, passes
+
+
 def child(args) -> None:
     """One scoring run in this process; writes <work>/<name>-<execution>.json (+ its statistics)."""
     from reap_vlm.execution.memory import forward, precompute_positions
@@ -171,6 +198,21 @@ def child(args) -> None:
         seconds = time.perf_counter() - t0
         stats = observer.export()
         timed = f"batches {warm + 1}..{len(batches)} of {len(batches)} (the first {warm} warm up)"
+        if args.repeats:
+            # the statistics are the first pass's; the throughput is the median of `--repeats` windows of whole
+            # passes over all batches, each window at least `--min-seconds` long, each with a fresh observer
+            first = tokens / seconds
+            windows = [_window(model, blocks, batches, args, cuda) for _ in range(args.repeats)]
+            rates = [t / s for t, s, _ in windows]
+            tokens, seconds = sorted(windows, key=lambda w: w[0] / w[1])[len(windows) // 2][:2]
+            timed = (
+                f"median of {len(windows)} windows of whole passes over all {len(batches)} batches, each at least "
+                f"{args.min_seconds:g} s, after a first pass (the statistics') of {first:,.0f} tokens/s"
+            )
+            extra["windows"] = [
+                {"tokens": t, "seconds": round(s, 3), "passes": n, "tokens_per_s": round(t / s)} for t, s, n in windows
+            ]
+            extra["tokens_per_s_spread"] = [round(min(rates)), round(max(rates))]
         if any(kept):
             extra["dequantized_peak_mib"] = DEQUANTIZED.peak / 2**20
             extra["dequantized_chunks"] = DEQUANTIZED.chunks
@@ -252,6 +294,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2, help="batches left out of the in-memory timing")
+    parser.add_argument("--repeats", type=int, default=0, help="in memory: timed windows after the first pass")
+    parser.add_argument("--min-seconds", type=float, default=5.0, help="the shortest timed window (--repeats)")
     parser.add_argument("--mode", default="full", choices=("full", "routed", "router"))
     parser.add_argument("--runs", default="memory,stream", help="executions of the quantized twins: memory, stream")
     parser.add_argument("--bf16-stream", action="store_true", help="also score bf16 streamed")
@@ -303,6 +347,7 @@ def main() -> None:
         cmd += ["--child-name", name, "--work", str(args.work), "--samples", str(args.samples)]
         cmd += ["--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size), "--mode", args.mode]
         cmd += ["--warmup", str(args.warmup), "--calibration", args.calibration]
+        cmd += ["--repeats", str(args.repeats), "--min-seconds", str(args.min_seconds)]
         cmd += ["--small"] if args.small else []
         t = time.perf_counter()
         subprocess.run(cmd, check=True)
@@ -343,6 +388,13 @@ def main() -> None:
         result["compare"][key] = {
             "throughput_ratio_to_bf16_memory": run["tokens_per_s"] / base["tokens_per_s"],
             "throughput_target_met": run["tokens_per_s"] / base["tokens_per_s"] >= 0.8,
+            # with --repeats: the ratio's range over the windows (slowest against fastest, and the reverse)
+            "throughput_ratio_range": None
+            if "windows" not in run or "windows" not in base
+            else [
+                min(w["tokens_per_s"] for w in run["windows"]) / max(w["tokens_per_s"] for w in base["windows"]),
+                max(w["tokens_per_s"] for w in run["windows"]) / min(w["tokens_per_s"] for w in base["windows"]),
+            ],
             "gpu_peak_gib": peak,
             "quantized_weights_gib": quant_gib,
             "gpu_peak_bound_gib": bound,
