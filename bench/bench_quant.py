@@ -9,7 +9,8 @@
    compressed-tensors twins.
 3. Scores every checkpoint with the observer (full mode by default, `--mode`) on the same calibration
    batches, each run in its own process: in memory (`memory`: reap_vlm.loading.load_model; on a GPU an FP8
-   checkpoint's experts stay e4m3 in transformers' FP8Experts and full mode dequantizes them chunk by chunk)
+   checkpoint's experts stay e4m3 in transformers' FP8Experts, a compressed-tensors one's as stored in
+   PackedExperts, and full mode dequantizes them chunk by chunk)
    and streamed (`stream`: one dequantized layer resident, execution.stream). In memory the first
    `--warmup` batches (compiled epilogues, allocator) are left out of the timing; the streamed pass runs
    once on them first and is then timed whole. bf16 runs in memory (and streamed with `--bf16-stream`).
@@ -160,7 +161,7 @@ def child(args) -> None:
     from reap_vlm.loading import input_device, load_model
     from reap_vlm.moe import find_moe_blocks
     from reap_vlm.observe import Observer
-    from reap_vlm.quantization import DEQUANTIZED, fp8_kernels_load, is_fp8_experts
+    from reap_vlm.quantization import DEQUANTIZED, fp8_kernels_load, is_fp8_experts, is_quantized_experts
 
     model_dir = Path(args.child_model)
     cuda = torch.cuda.is_available() and not args.small
@@ -171,15 +172,19 @@ def child(args) -> None:
     started = time.perf_counter()
     extra: dict = {}
     if args.child == "memory":
-        # on a GPU an FP8 checkpoint keeps its experts e4m3 by itself; --small makes the CPU do it too
-        model, processor, _ = load_model(model_dir, device=device, dtype=dtype, keep_fp8_experts=args.small or None)
+        # on a GPU a quantized checkpoint keeps its experts quantized by itself; --small makes the CPU do it too
+        keep = args.small or None
+        model, processor, _ = load_model(
+            model_dir, device=device, dtype=dtype, keep_fp8_experts=keep, keep_packed_experts=keep
+        )
         loaded = time.perf_counter() - started
         blocks = find_moe_blocks(model)
         batches = _batches(args, processor)
         precompute_positions(model, batches)  # as the reap stage does in memory
-        kept = [is_fp8_experts(model.get_submodule(b.experts)) for b in blocks]
+        fp8 = [is_fp8_experts(model.get_submodule(b.experts)) for b in blocks]
+        kept = [is_quantized_experts(model.get_submodule(b.experts)) for b in blocks]
         if any(kept):
-            extra["experts_kept_fp8"] = f"{sum(kept)} of {len(kept)} MoE blocks"
+            extra["experts_kept"] = f"{sum(kept)} of {len(kept)} MoE blocks" + (" (FP8)" if any(fp8) else " (packed)")
             extra["fp8_kernels_load"] = fp8_kernels_load(torch.device(device))
             extra["experts_implementation"] = model.get_submodule(blocks[0].experts).config._experts_implementation
         DEQUANTIZED.reset()
@@ -216,7 +221,8 @@ def child(args) -> None:
         if any(kept):
             extra["dequantized_peak_mib"] = DEQUANTIZED.peak / 2**20
             extra["dequantized_chunks"] = DEQUANTIZED.chunks
-            extra.update(_dequantize_check(model.get_submodule(blocks[0].experts), cuda))
+            if any(fp8):
+                extra.update(_dequantize_check(model.get_submodule(blocks[0].experts), cuda))
     else:
         from reap_vlm.execution.stream import StreamedModel, observe
 

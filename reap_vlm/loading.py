@@ -111,12 +111,16 @@ def load_model(
     experts_implementation: str | None = None,
     keep_fp8_experts: bool | None = None,
     offload: tuple[dict, Path] | None = None,
+    keep_packed_experts: bool | None = None,
 ):
     """(model, processor, config dict). The model is in eval mode; the processor is the checkpoint's own
     (a tokenizer for text-only models).
 
     keep_fp8_experts: an FP8 block-wise checkpoint's routed experts stay e4m3 in memory (transformers'
     FP8Experts, see reap_vlm.quantization); None: on a GPU (on a CPU transformers dequantizes anyway).
+    keep_packed_experts: a compressed-tensors, AWQ or GPTQ checkpoint's routed experts, stored one by one,
+    stay as stored in memory (quantization.PackedExperts) and are dequantized a chunk of experts at a time
+    when used; None: on a GPU, as for FP8. Otherwise every weight is dequantized at load.
     offload: (max_memory, folder) for accelerate's device_map="auto", what does not fit max_memory
     offloaded to that folder on disk."""
     from huggingface_hub.errors import StrictDataclassError  # transformers' typed config fields
@@ -128,8 +132,11 @@ def load_model(
         console.info(f"note: {note}")
     device = resolve_device(device)
     quant = quantization_of(model_dir, config)
-    if keep_fp8_experts is None:
-        keep_fp8_experts = device != "cpu" and torch.cuda.is_available() and offload is None
+    on_gpu = device != "cpu" and torch.cuda.is_available() and offload is None
+    keep_fp8_experts = on_gpu if keep_fp8_experts is None else keep_fp8_experts
+    keep_packed_experts = on_gpu if keep_packed_experts is None else keep_packed_experts
+    if quant is None or quant.format == "fp8":
+        keep_packed_experts = False
     if quant is not None and keep_fp8_experts:
         from .checkpoint.layout import inspect_checkpoint
         from .quantization import fp8_experts_keepable
@@ -143,7 +150,14 @@ def load_model(
                 "Use REAP_GENERATION=skip (the verdict is then teacher-forced) or memory",
             )
         model = _load_dequantizing(
-            model_dir, config, device, dtype, trust_remote_code, attn_implementation, keep_fp8_experts
+            model_dir,
+            config,
+            device,
+            dtype,
+            trust_remote_code,
+            attn_implementation,
+            keep_fp8_experts,
+            keep_packed_experts,
         )
         return model, load_processor(model_dir, trust_remote_code), config
     kwargs: dict = {"dtype": resolve_dtype(dtype, device), "trust_remote_code": trust_remote_code}
@@ -225,7 +239,14 @@ def _has_quantized_names(model_dir: Path) -> bool:
 
 
 def _load_dequantizing(
-    model_dir: Path, config: dict, device: str, dtype: str, trust: bool, attn: str, keep_fp8_experts: bool = False
+    model_dir: Path,
+    config: dict,
+    device: str,
+    dtype: str,
+    trust: bool,
+    attn: str,
+    keep_fp8_experts: bool = False,
+    keep_packed_experts: bool = False,
 ):
     """A quantized checkpoint transformers cannot load on this machine (compressed-tensors, AWQ and GPTQ
     want GPU kernels; an export without quantization_config would be loaded with random weights): the
@@ -234,7 +255,9 @@ def _load_dequantizing(
 
     keep_fp8_experts: the routed experts become transformers' FP8Experts holding the checkpoint's e4m3
     weights and block scales (quantization.keep_fp8_experts); their forward is transformers' FP8 kernel
-    where it loads, else the chunk-by-chunk dequantizing one (quantization.fp8_dequantized_experts_forward)."""
+    where it loads, else the chunk-by-chunk dequantizing one (quantization.dequantized_experts_forward).
+    keep_packed_experts: the routed experts stay as stored in quantization.PackedExperts (the reader
+    replaces the modules that fit); their forward is the chunk-by-chunk dequantizing one."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
@@ -255,7 +278,14 @@ def _load_dequantizing(
         from .quantization import keep_fp8_experts as swap
 
         swapped = swap(model, quantization_of(model_dir, config).block_size, compute)
-    reader = LayerReader(model_dir, model, device=target, dtype=compute, keep_fp8_experts=bool(swapped))
+    reader = LayerReader(
+        model_dir,
+        model,
+        device=target,
+        dtype=compute,
+        keep_fp8_experts=bool(swapped),
+        keep_packed_experts=keep_packed_experts and not swapped,
+    )
     try:
         for group in [OUTER, *range(len(reader.layers))]:
             reader.load(group)
@@ -271,6 +301,15 @@ def _load_dequantizing(
                 experts.config._experts_implementation = FP8_DEQUANTIZED_IMPL
         impl = "transformers' FP8 kernels" if kernels else "dequantizing chunk by chunk (no FP8 kernels load)"
         console.info(f"note: the routed experts stay FP8 in memory ({len(swapped)} layers); their forward: {impl}")
+    if reader.packed_modules:
+        from .quantization import PACKED_DEQUANTIZED_IMPL
+
+        for name in reader.packed_modules:
+            model.get_submodule(name).config._experts_implementation = PACKED_DEQUANTIZED_IMPL
+        console.info(
+            f"note: the routed experts stay {reader.quantization.format} ({reader.quantization.scheme}) in memory "
+            f"({len(reader.packed_modules)} layers), dequantized chunk by chunk where used"
+        )
     model.eval()
     return model
 

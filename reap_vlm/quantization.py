@@ -326,11 +326,13 @@ def dequantized_bytes(layout, quant: Quantization, itemsize: int = 2) -> int:
 # On a GPU an FP8 checkpoint's routed experts stay e4m3 in memory, in transformers' own `FP8Experts` modules
 # (gate_up_proj [E, 2I, H] and down_proj [E, H, I] in e4m3, `*_scale_inv` per [bm, bn] block): routed and
 # router modes run transformers' FP8 expert kernels when they load (its `finegrained-fp8` kernel), and
-# otherwise `fp8_dequantized_experts_forward`; everything that needs dense expert weights (full mode's
+# otherwise `dequantized_experts_forward`; everything that needs dense expert weights (full mode's
 # all-expert norms, the merge statistics) dequantizes them a chunk of experts at a time with transformers'
 # `Fp8Dequantize`, the op its loader dequantizes with, so the numbers equal the dequantized model's.
 
 FP8_DEQUANTIZED_IMPL = "reap_fp8_dequantized"  # the experts implementation without transformers' FP8 kernels
+PACKED_DEQUANTIZED_IMPL = "reap_dequantized"  # PackedExperts' experts implementation
+DEQUANTIZED_IMPLS = (FP8_DEQUANTIZED_IMPL, PACKED_DEQUANTIZED_IMPL)
 DEFAULT_CHUNK_BYTES = 768 << 20  # REAP_CHUNK_MEMORY_MB's default, for forwards outside an Observer
 _FP8_CLASS: list = []
 _DEQUANTIZE: list = []  # the (compiled, on CUDA) Fp8Dequantize op
@@ -373,6 +375,11 @@ def is_fp8_experts(module: torch.nn.Module) -> bool:
     down = getattr(module, "down_proj", None)
     fp8 = isinstance(down, torch.Tensor) and down.dtype == torch.float8_e4m3fn
     return fp8 and hasattr(module, "down_proj_scale_inv")
+
+
+def is_quantized_experts(module: torch.nn.Module) -> bool:
+    """Experts kept quantized in memory: transformers' FP8Experts (FP8) or PackedExperts (the other formats)."""
+    return is_fp8_experts(module) or isinstance(module, PackedExperts)
 
 
 def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -466,12 +473,13 @@ class SortedPairs:
         return t[inv_perm].view(self.T, self.K, *t.shape[1:])
 
 
-def fp8_dequantized_experts_forward(self, hidden_states, top_k_index, top_k_weights):
-    """transformers' grouped_mm experts forward on FP8Experts whose FP8 kernels do not load (a CPU, or a GPU
-    without the `kernels` package or its hub download): the tokens sorted by expert as there, and each chunk
-    of experts (within the module's `_reap_chunk_bytes`) dequantized by Fp8Dequantize and multiplied with
-    transformers' `_grouped_linear`. The same numbers as the dequantized model's grouped_mm forward."""
-    w = fp8_expert_weights(self)
+def dequantized_experts_forward(self, hidden_states, top_k_index, top_k_weights):
+    """transformers' grouped_mm experts forward on experts kept quantized in memory (FP8Experts whose FP8
+    kernels do not load: a CPU, or a GPU without the `kernels` package or its hub download; PackedExperts):
+    the tokens sorted by expert as there, and each chunk of experts (within the module's `_reap_chunk_bytes`)
+    dequantized (`ExpertWeights.experts`) and multiplied with transformers' `_grouped_linear`. The same
+    numbers as the dequantized model's grouped_mm forward."""
+    w = fp8_expert_weights(self) if is_fp8_experts(self) else packed_expert_weights(self)
     pairs = SortedPairs(hidden_states, top_k_index, w)
     step = experts_per_chunk(w, getattr(self, "_reap_chunk_bytes", DEFAULT_CHUNK_BYTES))
     for e0 in range(0, w.num_experts, step):
@@ -493,7 +501,7 @@ def fp8_experts_class():
         from transformers.integrations.finegrained_fp8 import ALL_FP8_EXPERTS_FUNCTIONS, FP8Experts
         from transformers.integrations.moe import use_experts_implementation
 
-        type(ALL_FP8_EXPERTS_FUNCTIONS).register(FP8_DEQUANTIZED_IMPL, fp8_dequantized_experts_forward)
+        type(ALL_FP8_EXPERTS_FUNCTIONS).register(FP8_DEQUANTIZED_IMPL, dequantized_experts_forward)
         _FP8_CLASS.append(
             use_experts_implementation(
                 experts_class=FP8Experts, experts_interface=ALL_FP8_EXPERTS_FUNCTIONS, has_bias=False, has_gate=True
@@ -553,3 +561,143 @@ def keep_fp8_experts(model: torch.nn.Module, block_size, dtype: torch.dtype) -> 
         model.set_submodule(name, new)
         swapped.append(name)
     return swapped
+
+
+# ---- compressed-tensors, AWQ and GPTQ experts kept in memory as stored ------------------------------------
+# In memory, a checkpoint whose routed experts are stored one by one (`experts.{j}.{gate,up,down}_proj`, each
+# quantized: `qweight` / `qzeros` / `scales` (/ `g_idx`), `weight_packed` / `weight_scale` / ..., or a
+# float-quantized `weight` + `weight_scale`) keeps them as stored: each experts module becomes a
+# PackedExperts holding, per projection and on-disk part, one buffer [E, *part shape]. Whatever needs dense
+# weights takes them through `ExpertWeights.experts(e0, e1)`, which dequantizes those experts then, every
+# weight with the checkpoint's own `Dequantizer.weight` (the op the whole-model load and the streamed reader
+# apply to the same tensors on the same device, so the same bits), and frees them with the chunk.
+
+PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+_PER_EXPERT_WEIGHT = re.compile(r"^(?P<head>.+\.experts)\.(?P<j>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
+# bytes per weight of the one projection being dequantized, besides the chunk: the unpacked integers, the
+# gathered zeros and scales, the products and the cast (measured by the tests on every format, at most 20.8:
+# GPTQ's unpacker)
+DEQUANTIZE_TEMPORARY_BYTES = 24
+_PACKED_CLASS: list = []
+
+
+class PackedExperts(torch.nn.Module):
+    """Routed experts kept in memory as the checkpoint stores them (see above). Buffers `<proj>__<leaf>`
+    [E, *shape] (not persistent: they are no state of the original model); `names[proj][j]`: expert j's
+    on-disk tensor names by leaf, the keys the Dequantizer is given."""
+
+    def __init__(self, config, num_experts: int, hidden: int, inter: int, act_fn, parts: dict, names: dict):
+        super().__init__()
+        self.num_experts, self.hidden_dim, self.intermediate_dim = num_experts, hidden, inter
+        self.act_fn = act_fn
+        self.names = names
+        self.dequantizer: Dequantizer | None = None
+        self._reap_compute_dtype = torch.float32
+        for proj, leaves in parts.items():
+            for leaf, (shape, dtype) in leaves.items():
+                meta = torch.empty((num_experts, *shape), dtype=dtype, device="meta")
+                self.register_buffer(f"{proj}__{leaf}", meta, persistent=False)
+
+    def weight(self, j: int, proj: str) -> torch.Tensor:
+        """Expert j's dequantized `proj` weight [out, in] in the compute dtype."""
+        tensors = {name: self._buffers[f"{proj}__{leaf}"][j] for leaf, name in self.names[proj][j].items()}
+        return self.dequantizer.weight(tensors).to(self._reap_compute_dtype)
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        return dequantized_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+
+
+def packed_experts_class():
+    """PackedExperts decorated as transformers' experts classes are (implementations through its
+    ExpertsInterface), with the dequantizing forward registered there. Once per process."""
+    if not _PACKED_CLASS:
+        from transformers.integrations.moe import ExpertsInterface, use_experts_implementation
+
+        ExpertsInterface.register(PACKED_DEQUANTIZED_IMPL, dequantized_experts_forward)
+        _PACKED_CLASS.append(use_experts_implementation(PackedExperts, has_bias=False, has_gate=True))
+    return _PACKED_CLASS[0]
+
+
+def packed_experts(original: torch.nn.Module, weights: dict, parts: dict, layout, dequantizer, dtype):
+    """A PackedExperts (meta buffers) to replace the fused experts module `original`, or None where it does
+    not fit: `weights` {(j, proj): logical weight name} must hold every projection of every expert, each
+    quantized (`parts`: logical name -> on-disk tensors) with the same part shapes and dtypes for all experts,
+    and `original` a plain gated experts module (no bias, transformers' act(gate) * up)."""
+    from .moe.spec import _own_apply_gate, expert_weights
+
+    E = getattr(original, "num_experts", None)
+    config = getattr(original, "config", None)
+    if not isinstance(E, int) or config is None or not hasattr(original, "act_fn") or _own_apply_gate(original):
+        return None
+    if set(weights) != {(j, proj) for j in range(E) for proj in PROJECTIONS}:
+        return None
+    if getattr(original, "has_bias", False) or not getattr(original, "has_gate", True):
+        return None
+    try:
+        w = expert_weights(original)
+    except (AttributeError, TypeError):
+        return None
+    inter, hidden = w.up.shape[1], w.up.shape[2]
+    shapes: dict[str, dict] = {}
+    names: dict[str, list] = {proj: [] for proj in PROJECTIONS}
+    for proj in PROJECTIONS:
+        for j in range(E):
+            on_disk = parts[weights[(j, proj)]]
+            if len(on_disk) < 2:
+                return None
+            leaves = {p.rpartition(".")[2]: (tuple(layout.tensors[p].shape), layout.tensors[p].dtype) for p in on_disk}
+            if shapes.setdefault(proj, leaves) != leaves:
+                return None
+            names[proj].append({p.rpartition(".")[2]: p for p in on_disk})
+    from safetensors.torch import _TYPES
+
+    if any(d not in _TYPES for leaves in shapes.values() for _, d in leaves.values()):
+        return None
+    typed = {proj: {leaf: (shape, _TYPES[d]) for leaf, (shape, d) in leaves.items()} for proj, leaves in shapes.items()}
+    with torch.device("meta"):
+        module = packed_experts_class()(config, E, hidden, inter, original.act_fn, typed, names)
+    module.dequantizer = dequantizer
+    module._reap_compute_dtype = dtype
+    return module
+
+
+def packed_expert_weights(experts: torch.nn.Module):
+    """moe.spec.ExpertWeights of a PackedExperts module: placeholders of the dense shapes (an expanded uint8
+    zero: no memory, and no float kernel takes them) and `dequantize(e0, e1)`, which makes the dense weights of
+    experts e0..e1 in the compute dtype, weight by weight into the chunk's tensors."""
+    from .moe.spec import ExpertWeights, _glu
+
+    dtype = experts._reap_compute_dtype
+    E, H, inter = experts.num_experts, experts.hidden_dim, experts.intermediate_dim
+    device = next(iter(experts.buffers())).device
+    combine = _glu(experts.act_fn)
+
+    def dense(e0: int, e1: int) -> ExpertWeights:
+        e1 = min(e1, E)  # as slicing the dense tensors would
+        gate_up = torch.empty((e1 - e0, 2 * inter, H), dtype=dtype, device=device)
+        down = torch.empty((e1 - e0, H, inter), dtype=dtype, device=device)
+        DEQUANTIZED.track(gate_up, down)
+        for k, j in enumerate(range(e0, e1)):
+            gate_up[k, :inter] = experts.weight(j, "gate_proj")
+            gate_up[k, inter:] = experts.weight(j, "up_proj")
+            down[k] = experts.weight(j, "down_proj")
+        return ExpertWeights(gate_up[:, :inter], gate_up[:, inter:], down, None, None, None, combine, gate_up)
+
+    zero = torch.zeros((), dtype=torch.uint8, device=device)
+    size = torch.empty((), dtype=dtype).element_size()
+    # the dense weights, and (at most one expert's worth) the temporaries of the projection being dequantized
+    per_expert = inter * H * (3 * size + DEQUANTIZE_TEMPORARY_BYTES)
+    gate_up = zero.expand(E, 2 * inter, H)
+    return ExpertWeights(
+        gate_up[:, :inter],
+        gate_up[:, inter:],
+        zero.expand(E, H, inter),
+        None,
+        None,
+        None,
+        combine,
+        gate_up,
+        dense,
+        dtype,
+        per_expert,
+    )

@@ -458,15 +458,18 @@ def _quantization(model_dir: Path, config: dict, model) -> dict | None:
     quant = quantization_of(model_dir, config)
     if quant is None:
         return None
-    from .quantization import FP8_DEQUANTIZED_IMPL, is_fp8_experts
+    from .quantization import FP8_DEQUANTIZED_IMPL, is_fp8_experts, is_quantized_experts
 
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     source = f"the dequantized weights in {dtype}"
     kept = [m for m in model.modules() if is_fp8_experts(m)]
+    packed = [m for m in model.modules() if is_quantized_experts(m) and not is_fp8_experts(m)]
     if kept:  # the routed experts stayed e4m3 in memory (quantization.keep_fp8_experts)
         impl = kept[0].config._experts_implementation
         forward = "dequantized" if impl == FP8_DEQUANTIZED_IMPL else f"transformers' FP8 kernels ({impl})"
         source += f"; the experts kept in FP8, dequantized chunk by chunk; the experts' forward {forward}"
+    elif packed:  # kept as stored (quantization.PackedExperts)
+        source += f"; the experts kept as stored ({quant.format}), dequantized chunk by chunk, also in their forward"
     return {**quant.summary(), "statistics_from": source}
 
 
@@ -639,13 +642,13 @@ def _plans(settings, model, streamed, blocks, meta, eval_batches, search_batches
         meta["scoring"]["execution"]["memory"] = streamed.memory_report()
         streamed.close()
     else:
-        from .quantization import is_fp8_experts
+        from .quantization import is_quantized_experts
 
-        if stats_by_block is not None and any(is_fp8_experts(model.get_submodule(b.experts)) for b in blocks):
-            # merged experts would be written into the model's weights, which are e4m3 here
+        if stats_by_block is not None and any(is_quantized_experts(model.get_submodule(b.experts)) for b in blocks):
+            # merged experts would be written into the model's weights, which are quantized here
             if eval_batches and settings.eval_merge:
                 console.info(
-                    "note: the routed experts are kept in FP8 in memory, so merge candidates are not measured "
+                    "note: the routed experts are kept quantized in memory, so merge candidates are not measured "
                     "(the prune candidates are)"
                 )
             stats_by_block = None

@@ -13,6 +13,7 @@ import torch
 from safetensors import safe_open
 from test_prune import _inputs, prune_and_compare
 from test_stream import _close
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from reap_vlm.calibration import load_samples, make_batches
 from reap_vlm.checkpoint import inspect_checkpoint
@@ -21,12 +22,13 @@ from reap_vlm.execution.stream import StreamedModel, observe
 from reap_vlm.loading import load_model
 from reap_vlm.moe import find_moe_blocks
 from reap_vlm.observe import Observer
-from reap_vlm.quantization import DEQUANTIZED, detect, is_fp8_experts
+from reap_vlm.quantization import DEQUANTIZED, detect, is_fp8_experts, is_quantized_experts
 from reap_vlm.tiny import quantize_checkpoint
 
 FORMATS = ("fp8", "ct-int4", "ct-fp8")
 PACKED = ("awq", "awq-swapped", "gptq", "gptq-act-order")  # committed fixtures made by auto-round's packers
 LLMCOMPRESSOR = "llmcompressor-w4a16"  # a committed checkpoint written by llm-compressor (see its script)
+KEPT_PACKED = ("ct-int4", "ct-fp8", *PACKED, LLMCOMPRESSOR)  # experts kept as stored in memory (PackedExperts)
 FIXTURES = Path(__file__).parent / "fixtures" / "quantized"
 PIXELS = dict(min_pixels=1024, max_pixels=16384)
 
@@ -293,6 +295,7 @@ def _statistics(
     keep_fp8_experts: bool = False,
     budget_mb: float = 768,
     merge: bool = False,
+    keep_packed_experts: bool = False,
 ) -> dict:
     """The observer's statistics (and with `merge`, the merge statistics' tensors under "merge")."""
     from reap_vlm.observe.merge_stats import MergeStats
@@ -301,13 +304,22 @@ def _statistics(
         run = StreamedModel(model_dir, device="cpu", dtype="float32")
         model, processor = run.model, run.processor
     else:
-        model, processor, _ = load_model(model_dir, device="cpu", dtype="float32", keep_fp8_experts=keep_fp8_experts)
+        model, processor, _ = load_model(
+            model_dir,
+            device="cpu",
+            dtype="float32",
+            keep_fp8_experts=keep_fp8_experts,
+            keep_packed_experts=keep_packed_experts,
+        )
     batches = list(
         make_batches(load_samples(spec, max_samples=6, seed=0), processor, max_seq_len=80, batch_size=3, **PIXELS)
     )
     blocks = find_moe_blocks(model)
     if keep_fp8_experts:  # transformers' FP8Experts holding the checkpoint's e4m3 experts
         assert all(is_fp8_experts(model.get_submodule(b.experts)) for b in blocks)
+    if keep_packed_experts:  # PackedExperts holding the checkpoint's experts as stored
+        kept = [model.get_submodule(b.experts) for b in blocks]
+        assert all(is_quantized_experts(m) and not is_fp8_experts(m) for m in kept)
     if streamed:
         got, _ = observe(run, blocks, batches, mode, 768)
         run.close()
@@ -397,6 +409,139 @@ def test_fp8_experts_kept_dequantize_within_the_chunk_budget(quantized):
     # outputs come from the Gram pass's chunk): 2 batches x 4 layers
     DEQUANTIZED.reset()
     _statistics(qdir, "full", streamed=False, keep_fp8_experts=True)
+    assert DEQUANTIZED.chunks == 2 * 4 and DEQUANTIZED.largest == layer
+
+
+@pytest.mark.parametrize("fmt", KEPT_PACKED)
+def test_packed_experts_dequantize_chunk_by_chunk_as_the_whole_load(fmt, quantized):
+    """Experts kept as stored (PackedExperts: compressed-tensors, AWQ in both name orders, GPTQ in-order and
+    act-order, llm-compressor's export): every chunk of experts that ExpertWeights.experts dequantizes equals
+    bit for bit the weights the whole-model load dequantized (whole layer, and expert by expert, twice: the
+    stored parts are not changed by dequantizing), the memory holds the stored bytes, not the dense ones, and
+    every other weight is the whole load's."""
+    from reap_vlm.moe import expert_weights
+
+    qdir, _ = quantized[fmt]
+    whole, _, _ = load_model(qdir, device="cpu", dtype="float32")
+    packed, _, _ = load_model(qdir, device="cpu", dtype="float32", keep_packed_experts=True)
+    blocks = find_moe_blocks(packed)
+    assert [b.key for b in blocks] == [b.key for b in find_moe_blocks(whole)] and len(blocks) == 4
+    for b in blocks:
+        experts = packed.get_submodule(b.experts)
+        assert is_quantized_experts(experts) and not is_fp8_experts(experts)
+        assert list(experts.parameters()) == [] and not any(t.is_meta for t in experts.buffers())
+        stored = sum(t.numel() * t.element_size() for t in experts.buffers())
+        w, ref = expert_weights(experts), expert_weights(whole.get_submodule(b.experts))
+        dense = sum(t.numel() * t.element_size() for t in (ref.gate, ref.up, ref.down))
+        assert stored < dense / 2  # 4 or 8 bits (+ scales) instead of fp32
+        assert w.num_experts == ref.num_experts == 8 and w.up.shape == ref.up.shape and w.down.shape == ref.down.shape
+        for _ in range(2):
+            chunk = w.experts(0, 8)
+            for k in ("gate", "up", "down"):
+                assert torch.equal(getattr(chunk, k), getattr(ref, k)), (b.key, k)
+            for e in range(8):
+                one = w.experts(e, e + 1)
+                assert all(torch.equal(getattr(one, k)[0], getattr(ref, k)[e]) for k in ("gate", "up", "down"))
+    others = {n: t for n, t in whole.named_parameters() if ".experts." not in n}
+    assert dict(packed.named_parameters()).keys() == others.keys()
+    assert all(torch.equal(t, packed.get_parameter(n)) for n, t in others.items())
+
+
+class _LiveBytes(TorchDispatchMode):
+    """The bytes of the tensors that ops make while it is active, alive at once at most (`peak`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self._seen: set[int] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        import weakref
+
+        from torch.utils._pytree import tree_leaves
+
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if not isinstance(t, torch.Tensor) or t.untyped_storage().nbytes() == 0:
+                continue
+            storage = t.untyped_storage()
+            if storage.data_ptr() in self._seen:  # a view of a tensor already counted
+                continue
+            self._seen.add(storage.data_ptr())
+            self.live += storage.nbytes()
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(storage, self._free, storage.nbytes(), storage.data_ptr())
+        return out
+
+    def _free(self, n: int, ptr: int) -> None:
+        self.live -= n
+        self._seen.discard(ptr)
+
+
+@pytest.mark.parametrize("fmt", KEPT_PACKED)
+def test_packed_experts_dequantization_temporaries_within_their_allowance(fmt, quantized):
+    """The chunk budget counts, per expert, its dense weights and DEQUANTIZE_TEMPORARY_BYTES per weight of one
+    projection for the projection being dequantized: every tensor the format's dequantization makes for one
+    projection (its result included), alive at once, stays within that allowance."""
+    from reap_vlm.quantization import DEQUANTIZE_TEMPORARY_BYTES, PROJECTIONS
+
+    qdir, _ = quantized[fmt]
+    model, _, _ = load_model(qdir, device="cpu", dtype="float32", keep_packed_experts=True)
+    experts = model.get_submodule(find_moe_blocks(model)[0].experts)
+    for proj in PROJECTIONS:
+        live = _LiveBytes()
+        with live:
+            weight = experts.weight(3, proj)
+        assert 0 < live.peak <= DEQUANTIZE_TEMPORARY_BYTES * weight.numel(), (proj, live.peak / weight.numel())
+
+
+@pytest.mark.parametrize(
+    "fmt, mode",
+    [
+        pytest.param(f, m, marks=() if m == "full" or f == "ct-int4" else pytest.mark.slow)
+        for f in KEPT_PACKED
+        for m in ("full", "routed", "router")
+    ],
+)
+def test_packed_experts_kept_in_memory_score_like_the_dequantized_model(fmt, mode, quantized):
+    """Routed and router modes run PackedExperts' dequantizing forward, full mode dequantizes chunk by chunk:
+    the statistics equal the whole-load dequantized model's within 1e-5 relative."""
+    from reap_vlm.reap import _quantization
+
+    qdir, _ = quantized[fmt]
+    reference = _statistics(qdir, mode, streamed=False)
+    _close(reference, _statistics(qdir, mode, streamed=False, keep_packed_experts=True))
+    if mode == "full":  # what the metadata says about it
+        kept, _, config = load_model(qdir, device="cpu", dtype="float32", keep_packed_experts=True)
+        fmt_name = detect(config, inspect_checkpoint(qdir)).format
+        assert _quantization(qdir, config, kept)["statistics_from"] == (
+            f"the dequantized weights in float32; the experts kept as stored ({fmt_name}), dequantized chunk by "
+            "chunk, also in their forward"
+        )
+
+
+@pytest.mark.parametrize("fmt", ["ct-int4", "gptq-act-order"])
+def test_packed_experts_dequantize_within_the_chunk_budget(fmt, quantized):
+    """Full mode with merge statistics under a chunk budget of a quarter MiB on experts kept as stored: the
+    dequantized expert weights alive at once (quantization.DEQUANTIZED) stay within the budget and below one
+    layer's, in many chunks, every chunk is freed, and the statistics and merge statistics equal the whole-load
+    model's; at the default budget each layer is dequantized once per batch."""
+    qdir, _ = quantized[fmt]
+    reference = _statistics(qdir, "full", streamed=False, merge=True)
+    budget = 0.25
+    DEQUANTIZED.reset()
+    got = _statistics(qdir, "full", streamed=False, keep_packed_experts=True, budget_mb=budget, merge=True)
+    _close(reference, got)
+    layer = 8 * (64 * 64 + 64 * 32) * 4  # one layer's experts in fp32: gate_up [8, 64, 64], down [8, 64, 32]
+    assert 0 < DEQUANTIZED.peak <= budget * 2**20
+    # 3 of the 8 experts at most: an expert counts 64 * 32 * (3 * 4 + 24) bytes (its weights, and the
+    # temporaries of one projection being dequantized), 3 of them fit a quarter MiB (the merge statistics'
+    # chunks; the Gram pass's, which share the budget with per-token intermediates, are single experts)
+    assert DEQUANTIZED.largest <= 3 * layer // 8 < layer
+    assert DEQUANTIZED.chunks >= 2 * 4 * 8  # per batch and layer at least the Gram pass's 8 single experts
+    assert DEQUANTIZED.live == 0
+    DEQUANTIZED.reset()
+    _statistics(qdir, "full", streamed=False, keep_packed_experts=True)
     assert DEQUANTIZED.chunks == 2 * 4 and DEQUANTIZED.largest == layer
 
 

@@ -124,10 +124,16 @@ class LayerReader:
         device: torch.device,
         dtype: torch.dtype,
         keep_fp8_experts: bool = False,
+        keep_packed_experts: bool = False,
     ):
         """keep_fp8_experts: the model's experts are transformers' FP8Experts (quantization.keep_fp8_experts);
         the experts' e4m3 weights and block scales are loaded as they are, fused by transformers' conversions
-        with the copies its FP8 quantizer adds for the scales; every other quantized weight is dequantized."""
+        with the copies its FP8 quantizer adds for the scales; every other quantized weight is dequantized.
+
+        keep_packed_experts (compressed-tensors, AWQ, GPTQ): every experts module whose experts are stored one
+        by one, each projection quantized, is replaced here by a quantization.PackedExperts, and the experts'
+        on-disk parts are loaded into its buffers as they are (`packed_modules`: the paths replaced); every
+        other quantized weight is dequantized."""
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
@@ -185,12 +191,36 @@ class LayerReader:
             self.target[name] = renamed
             group = int(renamed[len(head) :].split(".", 1)[0]) if renamed.startswith(head) else OUTER
             self.groups[group].append(name)
+        # logical expert weight -> (PackedExperts path, expert, projection): read as stored, not dequantized
+        self.packed: dict[str, tuple[str, int, str]] = {}
+        self.packed_modules: list[str] = []
+        if keep_packed_experts and self.dequantizer is not None and self.quantization.format != "fp8":
+            self._pack_experts()
         self.reads: Counter[str] = Counter()
         self.resident: set[int] = set()
         self.peak_resident = 0  # decoder layers only; OUTER is not a layer
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
         self._pending: dict[int, Future] = {}
+
+    def _pack_experts(self) -> None:
+        """Replace the experts modules whose experts the checkpoint stores quantized one by one by
+        PackedExperts (quantization.packed_experts says which fit); their weights are then read as stored."""
+        from ..quantization import _PER_EXPERT_WEIGHT, packed_experts
+
+        by_module: dict[str, dict[tuple[int, str], str]] = {}
+        for name, target in self.target.items():
+            m = _PER_EXPERT_WEIGHT.match(name)
+            if m is not None and len(self.parts[name]) > 1:
+                by_module.setdefault(target.rpartition(".")[0], {})[(int(m["j"]), m["proj"])] = name
+        for path, weights in by_module.items():
+            original = self.model.get_submodule(path)
+            module = packed_experts(original, weights, self.parts, self.layout, self.dequantizer, self.dtype)
+            if module is None:  # left to the dequantizing load
+                continue
+            self.model.set_submodule(path, module)
+            self.packed_modules.append(path)
+            self.packed.update({name: (path, j, proj) for (j, proj), name in weights.items()})
 
     # ---- sizes ---------------------------------------------------------------------------------
     def nbytes(self, group: int) -> int:
@@ -229,9 +259,31 @@ class LayerReader:
             if len(self.parts[name]) == 1:  # a plain tensor
                 out[name] = read.pop(self.parts[name][0])
                 continue
-            weight = self.dequantizer.weight({p: read.pop(p).to(self.device) for p in self.parts[name]})
-            out[name] = weight.to(self.dtype)
+            parts = {p: read.pop(p).to(self.device) for p in self.parts[name]}
+            if name in self.packed:  # into its PackedExperts as stored (load)
+                out[name] = parts
+                continue
+            out[name] = self.dequantizer.weight(parts).to(self.dtype)
         return out
+
+    def _fill_packed(self, parts_of: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Expert weights read as stored ({logical name: {on-disk name: tensor}}) -> their PackedExperts'
+        buffers [E, ...], allocated on the device at the first expert."""
+        for name, parts in parts_of.items():
+            path, j, proj = self.packed[name]
+            module = self.model.get_submodule(path)
+            for part, tensor in parts.items():
+                key = f"{proj}__{part.rpartition('.')[2]}"
+                buf = module._buffers[key]
+                if tuple(buf.shape[1:]) != tuple(tensor.shape) or buf.dtype != tensor.dtype:
+                    raise CheckpointError(
+                        f"{part} has shape {list(tensor.shape)} {tensor.dtype}, expert 0's {list(buf.shape[1:])}",
+                        "the experts of one layer are stored in different shapes",
+                        "Check the checkpoint with ./run.sh verify",
+                    )
+                if buf.is_meta:
+                    buf = module._buffers[key] = torch.empty(buf.shape, dtype=buf.dtype, device=self.device)
+                buf[j].copy_(tensor)
 
     def prefetch(self, group: int) -> None:
         if group in self.groups and group not in self._pending:
@@ -246,6 +298,7 @@ class LayerReader:
 
         pending = self._pending.pop(group, None)
         tensors = pending.result() if pending is not None else self._read(group)
+        packed = {n: tensors.pop(n) for n in [n for n in tensors if n in self.packed]}
         config = LoadStateDictConfig(
             device_map={"": self.device},
             dtype=self.dtype,
@@ -263,6 +316,8 @@ class LayerReader:
             if quiet:
                 hf_logging.enable_progress_bar()
         del tensors
+        self._fill_packed(packed)
+        del packed
         module = self.model if group == OUTER else self.layers[group]
         problems = [*info.mismatched_keys, *info.conversion_errors]
         if problems:

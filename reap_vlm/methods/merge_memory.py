@@ -21,9 +21,10 @@ def _views(model: torch.nn.Module, block: MoEBlock) -> merge.LayerExperts:
         from ..errors import UnsupportedModelError
 
         raise UnsupportedModelError(
-            "merged experts cannot be written into experts kept in FP8",
-            "the model was loaded with its routed experts quantized (an FP8 checkpoint on a GPU)",
-            "Measure merge plans on the dequantized model (load_model(..., keep_fp8_experts=False))",
+            "merged experts cannot be written into experts kept quantized",
+            "the model was loaded with its routed experts quantized (a quantized checkpoint on a GPU)",
+            "Measure merge plans on the dequantized model (load_model(..., keep_fp8_experts=False, "
+            "keep_packed_experts=False))",
         )
     return merge.LayerExperts(w.gate, w.up, w.down, w.gate_bias, w.up_bias, w.down_bias)
 

@@ -42,6 +42,10 @@ def config_value(config, keys: tuple[str, ...], default=None):
 
 
 def _num_experts(experts: torch.nn.Module) -> int | None:
+    from ..quantization import is_quantized_experts
+
+    if is_quantized_experts(experts) and not hasattr(experts, "down_proj"):  # PackedExperts: buffers per part
+        return experts.num_experts
     sizes = {
         p.shape[0] for name, p in experts.named_parameters(recurse=False) if name in EXPERT_PARAMS and p.dim() == 3
     }

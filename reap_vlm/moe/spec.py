@@ -121,10 +121,12 @@ def _own_apply_gate(experts: torch.nn.Module) -> bool:
 
 def expert_weights(experts: torch.nn.Module) -> ExpertWeights:
     """Canonical views of a fused experts module's weights (see module docstring)."""
-    from ..quantization import fp8_expert_weights, is_fp8_experts
+    from ..quantization import fp8_expert_weights, is_fp8_experts, is_quantized_experts, packed_expert_weights
 
     if is_fp8_experts(experts):
         return fp8_expert_weights(experts)
+    if is_quantized_experts(experts):
+        return packed_expert_weights(experts)
     transposed = bool(getattr(experts, "is_transposed", False))
     if not hasattr(experts, "is_transposed") and hasattr(experts, "gate_up_proj"):  # undecorated (Llama 4)
         hidden = getattr(experts, "hidden_size", None) or getattr(experts, "hidden_dim", None)

@@ -28,7 +28,7 @@ import torch
 
 from ..errors import BugError
 from ..moe.spec import MoEBlock, expert_output, expert_weights
-from ..quantization import FP8_DEQUANTIZED_IMPL, SortedPairs, is_fp8_experts
+from ..quantization import DEQUANTIZED_IMPLS, SortedPairs, is_fp8_experts, is_quantized_experts
 from .kernel import all_expert_gram_norms, all_expert_norms, row_stats
 from .stats import BlockStats, Rows, Totals, add_stacked
 
@@ -49,7 +49,7 @@ def _grouped_routed(self, observer, hidden_states, top_k_index, top_k_weights):
         return None
     if getattr(self, "_is_expert_parallel", False) or getattr(self, "has_post_expert_norm", False):
         return None
-    if is_fp8_experts(self):  # e4m3 weights: the FP8 implementation computes the pairs (base_forward)
+    if is_quantized_experts(self):  # e4m3 or packed weights: their implementation computes the pairs (base_forward)
         return None
     T, K = top_k_index.shape
     expert_ids, perm = torch.sort(top_k_index.reshape(-1))
@@ -83,8 +83,8 @@ def _grouped_routed(self, observer, hidden_states, top_k_index, top_k_weights):
 
 def _routed_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     observer = _ACTIVE.get(id(self))
-    if observer.mode == "full" and self._reap_base_impl == FP8_DEQUANTIZED_IMPL:
-        return observer.full_fp8(self, hidden_states, top_k_index, top_k_weights)
+    if observer.mode == "full" and self._reap_base_impl in DEQUANTIZED_IMPLS:
+        return observer.full_dequantized(self, hidden_states, top_k_index, top_k_weights)
     if self._reap_base_impl == "grouped_mm":
         out = _grouped_routed(self, observer, hidden_states, top_k_index, top_k_weights)
         if out is not None:
@@ -175,7 +175,8 @@ class Observer:
         for b in self.blocks:
             if b.key in self.stats:
                 continue
-            device = next(self.model.get_submodule(b.experts).parameters()).device
+            experts = self.model.get_submodule(b.experts)
+            device = next(iter([*experts.parameters(), *experts.buffers()])).device  # PackedExperts: buffers
             if device.type == "meta":  # offloaded by accelerate until its forward: BlockStats.add moves the totals
                 self.stats[b.key] = BlockStats(b.num_experts, "cpu", self.mode == "full", b.score_fn)
                 continue
@@ -202,7 +203,7 @@ class Observer:
         _interface(experts)  # FP8Experts: their interface gets the routed implementation too
         if not _register_routed():
             return False
-        if is_fp8_experts(experts):  # its dequantizing forward's chunks within this observer's budget
+        if is_quantized_experts(experts):  # its dequantizing forward's chunks within this observer's budget
             experts._reap_chunk_bytes = int(self.budget_mb * 2**20)
         # one config is shared by all experts modules of a (sub)model: swap it once, remember the base
         if not any(c is config for c, _ in self._restore):
@@ -351,10 +352,11 @@ class Observer:
             tensors = [None if e[0] is None else torch.stack(e) for e in zip(*(x[2:] for x in entries), strict=True)]
             add_stacked(stats, entries[0][1], *tensors)
 
-    def full_fp8(self, experts, hidden, top_k_index, top_k_weights) -> torch.Tensor:
-        """Full mode on FP8 experts without transformers' FP8 kernels: each chunk of experts is dequantized
-        once, for the Gram norms of every token and for the outputs of the pairs routed to it (the
-        dequantizing forward's arithmetic, quantization.SortedPairs); returns the block's output."""
+    def full_dequantized(self, experts, hidden, top_k_index, top_k_weights) -> torch.Tensor:
+        """Full mode on experts kept quantized whose forward dequantizes (FP8 without transformers' FP8
+        kernels, PackedExperts): each chunk of experts is dequantized once, for the Gram norms of every token
+        and for the outputs of the pairs routed to it (the dequantizing forward's arithmetic,
+        quantization.SortedPairs); returns the block's output."""
         block = self._block_of[id(experts)]
         rows = self._rows(hidden.device, hidden.shape[0], block)
         logits = self._logits.pop(block.key, None)
