@@ -596,20 +596,30 @@ def test_the_bf16_original_prunes_with_the_quantized_metadata(quantized, tiny_te
     assert metadata.quantized_pair(meta, quant) is None
 
 
-def test_reap_stage_with_fp8_experts_kept_measures_the_prune_candidates(quantized, tmp_path, monkeypatch, capsys):
-    """The reap stage on an FP8 checkpoint whose experts stay FP8 (a GPU's default; forced here on the CPU):
-    merge candidates cannot be written into e4m3 weights, so they are left out with a note, the prune
-    candidates are measured, and the metadata says how the statistics were computed."""
+@pytest.mark.parametrize(
+    "fmt, kept", [("fp8", "the experts kept in FP8"), ("ct-int4", "the experts kept as stored (compressed-tensors)")]
+)
+def test_reap_stage_with_experts_kept_quantized_measures_the_prune_candidates(
+    fmt, kept, quantized, tmp_path, monkeypatch, capsys
+):
+    """The reap stage on a checkpoint whose experts stay quantized (FP8, or compressed-tensors int4 as
+    stored: a GPU's default; forced here on the CPU): merge candidates cannot be written into quantized
+    weights, so they are left out with a note, the prune candidates are measured, and the metadata says how
+    the statistics were computed."""
     from test_scoring import _settings
 
     import reap_vlm.reap as reap_stage
 
-    qdir, _ = quantized["fp8"]
+    qdir, _ = quantized[fmt]
     real = reap_stage.load_model
-    monkeypatch.setattr(reap_stage, "load_model", lambda *a, **k: real(*a, **k, keep_fp8_experts=True))
+
+    def load(*a, **k):
+        return real(*a, **k, keep_fp8_experts=True, keep_packed_experts=True)
+
+    monkeypatch.setattr(reap_stage, "load_model", load)
     meta = reap_stage.score(_settings(qdir, tmp_path / "run", eval_samples=6, num_keep=4))
     assert "merge candidates are not measured" in capsys.readouterr().err
     rows = meta["candidates"]["rows"]
     assert rows and all(r["policy"] != "merge" for r in rows)
-    assert "the experts kept in FP8" in meta["model"]["quantization"]["statistics_from"]
+    assert kept in meta["model"]["quantization"]["statistics_from"]
     assert (tmp_path / "run" / "reap_merge_stats.safetensors").is_file()  # the prune stage can still merge
