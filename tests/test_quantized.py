@@ -520,6 +520,14 @@ def test_packed_experts_kept_in_memory_score_like_the_dequantized_model(fmt, mod
         )
 
 
+def test_qwen3_vl_int4_experts_kept_as_stored_score_like_the_whole_load(tiny_vl_dir, tmp_path):
+    """Qwen3-VL's layout (the reader's added per-expert conversions, images in the batches): int4 experts kept
+    as stored score like the whole-load dequantized model in full mode, and the vision tower stays plain."""
+    qdir = quantize_checkpoint(tiny_vl_dir, tmp_path / "ct-int4", "ct-int4")
+    reference = _statistics(qdir, "full", streamed=False, spec="code:2,vision:4")
+    _close(reference, _statistics(qdir, "full", streamed=False, spec="code:2,vision:4", keep_packed_experts=True))
+
+
 @pytest.mark.parametrize("fmt", ["ct-int4", "gptq-act-order"])
 def test_packed_experts_dequantize_within_the_chunk_budget(fmt, quantized):
     """Full mode with merge statistics under a chunk budget of a quarter MiB on experts kept as stored: the
