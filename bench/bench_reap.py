@@ -90,14 +90,14 @@ def _sync(device: torch.device) -> None:
 
 
 def _model_and_batches(settings):
-    """The model and the batches as the stage has them (reap._load, reap._data and the host-side position ids)."""
-    from reap_vlm.execution.memory import precompute_positions
+    """The model and the batches as the stage has them (reap._load, reap._data, memory.prepare_batches)."""
+    from reap_vlm.execution.memory import prepare_batches
     from reap_vlm.reap import _data, _load
 
     memory = argparse.Namespace(mode="memory")
     model, processor, _ = _load(settings, memory, {}, Path(settings.output_path) / "unused")  # the stage's model
     _, _, batches, _, _ = _data(settings, processor)  # settings with REAP_EVAL_SAMPLES=0
-    precompute_positions(model, batches)
+    prepare_batches(model, batches)
     return model, batches
 
 

@@ -34,7 +34,7 @@ import torch
 from . import console, distributed, scoring
 from .calibration import selection_slice
 from .errors import BugError, PlanError
-from .execution.memory import Headless
+from .execution.memory import Headless, prepare_inputs
 from .loading import input_device
 from .masking import masked, removed_from_kept
 from .methods.merge import DEFAULTS as MERGE_DEFAULTS
@@ -425,9 +425,7 @@ def _run_plans(
         # batches outer, plans inner: the reference logits of one batch are all that is kept
         for bi, batch in enumerate(batches):
             vision.next_batch()
-            inputs = {k: v.to(device) for k, v in batch.inputs.items()}
-            if "pixel_values" in inputs:
-                inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+            inputs = prepare_inputs(model, batch, device)
             reference = None
             for pi in range(-1, len(plans)):
                 if observing is not None:

@@ -17,7 +17,7 @@ from . import console, distributed, metadata, outputs, scoring
 from .calibration import BUILTIN, SELECTION_SHARE, load_samples, make_batches, parse_spec, token_budget
 from .errors import PlanError, SettingsError
 from .execution import choose as choose_execution
-from .execution.memory import forward, precompute_positions
+from .execution.memory import forward, prepare_batches
 from .execution.vision import group_vision_attention
 from .loading import input_device, load_model, read_config
 from .moe import find_moe_blocks
@@ -526,8 +526,8 @@ def _score(settings: ReapSettings, meta_path: Path, on_batch: Callable[[int], No
 
     with phases("data") as data_phase:  # reading the samples, the processor, collation
         samples, held, batches, eval_batches, search_batches = _data(settings, processor)
-        if streamed is None:  # M-RoPE position ids on the host, once, instead of in every forward
-            precompute_positions(model, [*batches, *(eval_batches or []), *(search_batches or [])])
+        if streamed is None:  # M-RoPE and vision tower inputs on the host, pinned, once instead of in every forward
+            prepare_batches(model, [*batches, *(eval_batches or []), *(search_batches or [])])
         budget = token_budget(batches)
         data_phase["tokens"] = budget["total"]["text"] + budget["total"]["image"]
     split = data_split(settings, samples, held)

@@ -193,6 +193,53 @@ def test_precomputed_position_ids_leave_the_forward_unchanged(vl):
     model.model.rope_deltas = None
 
 
+@pytest.mark.parametrize("grouped", [False, True])
+def test_precomputed_vision_inputs_leave_the_forward_unchanged(grouped):
+    """The vision tower's inputs made once on the host (prepare_batches: rotary position ids, interpolation
+    taps, attention boundaries, longest image; the grid sizes left on the host) give the logits and the
+    full-mode statistics the model gives when it computes them itself, bit for bit, on images of several
+    sizes, with the tower's SDPA per image and with the grouped attention; text batches get nothing."""
+    import dataclasses
+
+    from reap_vlm.execution.memory import forward, prepare_batches, prepare_inputs
+    from reap_vlm.execution.vision import group_vision_attention
+
+    model, processor = build("qwen3_vl_moe", seed=3)
+    if grouped:
+        group_vision_attention(model)
+    samples = load_samples("vision:6,tasks:4", max_samples=10, seed=1)
+    batches = list(make_batches(samples, processor, max_seq_len=96, batch_size=8, bucket=True, **PIXELS))
+    copies = [dataclasses.replace(b, inputs=dict(b.inputs)) for b in batches]
+    images = sum("image_grid_thw" in b.inputs for b in batches)
+    assert images > 0 and prepare_batches(model, copies) == {"position_ids": images, "vision": images, "pinned": 0}
+    for b, c in zip(batches, copies, strict=True):
+        added = set(c.inputs) - set(b.inputs)
+        if "image_grid_thw" in b.inputs:
+            assert {"image_position_ids", "image_cu_seqlens", "image_interp_weights", "image_max_seqlen"} <= added
+            assert prepare_inputs(model, c)["image_grid_thw"] is c.inputs["image_grid_thw"]  # left on the host
+        else:
+            assert not added
+    grids = [b.inputs["image_grid_thw"] for b in copies if "image_grid_thw" in b.inputs]
+    assert any(len(set(g.prod(-1).tolist())) > 1 for g in grids)  # images of several sizes in one batch
+    with torch.inference_mode():
+        for b, c in zip(batches, copies, strict=True):
+            assert torch.equal(model(**b.inputs).logits, model(**prepare_inputs(model, c)).logits)
+        # the forward does take them: other rotary positions change the logits
+        c = next(c for c in copies if "image_grid_thw" in c.inputs)
+        flipped = c.inputs["image_position_ids"].flip(0)
+        wrong = dataclasses.replace(c, inputs={**c.inputs, "image_position_ids": flipped})
+        assert not torch.equal(model(**prepare_inputs(model, c)).logits, model(**prepare_inputs(model, wrong)).logits)
+    blocks = find_moe_blocks(model)
+    stats = []
+    for run in (batches, copies):
+        with Observer(model, blocks, "full") as obs, torch.inference_mode():
+            for b in run:
+                obs.set_modality(b.modality)
+                forward(model, b)
+        stats.append(obs.export())
+    assert stats[0] == stats[1]
+
+
 def test_grouped_vision_attention_gives_the_same_outputs():
     """Qwen3-VL's vision attention with one SDPA call per image size (execution.vision) equals the per-image
     calls bit for bit: image features and logits, on images of three sizes in one batch; the text attention

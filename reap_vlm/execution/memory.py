@@ -12,12 +12,44 @@ from ..loading import input_device
 
 
 def prepare_inputs(model: torch.nn.Module, batch, device: torch.device | None = None) -> dict[str, torch.Tensor]:
-    """The batch's model inputs on the input device, images in the model's dtype."""
+    """The batch's model inputs on the input device, images in the model's dtype. Host tensors go to a GPU
+    from pinned memory without waiting for it (prepare_batches pins them once; a plain `.to("cuda")` of
+    pageable memory synchronises the stream). The vision tower's precomputed inputs (precompute_vision)
+    come as they are; the grid sizes of their modality stay on the host, where nothing reads them but a
+    `.tolist()` (see precompute_vision)."""
+    from ..observe.stats import to_device
+    from .vision import remember_bounds
+
     device = input_device(model) if device is None else device
-    inputs = {k: v.to(device) for k, v in batch.inputs.items()}
+    inputs = {}
+    for k, v in batch.inputs.items():
+        host = k in HOST_GRIDS and k.replace("grid_thw", "position_ids") in batch.inputs
+        if host or not isinstance(v, torch.Tensor):
+            inputs[k] = v
+        else:
+            inputs[k] = to_device(v, device)
+            if k.endswith("_cu_seqlens"):  # the grouped vision attention reads the boundaries from the host copy
+                remember_bounds(inputs[k], v)
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
     return inputs
+
+
+def prepare_batches(model: torch.nn.Module, batches) -> dict[str, int]:
+    """What the data phase does once for in-memory execution, instead of in every forward: the multimodal
+    RoPE position ids (precompute_positions), the vision tower's inputs (precompute_vision) and, for a
+    model on a GPU, every batch tensor in pinned memory (copied without a stream sync). The forwards are
+    unchanged bit for bit (tests/test_scoring.py). Returns how many batches got each."""
+    batches = list(batches)
+    done = {"position_ids": precompute_positions(model, batches), "vision": precompute_vision(model, batches)}
+    pinned = 0
+    if input_device(model).type == "cuda":
+        for batch in batches:
+            batch.inputs = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.inputs.items()}
+            batch.modality = batch.modality.pin_memory()
+            pinned += 1
+    done["pinned"] = pinned
+    return done
 
 
 def _rope_owner(model: torch.nn.Module):
@@ -61,6 +93,66 @@ def precompute_positions(model: torch.nn.Module, batches) -> int:
                 done += 1
     finally:
         owner.rope_deltas = saved
+    return done
+
+
+# Vision towers whose forward takes its position ids, interpolation taps, attention boundaries and longest
+# image precomputed (transformers' vision_utils helpers pop them from the kwargs; get_image_features /
+# get_video_features strip the `image_` / `video_` prefix), with how to make them from the grid sizes.
+VISION_TOWERS_PRECOMPUTED = ("Qwen3VLVisionModel", "Qwen3VLMoeVisionModel")
+HOST_GRIDS = ("image_grid_thw", "video_grid_thw")
+
+
+def _vision_tower(model: torch.nn.Module):
+    for module in model.modules():
+        if type(module).__name__ in VISION_TOWERS_PRECOMPUTED:
+            return module
+    return None
+
+
+def precompute_vision(model: torch.nn.Module, batches) -> int:
+    """The vision tower's grid-dependent inputs of each batch with images or videos, made once on the host by
+    transformers' own functions (vision_utils: the ones the tower calls when they are not passed) and passed
+    with the batch as `image_position_ids`, `image_interp_indices`, `image_interp_weights`,
+    `image_cu_seqlens` and `image_max_seqlen` (`video_*` for videos).
+
+    Inside the forward these walk the images in a Python loop (the rotary position ids: an arange, meshgrid
+    and cat per image) and synchronise with the GPU (`.tolist()`, `repeat_interleave` without a size, the
+    longest image's `.item()` in each of the 27 blocks with the grouped attention): for a batch of ~100 images,
+    hundreds of small ops and a dozen syncs, in every scoring forward and every plan measured. They are
+    integers and elementwise float32 arithmetic, the same on the host as on the GPU, so the forward is
+    unchanged bit for bit (tests/test_scoring.py). Only for the towers in VISION_TOWERS_PRECOMPUTED, and only
+    for batches that also got their M-RoPE position ids (then nothing on the device reads the grid sizes:
+    prepare_inputs leaves them on the host). Returns how many batches got them."""
+    tower = _vision_tower(model)
+    if tower is None:
+        return 0
+    from transformers import vision_utils
+
+    done = 0
+    for batch in batches:
+        inputs, added = batch.inputs, False
+        if "position_ids" not in inputs:
+            continue
+        for prefix in ("image", "video"):
+            grid = inputs.get(f"{prefix}_grid_thw")
+            if grid is None or f"{prefix}_position_ids" in inputs:
+                continue
+            grid = grid.cpu()
+            indices, weights = vision_utils.get_vision_interpolation_indices_and_weights(
+                grid,
+                num_grid_per_side=tower.num_grid_per_side,
+                mode=tower.interpolation_mode,
+                align_corners=tower.interpolation_align_corners,
+                spatial_merge_size=tower.config.spatial_merge_size,
+            )
+            cu_seqlens = vision_utils.get_vision_cu_seqlens(grid)
+            inputs[f"{prefix}_interp_indices"], inputs[f"{prefix}_interp_weights"] = indices, weights
+            inputs[f"{prefix}_position_ids"] = vision_utils.get_vision_position_ids(grid, tower.spatial_merge_size)
+            inputs[f"{prefix}_cu_seqlens"] = cu_seqlens
+            inputs[f"{prefix}_max_seqlen"] = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+            added = True
+        done += added
     return done
 
 

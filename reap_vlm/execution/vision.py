@@ -19,14 +19,25 @@ import torch
 
 GROUPED = "reap_flash_grouped_sdpa"  # "flash" in the name: the vision attention then passes cu_seqlens once
 _CACHE: list = []  # [(cu_seqlens tensor, groups)]: one entry, the 27 blocks of a forward share the tensor
+_HOST: list = []  # [(cu_seqlens on the device, its host copy)]: boundaries passed precomputed (remember_bounds)
+
+
+def remember_bounds(on_device: torch.Tensor, on_host: torch.Tensor) -> None:
+    """The host copy of precomputed attention boundaries moved to the device (execution.memory.prepare_inputs),
+    so that _groups reads them without a device-to-host sync. The last two: an image and a video entry."""
+    _HOST[:] = [*_HOST[-1:], (on_device, on_host)]
 
 
 def _groups(cu_seqlens: torch.Tensor, device: torch.device) -> list[tuple[int, int, torch.Tensor]]:
     """(patches per image L, images n, patch positions [n*L] on device) per distinct image size; one host
-    read of the boundaries per forward (the blocks get the same tensor)."""
+    read of the boundaries per forward (the blocks get the same tensor), none when they were passed
+    precomputed (remember_bounds)."""
+    from ..observe.stats import to_device
+
     if _CACHE and _CACHE[0][0] is cu_seqlens:
         return _CACHE[0][1]
-    bounds = cu_seqlens.tolist()
+    host = next((h for d, h in _HOST if d is cu_seqlens), None)
+    bounds = (cu_seqlens if host is None else host).tolist()
     by_length: dict[int, list[int]] = {}
     for start, end in itertools.pairwise(bounds):
         if end > start:
@@ -34,7 +45,7 @@ def _groups(cu_seqlens: torch.Tensor, device: torch.device) -> list[tuple[int, i
     groups = []
     for length, starts in by_length.items():
         positions = (torch.tensor(starts)[:, None] + torch.arange(length)).reshape(-1)
-        groups.append((length, len(starts), positions.to(device)))
+        groups.append((length, len(starts), to_device(positions, device)))
     _CACHE[:] = [(cu_seqlens, groups)]
     return groups
 
