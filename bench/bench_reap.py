@@ -6,7 +6,8 @@
    (passages of the built-in text sets joined), --text-samples of them (default 1024 × 512 tokens);
    `combined`: the built-in combined set (text + images), --combined-samples —
    a plain forward of the very batches the stage builds (the model as loaded, no hooks), timed with and
-   without the LM head (logits_to_keep=1), and the observer of each mode alone in the same warm loop;
+   without the LM head (logits_to_keep=1), and the observer of each mode alone in the same warm loop
+   (for the --observed-merge sets also full mode's observer with the stage's merge statistics);
    then `reap_vlm.reap.score` (what reap.py runs, --stage-repeat times) in every
    --modes scoring mode, each mode on every set in turn (the runs a combined / text-only ratio compares
    follow each other). The stage records wall time, tokens/s and GPU peak per phase (load, data,
@@ -19,14 +20,17 @@
    copies per batch) and the top ops by self CUDA and CPU time, in --profile-out (default: the --work
    folder's profile.txt).
 5. --auto SET/MODE: the default plan measurement (REAP_CRITERION auto: every criterion, policy and ratio,
-   random plans, the greedy search) as a user gets it — `reap.py` in a child process with the bench's
-   settings and no plan options — within what is left of --budget seconds; its phases (plans timed
-   separately) and the greedy search's seconds go into the result.
+   random plans, merge plans, the greedy and swap searches) as a user gets it — `reap.py` in a child process
+   with the bench's settings and no plan options, on its own --auto-layers skeleton — run FIRST (its cost is
+   the unknown one), stopped after --auto-budget seconds (or what is left of --budget); its phases (plans
+   timed separately) and the searches' seconds go into the result, or, when it was stopped, its last output
+   lines with the second each came at (how far it got). The profile runs last, if 30 s of --budget are left.
 
 Prints one JSON result and a table of the targets (docs/benchmarks.md, "Whole-model scoring").
 
 Usage:  python bench/bench_reap.py [--layers 12] [--modes router,full] [--sets text,combined] [--work DIR]
-                                  [--profile 0] [--profile-out FILE] [--auto combined/full] [--budget 280]
+                                  [--profile 0] [--profile-out FILE] [--auto combined/full] [--auto-layers N]
+                                  [--auto-budget S] [--budget 280]
                                   [--out result.json]
         python bench/bench_reap.py --small      # CPU smoke test (tiny widths, a few samples)
 """
@@ -35,10 +39,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import itertools
 import json
 import random
+import re
 import sys
 import time
 from pathlib import Path
@@ -113,6 +119,7 @@ def plain_forward(settings, args, label: str) -> dict:
     from reap_vlm.execution.memory import prepare_inputs
     from reap_vlm.moe import find_moe_blocks
     from reap_vlm.observe import Observer
+    from reap_vlm.reap import merge_collector
 
     model, batches = _model_and_batches(settings)
     device = next(model.parameters()).device
@@ -138,8 +145,13 @@ def plain_forward(settings, args, label: str) -> dict:
                 out[name]["gpu_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
         # the observer alone, warmed up, in the same loop as the plain forward: the hooks' own cost
         blocks = find_moe_blocks(model)
-        for mode in args.modes:
-            with Observer(model, blocks, mode, settings.chunk_memory_mb) as obs:
+        runs = [(mode, None) for mode in args.modes]
+        if "full" in args.modes and label in args.observed_merge.split(","):  # full mode's merge statistics' cost
+            runs.append(("full", "merge"))
+        for mode, merge in runs:
+            full = dataclasses.replace(settings, scoring_mode="full")  # the stage's collector, at its defaults
+            collector = merge_collector(full, model, blocks, len(batches)) if merge else None
+            with Observer(model, blocks, mode, settings.chunk_memory_mb, merge=collector) as obs:
                 for b in batches[:2]:
                     obs.set_modality(b.modality)
                     model(**prepare_inputs(model, b), use_cache=False, logits_to_keep=1)
@@ -150,7 +162,8 @@ def plain_forward(settings, args, label: str) -> dict:
                     model(**prepare_inputs(model, b), use_cache=False, logits_to_keep=1)
                 _sync(device)
                 seconds = time.perf_counter() - started
-            out[f"observed_{mode}"] = {"seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 1)}
+            name = f"observed_{mode}" + (f"_{merge}" if merge else "")
+            out[name] = {"seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 1)}
     del model
     _empty_cache()
     return out
@@ -274,28 +287,54 @@ def stage(settings) -> dict:
     }
 
 
+# a line the stage prints when a part ends: a phase ("plans: 41.2 s, ...") or a progress summary ("... in 3.1 s (")
+PART_DONE = re.compile(r"\] \S+ (?:(?:load|data|scoring|plans|write): [\d.]+ s|.* in [\d.]+ s \()")
+
+
 def auto_plans(args, spec: str, samples: int, mode: str, seconds: float, model_dir: Path) -> dict:
     """The default plan measurement as a user runs it: reap.py in a child process (cold: loading and the
     compiled epilogues included), the bench's settings, REAP_EVAL_SAMPLES and the plan options at their
-    defaults, on `model_dir`, killed after `seconds`."""
+    defaults, on `model_dir`, stopped after `seconds`. Its output lines are kept with the second each came
+    at (WORK/auto-MODE-MODEL.log): a run stopped early reports the last of them, i.e. how far it got."""
     import subprocess
+    import threading
 
     out = args.work / f"auto-{mode}-{model_dir.name}"
     settings = settings_for(args, spec, samples, mode, 0, out)
-    argv = [sys.executable, str(ROOT / "reap.py"), "--model-path", str(model_dir)]
+    argv = [sys.executable, "-u", str(ROOT / "reap.py"), "--model-path", str(model_dir)]
     argv += ["--output-path", str(out), "--device", settings.device, "--dtype", settings.dtype]
     argv += ["--calibration", spec, "--max-samples", str(samples), "--max-seq-len", str(args.seq_len)]
     argv += ["--batch-size", str(args.batch_size), "--scoring-mode", mode, "--execution", "memory", "--no-plots"]
     argv += ["--verbose"] + (["--min-pixels", "1024", "--max-pixels", "16384"] if args.small else [])
     started = time.perf_counter()
+    lines: list[str] = []
+    child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def read() -> None:
+        for line in child.stdout:
+            lines.append(f"[{time.perf_counter() - started:6.1f} s] {line.rstrip()}")
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
     try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=max(seconds, 1), check=False)
-    except subprocess.TimeoutExpired as err:
-        tail = (err.stderr or b"").decode(errors="replace") if isinstance(err.stderr, bytes) else err.stderr or ""
-        return {"timed_out_after_s": round(seconds, 1), "stderr_tail": tail.strip().splitlines()[-6:]}
-    result = {"seconds": round(time.perf_counter() - started, 1), "returncode": done.returncode}
-    if done.returncode != 0:
-        return {**result, "stderr_tail": done.stderr.strip().splitlines()[-6:]}
+        child.wait(timeout=max(seconds, 1))
+    except subprocess.TimeoutExpired:
+        child.kill()  # the child this function started, by its handle
+        child.wait()
+    reader.join(timeout=5)
+    log = args.work / f"auto-{mode}-{model_dir.name}.log"
+    log.write_text("\n".join(lines) + "\n")
+    result = {"seconds": round(time.perf_counter() - started, 1), "returncode": child.returncode, "log": str(log)}
+    if child.returncode != 0:
+        if child.returncode < 0:
+            result["stopped_after_s"] = round(seconds, 1)
+        # how far it got: the stage prints a line as each part ends (phases, every progress summary)
+        said = [line for line in lines if line.split("] ", 1)[-1].strip()]
+        return {
+            **result,
+            "parts_done": [line for line in said if PART_DONE.search(line)][-16:],
+            "last_lines": said[-6:],
+        }
     meta = json.loads((out / "reap_metadata.json").read_text())
     candidates = meta.get("candidates", {})
     result["phases"] = meta["scoring"]["phases"]
@@ -329,7 +368,12 @@ def targets(result: dict) -> list[tuple[str, str, str, str]]:
                         else ""
                     )
                     + ")"
-                    + (f"; the observer alone in the warm loop {observed['seconds'] / plain:.2f}x" if observed else ""),
+                    + (f"; the observer alone in the warm loop {observed['seconds'] / plain:.2f}x" if observed else "")
+                    + (
+                        f", with merge statistics {run['plain']['observed_full_merge']['seconds'] / plain:.2f}x"
+                        if mode == "full" and "observed_full_merge" in run["plain"]
+                        else ""
+                    ),
                     f"<= {limit}x" if limit else "-",
                     met,
                 )
@@ -399,12 +443,20 @@ def main() -> None:
         "--plan-args", default="", help="more reap.py options for those runs, e.g. '--criterion reap' (no search)"
     )
     parser.add_argument("--stage-repeat", type=int, default=1, help="run each stage N times (the last is kept)")
+    parser.add_argument(
+        "--observed-merge", default="", help="sets whose warm loop also runs full mode's observer with merge statistics"
+    )
     parser.add_argument("--with-head", default="text", help="sets whose plain forward is also timed with the LM head")
     parser.add_argument("--profile", type=int, default=0, help="batches per kind (text, image) under the profiler")
     parser.add_argument("--profile-out", type=Path, help="the profile summary (default: WORK/profile.txt)")
     parser.add_argument("--auto", default="", help="SET/MODE: time the default plan measurement (reap.py, a child)")
     parser.add_argument("--auto-layers", type=int, default=0, help="decoder layers of --auto's skeleton (0: --layers)")
-    parser.add_argument("--budget", type=float, default=280.0, help="seconds for everything; --auto gets what is left")
+    parser.add_argument(
+        "--budget", type=float, default=280.0, help="seconds for everything (--auto and --profile stop at it)"
+    )
+    parser.add_argument(
+        "--auto-budget", type=float, default=0.0, help="at most this many seconds for --auto (0: the budget)"
+    )
     parser.add_argument("--profile-child", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, default=Path("bench_reap_work"))
     parser.add_argument("--small", action="store_true", help="tiny widths on the CPU (a smoke test)")
@@ -454,6 +506,24 @@ def main() -> None:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(result, indent=1) + "\n")
 
+    if args.auto:  # first: its cost is the unknown one, and the budget must not skip it
+        label, mode = args.auto.split("/")
+        spec, samples = specs[label]
+        auto_dir = model_dir
+        if args.auto_layers:  # its own skeleton: the search's cost grows with the layers it searches over
+            auto_dir = make_checkpoint(args.work / f"model-{args.auto_layers}", sizes, args.auto_layers, dtype, device)
+            if cuda:
+                torch.cuda.empty_cache()
+        left = args.budget - (time.perf_counter() - started)
+        seconds = min(left, args.auto_budget) if args.auto_budget else left
+        timed = (
+            auto_plans(args, spec, samples, mode, seconds, auto_dir)
+            if seconds >= 30
+            else {"skipped": f"{seconds:.0f} s"}
+        )
+        result["auto"] = {"set": label, "mode": mode, "layers": args.auto_layers or args.layers, **timed}
+        print(f"auto plans: {json.dumps(result['auto'])}", flush=True)
+        save()
     # the plain forwards of every set, then each mode on every set in turn: the runs that the combined /
     # text-only ratios compare follow each other (the same GPU state: clocks, temperature, allocator)
     for label in labels:
@@ -480,22 +550,9 @@ def main() -> None:
         path = args.profile_out or args.work / "profile.txt"
         path.parent.mkdir(parents=True, exist_ok=True)
         left = args.budget - (time.perf_counter() - started)
-        result["profile"] = _child(args, ["--profile-child", str(path)], left) or str(path)
+        enough = left >= 30 or args.small
+        result["profile"] = (_child(args, ["--profile-child", str(path)], left) or str(path)) if enough else "skipped"
         print(f"profile: {result['profile']}", flush=True)
-        save()
-    if args.auto:
-        label, mode = args.auto.split("/")
-        spec, samples = specs[label]
-        auto_dir = model_dir
-        if args.auto_layers:  # its own skeleton: the search's cost grows with the layers it searches over
-            auto_dir = make_checkpoint(args.work / f"model-{args.auto_layers}", sizes, args.auto_layers, dtype, device)
-            if cuda:
-                torch.cuda.empty_cache()
-        left = args.budget - (time.perf_counter() - started)
-        enough = left >= 30
-        timed = auto_plans(args, spec, samples, mode, left, auto_dir) if enough else {"skipped": f"{left:.0f} s left"}
-        result["auto"] = {"set": label, "mode": mode, "layers": args.auto_layers or args.layers, **timed}
-        print(f"auto plans: {json.dumps(result['auto'])}", flush=True)
         save()
     save()
     print(json.dumps(result, indent=1))
