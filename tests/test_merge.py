@@ -723,3 +723,25 @@ def test_auto_stays_with_pruning_where_merging_loses(tmp_path, capsys):
     )
     assert "method: prune (chosen by the reap stage)" in capsys.readouterr().err
     assert "merge" not in json.loads((dst / "config.json").read_text())["reap_pruning"]
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_lean_alignment_features_equal_the_plain_computation_bit_for_bit(gated):
+    """merge._features (one float32 buffer, normalised and centred in place) gives exactly the numbers of
+    neuron_rows + _unit_rows + pca_reduce, which hold three copies of the layer's experts at once."""
+    from reap_vlm.methods import merge as m
+
+    gen = torch.Generator().manual_seed(0)
+    E, inter, H = 10, 24, 16
+    gate = torch.randn(E, inter, H, generator=gen).bfloat16() if gated else None
+    x = m.LayerExperts(
+        gate, torch.randn(E, inter, H, generator=gen).bfloat16(), torch.randn(E, H, inter, generator=gen).bfloat16()
+    )
+    multi = [0, 2, 3, 7, 9]
+    rows = m.neuron_rows(m.LayerExperts(*(None if t is None else t[multi] for t in x.tensors())))
+    n = rows.shape[0]
+    plain = m.pca_reduce(m._unit_rows(rows).reshape(n * inter, -1), 8).reshape(n, inter, -1)
+    lean = m._features(x, multi, 8)
+    assert sorted(lean) == multi
+    for i, j in enumerate(multi):
+        assert torch.equal(plain[i], lean[j])

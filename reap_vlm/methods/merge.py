@@ -234,12 +234,13 @@ def neuron_rows(x: LayerExperts) -> torch.Tensor:
     return torch.cat(parts, dim=2)
 
 
-def pca_reduce(rows: torch.Tensor, r: int = PCA_DIM) -> torch.Tensor:
+def pca_reduce(rows: torch.Tensor, r: int = PCA_DIM, inplace: bool = False) -> torch.Tensor:
     """[N, D] -> [N, r]: centred rows projected on the top-r principal directions, scaled by their
-    singular values (as the official code). Randomised (torch.pca_lowrank) with a fixed seed."""
+    singular values (as the official code). Randomised (torch.pca_lowrank) with a fixed seed. `inplace`:
+    `rows` is centred in place (the same numbers, no second [N, D] copy)."""
     N, D = rows.shape
     r = min(r, N, D)
-    x = rows - rows.mean(0, keepdim=True)
+    x = rows.sub_(rows.mean(0, keepdim=True)) if inplace else rows - rows.mean(0, keepdim=True)
     with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
         torch.manual_seed(0)
         _, s, v = torch.pca_lowrank(x, q=r, center=False)
@@ -269,6 +270,27 @@ def align(cost: np.ndarray) -> np.ndarray:
     return cols
 
 
+def _features(experts: LayerExperts, multi: list[int], pca_dim: int) -> dict[int, torch.Tensor]:
+    """Expert j -> its neurons' PCA features [I, r]: neuron_rows of the experts `multi`, unit rows, pca_reduce,
+    with one [n, I, D] float32 buffer filled expert by expert and normalised and centred in place (the same
+    numbers as neuron_rows + _unit_rows + pca_reduce, without their copies: at Qwen3-VL-30B-A3B widths each is
+    2.4 GB for a layer's experts)."""
+    parts = [t for t in (experts.gate, experts.up) if t is not None]
+    inter = experts.up.shape[1]
+    width = sum(t.shape[2] for t in parts) + experts.down.shape[1]
+    rows = torch.empty((len(multi), inter, width), dtype=FEATURE_DTYPE, device=experts.up.device)
+    for i, j in enumerate(multi):
+        col = 0
+        for t in parts:
+            rows[i, :, col : col + t.shape[2]] = t[j]
+            col += t.shape[2]
+        rows[i, :, col:] = experts.down[j].transpose(0, 1)
+    rows = rows.reshape(len(multi) * inter, width)
+    rows.div_(rows.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+    reduced = pca_reduce(rows, pca_dim, inplace=True).reshape(len(multi), inter, -1)
+    return {j: reduced[i] for i, j in enumerate(multi)}
+
+
 def merge_layer(
     experts: LayerExperts,
     groups: list[list[int]],
@@ -281,15 +303,23 @@ def merge_layer(
     """Merge every group of more than one expert (module docstring). acts [E, S, I]: intermediate
     activations h = combine(gate x, up x) of every expert on the same S calibration tokens (or None:
     weights alone set the cost). Returns the merged experts in the order of `groups` (singletons too)."""
+    return list(iter_merge_layer(experts, groups, saliency, acts, pca_dim=pca_dim, align_neurons=align_neurons))
+
+
+def iter_merge_layer(
+    experts: LayerExperts,
+    groups: list[list[int]],
+    saliency,
+    acts: torch.Tensor | None = None,
+    *,
+    pca_dim: int = PCA_DIM,
+    align_neurons: bool = True,
+):
+    """merge_layer one group at a time: a caller that keeps each merged expert in the model's dtype holds one
+    group's float64 members and result at a time, not every group's."""
     s = floor_saliency(saliency)
     multi = sorted({j for g in groups if len(g) > 1 for j in g})
-    feats = {}
-    if multi and align_neurons:
-        rows = neuron_rows(LayerExperts(*(None if t is None else t[multi] for t in experts.tensors())))  # [n, I, D]
-        n, inter, _ = rows.shape
-        reduced = pca_reduce(_unit_rows(rows).reshape(n * inter, -1), pca_dim).reshape(n, inter, -1)
-        feats = {j: reduced[i] for i, j in enumerate(multi)}
-    out = []
+    feats = _features(experts, multi, pca_dim) if multi and align_neurons else {}
     for group in groups:
         w = s[group] / s[group].sum()
         m = experts.members(group)
@@ -313,8 +343,7 @@ def merge_layer(
                 member = t[i] if axis is None else t[i].index_select(axis - 1, torch.as_tensor(perm, device=t.device))
                 total = total + member * float(w[i])
             merged.append(total)
-        out.append(MergedExpert(list(group), w, *merged, perms=perms))
-    return out
+        yield MergedExpert(list(group), w, *merged, perms=perms)
 
 
 def merged_router(router: torch.Tensor, groups: list[list[int]], saliency, mode: str = "centroid") -> torch.Tensor:

@@ -51,7 +51,7 @@ def prepare(
         if not multi:
             continue
         views = _views(model, b)
-        for m in merge.merge_layer(views, multi, saliency[key], acts.get(key), pca_dim=pca_dim):
+        for m in merge.iter_merge_layer(views, multi, saliency[key], acts.get(key), pca_dim=pca_dim):
             for name in ("gate", "up", "down", "gate_bias", "up_bias", "down_bias"):
                 target = getattr(views, name)
                 if target is not None:
