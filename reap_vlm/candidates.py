@@ -33,7 +33,7 @@ import torch
 
 from . import console, distributed, scoring
 from .calibration import selection_slice
-from .errors import BugError, PlanError
+from .errors import PlanError
 from .execution.memory import Headless, prepare_inputs
 from .loading import input_device
 from .masking import masked, removed_from_kept
@@ -406,9 +406,7 @@ def _run_plans(
         kwargs = dict(usage=usage, progress=progress, swaps=swaps, sharded=True)
         return distributed.run_plans(_run_plans, model, blocks, batches, plans, **kwargs)
     if hasattr(model, "run_plans"):  # streamed execution: the same rows, one decoder layer at a time
-        if swaps and any(swap is not None for swap in swaps):
-            raise BugError("merge plans (swapped weights) reached the streamed plan measurement")
-        return model.run_plans(blocks, batches, plans, usage=usage, progress=progress)
+        return model.run_plans(blocks, batches, plans, usage=usage, progress=progress, swaps=swaps)
     per_plan_rows: list[list[dict]] = [[] for _ in plans]
     baseline_rows: list[dict] = []
     counts = [{b.key: torch.zeros(b.num_experts, dtype=torch.float64) for b in blocks} for _ in range(len(plans) + 1)]
@@ -936,10 +934,15 @@ def _merge_candidate(
         group_size=settings["group_size"],
         modality=policy,
     )
+    kept = {f"{layer}.{s}": sorted(g[0] for g in gs) for (layer, s), gs in groups.items()}
+    if hasattr(model, "run_plans"):  # streamed: the statistics' pass measured it layer by layer (plans.MergeCut)
+        from .execution.plans import merge_key
+
+        swap = merge_key(base, ratio, settings["grouping"], settings["group_size"], settings["router"])
+        return kept, swap, {**settings, "base": base}
     # the merged experts are kept in host memory and copied in only while the merge plan runs a batch: on a
     # GPU they would add the merged centroids of every layer (and their saved originals) to the stage's peak
     swap = merge_memory.prepare(model, blocks, groups, saliency, acts, router_mode=settings["router"], device="cpu")
-    kept = {f"{layer}.{s}": sorted(g[0] for g in gs) for (layer, s), gs in groups.items()}
     return kept, swap, {**settings, "base": base}
 
 

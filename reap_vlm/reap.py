@@ -269,8 +269,9 @@ def accumulate_streamed(settings: ReapSettings, streamed, blocks, batches, merge
     """The calibration statistics with one decoder layer resident at a time (reap_vlm.execution.stream),
     and with `eval_batches` every candidate plan measured in the same pass (choose_plan then reads it).
     Returns (stats, resumed, seconds, merge statistics or None)."""
-    from .execution.plans import LayerCuts
-    from .execution.stream import PlanSpace, score_pass
+    from .execution.plans import LayerCuts, MergeCut
+    from .execution.stream import MergeSpace, PlanSpace, score_pass
+    from .observe import merge_stats
 
     started = time.perf_counter()
     with console.progress("scoring", len(streamed.layers), "layers", tps=0.0) as bar:
@@ -279,12 +280,23 @@ def accumulate_streamed(settings: ReapSettings, streamed, blocks, batches, merge
         def on_layer(done: int, total: int) -> None:
             bar.update(completed=done, tps=tokens * done / max(time.perf_counter() - started, 1e-9))
 
-        plans = None
+        plans = merging = None
         # data parallel: each rank measures its shard of the held-out batches, every layer's plans cut from the
         # statistics of all ranks; with fewer held-out batches than ranks the plans get their own pass instead
         if eval_batches and len(eval_batches) >= distributed.world():
             cuts = LayerCuts(settings, blocks)
             plans = PlanSpace(distributed.shard(eval_batches), cuts.count, distributed.on_reduced(cuts))
+            if merge is not None and settings.eval_merge:  # the merge candidate too, from every rank's statistics
+                made = MergeCut(settings, blocks)
+
+                def cut(stats: dict, tensors: dict, samples=merge.samples):
+                    if distributed.active():
+                        stats = distributed.reduce_stats(stats)
+                        flat = {f"{key}.{name}": t for key, named in tensors.items() for name, t in named.items()}
+                        tensors = merge_stats.by_block(distributed.reduce_merged_tensors(flat, samples))
+                    return made(stats, tensors)
+
+                merging = MergeSpace(cut, made.key, made.router)
         stats, merged, _ = score_pass(
             streamed,
             blocks,
@@ -295,6 +307,7 @@ def accumulate_streamed(settings: ReapSettings, streamed, blocks, batches, merge
             merge,
             settings.seed,
             plans,
+            merging,
         )
     return stats, False, time.perf_counter() - started, merged
 
@@ -627,16 +640,18 @@ def _score(settings: ReapSettings, meta_path: Path, on_batch: Callable[[int], No
 
 def _plans(settings, model, streamed, blocks, meta, eval_batches, search_batches, stats_by_block) -> None:
     if streamed is not None:
-        # the plans were measured in the statistics' pass (candidates._run_plans asks StreamedModel.run_plans);
-        # merge candidates need the experts' weights in memory, so streamed scoring does not measure them
-        if stats_by_block is not None and eval_batches and settings.eval_merge:
-            console.info("note: streamed execution does not measure merge candidates (the prune candidates are)")
+        # the plans were measured in the statistics' pass (candidates._run_plans asks StreamedModel.run_plans),
+        # the merge candidate too (its merged experts made from each resident layer, execution.plans.MergeCut)
+        if stats_by_block is not None and eval_batches and settings.eval_merge and streamed.measured is None:
+            # data parallel with fewer held-out batches than ranks: the plans get their own passes, without it
+            console.info("note: streamed execution measures the merge candidate only in the statistics' pass")
+            stats_by_block = None
         if search_batches and settings.criterion == "auto":
             note = _greedy_passes_note(settings, meta)
             if note:
                 console.info(f"note: streamed execution: {note}")
                 meta["scoring"]["execution"]["notes"] = [note]
-        choose_plan(settings, streamed, blocks, meta, eval_batches, search_batches, None)
+        choose_plan(settings, streamed, blocks, meta, eval_batches, search_batches, stats_by_block)
         meta["scoring"]["execution"]["passes"] = 1 + streamed.extra_passes
         meta["scoring"]["execution"]["seconds"] = {k: round(v, 3) for k, v in streamed.timings.items()}
         meta["scoring"]["execution"]["memory"] = streamed.memory_report()

@@ -286,7 +286,8 @@ class ReapSettings(Settings):
     eval_merge: bool = opt(
         True,
         "Also measure expert merging (REAP_MERGE_GROUPING, REAP_MERGE_GROUP_SIZE, REAP_MERGE_ROUTER) at the "
-        "requested ratio beside the pruning plans (full mode with merge statistics, in-memory execution); with "
+        "requested ratio beside the pruning plans (full mode with merge statistics; streamed execution measures it "
+        "in the statistics' pass); with "
         "REAP_CRITERION=auto it is chosen only when measurably better than every pruning plan, and the prune "
         "stage then merges by default.",
     )

@@ -30,7 +30,6 @@ RTOL = 1e-5
 def _settings(model_dir: Path, out: Path, **extra) -> ReapSettings:
     argv = ["--model-path", str(model_dir), "--output-path", str(out), "--device", "cpu", "--max-samples", "9"]
     argv += ["--max-seq-len", "96", "--batch-size", "3", "--eval-samples", "0", "--no-plots"]
-    argv += ["--no-eval-merge"]  # streamed execution measures no merge plans; the memory runs compared with it neither
     argv += ["--min-pixels", "1024", "--max-pixels", "16384"]
     for k, v in extra.items():
         argv += [f"--{k.replace('_', '-')}"] + ([] if v is True else [str(v)])
@@ -60,7 +59,7 @@ def _close(a, b, path: str = "") -> None:
 
 def _untimed(table: dict) -> dict:
     table = json.loads(json.dumps(table))
-    for key in ("seconds", "greedy_seconds"):
+    for key in ("seconds", "greedy_seconds", "merge_seconds"):
         table.pop(key, None)
     for row in table.get("rows", []):
         row.get("search", {}).pop("seconds", None)
@@ -159,6 +158,9 @@ def test_streamed_stage_writes_the_same_metadata_as_in_memory(
     _read_once(driver, passes)
     rows = memory["candidates"]["rows"]
     greedy = [r for r in rows if r["policy"] == "greedy"]
+    if "merge_stats" in memory:  # REAP_EVAL_MERGE (default): the merge row, measured in the statistics' pass too
+        merge_rows = [r for r in rows if r["policy"] == "merge"]
+        assert merge_rows or any(n.startswith("merge at ratio") for n in memory["candidates"]["notes"])
     if run.get("criterion", "auto") == "auto":
         assert len(rows) > 10
         if greedy:  # its steps, the swap search's measurements, their plans unless measured already

@@ -105,3 +105,63 @@ class LayerCuts:
                 continue
             out.append({key: value["kept"] for key, value in cut.items()})
         return out
+
+
+class MergeCut:
+    """The merge candidate of measure_plans (candidates._merge_candidate: REAP_EVAL_MERGE, the requested ratio,
+    the default criterion's saliency under REAP_MODALITY), cut layer by layer for stream.MergeSpace. A block's
+    merge groups depend on that block's statistics and merge statistics only (merge_checkpoint.build_groups), so
+    they are made as soon as the layer's calibration batches are through, and the merged experts from the
+    resident layer's weights. `key` is what candidates._merge_candidate asks StreamedModel.run_plans for."""
+
+    def __init__(self, settings, blocks):
+        from ..candidates import DEFAULT_CRITERION, _n_keep
+
+        ratio = None if settings.num_keep else settings.prune_ratio
+        self.criterion, self.policy = DEFAULT_CRITERION.get(settings.scoring_mode, "reap"), settings.modality
+        self.grouping, self.group_size, self.router = (
+            settings.merge_grouping,
+            settings.merge_group_size,
+            settings.merge_router,
+        )
+        self.key = merge_key(f"{self.criterion}/{self.policy}", ratio, self.grouping, self.group_size, self.router)
+        self.meta = {
+            b.key: {**m, "layer": b.layer, "expert_set": b.expert_set}
+            for b, m in zip(blocks, block_meta(blocks), strict=True)
+        }
+        try:
+            counts = {_n_keep(m, ratio, settings.num_keep, settings.round_to) for m in self.meta.values()}
+        except PlanError:
+            counts = set()
+        self.k = counts.pop() if len(counts) == 1 else None  # else _merge_candidate notes why it is skipped
+
+    def __call__(self, stats: dict, tensors: dict):
+        """(groups, saliency, activations, kept centroids) of one layer's blocks (`stats`: block key -> what
+        Observer.export() gives; `tensors`: block key -> its merge statistics), or None where it cannot merge."""
+        from ..methods.merge_checkpoint import build_groups
+
+        if self.k is None:
+            return None
+        meta = {
+            "model": {"blocks": [self.meta[key] for key in stats]},
+            "layers": {key: {"stats": value} for key, value in stats.items()},
+        }
+        try:
+            groups, saliency, acts = build_groups(
+                meta,
+                tensors,
+                self.k,
+                self.criterion,
+                grouping=self.grouping,
+                group_size=self.group_size,
+                modality=self.policy,
+            )
+        except PlanError:
+            return None
+        kept = {f"{layer}.{s}": sorted(g[0] for g in gs) for (layer, s), gs in groups.items()}
+        return groups, saliency, acts, kept
+
+
+def merge_key(base: str, ratio, grouping: str, group_size: int, router: str) -> tuple:
+    """What identifies a merge candidate between the statistics' pass and measure_plans."""
+    return ("merge", base, ratio, grouping, group_size, router)

@@ -731,7 +731,7 @@ class StreamedModel:
         hidden = reference if hidden is None else hidden.to(self.device)
         return sample_rows(batch, reference, hidden, batch.inputs["input_ids"].to(self.device), self.logits)
 
-    def run_plans(self, blocks: list, batches: list, plans: list[dict], *, usage: bool, progress=None):
+    def run_plans(self, blocks: list, batches: list, plans: list[dict], *, usage: bool, progress=None, swaps=None):
         """candidates._run_plans for streamed execution. Plans the statistics' pass measured already
         (`score_pass` with a PlanSpace on the very same batches) are answered from it; the others (the greedy
         search's trial plans, its result) run in extra passes over the weights: the unpruned model and every
@@ -740,12 +740,21 @@ class StreamedModel:
         layer with that layer's removed experts masked (masking.masked, as in memory); expert usage is the
         router-mode observer of the layer's blocks. At the end the final norm and the LM head give the
         logits that candidates._token_metrics compares, batch by batch. Same return value as _run_plans;
-        `progress(done, total)` counts forwards of the whole model, as in memory."""
+        `progress(done, total)` counts forwards of the whole model, as in memory. `swaps[i]` (a merge plan:
+        plans.merge_key) is answered from the statistics' pass, which measured it (MergeSpace); only there."""
         measured = self.measured
         found: list = [None] * len(plans)
         same = measured is not None and len(measured.batches) == len(batches)
         if same and all(a is b for a, b in zip(measured.batches, batches, strict=True)):  # the very batches
             found = [measured.plans.get(_signature(blocks, plan)) for plan in plans]
+        for pi, swap in enumerate(swaps or []):
+            if swap is None:
+                continue
+            found[pi] = measured.merged.get((swap, _signature(blocks, plans[pi]))) if same else None
+            if found[pi] is None:
+                raise BugError(
+                    "a merge plan reached the streamed plan measurement that the statistics' pass did not measure"
+                )
         missing = [pi for pi, f in enumerate(found) if f is None]
         self.answered += len(plans) - len(missing)
         if not missing:
@@ -878,15 +887,29 @@ class PlanSpace:
 
 
 @dataclass
+class MergeSpace:
+    """The merge candidate measured in the statistics' pass (REAP_EVAL_MERGE). `cut(stats, tensors)` gets one
+    layer's statistics (block key -> what Observer.export() gives) and merge statistics (block key -> name ->
+    tensor) and returns (groups, saliency, activations, kept centroids) of those blocks, or None (the candidate
+    cannot be made and is not measured); `key` identifies it (plans.merge_key)."""
+
+    cut: Callable[[dict, dict], tuple | None]
+    key: tuple
+    router: str
+
+
+@dataclass
 class Measured:
     """What the statistics' pass measured on the held-out batches: the unpruned model's rows and usage,
-    and per distinct plan (signature over the blocks) its rows and usage; `kept[c]`: candidate c's plan."""
+    and per distinct plan (signature over the blocks) its rows and usage; `kept[c]`: candidate c's plan;
+    `merged`: the merge candidate's rows and usage by (MergeSpace.key, signature of its kept centroids)."""
 
     batches: list
     baseline_rows: list[dict]
     baseline_counts: dict
     plans: dict[tuple, tuple[list[dict], dict]]
     kept: list[dict[str, list[int]] | None]
+    merged: dict[tuple, tuple[list[dict], dict]] = field(default_factory=dict)
 
 
 def score_pass(
@@ -899,6 +922,7 @@ def score_pass(
     merge=None,
     seed: int = 0,
     plans: PlanSpace | None = None,
+    merging: MergeSpace | None = None,
 ) -> tuple[dict, MergedLayers | None, Measured | None]:
     """The calibration statistics of every MoE block and, with `plans`, every candidate plan's held-out
     rows, in ONE pass over the weights. Per decoder layer:
@@ -910,7 +934,12 @@ def score_pass(
        stream splits where they first differ), so each distinct plan prefix runs once;
     3. the unpruned stream and every plan stream run the held-out batches through the layer, each plan
        with its removed experts' router logits masked (masking.masked), under a router-mode observer of
-       the layer's blocks (expert usage).
+       the layer's blocks (expert usage);
+    4. with `merging` (and `merge`): the merge candidate's groups of this layer are made from the layer's
+       statistics and merge statistics, its merged experts from the resident weights are written into their
+       centroids' slots (methods.merge_memory.prepare, as in memory), and its own stream of held-out states
+       runs through the layer with the other group members' router logits masked. It runs last: the layer's
+       weights are released afterwards (read again from the shards by any later pass), so nothing is restored.
 
     After the last layer the final norm and the LM head give each stream's logits, and
     candidates.sample_rows the per-sample rows, batch by batch. Returns (stats as Observer.export(),
@@ -930,6 +959,8 @@ def score_pass(
     groups: dict[int, list[int]] = {0: list(alive)}  # stream -> its candidates; 0: the unpruned model
     layer_kept: dict[int, dict] = {0: {}}  # stream -> the kept experts of the current layer ({} = all)
     next_group = 1
+    merge_kept: dict | None = {} if merging is not None and merge is not None and held else None
+    merge_counts: dict = {}
     cache = None
     measured = None
     try:
@@ -937,6 +968,7 @@ def score_pass(
             cache, captured = streamed._begin(
                 [(("calibration", b), batch) for b, batch in enumerate(batches)]
                 + [((0, b), batch) for b, batch in enumerate(held)]
+                + [((MERGE_STREAM, b), batch) for b, batch in enumerate(held) if merge_kept is not None]
             )
             for i in streamed._layers(on_layer):
                 mine = by_layer.get(i, [])
@@ -947,7 +979,7 @@ def score_pass(
                     if merge is not None:
                         from ..observe.merge_stats import MergeStats
 
-                        layer_merge = MergeStats(mine, merge.samples, merge.per_batch, seed + i)
+                        layer_merge = MergeStats(mine, merge.samples, merge.per_batch, seed)
                     observer = Observer(streamed.model, mine, mode, budget_mb, merge=layer_merge)
                 with observer if observer is not None else contextlib.nullcontext():
                     for b, batch in enumerate(batches):
@@ -955,10 +987,12 @@ def score_pass(
                             observer.set_modality(batch.modality)
                         key = ("calibration", b)
                         cache.put(key, streamed._through(i, captured[id(batch)], cache.get(key)))
+                layer_tensors = None
                 if observer is not None:
                     stats.update(observer.export())
                     if layer_merge is not None:
-                        merged.add(layer_merge.tensors())
+                        layer_tensors = layer_merge.tensors()
+                        merged.add(layer_tensors)
                 started = streamed._clock("compute", started)
                 if not held:
                     continue
@@ -1010,6 +1044,20 @@ def score_pass(
                             counts[c].update(totals)
                         if g == 0:
                             baseline_counts.update(totals)
+                if merge_kept is not None:
+                    merge_kept = _merge_stream(
+                        streamed,
+                        i,
+                        mine,
+                        merging,
+                        stats,
+                        layer_tensors,
+                        held,
+                        captured,
+                        cache,
+                        merge_kept,
+                        merge_counts,
+                    )
                 started = streamed._clock("plans", started)
             streamed._outer_to(streamed.device, head_only=True)
             if held:
@@ -1026,6 +1074,12 @@ def score_pass(
                         found.setdefault(_signature(blocks, kept[c]), (rows[g], counts[c]))
                 zeros = {b.key: torch.zeros(b.num_experts, dtype=torch.float64) for b in blocks}
                 measured = Measured(held, rows[0], {**zeros, **baseline_counts}, found, kept)
+                if merge_kept is not None:
+                    merge_rows: list[dict] = []
+                    for b, batch in enumerate(held):
+                        merge_rows.extend(streamed._rows(batch, cache.get((0, b)), cache.get((MERGE_STREAM, b))))
+                    key = (merging.key, _signature(blocks, merge_kept))
+                    measured.merged[key] = (merge_rows, {**zeros, **merge_counts})
             streamed._note_cache(cache, captured.values())
     finally:
         if cache is not None:
@@ -1034,6 +1088,47 @@ def score_pass(
     if merged is not None:
         streamed.merge_bytes = sum(t.numel() * t.element_size() for t in merged.tensors().values())
     return {b.key: stats[b.key] for b in blocks}, merged, measured
+
+
+MERGE_STREAM = "merge"  # the cache key of the merge candidate's held-out states
+
+
+def _merge_stream(streamed, i, mine, merging, stats, tensors, held, captured, cache, kept, counts):
+    """Step 4 of score_pass for decoder layer i. Returns the merge candidate's kept centroids so far, or None
+    once it cannot be made (its states are dropped)."""
+    from ..masking import masked, removed_from_kept
+    from ..methods import merge_memory
+    from ..observe import merge_stats
+    from ..observe.usage import ExpertUsage
+
+    if mine:
+        cut = merging.cut({b.key: stats[b.key] for b in mine}, merge_stats.by_block(tensors or {}))
+        if cut is None:
+            for b in range(len(held)):
+                cache.drop((MERGE_STREAM, b))
+            return None
+        groups, saliency, acts, layer_kept = cut
+        kept.update(layer_kept)
+        # computed on the device from the resident weights, as in memory; written into the centroids' slots
+        updates = merge_memory.prepare(
+            streamed.model, mine, groups, saliency, acts, router_mode=merging.router, device=streamed.device
+        )
+        for target, value in updates:
+            target.copy_(value)
+        del updates
+    with contextlib.ExitStack() as stack:
+        usage = None
+        if mine:
+            stack.enter_context(masked(streamed.model, mine, removed_from_kept(mine, layer_kept)))
+            usage = stack.enter_context(ExpertUsage(streamed.model, mine))
+        for b, batch in enumerate(held):
+            if usage is not None:
+                usage.batch(batch.modality)
+            key = (MERGE_STREAM, b)
+            cache.put(key, streamed._through(i, captured[id(batch)], cache.get(key)))
+    if usage is not None:
+        counts.update(usage.totals())
+    return kept
 
 
 def observe(

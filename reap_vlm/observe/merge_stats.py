@@ -17,6 +17,7 @@ merge method (`read`).
 from __future__ import annotations
 
 import bisect
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -34,6 +35,11 @@ FORMAT = "reap-merge-stats/1"
 ACT_DTYPE = torch.bfloat16
 
 
+def block_seed(seed: int, key: str) -> int:
+    """The seed of block `key`'s row draws: stable across processes (Python's hash() of a str is not)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{key}".encode()).digest()[:8], "little") & (2**63 - 1)
+
+
 def sample_budget(sizes: list[tuple[int, int, int, int]], budget_mb: int) -> int:
     """Sampled tokens per block so that the file stays under budget_mb. sizes: (E, I, H, R) per block."""
     fixed = sum(E * H * 4 + R * R * 8 + E * 8 + 8 for E, _, H, R in sizes)
@@ -48,7 +54,10 @@ class MergeStats:
 
     def __init__(self, blocks: list[MoEBlock], samples: int, per_batch: int, seed: int = 0):
         self.samples, self.per_batch = samples, per_batch
-        self._gen = torch.Generator().manual_seed(seed)
+        # one generator per block, seeded by (seed, block key): a block's draws do not depend on which other
+        # blocks share the accumulator, so streamed scoring (one MergeStats per decoder layer) draws the very
+        # rows of the in-memory path (one over all blocks), and their merge plans are the same
+        self._gens = {b.key: torch.Generator().manual_seed(block_seed(seed, b.key)) for b in blocks}
         self._blocks = {b.key: b for b in blocks}
         self._weights: dict[str, ExpertWeights] = {}
         self._budget = DEFAULT_CHUNK_BYTES  # bytes of quantized experts dequantized at a time (add's)
@@ -98,7 +107,7 @@ class MergeStats:
             return probs, s["gated_hidden_sum"]
         # the sampled rows' h are taken from the chunks the kernel computes anyway (Sample.take): no extra
         # up projection of all experts (it read every expert's weights again for a few rows, per block and batch)
-        rows = torch.randperm(hidden.shape[0], generator=self._gen)[:want].sort().values
+        rows = torch.randperm(hidden.shape[0], generator=self._gens[block.key])[:want].sort().values
         buffer = torch.zeros((E, want, inter), dtype=ACT_DTYPE, device=device)
         self._filling[block.key] = buffer
         return probs, s["gated_hidden_sum"], Sample(rows, buffer)
@@ -151,13 +160,14 @@ class MergeStats:
         return {
             "sums": {k: {n: t.cpu() for n, t in s.items()} for k, s in self.sums.items()},
             "acts": self.acts,
-            "gen": self._gen.get_state(),
+            "gens": {k: g.get_state() for k, g in self._gens.items()},
         }
 
     def load(self, state: dict) -> None:
         self.sums = {k: dict(s) for k, s in state["sums"].items()}
         self.acts = {k: list(a) for k, a in state["acts"].items()}
-        self._gen.set_state(state["gen"])
+        for key, gen in state["gens"].items():
+            self._gens[key].set_state(gen)
 
 
 class Sample:
