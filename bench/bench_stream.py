@@ -6,8 +6,10 @@
    processor (the tiny byte-level tokenizer, the real image processor sizes). On a GPU the random
    weights are made there (fast), then saved.
 2. Scores it twice, each in its own process, on the same calibration batches (text + images) with the
-   same candidate-plan measurement (`--eval-samples`, default 16; the greedy search off in both unless
-   `--greedy`: streamed, it takes one more pass over the weights per step):
+   same default candidate-plan measurement (REAP_CRITERION=auto, `--eval-samples`, default 16: every
+   criterion x policy x ratio, the random plans and the merge candidate, REAP_EVAL_MERGE's default; the
+   greedy and swap searches off in both unless `--greedy`: streamed, they take one more pass over the
+   weights per step / measurement):
      memory   the whole model on the GPU, no cap
      stream   REAP_EXECUTION=stream with the GPU capped by torch.cuda.set_per_process_memory_fraction
               to one third of the model's weight bytes: statistics and every candidate plan in one pass
@@ -17,8 +19,13 @@
    peak RSS against the bounds of docs/design.md ("Memory bounds"), the per-layer quantities the
    extrapolation in docs/benchmarks.md uses, and the largest relative difference of the raw sums and of
    the candidate table between the two metadata files.
+3. With `--search-layers N` (> 0): the same pair of runs on an N-layer skeleton and `--search-samples` rows
+   with the default searches on (greedy + swap, REAP_SEARCH_BUDGET's default), within what is left of
+   `--budget-s` seconds (else reported as not completed): what the searches cost streamed (passes, seconds)
+   against memory, and the two candidate tables (greedy, swap and merge rows included) compared.
 
-Usage:  python bench/bench_stream.py [--layers 12] [--samples 2200] [--seq-len 512] [--work DIR] [--out result.json]
+Usage:  python bench/bench_stream.py [--layers 12] [--samples 2200] [--seq-len 512] [--search-layers 2]
+                                     [--budget-s 270] [--work DIR] [--out result.json]
         python bench/bench_stream.py --small      # CPU smoke test (tiny widths, a few samples)
 """
 
@@ -202,14 +209,14 @@ def child(args) -> None:
     from reap_vlm.reap import score
     from reap_vlm.settings import ReapSettings, load
 
-    model_dir = args.work / "model"
+    model_dir = args.work / args.model
     cuda = torch.cuda.is_available() and not args.small
     cap = None
     if cuda and args.child == "stream":
         total = torch.cuda.get_device_properties(0).total_memory
         cap = weight_bytes(model_dir) / 3
         torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), 0)
-    out = args.work / args.child
+    out = args.work / f"{args.child}{args.tag}"
     argv = ["--model-path", str(model_dir), "--output-path", str(out)]
     argv += ["--device", "cuda" if cuda else "cpu", "--dtype", "bfloat16" if cuda else "float32"]
     argv += ["--calibration", str(args.work / "calibration" / "calibration.jsonl")]
@@ -217,7 +224,6 @@ def child(args) -> None:
     argv += ["--batch-size", str(args.batch_size), "--eval-samples", str(args.eval_samples), "--no-plots"]
     argv += ["--execution", args.child, "--stream-cache-gb", str(args.cache_gb)]
     argv += [] if args.greedy else ["--no-greedy-search"]
-    argv += ["--no-eval-merge"]  # merge plans are measured in memory only: the two tables are compared
     if args.small:
         argv += ["--min-pixels", "1024", "--max-pixels", "16384"]
     if out.exists():
@@ -232,8 +238,11 @@ def child(args) -> None:
     phases = meta["scoring"].get("phases", {})
     work = sum(phases.get(p, {}).get("seconds", 0.0) for p in ("scoring", "plans"))
     peaks = [p["gpu_peak_gib"] for p in phases.values() if "gpu_peak_gib" in p]
+    rows = meta.get("candidates", {}).get("rows", [])
     result = {
         "mode": args.child,
+        "policies": sorted({r["policy"] for r in rows}),
+        "chosen": meta["plan"].get("chosen_by"),
         "seconds_stage": round(seconds, 2),
         "phases": phases,
         "execution": meta["scoring"]["execution"],
@@ -245,14 +254,22 @@ def child(args) -> None:
         "cpu_peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30,
         "metadata": str(settings.metadata_file),
     }
-    (args.work / f"{args.child}.json").write_text(json.dumps(result, indent=1))
+    (args.work / f"{args.child}{args.tag}.json").write_text(json.dumps(result, indent=1))
+
+
+TIMED = ("seconds", "greedy_seconds", "merge_seconds")
 
 
 def _max_rel(a, b) -> float:
-    """The largest relative difference of the numbers of two JSON trees (timings left out)."""
+    """The largest relative difference of the numbers of two JSON trees (timings left out); inf where their
+    shapes differ (a key or a row in one only)."""
     if isinstance(a, dict):
-        return max((_max_rel(a[k], b[k]) for k in a if k not in ("seconds", "greedy_seconds")), default=0.0)
+        if not isinstance(b, dict) or set(a) - set(TIMED) != set(b) - set(TIMED):
+            return math.inf
+        return max((_max_rel(a[k], b[k]) for k in a if k not in TIMED), default=0.0)
     if isinstance(a, list):
+        if not isinstance(b, list) or len(a) != len(b):
+            return math.inf
         return max((_max_rel(x, y) for x, y in zip(a, b, strict=True)), default=0.0)
     if isinstance(a, float) and isinstance(b, float) and math.isfinite(a) and math.isfinite(b):
         return abs(a - b) / max(abs(a), abs(b), 1e-30)
@@ -274,8 +291,15 @@ def main() -> None:
     parser.add_argument(
         "--greedy", action="store_true", help="also the greedy search (in both runs; streamed: one pass per step)"
     )
+    parser.add_argument(
+        "--search-layers", type=int, default=0, help="also the default searches on a skeleton of this many layers"
+    )
+    parser.add_argument("--search-samples", type=int, default=120, help="calibration rows of the search runs")
+    parser.add_argument("--budget-s", type=float, default=270.0, help="the search runs stop when this is spent")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--child", choices=("memory", "stream"), help=argparse.SUPPRESS)
+    parser.add_argument("--model", default="model", help=argparse.SUPPRESS)
+    parser.add_argument("--tag", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.small:
         args.layers, args.samples, args.seq_len, args.batch_size = min(args.layers, 4), min(args.samples, 40), 96, 3
@@ -291,15 +315,7 @@ def main() -> None:
     model_dir = make_checkpoint(args.work / "model", sizes, args.layers, dtype, device)
     built = time.perf_counter() - started
     print(f"checkpoint {model_dir}: {weight_bytes(model_dir) / 2**30:.2f} GiB ({time.perf_counter() - started:.0f} s)")
-    runs = {}
-    for mode in ("memory", "stream"):
-        cmd = [sys.executable, __file__, "--child", mode, "--work", str(args.work), "--layers", str(args.layers)]
-        cmd += ["--samples", str(args.samples), "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size)]
-        cmd += ["--cache-gb", str(args.cache_gb), "--eval-samples", str(args.eval_samples)]
-        cmd += ["--small"] if args.small else []
-        cmd += ["--greedy"] if args.greedy else []
-        subprocess.run(cmd, check=True)
-        runs[mode] = json.loads((args.work / f"{mode}.json").read_text())
+    runs = _pair(args, "model", "", args.layers, args.samples, args.greedy)
     from reap_vlm import metadata
 
     a, b = (metadata.read(Path(runs[m]["metadata"])) for m in ("memory", "stream"))
@@ -314,6 +330,7 @@ def main() -> None:
         "max_rel_diff_candidates": _max_rel(a.get("candidates", {}), b.get("candidates", {})),
         "same_plan": a["plan"]["kept_per_block"] == b["plan"]["kept_per_block"]
         and all(a["layers"][k]["kept"] == b["layers"][k]["kept"] for k in a["layers"]),
+        "merge_row": {m: "merge" in runs[m]["policies"] for m in runs},
     }
     # docs/design.md, "Memory bounds": GPU <= max(outer parts + 1 GiB, 2 x largest layer + chunk budget +
     # 1 GiB) + the GPU tier of the cache; CPU <= the process' RSS before any weight was read + the batches'
@@ -342,9 +359,67 @@ def main() -> None:
         "head_s": seconds.get("head", 0.0),
         "hidden_bytes_per_token": sizes["text"]["hidden_size"] * (4 if args.small else 2),
     }
+    if args.search_layers > 0:
+        result["searches"] = _searches(args, sizes, dtype, device, started)
     print(json.dumps(result, indent=1))
     if args.out:
         args.out.write_text(json.dumps(result, indent=1))
+
+
+def _pair(args, model: str, tag: str, layers: int, samples: int, greedy: bool, timeout=None) -> dict:
+    """The memory and the stream run of one skeleton, each in its own process."""
+    runs = {}
+    for mode in ("memory", "stream"):
+        cmd = [sys.executable, __file__, "--child", mode, "--work", str(args.work), "--layers", str(layers)]
+        cmd += ["--samples", str(samples), "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size)]
+        cmd += ["--cache-gb", str(args.cache_gb), "--eval-samples", str(args.eval_samples)]
+        cmd += ["--model", model, f"--tag={tag}"]
+        cmd += ["--small"] if args.small else []
+        cmd += ["--greedy"] if greedy else []
+        left = None if timeout is None else timeout()
+        if left is not None and left <= 0:
+            raise subprocess.TimeoutExpired(cmd, 0)
+        subprocess.run(cmd, check=True, timeout=left)
+        runs[mode] = json.loads((args.work / f"{mode}{tag}.json").read_text())
+    return runs
+
+
+def _searches(args, sizes, dtype, device, started) -> dict:
+    """Part 3 of the module docstring: the default searches on `--search-layers` layers, memory vs stream."""
+    from reap_vlm import metadata
+
+    layers = args.search_layers
+    out: dict = {"layers": layers, "calibration_rows": args.search_samples}
+    try:
+        make_checkpoint(args.work / f"model{layers}", sizes, layers, dtype, device)
+        make_calibration(args.work / "calibration", args.samples)
+        runs = _pair(
+            args,
+            f"model{layers}",
+            f"-search{layers}",
+            layers,
+            args.search_samples,
+            True,
+            lambda: args.budget_s - (time.perf_counter() - started),
+        )
+    except subprocess.TimeoutExpired:
+        out["completed"] = False
+        out["why"] = f"not completed within --budget-s {args.budget_s:g} s"
+        return out
+    a, b = (metadata.read(Path(runs[m]["metadata"])) for m in ("memory", "stream"))
+    rows = a.get("candidates", {}).get("rows", [])
+    out.update(
+        completed=True,
+        runs={
+            m: {k: r[k] for k in ("seconds_stage", "tokens", "tokens_per_s", "plans_evaluated", "policies", "chosen")}
+            | {"phases": {p: v.get("seconds") for p, v in r["phases"].items()}, "passes": r["execution"].get("passes")}
+            for m, r in runs.items()
+        },
+        searches={r["policy"]: r["search"].get("evaluations") for r in rows if r["policy"] in ("greedy", "swap")},
+        max_rel_diff_candidates=_max_rel(a.get("candidates", {}), b.get("candidates", {})),
+        same_plan=a["plan"] == b["plan"],
+    )
+    return out
 
 
 if __name__ == "__main__":
