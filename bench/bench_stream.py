@@ -390,6 +390,10 @@ def _searches(args, sizes, dtype, device, started) -> dict:
 
     layers = args.search_layers
     out: dict = {"layers": layers, "calibration_rows": args.search_samples}
+    left = args.budget_s - (time.perf_counter() - started)
+    if left < 60:  # two stage runs of a few layers take more than a minute at real width
+        out.update(completed=False, why=f"not started: {left:.0f} s of --budget-s {args.budget_s:g} s were left")
+        return out
     try:
         make_checkpoint(args.work / f"model{layers}", sizes, layers, dtype, device)
         make_calibration(args.work / "calibration", args.samples)
