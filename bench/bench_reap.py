@@ -103,8 +103,10 @@ def _model_and_batches(settings):
     memory = argparse.Namespace(mode="memory")
     model, processor, _ = _load(settings, memory, {}, Path(settings.output_path) / "unused")  # the stage's model
     _, _, batches, _, _ = _data(settings, processor)  # settings with REAP_EVAL_SAMPLES=0
+    first = next((b for b in batches if "pixel_values" in b.inputs), None)
+    raw = None if first is None else dataclasses.replace(first, inputs=dict(first.inputs))  # as the processor made it
     prepare_batches(model, batches)
-    return model, batches
+    return model, batches, raw
 
 
 def _empty_cache() -> None:
@@ -121,7 +123,7 @@ def plain_forward(settings, args, label: str) -> dict:
     from reap_vlm.observe import Observer
     from reap_vlm.reap import merge_collector
 
-    model, batches = _model_and_batches(settings)
+    model, batches, raw = _model_and_batches(settings)
     device = next(model.parameters()).device
     tokens = sum(int((b.modality >= 0).sum()) for b in batches)
     padded = sum(b.modality.numel() for b in batches)
@@ -130,6 +132,10 @@ def plain_forward(settings, args, label: str) -> dict:
         images = [b for b in batches if "pixel_values" in b.inputs]
         for b in batches[:2] + images[:1]:  # warm-up (kernels, allocator; the vision tower's too)
             model(**prepare_inputs(model, b), use_cache=False, logits_to_keep=1)
+        if raw is not None:  # the data phase's precomputed inputs against the model computing them, on this device
+            mine = model(**prepare_inputs(model, images[0]), use_cache=False, logits_to_keep=1).logits
+            own = model(**prepare_inputs(model, raw), use_cache=False, logits_to_keep=1).logits
+            out["precomputed_inputs_equal"] = {"batch_rows": len(raw.sample_ids), "logits": torch.equal(mine, own)}
         heads = (("with_head", 0),) if label in args.with_head.split(",") else ()
         for name, keep in (*heads, ("without_head", 1)):
             if device.type == "cuda":
@@ -214,7 +220,7 @@ def profile_forward(settings, args, label: str) -> str:
     from reap_vlm.moe import find_moe_blocks
     from reap_vlm.observe import Observer
 
-    model, batches = _model_and_batches(settings)
+    model, batches, _ = _model_and_batches(settings)
     device = next(model.parameters()).device
     blocks = find_moe_blocks(model)
     text = []
@@ -390,6 +396,17 @@ def targets(result: dict) -> list[tuple[str, str, str, str]]:
                     )
                 )
     sets = result["sets"]
+    for label, run in sets.items():
+        check = run["plain"].get("precomputed_inputs_equal")
+        if check:
+            rows.append(
+                (
+                    f"{label}: logits with the data phase's vision inputs = the model's own",
+                    f"{'equal' if check['logits'] else 'DIFFERENT'} (an image batch of {check['batch_rows']} rows)",
+                    "bit for bit",
+                    "yes" if check["logits"] else "no",
+                )
+            )
     if "text" in sets and "combined" in sets:
         for mode in sets["text"]["modes"]:
             if mode in sets["combined"]["modes"]:
