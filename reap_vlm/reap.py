@@ -265,6 +265,15 @@ def accumulate(
     return observer.export(), resumed, time.perf_counter() - started
 
 
+def merge_features_bytes(model, block) -> int:
+    """The float32 alignment features merge._features fills for a block: [E, I, gate + up + down widths]."""
+    from .moe import expert_weights
+
+    w = expert_weights(model.get_submodule(block.experts))
+    width = sum(t.shape[2] for t in (w.gate, w.up) if t is not None) + w.down.shape[1]
+    return w.up.shape[0] * w.up.shape[1] * width * 4
+
+
 def accumulate_streamed(settings: ReapSettings, streamed, blocks, batches, merge=None, eval_batches=None) -> tuple:
     """The calibration statistics with one decoder layer resident at a time (reap_vlm.execution.stream),
     and with `eval_batches` every candidate plan measured in the same pass (choose_plan then reads it).
@@ -297,6 +306,7 @@ def accumulate_streamed(settings: ReapSettings, streamed, blocks, batches, merge
                     return made(stats, tensors)
 
                 merging = MergeSpace(cut, made.key, made.router)
+                streamed.merge_features = max(merge_features_bytes(streamed.model, b) for b in blocks)
         stats, merged, _ = score_pass(
             streamed,
             blocks,

@@ -161,6 +161,11 @@ def test_streamed_stage_writes_the_same_metadata_as_in_memory(
     if "merge_stats" in memory:  # REAP_EVAL_MERGE (default): the merge row, measured in the statistics' pass too
         merge_rows = [r for r in rows if r["policy"] == "merge"]
         assert merge_rows or any(n.startswith("merge at ratio") for n in memory["candidates"]["notes"])
+        # the GPU reserve leaves room for the float32 alignment features of a block's experts (merge._features)
+        mem = streamed["scoring"]["execution"]["memory"]
+        assert (
+            mem["merge_features_gib"] > 0 and mem["reserve_gib"] >= mem["largest_layer_gib"] + mem["merge_features_gib"]
+        )
     if run.get("criterion", "auto") == "auto":
         assert len(rows) > 10
         if greedy:  # its steps, the swap search's measurements, their plans unless measured already

@@ -419,6 +419,7 @@ class StreamedModel:
         self.input_bytes = 0  # the batches' input tensors (pixel values included), each distinct batch once
         self._inputs_seen: set[int] = set()
         self.merge_bytes = 0  # the merge statistics' tensors of the last statistics' pass (in RAM)
+        self.merge_features = 0  # bytes of the merge candidate's alignment features of a block (merge._features)
         self.reader = LayerReader(model_dir, self.model, device=self.device, dtype=self.dtype)
         if load_outer:  # False: the caller loads them (reader.load(OUTER)) or runs another model's instead
             self.reader.load(OUTER)
@@ -489,8 +490,12 @@ class StreamedModel:
     def reserve_bytes(self) -> int:
         """What a layer's pass needs on the device besides the cached states (docs/design.md, "Memory
         bounds"): the resident and the prefetched layer (or a layer's raw and converted tensors while it is
-        loaded), the chunk budget of the all-expert computation, and 1 GiB for one batch's activations."""
-        return 2 * self.layer_bytes() + self.chunk_bytes + 2**30
+        loaded), the chunk budget of the all-expert computation, and 1 GiB for one batch's activations; with
+        the merge candidate measured in the pass at least the resident layer + the float32 alignment features
+        of a block's experts (`merge_features`) + 1 GiB, which is more where a layer's experts in float32
+        exceed one layer + the chunk budget (they are 2 x its expert weights in bf16)."""
+        layer = self.layer_bytes()
+        return max(2 * layer + self.chunk_bytes, layer + self.merge_features) + 2**30
 
     def _gpu_cache_bytes(self) -> int:
         """GPU bytes the hidden-state cache may use: what the process may allocate (the device's memory,
@@ -552,6 +557,7 @@ class StreamedModel:
         out["baseline_rss_gib"] = self.baseline_rss / gib
         out["inputs_gib"] = self.input_bytes / gib
         out["merge_stats_gib"] = self.merge_bytes / gib
+        out["merge_features_gib"] = self.merge_features / gib
         out["cpu_bound_gib"] = self.cpu_bound_bytes() / gib
         peak = _rss("VmHWM")
         if peak is not None:
