@@ -360,6 +360,8 @@ def main() -> None:
         "hidden_bytes_per_token": sizes["text"]["hidden_size"] * (4 if args.small else 2),
     }
     if args.search_layers > 0:
+        if args.out:  # the main comparison is kept if the search part is cut off from outside
+            args.out.write_text(json.dumps(result, indent=1))
         result["searches"] = _searches(args, sizes, dtype, device, started)
     print(json.dumps(result, indent=1))
     if args.out:
