@@ -61,14 +61,18 @@ def heldout_samples(settings):
 
 
 def search_samples(settings) -> list:
-    """The greedy search's samples: a slice of the calibration split stratified like the plan-selection slice,
-    with half its counts per task and per source (at least one), so the search never sees the held-out rows that
-    then measure its result."""
+    """The greedy and swap searches' samples: a slice of the calibration split stratified like the plan-selection
+    slice, with REAP_SEARCH_SLICE times its counts per task, per source and in all (rounded down, at least one;
+    default half), so the search never sees the held-out rows that then measure its result."""
+
+    def share(count: int) -> int:
+        return max(1, int(count * settings.search_slice))
+
     return selection_slice(
         settings.calibration,
-        per_task=max(1, settings.eval_per_task // 2),
-        per_source=max(1, settings.eval_per_source // 2),
-        max_samples=max(1, settings.eval_samples // 2),
+        per_task=share(settings.eval_per_task),
+        per_source=share(settings.eval_per_source),
+        max_samples=share(settings.eval_samples),
         seed=settings.seed,
         split="calibration",
     )

@@ -276,6 +276,12 @@ class ReapSettings(Settings):
         "With REAP_CRITERION=auto also run the greedy add-back search among the candidate plans (streamed "
         "execution: one more pass over the weights per search step, and one for its plan).",
     )
+    search_slice: float = opt(
+        0.5,
+        "Size of the greedy and swap searches' slice (drawn from the calibration split) relative to the "
+        "plan-selection slice: this share of REAP_EVAL_PER_TASK, REAP_EVAL_PER_SOURCE and REAP_EVAL_SAMPLES "
+        "(each at least 1); the cost of every search evaluation grows with it.",
+    )
     search_budget: int = opt(
         200,
         "With REAP_CRITERION=auto and the greedy search on: most masked evaluations (one plan over the search "
@@ -354,6 +360,8 @@ class ReapSettings(Settings):
             raise SettingsError("REAP_CHECKPOINT_EVERY and REAP_EVAL_SAMPLES must be >= 0", "", "Fix the value")
         if self.eval_per_task < 0 or self.eval_per_source < 0:
             raise SettingsError("REAP_EVAL_PER_TASK and REAP_EVAL_PER_SOURCE must be >= 0", "", "Fix the value")
+        if not self.search_slice > 0:
+            raise SettingsError("REAP_SEARCH_SLICE must be > 0", f"got {self.search_slice}", "Set e.g. 0.5")
         if self.search_budget < 0:
             raise SettingsError("REAP_SEARCH_BUDGET must be >= 0", f"got {self.search_budget}", "Fix the value")
         if self.min_pixels > self.max_pixels:

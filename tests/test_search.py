@@ -260,3 +260,30 @@ def test_the_swap_search_finds_the_same_plan_in_memory_and_streamed(tiny_vl_dir,
         (s["block"], s["out"], s["in"]) for s in stream["swaps"]
     ]
     assert memory["objective"] == pytest.approx(stream["objective"], rel=1e-5)
+
+
+def test_the_search_slice_is_a_share_of_the_selection_slice_from_the_calibration_split():
+    """REAP_SEARCH_SLICE scales the plan-selection slice's counts per task, per source and in all (default half:
+    4 questions per task, 2 samples per source, at most 48); the rows come from the calibration split, never from
+    the evaluation split's selection portion."""
+    from collections import Counter
+
+    from reap_vlm.calibration import selection_slice, slice_group
+    from reap_vlm.errors import SettingsError
+    from reap_vlm.settings import ReapSettings, load
+
+    def settings(*extra):
+        return load(ReapSettings, ["--model-path", "m", "--calibration", "combined", *extra], {})
+
+    default = candidates.search_samples(settings())
+    reference = selection_slice("combined", per_task=4, per_source=2, max_samples=48, seed=42, split="calibration")
+    assert [s.id for s in default] == [s.id for s in reference] and len(default) == 48
+    whole = candidates.search_samples(settings("--search-slice", "1.0", "--eval-samples", "500"))
+    counts = Counter(slice_group(s) for s in whole)
+    tasks = {g: n for g, n in counts.items() if g.startswith("tasks/")}
+    assert len(tasks) == 7 and set(tasks.values()) == {8}  # REAP_EVAL_PER_TASK questions of every task
+    assert {counts[g] for g in ("code", "general", "math", "writing")} == {4}  # REAP_EVAL_PER_SOURCE
+    selection = {s.id for s in candidates.heldout_samples(settings("--eval-samples", "500"))}
+    assert selection and not selection & {s.id for s in whole}
+    with pytest.raises(SettingsError, match="REAP_SEARCH_SLICE must be > 0"):
+        settings("--search-slice", "0")
