@@ -398,6 +398,7 @@ def oracle_plan(args, meta: dict, samples: list, reap_settings: ReapSettings) ->
         start=table["plans"][greedy["plan_id"]],
         start_label=f"greedy from {greedy['search']['base']}",
         budget=args.oracle_budget,
+        measure=reap_settings.objective,
     )
     print(f"  oracle search: {info['evaluations']} evaluations in {info['seconds']:.0f} s", flush=True)
     which = "the evaluation rows" if args.oracle_rows == "all" else f"the {args.oracle_rows} evaluation rows only"

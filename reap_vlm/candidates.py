@@ -183,18 +183,29 @@ def _token_metrics(
 
 # ---- summaries and the objective ------------------------------------------------------------
 
-OBJECTIVE = (
-    "fidelity: mean KL(original ‖ pruned) per next-token target (for samples with a reference answer: per "
-    "answer token), averaged with equal weight over the sources (tasks) of a modality, then with equal weight "
-    "over the modalities (text, image)"
-)
+OBJECTIVES = {  # REAP_OBJECTIVE: the per-target measure of the fidelity objective
+    "kl": (
+        "fidelity: mean KL(original ‖ pruned) per next-token target (for samples with a reference answer: per "
+        "answer token), averaged with equal weight over the sources (tasks) of a modality, then with equal weight "
+        "over the modalities (text, image)"
+    ),
+    "tv_answers": (
+        "fidelity: per next-token target KL(original ‖ pruned), and for samples with a reference answer per answer "
+        "token the total variation 1 − Σ min(p_original, p_pruned) (bounded: a soft count of answer tokens whose "
+        "top-1 may change), averaged with equal weight over the sources (tasks) of a modality, then with equal "
+        "weight over the modalities (text, image)"
+    ),
+}
 
 
-def _fidelity_terms(row: dict) -> tuple[float, float]:
-    """(KL sum, targets) a row adds to the objective: its answer tokens where it has a reference answer (the
-    positions whose prediction needs the input — the question text of an image sample is the same for every
-    image), else every text target."""
+def _fidelity_terms(row: dict, measure: str = "kl") -> tuple[float, float]:
+    """(sum of the measure, targets) a row adds to the objective: its answer tokens where it has a reference answer
+    (the positions whose prediction needs the input — the question text of an image sample is the same for every
+    image), else every text target. The measure is KL, or on answer tokens under `tv_answers` the total
+    variation (1 − overlap per token)."""
     if row.get("answer_tokens"):
+        if measure == "tv_answers":
+            return row["answer_tokens"] - row["answer_overlap"], row["answer_tokens"]
         return row["answer_kl"], row["answer_tokens"]
     return row["kl"], row["tokens"]
 
@@ -251,15 +262,15 @@ def _summarise(rows: list[dict]) -> dict:
     return out
 
 
-def fidelity(rows: list[dict]) -> float | None:
-    """The objective `auto` minimises (OBJECTIVE): per source (or task) the token-weighted mean
+def fidelity(rows: list[dict], measure: str = "kl") -> float | None:
+    """The objective `auto` minimises (OBJECTIVES[measure]): per source (or task) the token-weighted mean
     KL(original ‖ pruned) over its targets (_fidelity_terms: the answer tokens of samples with a reference
-    answer, every text target of the others); per modality the plain mean over its sources; the plain mean
-    over modalities. None without targets."""
+    answer, every text target of the others; under `tv_answers` the answer tokens' total variation instead);
+    per modality the plain mean over its sources; the plain mean over modalities. None without targets."""
     sums: dict[str, dict[str, list[float]]] = {}
     for r in rows:
         entry = sums.setdefault(r["kind"], {}).setdefault(_group(r), [0.0, 0.0])
-        kl, tokens = _fidelity_terms(r)
+        kl, tokens = _fidelity_terms(r, measure)
         entry[0] += kl
         entry[1] += tokens
     per_modality = []
@@ -270,9 +281,9 @@ def fidelity(rows: list[dict]) -> float | None:
     return sum(per_modality) / len(per_modality) if per_modality else None
 
 
-def _describe(per_row: list[dict]) -> dict:
+def _describe(per_row: list[dict], measure: str = "kl") -> dict:
     out = _summarise(per_row)
-    out["objective"] = fidelity(per_row)
+    out["objective"] = fidelity(per_row, measure)
     for field, key in (
         ("by_source", lambda r: r["source"]),
         ("by_modality", lambda r: r["kind"]),
@@ -281,7 +292,7 @@ def _describe(per_row: list[dict]) -> dict:
         values = sorted({key(r) for r in per_row})
         out[field] = {v: _summarise([r for r in per_row if key(r) == v]) for v in values}
     for kind, entry in out["by_modality"].items():
-        entry["objective"] = fidelity([r for r in per_row if r["kind"] == kind])
+        entry["objective"] = fidelity([r for r in per_row if r["kind"] == kind], measure)
     return out
 
 
@@ -289,8 +300,9 @@ class Resampler:
     """Paired bootstrap of `fidelity`, stratified by source (every resample keeps every source with as many
     samples as it has), so that two plans measured on the same held-out rows can be compared beyond noise."""
 
-    def __init__(self, rows: list[dict], seed: int, resamples: int = BOOTSTRAP_RESAMPLES):
+    def __init__(self, rows: list[dict], seed: int, resamples: int = BOOTSTRAP_RESAMPLES, measure: str = "kl"):
         rng = np.random.default_rng(seed)
+        self.measure = measure
         self.groups: list[tuple[str, np.ndarray]] = []  # (modality, [resamples, n_s] row indices)
         by_source: dict[tuple[str, str], list[int]] = {}
         for i, r in enumerate(rows):
@@ -301,7 +313,7 @@ class Resampler:
 
     def objective(self, rows: list[dict]) -> np.ndarray:
         """fidelity(rows) of every resample [resamples] (NaN where a resample has no targets at all)."""
-        terms = np.array([_fidelity_terms(r) for r in rows], dtype=float).reshape(-1, 2)
+        terms = np.array([_fidelity_terms(r, self.measure) for r in rows], dtype=float).reshape(-1, 2)
         kl, tokens = terms[:, 0], terms[:, 1]
         per_kind: dict[str, list[np.ndarray]] = {}
         for kind, draw in self.groups:
@@ -485,12 +497,13 @@ def greedy_plan(
     protect_super: bool = True,
     super_factor: float = 10.0,
     progress=None,
+    measure: str = "kl",
 ) -> tuple[dict[str, list[int]], dict]:
     """Greedy add-back by measured effect. Start from the `criterion`/`modality` plan with `s` experts fewer
     per block (s = 1 per SEARCH_SHARE kept); then, s times, measure (masked, on `search_batches`) the fidelity objective
     of adding each expert of a shortlist to its block, and add each block's best one. The shortlist of a
     block: the next s + 1 experts of the base ranking and the s best-ranked by text alone and by image alone
-    that are not kept.
+    that are not kept. `measure`: the objective's per-target measure (OBJECTIVES).
     Returns (kept per block, what the search did)."""
     started = time.perf_counter()
     blocks_meta = meta["model"]["blocks"]
@@ -531,7 +544,7 @@ def greedy_plan(
 
         _, rows, _ = _run_plans(model, blocks, search_batches, plans, usage=False, progress=report)
         evaluations += len(plans) + 1
-        scores = [fidelity(r) for r in rows]
+        scores = [fidelity(r, measure) for r in rows]
         added = {}
         for key in kept:
             options = [(scores[i], j) for i, (k, j) in enumerate(trials) if k == key and scores[i] is not None]
@@ -690,12 +703,13 @@ def swap_search(
     return current, info
 
 
-def search_evaluator(model, blocks: list[MoEBlock], search_batches: list):
-    """evaluate(plans) -> (fidelity of each plan on `search_batches`, evaluations spent) for swap_search."""
+def search_evaluator(model, blocks: list[MoEBlock], search_batches: list, measure: str = "kl"):
+    """evaluate(plans) -> (fidelity of each plan on `search_batches` with the per-target `measure`, evaluations
+    spent) for swap_search."""
 
     def evaluate(plans: list[dict]) -> tuple[list, int]:
         _, rows, _ = _run_plans(model, blocks, search_batches, plans, usage=False)
-        return [fidelity(r) for r in rows], len(plans) + 1
+        return [fidelity(r, measure) for r in rows], len(plans) + 1
 
     return evaluate
 
@@ -710,14 +724,15 @@ def swap_plan(
     start_label: str,
     budget: int,
     progress=None,
+    measure: str = "kl",
 ) -> tuple[dict[str, list[int]], dict]:
-    """swap_search from `start` on the search slice (the fidelity objective, masked), at most `budget`
-    evaluations. Returns (kept per block, what the search did)."""
+    """swap_search from `start` on the search slice (the fidelity objective with the per-target `measure`,
+    masked), at most `budget` evaluations. Returns (kept per block, what the search did)."""
     blocks_meta = meta["model"]["blocks"]
     if any(b.get("n_group", 1) > 1 for b in blocks_meta):
         raise PlanError("the swap search does not handle group-limited routing", "", "")
     kept, info = swap_search(
-        search_evaluator(model, blocks, search_batches),
+        search_evaluator(model, blocks, search_batches, measure),
         start,
         {b["key"]: b["num_experts"] for b in blocks_meta},
         budget=budget,
@@ -755,6 +770,7 @@ def measure_plans(
     merge_settings: dict | None = None,
     search_budget: int = 0,
     swap_progress=None,
+    measure: str = "kl",
 ) -> dict:
     """Measure every candidate: criteria under `modality` at every ratio; at the first ratio also under every
     other policy of `policies`, the greedy search (with `search_batches`, from `greedy_base`), the swap search
@@ -764,7 +780,8 @@ def measure_plans(
     With `merge_stats` (the merge statistics per block key), merging with `greedy_base`'s saliency and
     `merge_settings` (grouping, group_size, router; MERGE_DEFAULTS) is measured at the first ratio too (policy
     "merge"; the one `choose` decides at: each merge costs an alignment of every layer): the merged weights
-    swapped into the live model, the other group members masked."""
+    swapped into the live model, the other group members masked. `measure`: the objective's per-target measure
+    (OBJECTIVES), for the searches and the table's objective column."""
     started = time.perf_counter()
     blocks_meta = meta["model"]["blocks"]
     candidates: list[dict] = []
@@ -816,6 +833,7 @@ def measure_plans(
                     modality=base_policy,
                     ratio=ratio,
                     progress=search_progress,
+                    measure=measure,
                     **cut,
                 )
                 greedy_seconds = search["seconds"]
@@ -845,6 +863,7 @@ def measure_plans(
                         start_label=start_label,
                         budget=search_budget,
                         progress=swap_progress,
+                        measure=measure,
                     )
                     add(kept, criterion=base_criterion, policy="swap", ratio=ratio, search=search)
                 except PlanError as err:
@@ -877,8 +896,8 @@ def measure_plans(
         return float(np.mean([1.0 if v is None else v for v in values]))
 
     usage = [entropy(plan_counts[pi + 1], None if pi == -1 else plans[pi]) for pi in range(-1, len(plans))]
-    baseline = {**_describe(baseline_rows), "entropy": usage[0]}
-    described = [_describe(rows) for rows in per_plan_rows]
+    baseline = {**_describe(baseline_rows, measure), "entropy": usage[0]}
+    described = [_describe(rows, measure) for rows in per_plan_rows]
     rows = []
     for c in candidates:
         row = {
@@ -900,7 +919,8 @@ def measure_plans(
             row["floor"] = _floor(row, random_median.get(_ratio_key(row["ratio"])))
     heldout_tokens = {"samples": len(baseline_rows), "text_targets": int(sum(r["tokens"] for r in baseline_rows))}
     return {
-        "objective": OBJECTIVE,
+        "objective": OBJECTIVES[measure],
+        "measure": measure,
         "baseline": baseline,
         "rows": rows,
         "random_median": random_median,
@@ -1024,7 +1044,7 @@ def choose(table: dict, *, requested, default: tuple[str, str], fixed: tuple[str
     if not rows:
         return {}
     per_plan = table["_rows"]["plans"]
-    resampler = Resampler(table["_rows"]["baseline"], seed)
+    resampler = Resampler(table["_rows"]["baseline"], seed, measure=table.get("measure", "kl"))
     passing = [r for r in rows if r["floor"]["ok"]]
     pool = passing or rows
     best = min(pool, key=lambda r: r["objective"])
@@ -1133,6 +1153,7 @@ def measure_and_choose(
             search_progress=search_progress,
             search_budget=settings.search_budget if fixed is None else 0,
             swap_progress=swap_progress,
+            measure=settings.objective,
         )
     chosen = choose(
         table, requested=requested, default=(default_criterion, settings.modality), fixed=fixed, seed=settings.seed

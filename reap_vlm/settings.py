@@ -276,6 +276,13 @@ class ReapSettings(Settings):
         "With REAP_CRITERION=auto also run the greedy add-back search among the candidate plans (streamed "
         "execution: one more pass over the weights per search step, and one for its plan).",
     )
+    objective: str = opt(
+        "kl",
+        "Per-target measure of the fidelity objective that REAP_CRITERION=auto, the greedy and the swap search "
+        "minimise: kl (KL(original ‖ pruned) on every target) or tv_answers (on the answer tokens of samples with "
+        "a reference answer the total variation 1 − Σ min(p_original, p_pruned), bounded; KL on the other targets).",
+        choices=("kl", "tv_answers"),
+    )
     search_slice: float = opt(
         0.5,
         "Size of the greedy and swap searches' slice (drawn from the calibration split) relative to the "

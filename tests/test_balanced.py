@@ -183,8 +183,8 @@ def _rows(per_source: dict[str, tuple[str, list[tuple[float, float, float]]]]) -
     ]
 
 
-def _table(plans: dict[str, list[dict]], baseline: list[dict], randoms: list[list[dict]]) -> dict:
-    """A measurement table as measure_plans builds it, from per-sample rows."""
+def _table(plans: dict[str, list[dict]], baseline: list[dict], randoms: list[list[dict]], measure: str = "kl") -> dict:
+    """A measurement table as measure_plans builds it, from per-sample rows (the objective with `measure`)."""
     rows, per_plan = [], []
     for name, sample_rows in plans.items():
         criterion, policy = name.split("/")
@@ -194,7 +194,7 @@ def _table(plans: dict[str, list[dict]], baseline: list[dict], randoms: list[lis
                 "policy": policy,
                 "ratio": 0.5,
                 "plan_id": len(per_plan),
-                **candidates._describe(sample_rows),
+                **candidates._describe(sample_rows, measure),
             }
         )
         per_plan.append(sample_rows)
@@ -206,7 +206,7 @@ def _table(plans: dict[str, list[dict]], baseline: list[dict], randoms: list[lis
                 "ratio": 0.5,
                 "seed": seed,
                 "plan_id": len(per_plan),
-                **candidates._describe(sample_rows),
+                **candidates._describe(sample_rows, measure),
             }
         )
         per_plan.append(sample_rows)
@@ -214,7 +214,7 @@ def _table(plans: dict[str, list[dict]], baseline: list[dict], randoms: list[lis
     for row in rows:
         if row["policy"] != "random":
             row["floor"] = candidates._floor(row, medians.get("0.5"))
-    return {"rows": rows, "_rows": {"baseline": baseline, "plans": per_plan}}
+    return {"rows": rows, "measure": measure, "_rows": {"baseline": baseline, "plans": per_plan}}
 
 
 def _text(kl, nll=2.0, n=12, tokens=100.0):
@@ -305,6 +305,81 @@ def test_objective_of_questions_with_answers_is_the_answer_tokens_kl():
     # the bootstrap resamples the same per-group measure: its mean is the objective
     resampler = candidates.Resampler(base, seed=0, resamples=200)
     assert np.nanmean(resampler.objective(a)) == pytest.approx(da["objective"])
+
+
+def _questions(per_question: list[tuple[float, float]], answer: float = 2.0, text_kl: float = 0.1) -> list[dict]:
+    """Rows of one plan: two text sources at KL text_kl and one image task whose questions have `answer` answer
+    tokens each, at (KL, overlap Σ min(p_original, p_pruned)) per answer token as given."""
+    out = _rows({"code": _text(text_kl), "writing": _text(text_kl)})
+    for i, (kl, overlap) in enumerate(per_question):
+        out.append(
+            {
+                "source": "tasks",
+                "task": "digit",
+                "kind": "image",
+                "sample": f"t/{i}",
+                "nll": 1.0,
+                "kl": 12 * 0.01 + kl * answer,
+                "tokens": 12 + answer,
+                "agree": 12 + answer,
+                "answer_kl": kl * answer,
+                "answer_overlap": overlap * answer,
+                "answer_tokens": answer,
+                "answer_nll": answer,
+                "answer_correct": float(overlap > 0.5),
+            }
+        )
+    return out
+
+
+def _brute_objective(rows: list[dict], measure: str) -> float:
+    """The objective from its definition, computed apart: per (modality, source/task) the sum of the measure over
+    its targets divided by their count, the plain mean per modality, the plain mean of the modalities."""
+    sums: dict = {}
+    for r in rows:
+        group = (r["kind"], r["source"] + "/" + r["task"] if r.get("task") else r["source"])
+        if r.get("answer_tokens"):
+            value = r["answer_kl"] if measure == "kl" else r["answer_tokens"] - r["answer_overlap"]
+            targets = r["answer_tokens"]
+        else:
+            value, targets = r["kl"], r["tokens"]
+        total = sums.setdefault(group, [0.0, 0.0])
+        total[0] += value
+        total[1] += targets
+    kinds = sorted({k for k, _ in sums})
+    return float(np.mean([np.mean([v / t for (k, _), (v, t) in sums.items() if k == kind]) for kind in kinds]))
+
+
+def test_tv_answers_prefers_one_lost_answer_to_every_answer_in_doubt():
+    """Plan A loses one answer of eight outright (KL 6 nats per token, no overlap) and keeps the others exactly; plan B
+    keeps every answer in doubt (p halved: KL ln 2, overlap 0.5 per token). KL's mean is lower for B (one
+    unbounded term outweighs eight moderate ones); the total variation, a soft count of changed answer tokens, is
+    lower for A, which also keeps more answers exactly. Both objectives equal their definition computed apart, and
+    auto keeps the plan of its own objective: B under kl, A (measurably better than the default B) under
+    tv_answers."""
+    base = _questions([(0.0, 1.0)] * 8, text_kl=0.0)
+    a = _questions([(6.0, 0.0)] + [(0.0, 1.0)] * 7)
+    b = _questions([(float(np.log(2)), 0.5)] * 8)
+    for measure in ("kl", "tv_answers"):
+        for rows in (a, b):
+            assert candidates.fidelity(rows, measure) == pytest.approx(_brute_objective(rows, measure))
+    assert candidates.fidelity(a, "kl") == pytest.approx((0.1 + 6 / 8) / 2)
+    assert candidates.fidelity(b, "kl") == pytest.approx((0.1 + np.log(2)) / 2)
+    assert candidates.fidelity(a, "tv_answers") == pytest.approx((0.1 + 1 / 8) / 2)
+    assert candidates.fidelity(b, "tv_answers") == pytest.approx((0.1 + 0.5) / 2)
+    assert sum(r.get("answer_correct", 0) for r in a) > sum(r.get("answer_correct", 0) for r in b)
+    plans = {"reap/balanced": b, "frequency/balanced": a}  # B is the default (simplest) plan
+    for measure, expected in (("kl", "reap"), ("tv_answers", "frequency")):
+        table = _table(plans, base, [], measure)
+        chosen = candidates.choose(table, requested=0.5, default=("reap", "balanced"), fixed=None, seed=0)
+        assert chosen["criterion"] == expected and "best objective" in chosen["reason"]
+        # the bootstrap resamples the objective of the table's measure: its mean is the objective (exactly where
+        # every question of the task measures the same, within 5 % — about four standard errors — for A)
+        resampler = candidates.Resampler(base, seed=0, resamples=4000, measure=measure)
+        assert np.nanmean(resampler.objective(b)) == pytest.approx(candidates.fidelity(b, measure))
+        assert np.nanmean(resampler.objective(a)) == pytest.approx(candidates.fidelity(a, measure), rel=0.05)
+    # the floor stays KL per group, whichever measure the objective uses
+    assert candidates._describe(a, "tv_answers")["by_group"]["tasks/digit"]["fidelity_kl"] == pytest.approx(6 / 8)
 
 
 def test_floor_refuses_a_plan_worse_than_the_median_random_plan_on_a_source():

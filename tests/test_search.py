@@ -287,3 +287,48 @@ def test_the_search_slice_is_a_share_of_the_selection_slice_from_the_calibration
     assert selection and not selection & {s.id for s in whole}
     with pytest.raises(SettingsError, match="REAP_SEARCH_SLICE must be > 0"):
         settings("--search-slice", "0")
+
+
+def test_the_swap_search_under_tv_answers_finds_the_brute_force_optimum_on_a_tiny_vlm():
+    """REAP_OBJECTIVE=tv_answers reaches the search: every plan keeping 7 of the first block's 8 experts fits the
+    budget, so the search measures them all; its plan is the one whose objective — computed here from the masked
+    rows by the definition (answer tokens: 1 − overlap; text: KL; per group, modality, then the mean) — is lowest."""
+    model, processor = build("qwen3_vl_moe", seed=3)
+    blocks = find_moe_blocks(model)
+    samples = load_samples("code:2,vision:4", max_samples=6, seed=1)
+    batches = list(make_batches(samples, processor, answers=True, max_seq_len=64, batch_size=3, **PIXELS))
+    first = blocks[0]
+    full = {b.key: list(range(b.num_experts)) for b in blocks}
+    plans = [{**full, first.key: [x for x in full[first.key] if x != j]} for j in full[first.key]]
+    _, rows, _ = candidates._run_plans(model, blocks, batches, plans, usage=False)
+    assert any(r["answer_tokens"] for r in rows[0])  # the vision rows' reference answers are targets
+
+    def objective(plan_rows):
+        sums: dict = {}
+        for r in plan_rows:
+            group = (r["kind"], f"{r['source']}/{r['task']}" if r.get("task") else r["source"])
+            answered = r["answer_tokens"] > 0
+            value = r["answer_tokens"] - r["answer_overlap"] if answered else r["kl"]
+            total = sums.setdefault(group, [0.0, 0.0])
+            total[0] += value
+            total[1] += r["answer_tokens"] if answered else r["tokens"]
+        kinds = sorted({k for k, _ in sums})
+        return sum(
+            sum(v / t for (k, _), (v, t) in sums.items() if k == kind) / sum(1 for k, _ in sums if k == kind)
+            for kind in kinds
+        ) / len(kinds)
+
+    values = [objective(r) for r in rows]
+    kept, info = candidates.swap_plan(
+        model,
+        blocks,
+        _meta(blocks, {b.key: {} for b in blocks}),
+        batches,
+        start=plans[0],
+        start_label="test",
+        budget=20,
+        measure="tv_answers",
+    )
+    assert info["mode"] == "exhaustive" and info["plans"] == 8
+    assert kept == plans[min(range(8), key=values.__getitem__)]
+    assert info["objective"] == pytest.approx(min(values))
