@@ -15,7 +15,7 @@
               to one third of the model's weight bytes: statistics and every candidate plan in one pass
    and reports the throughput (calibration tokens / (scoring + plan measurement seconds)) of each and the
    ratio stream / memory, the streamed run's seconds per phase (capture, layer loads, calibration
-   compute, plan streams, head), GPU peak (max over the stage's phases of max_memory_allocated) and CPU
+   compute, plan streams, merge candidate, head), GPU peak (max over the stage's phases of max_memory_allocated) and CPU
    peak RSS against the bounds of docs/design.md ("Memory bounds"), the per-layer quantities the
    extrapolation in docs/benchmarks.md uses, and the largest relative difference of the raw sums and of
    the candidate table between the two metadata files.
@@ -355,6 +355,7 @@ def main() -> None:
         "load_s": seconds.get("load", 0.0) / args.layers,
         "calibration_s_per_mtok": seconds.get("compute", 0.0) / args.layers / max(n_tokens, 1) * 1e6,
         "plans_s": seconds.get("plans", 0.0) / args.layers,
+        "merge_s": seconds.get("merge", 0.0) / args.layers,  # the merge candidate: merged experts + its stream
         "capture_s_per_mtok": seconds.get("capture", 0.0) / max(n_tokens, 1) * 1e6,
         "head_s": seconds.get("head", 0.0),
         "hidden_bytes_per_token": sizes["text"]["hidden_size"] * (4 if args.small else 2),

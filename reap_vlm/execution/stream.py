@@ -428,7 +428,7 @@ class StreamedModel:
         self.measured: Measured | None = None  # the candidate plans measured in the statistics' pass
         self.answered = 0  # plans run_plans answered from that pass
         self.extra_passes = 0  # passes over the weights run_plans needed besides it (the greedy search)
-        self.timings: dict[str, float] = {}  # seconds per phase: capture, load, compute, plans, head
+        self.timings: dict[str, float] = {}  # seconds per phase: capture, load, compute, plans, merge, head
         self.cache_peaks: dict = {}  # the last pass's cache: budgets, peaks, spilled writes (memory_report)
 
     # ---- capture -------------------------------------------------------------------------------
@@ -1050,7 +1050,8 @@ def score_pass(
                             counts[c].update(totals)
                         if g == 0:
                             baseline_counts.update(totals)
-                if merge_kept is not None:
+                started = streamed._clock("plans", started)
+                if merge_kept is not None:  # its own phase: making the merged experts is most of it
                     merge_kept = _merge_stream(
                         streamed,
                         i,
@@ -1064,7 +1065,7 @@ def score_pass(
                         merge_kept,
                         merge_counts,
                     )
-                started = streamed._clock("plans", started)
+                    started = streamed._clock("merge", started)
             streamed._outer_to(streamed.device, head_only=True)
             if held:
                 started = time.perf_counter()
