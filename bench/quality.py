@@ -172,6 +172,8 @@ def plans_for_ratio(meta: dict, ratio: float, measured: bool = True, merges: tup
             continue
         label = row["policy"] if row["policy"] != "random" else f"random (seed {row['seed']})"
         out.append({"label": label, "kind": row["policy"], "kept": table["plans"][row["plan_id"]]})
+        if row["policy"] == "swap":
+            out += swap_steps(table, row)
     if meta.get("merge_stats"):  # REAM merging from the same saliency as the auto plan (prune_model.py --method merge)
         base = f"{plan['criterion']}/{plan.get('modality', plan['policy'])}"
         for group_size, router in merges:
@@ -184,8 +186,26 @@ def plans_for_ratio(meta: dict, ratio: float, measured: bool = True, merges: tup
                     "kept": {},
                 }
             )
-    order = {"auto": 0, "merge": 0.5, "random": 1, "greedy": 2, "swap": 2.5}
+    order = {"auto": 0, "merge": 0.5, "random": 1, "greedy": 2, "swap": 2.5, "swap-step": 2.6}
     return sorted(out, key=lambda e: order.get(e["kind"], 4 if e.get("criterion") != "reap" else 3))
+
+
+def swap_steps(table: dict, swap: dict) -> list[dict]:
+    """The plan after each accepted step of the swap search (kind "swap-step"), replayed from its start (the
+    greedy plan of the same ratio, which its search info names as its base) by its history; none when it
+    started elsewhere or measured every plan at once."""
+    greedy = next((r for r in table["rows"] if r["policy"] == "greedy" and r["ratio"] == swap["ratio"]), None)
+    if greedy is None or not swap["search"]["base"].startswith("greedy from") or not swap["search"].get("swaps"):
+        return []
+    kept = {k: list(v) for k, v in table["plans"][greedy["plan_id"]].items()}
+    out = []
+    for n, step in enumerate(swap["search"]["swaps"], 1):
+        kept = {**kept, step["block"]: sorted([x for x in kept[step["block"]] if x != step["out"]] + [step["in"]])}
+        label = f"swap step {n} (block {step['block']}: {step['out']} out, {step['in']} in)"
+        out.append({"label": label, "kind": "swap-step", "kept": kept, "search_objective": step["objective"]})
+    if kept != table["plans"][swap["plan_id"]]:
+        raise RuntimeError("the swap search's history does not replay to its plan")
+    return out
 
 
 def write_plan(entry: dict, meta_path: Path, meta: dict, model_path: str, target: Path, ratio: float) -> str:
@@ -235,8 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only",
         default="",
-        help="Measure only these plan kinds (auto,random,greedy,swap,recut,merge,oracle) or labels "
-        "(e.g. reap/balanced).",
+        help="Measure only these plan kinds (auto,random,greedy,swap,swap-step,recut,merge,oracle) or labels "
+        "(e.g. reap/balanced); swap-step: the plan after each accepted step of the swap search.",
     )
     parser.add_argument(
         "--merge-group-sizes", default="16", help="REAM group sizes C of the merge plans (0 = nearest)."
@@ -347,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"label": entry["label"], "kind": entry["kind"], "checkpoint": m["id"], **_row(m, original)})
             if "search" in entry:
                 rows[-1]["search"] = entry["search"]
+            if "search_objective" in entry:  # a swap step: its objective on the search slice
+                rows[-1]["search_objective"] = entry["search_objective"]
             results["ratios"][f"{ratio:g}"] = {  # after every plan: an interrupted run keeps what it measured
                 "reap_seconds": round(reap_seconds, 1),
                 "chosen_by": "not measured: --score-once (no candidate table)"
