@@ -528,6 +528,19 @@ def test_qwen3_vl_int4_experts_kept_as_stored_score_like_the_whole_load(tiny_vl_
     _close(reference, _statistics(qdir, "full", streamed=False, spec="code:2,vision:4", keep_packed_experts=True))
 
 
+def test_experts_partly_quantized_are_all_dequantized_at_load(tiny_text_dir, tmp_path):
+    """A checkpoint whose experts are quantized in some layers only: the experts modules share the config that
+    selects their forward, so none is kept as stored: the model is the whole load's, weight for weight."""
+    qdir = quantize_checkpoint(tiny_text_dir, tmp_path / "partial", "ct-int4", parts=("layers.1.mlp.experts.",))
+    assert detect(inspect_checkpoint(qdir).config, inspect_checkpoint(qdir)).modules == {"experts": 24}
+    model, _, _ = load_model(qdir, device="cpu", dtype="float32", keep_packed_experts=True)
+    assert not any(is_quantized_experts(m) for m in model.modules())
+    whole, _, _ = load_model(qdir, device="cpu", dtype="float32")
+    params = dict(whole.named_parameters())
+    assert dict(model.named_parameters()).keys() == params.keys()
+    assert all(torch.equal(t, params[n]) for n, t in model.named_parameters())
+
+
 @pytest.mark.parametrize("fmt", ["ct-int4", "gptq-act-order"])
 def test_packed_experts_dequantize_within_the_chunk_budget(fmt, quantized):
     """Full mode with merge statistics under a chunk budget of a quarter MiB on experts kept as stored: the

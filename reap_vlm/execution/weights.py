@@ -204,8 +204,9 @@ class LayerReader:
         self._pending: dict[int, Future] = {}
 
     def _pack_experts(self) -> None:
-        """Replace the experts modules whose experts the checkpoint stores quantized one by one by
-        PackedExperts (quantization.packed_experts says which fit); their weights are then read as stored."""
+        """Replace the experts modules by PackedExperts, their weights then read as stored: all of them or
+        none (they share the config whose experts implementation selects the forward), so only where every
+        experts module's experts are stored quantized one by one and fit (quantization.packed_experts)."""
         from ..quantization import _PER_EXPERT_WEIGHT, packed_experts
 
         by_module: dict[str, dict[tuple[int, str], str]] = {}
@@ -213,14 +214,19 @@ class LayerReader:
             m = _PER_EXPERT_WEIGHT.match(name)
             if m is not None and len(self.parts[name]) > 1:
                 by_module.setdefault(target.rpartition(".")[0], {})[(int(m["j"]), m["proj"])] = name
+        experts = [n for n, m in self.model.named_modules() if n.endswith(".experts") and hasattr(m, "down_proj")]
+        if not experts or set(experts) != set(by_module):
+            return
+        made = {}
         for path, weights in by_module.items():
             original = self.model.get_submodule(path)
-            module = packed_experts(original, weights, self.parts, self.layout, self.dequantizer, self.dtype)
-            if module is None:  # left to the dequantizing load
-                continue
+            made[path] = packed_experts(original, weights, self.parts, self.layout, self.dequantizer, self.dtype)
+            if made[path] is None:  # this one does not fit: every module is left to the dequantizing load
+                return
+        for path, module in made.items():
             self.model.set_submodule(path, module)
             self.packed_modules.append(path)
-            self.packed.update({name: (path, j, proj) for (j, proj), name in weights.items()})
+            self.packed.update({name: (path, j, proj) for (j, proj), name in by_module[path].items()})
 
     # ---- sizes ---------------------------------------------------------------------------------
     def nbytes(self, group: int) -> int:
