@@ -83,8 +83,9 @@ def _sync(cuda: bool) -> None:
 
 
 def _dequantize_check(experts, cuda: bool) -> dict:
-    """One layer's FP8 experts dequantized chunk by chunk as full mode does: milliseconds per layer, and
-    whether the op used (compiled on CUDA) gives transformers' eager Fp8Dequantize bit for bit."""
+    """One layer's FP8 experts dequantized chunk by chunk as full mode does: milliseconds per layer (through
+    ExpertWeights.experts, and the eager op alone), whether that gives transformers' eager Fp8Dequantize bit
+    for bit, and the same op torch.compile'd (timed, and checked against eager) for comparison."""
     from transformers.integrations.finegrained_fp8 import Fp8Dequantize
 
     from reap_vlm.moe import expert_weights
@@ -117,14 +118,24 @@ def _dequantize_check(experts, cuda: bool) -> dict:
         gu = eager(experts.gate_up_proj[sl], experts.gate_up_proj_scale_inv[sl], w.dtype)
         return gu, eager(experts.down_proj[sl], experts.down_proj_scale_inv[sl], w.dtype)
 
-    from reap_vlm import quantization
+    compiled = torch.compile(eager)
 
-    op = quantization._DEQUANTIZE[0] if quantization._DEQUANTIZE else None
+    def compiled_chunk(e0):
+        sl = slice(e0, e0 + step)
+        gu = compiled(experts.gate_up_proj[sl], experts.gate_up_proj_scale_inv[sl], output_dtype=w.dtype)
+        return gu, compiled(experts.down_proj[sl], experts.down_proj_scale_inv[sl], output_dtype=w.dtype)
+
+    compiled_same = compiled_ms = None
+    if cuda:  # (on the CPU the smoke test does not compile)
+        compiled_same = all(torch.equal(a, b) for a, b in zip(compiled_chunk(0), eager_chunk(0), strict=True))
+        compiled_chunk(w.num_experts - w.num_experts % step if w.num_experts % step else 0)  # the last chunk's
+        compiled_ms = timed(compiled_chunk)
     return {
         "dequantize_equals_eager_fp8dequantize": same,
         "dequantize_one_layer_ms": timed(lambda e0: w.experts(e0, e0 + step)),
         "dequantize_one_layer_eager_ms": timed(eager_chunk),
-        "dequantize_op": type(op).__name__ + ("" if op is None else f" {getattr(op, '__qualname__', '')}"),
+        "dequantize_one_layer_compiled_ms": compiled_ms,
+        "compiled_equals_eager": compiled_same,
         "dynamo_counters": {
             k: dict(v) for k, v in torch._dynamo.utils.counters.items() if k in ("stats", "graph_break")
         },

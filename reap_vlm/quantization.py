@@ -335,7 +335,6 @@ PACKED_DEQUANTIZED_IMPL = "reap_dequantized"  # PackedExperts' experts implement
 DEQUANTIZED_IMPLS = (FP8_DEQUANTIZED_IMPL, PACKED_DEQUANTIZED_IMPL)
 DEFAULT_CHUNK_BYTES = 768 << 20  # REAP_CHUNK_MEMORY_MB's default, for forwards outside an Observer
 _FP8_CLASS: list = []
-_DEQUANTIZE: list = []  # the (compiled, on CUDA) Fp8Dequantize op
 
 
 class DequantizedLedger:
@@ -384,26 +383,12 @@ def is_quantized_experts(module: torch.nn.Module) -> bool:
 
 def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """transformers' Fp8Dequantize of e4m3 weights [..., N, K] with their block scales, in `dtype` (the
-    product is formed in fp32 and cast, as its loader does).
-
-    On CUDA the op is torch.compile'd: one kernel reads the e4m3 bytes and writes `dtype`, instead of
-    eager's fp32 copy, fp32 product and cast (19 bytes of memory traffic per weight instead of 3). The
-    arithmetic is the same (an fp32 multiply, one rounding to `dtype`); eager if compiling fails."""
+    product is formed in fp32 and cast, as its loader does). The eager op on every device: on the H200 the
+    torch.compile'd op (one kernel, but shapes dynamic in the chunk's expert count) took 9.5 ms per
+    Qwen3-VL-30B-A3B layer against eager's 4.8 ms (docs/benchmarks.md, "Quantized checkpoints")."""
     from transformers.integrations.finegrained_fp8 import Fp8Dequantize
 
-    if weight.device.type != "cuda":
-        return Fp8Dequantize(None)._dequantize_one(weight, scale_inv, output_dtype=dtype)
-    if not _DEQUANTIZE:
-        op = Fp8Dequantize(None)._dequantize_one
-        try:
-            _DEQUANTIZE.append(torch.compile(op))
-        except Exception:  # no compiler toolchain
-            _DEQUANTIZE.append(op)
-    try:
-        return _DEQUANTIZE[0](weight, scale_inv, output_dtype=dtype)
-    except Exception:  # compiling failed at the first call: the eager op gives the same numbers
-        _DEQUANTIZE[0] = Fp8Dequantize(None)._dequantize_one
-        return _DEQUANTIZE[0](weight, scale_inv, output_dtype=dtype)
+    return Fp8Dequantize(None)._dequantize_one(weight, scale_inv, output_dtype=dtype)
 
 
 def fp8_expert_weights(experts: torch.nn.Module):
