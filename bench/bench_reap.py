@@ -7,8 +7,7 @@
    `combined`: the built-in combined set (text + images), --combined-samples —
    a plain forward of the very batches the stage builds (the model as loaded, no hooks), timed with and
    without the LM head (logits_to_keep=1), and the observer of each mode alone in the same warm loop
-   (for the --observed-merge sets also full mode's observer with the stage's merge statistics, and with their
-   gated sum made by a batched matmul over h instead of by the SwiGLU kernel, for comparison);
+   (for the --observed-merge sets also full mode's observer with the stage's merge statistics);
    then `reap_vlm.reap.score` (what reap.py runs, --stage-repeat times) in every
    --modes scoring mode, each mode on every set in turn (the runs a combined / text-only ratio compares
    follow each other). The stage records wall time, tokens/s and GPU peak per phase (load, data,
@@ -110,20 +109,6 @@ def _model_and_batches(settings):
     return model, batches, raw
 
 
-@contextlib.contextmanager
-def _gated_sum_by_bmm():
-    """Inside: the merge statistics' gated sum Σ_t p h made by kernel._add_gated's batched matmul over h (the path
-    of non-SwiGLU experts) instead of by the SwiGLU kernel that makes h, to time what the fused sum saves."""
-    from reap_vlm.observe import kernel
-
-    fused = kernel._hidden_gated
-    kernel._hidden_gated = lambda w, xt, up_weight, bias, e, p: fused(w, xt, up_weight, bias, e, None)
-    try:
-        yield
-    finally:
-        kernel._hidden_gated = fused
-
-
 def _empty_cache() -> None:
     gc.collect()
     if torch.cuda.is_available():
@@ -168,14 +153,11 @@ def plain_forward(settings, args, label: str) -> dict:
         blocks = find_moe_blocks(model)
         runs = [(mode, None) for mode in args.modes]
         if "full" in args.modes and label in args.observed_merge.split(","):  # full mode's merge statistics' cost
-            runs += [("full", "merge"), ("full", "merge_bmm")]
+            runs.append(("full", "merge"))
         for mode, merge in runs:
             full = dataclasses.replace(settings, scoring_mode="full")  # the stage's collector, at its defaults
             collector = merge_collector(full, model, blocks, len(batches)) if merge else None
-            with contextlib.ExitStack() as stack:
-                if merge == "merge_bmm":  # for comparison: the gated sum by a batched matmul over h
-                    stack.enter_context(_gated_sum_by_bmm())
-                obs = stack.enter_context(Observer(model, blocks, mode, settings.chunk_memory_mb, merge=collector))
+            with Observer(model, blocks, mode, settings.chunk_memory_mb, merge=collector) as obs:
                 for b in batches[:2]:
                     obs.set_modality(b.modality)
                     model(**prepare_inputs(model, b), use_cache=False, logits_to_keep=1)
@@ -381,7 +363,6 @@ def targets(result: dict) -> list[tuple[str, str, str, str]]:
             limit = {"router": 1.10, "full": 4.0}.get(mode)
             met = "-" if limit is None else ("yes" if ratio <= limit else "no")
             observed = run["plain"].get(f"observed_{mode}")
-            bmm = run["plain"].get("observed_full_merge_bmm")
             rows.append(
                 (
                     f"{label}, {mode} mode / plain forward (no LM head)",
@@ -396,7 +377,6 @@ def targets(result: dict) -> list[tuple[str, str, str, str]]:
                     + (f"; the observer alone in the warm loop {observed['seconds'] / plain:.2f}x" if observed else "")
                     + (
                         f", with merge statistics {run['plain']['observed_full_merge']['seconds'] / plain:.2f}x"
-                        f" (their gated sum by a batched matmul: {bmm['seconds'] / plain:.2f}x)"
                         if mode == "full" and "observed_full_merge" in run["plain"]
                         else ""
                     ),

@@ -25,13 +25,6 @@ def _swiglu_eager(proj: torch.Tensor, inter: int) -> torch.Tensor:
     return torch.nn.functional.silu(proj[..., :inter]) * proj[..., inter:]
 
 
-def _swiglu_gated_eager(proj: torch.Tensor, inter: int, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """h = SwiGLU [e, t, I] and Σ_t p[e, t] h[e, t] [e, I] in fp32 (expert merging's gated sum): compiled, one
-    kernel writes h and sums it, instead of a second read of h by a batched matmul."""
-    h = _swiglu_eager(proj, inter)
-    return h, (h.float() * p.unsqueeze(-1)).sum(1)
-
-
 def _fused(name: str, eager, device: torch.device):
     """On CUDA, a torch.compile'd version of an elementwise/reduction epilogue: one read of the expert
     outputs instead of one per statistic, and no fp32 copy. Eager elsewhere, or if compiling fails.
@@ -91,22 +84,14 @@ def _up_weight(w: ExpertWeights, e0: int, e1: int) -> tuple[torch.Tensor, torch.
 
 def _hidden(w: ExpertWeights, xt: torch.Tensor, up_weight, bias, e: int) -> torch.Tensor:
     """h = combine(gate, up) [e, t, I] of e experts on tokens xt: one GEMM for all of their up projections."""
-    return _hidden_gated(w, xt, up_weight, bias, e, None)[0]
-
-
-def _hidden_gated(w: ExpertWeights, xt: torch.Tensor, up_weight, bias, e: int, p: torch.Tensor | None):
-    """(h, Σ_t p[e, t] h[e, t] fp32 or None): with p [e, t] (the chunk's probabilities, expert-major) and a
-    SwiGLU expert, the sum comes from the kernel that makes h; else None (_add_gated sums h itself)."""
     inter = w.up.shape[1]
     width = up_weight.shape[0] // e
     proj = torch.nn.functional.linear(xt, up_weight, bias).view(-1, e, width).transpose(0, 1)  # [e, t, w]
     if w.gate is None:
-        return w.combine(None, proj), None
+        return w.combine(None, proj)
     if _is_silu(w.combine):
-        if p is not None:
-            return _fused("swiglu_gated", _swiglu_gated_eager, proj.device)(proj, inter, p)
-        return _fused("swiglu", _swiglu_eager, proj.device)(proj, inter), None
-    return w.combine(proj[..., :inter], proj[..., inter:]), None
+        return _fused("swiglu", _swiglu_eager, proj.device)(proj, inter)
+    return w.combine(proj[..., :inter], proj[..., inter:])
 
 
 def all_expert_gram_norms(
@@ -151,9 +136,8 @@ def all_expert_gram_norms(
             cross = torch.bmm(down.transpose(1, 2).float(), b[:, :, None])  # [e, I, 1]
             sq_bias = (b * b).sum(-1)[:, None]  # [e, 1]
         for t0 in range(0, T, t_step):
-            p = None if gated is None else gated[0][t0 : t0 + t_step, e0:e1].T  # [e, t]
-            h, summed = _hidden_gated(c, x[t0 : t0 + t_step], up_weight, bias, e, p)  # [e, t, I]
-            _add_gated(gated, h, t0, e0, e1, summed)
+            h = _hidden(c, x[t0 : t0 + t_step], up_weight, bias, e)  # [e, t, I]
+            _add_gated(gated, h, t0, e0, e1)
             sq = rowdot(torch.bmm(h, gram), h)  # [e, t]: hᵀGh, the products summed in fp32
             if cross is not None:
                 sq = sq + 2 * torch.bmm(h.float(), cross).squeeze(-1) + sq_bias
@@ -166,17 +150,14 @@ def _budget(budget_mb: float) -> int:
     return int(budget_mb * 2**20)
 
 
-def _add_gated(gated, h: torch.Tensor, t0: int, e0: int, e1: int, summed: torch.Tensor | None = None) -> None:
+def _add_gated(gated, h: torch.Tensor, t0: int, e0: int, e1: int) -> None:
     """acc[e] += Σ_t p[t, e] h[e, t] for this chunk (gated = (probs [T, E], acc [E, I][, sample]) or None), and
-    the sampled rows' h to the sample (merge_stats.Sample) where there is one. `summed`: that sum already
-    made (fp32, by the kernel that made h)."""
+    the sampled rows' h to the sample (merge_stats.Sample) where there is one."""
     if gated is None:
         return
     probs, acc, *sample = gated
-    if summed is None:
-        p = probs[t0 : t0 + h.shape[1], e0:e1].T.unsqueeze(1).to(h.dtype)  # [e, 1, t]
-        summed = torch.bmm(p, h).squeeze(1)
-    acc[e0:e1] += summed.to(acc.dtype)
+    p = probs[t0 : t0 + h.shape[1], e0:e1].T.unsqueeze(1).to(h.dtype)  # [e, 1, t]
+    acc[e0:e1] += torch.bmm(p, h).squeeze(1).to(acc.dtype)
     if sample:
         sample[0].take(h, t0, e0, e1)
 
