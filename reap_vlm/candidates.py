@@ -483,6 +483,12 @@ def greedy_steps(blocks_meta: list[dict], ratio, num_keep: int, round_to: int = 
     return steps
 
 
+def greedy_evaluations(shortlist_sizes: dict[str, int], steps: int) -> int:
+    """The evaluations greedy_plan spends: at each of `steps` steps one trial plan per shortlisted expert not yet
+    added (each step adds one per block) and the unpruned reference."""
+    return sum(sum(max(n - step, 0) for n in shortlist_sizes.values()) + 1 for step in range(steps))
+
+
 def greedy_plan(
     model,
     blocks: list[MoEBlock],
@@ -498,12 +504,16 @@ def greedy_plan(
     super_factor: float = 10.0,
     progress=None,
     measure: str = "kl",
+    budget: int = 0,
 ) -> tuple[dict[str, list[int]], dict]:
     """Greedy add-back by measured effect. Start from the `criterion`/`modality` plan with `s` experts fewer
     per block (s = 1 per SEARCH_SHARE kept); then, s times, measure (masked, on `search_batches`) the fidelity objective
     of adding each expert of a shortlist to its block, and add each block's best one. The shortlist of a
     block: the next s + 1 experts of the base ranking and the s best-ranked by text alone and by image alone
     that are not kept. `measure`: the objective's per-target measure (OBJECTIVES).
+    `budget` (> 0): the most evaluations (one plan over the search batches; each step's
+    unpruned reference counts one) it may spend; a search that needs more is refused (PlanError) before the
+    first measurement (greedy_evaluations), or before a step that would pass it.
     Returns (kept per block, what the search did)."""
     started = time.perf_counter()
     blocks_meta = meta["model"]["blocks"]
@@ -530,11 +540,25 @@ def greedy_plan(
                 )
                 pool += [j for j in ranked if j not in base and j not in pool][:steps]
         kept[key], shortlist[key] = list(base), pool
+    needed = greedy_evaluations({key: len(pool) for key, pool in shortlist.items()}, steps)
+    if budget and needed > budget:
+        raise PlanError(
+            "the greedy search needs more evaluations than its budget",
+            f"{needed} evaluations ({steps} steps over {len(kept)} blocks, {needed // steps} a step at most), "
+            f"REAP_GREEDY_BUDGET is {budget}",
+            "Raise REAP_GREEDY_BUDGET (0 = no limit), or set REAP_GREEDY_SEARCH=false",
+        )
     evaluations = 0
     history = []
     for step in range(steps):
         trials = [(key, j) for key in kept for j in shortlist[key] if j not in kept[key]]
         plans = [{**kept, key: sorted([*kept[key], j])} for key, j in trials]
+        if budget and evaluations + len(plans) + 1 > budget:  # a block without a measurable option did not shrink
+            raise PlanError(
+                "the greedy search needs more evaluations than its budget",
+                f"step {step + 1} of {steps} would pass REAP_GREEDY_BUDGET={budget} ({evaluations} spent)",
+                "Raise REAP_GREEDY_BUDGET (0 = no limit), or set REAP_GREEDY_SEARCH=false",
+            )
         report = None
         if progress:  # the total assumes later steps as large as this one (they are at most as large)
             done, left = evaluations * len(search_batches), steps - step
@@ -560,6 +584,7 @@ def greedy_plan(
         "shortlist": shortlist,
         "added": history,
         "evaluations": evaluations,
+        "budget": budget,
         "search_samples": sum(len(b.samples) for b in search_batches),
         "seconds": round(time.perf_counter() - started, 3),
     }
@@ -771,6 +796,7 @@ def measure_plans(
     search_budget: int = 0,
     swap_progress=None,
     measure: str = "kl",
+    greedy_budget: int = 0,
 ) -> dict:
     """Measure every candidate: criteria under `modality` at every ratio; at the first ratio also under every
     other policy of `policies`, the greedy search (with `search_batches`, from `greedy_base`), the swap search
@@ -834,13 +860,14 @@ def measure_plans(
                     ratio=ratio,
                     progress=search_progress,
                     measure=measure,
+                    budget=greedy_budget,
                     **cut,
                 )
                 greedy_seconds = search["seconds"]
                 add(kept, criterion=base_criterion, policy="greedy", ratio=ratio, search=search)
                 start, start_label = kept, f"greedy from {greedy_base}"
             except PlanError as err:
-                notes.append(f"greedy at ratio {ratio}: skipped ({err.what})")
+                notes.append(f"greedy at ratio {ratio}: skipped ({err.line()})")
                 start, start_label = None, greedy_base
             if search_budget > 0:  # streamed execution: each measurement one more pass (StreamedModel.run_plans)
                 try:
@@ -1152,6 +1179,7 @@ def measure_and_choose(
             progress=progress,
             search_progress=search_progress,
             search_budget=settings.search_budget if fixed is None else 0,
+            greedy_budget=settings.greedy_budget,
             swap_progress=swap_progress,
             measure=settings.objective,
         )

@@ -289,6 +289,13 @@ class ReapSettings(Settings):
         "plan-selection slice: this share of REAP_EVAL_PER_TASK, REAP_EVAL_PER_SOURCE and REAP_EVAL_SAMPLES "
         "(each at least 1); the cost of every search evaluation grows with it.",
     )
+    greedy_budget: int = opt(
+        1000,
+        "With REAP_CRITERION=auto and the greedy search on: most masked evaluations (one plan over the search slice; "
+        "each step's unpruned reference counts one) the greedy search may spend; a search that needs more (it grows "
+        "with blocks x kept experts: ~2,700 for 4 real-width Qwen3-VL-30B-A3B layers, ~32,000 for all 48) is skipped "
+        "with a note in the candidate table (0 = no limit).",
+    )
     search_budget: int = opt(
         200,
         "With REAP_CRITERION=auto and the greedy search on: most masked evaluations (one plan over the search "
@@ -369,6 +376,8 @@ class ReapSettings(Settings):
             raise SettingsError("REAP_EVAL_PER_TASK and REAP_EVAL_PER_SOURCE must be >= 0", "", "Fix the value")
         if not self.search_slice > 0:
             raise SettingsError("REAP_SEARCH_SLICE must be > 0", f"got {self.search_slice}", "Set e.g. 0.5")
+        if self.greedy_budget < 0:
+            raise SettingsError("REAP_GREEDY_BUDGET must be >= 0", f"got {self.greedy_budget}", "Fix the value")
         if self.search_budget < 0:
             raise SettingsError("REAP_SEARCH_BUDGET must be >= 0", f"got {self.search_budget}", "Fix the value")
         if self.min_pixels > self.max_pixels:

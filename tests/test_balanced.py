@@ -408,7 +408,8 @@ def test_floor_refuses_a_plan_worse_than_the_median_random_plan_on_a_source():
 # ---- greedy search and random plans on a real tiny VLM ------------------------------------------
 
 
-def test_greedy_search_adds_back_the_measured_best_and_random_plans_have_the_size():
+def _greedy_setup():
+    """A tiny VLM, its calibration batches and the metadata the searches read (routed-mode statistics)."""
     from reap_vlm.observe import Observer
 
     model, processor = build("qwen3_vl_moe", seed=3)
@@ -435,6 +436,11 @@ def test_greedy_search_adds_back_the_measured_best_and_random_plans_have_the_siz
         },
         "layers": {b.key: {"stats": stats[b.key]} for b in blocks},
     }
+    return model, blocks, batches, meta
+
+
+def test_greedy_search_adds_back_the_measured_best_and_random_plans_have_the_size():
+    model, blocks, batches, meta = _greedy_setup()
     kept, info = candidates.greedy_plan(
         model,
         blocks,
@@ -464,3 +470,40 @@ def test_greedy_search_adds_back_the_measured_best_and_random_plans_have_the_siz
     assert candidates.random_plan(
         meta["model"]["blocks"], ratio=0.5, num_keep=0, round_to=1, seed=0
     ) != candidates.random_plan(meta["model"]["blocks"], ratio=0.5, num_keep=0, round_to=1, seed=1)
+
+
+def test_greedy_search_refuses_a_budget_it_would_pass():
+    """REAP_GREEDY_BUDGET: greedy_evaluations counts what the search spends (checked against a run); a budget
+    below it is refused before any measurement, with the count and the fix, and the candidate table says the
+    greedy plan was skipped and why; at the budget the search runs as without one."""
+    from reap_vlm.errors import PlanError
+
+    model, blocks, batches, meta = _greedy_setup()
+    args = dict(criterion="reap", modality="balanced", ratio=0.5, num_keep=0, protect_super=False)
+    kept, info = candidates.greedy_plan(model, blocks, meta, batches[:1], **args)
+    sizes = {k: len(v) for k, v in info["shortlist"].items()}
+    needed = candidates.greedy_evaluations(sizes, info["added_per_block"])
+    assert info["evaluations"] == needed and info["budget"] == 0
+    again, bounded = candidates.greedy_plan(model, blocks, meta, batches[:1], budget=needed, **args)
+    assert again == kept and bounded["evaluations"] == needed and bounded["budget"] == needed
+    with pytest.raises(PlanError, match="more evaluations than its budget") as err:
+        candidates.greedy_plan(model, blocks, meta, batches[:1], budget=needed - 1, **args)
+    assert f"{needed} evaluations" in err.value.why and "REAP_GREEDY_BUDGET" in err.value.fix
+    # real widths (docs, the setting's help): 128 experts, half kept, 16 steps, 49 shortlisted per block
+    assert candidates.greedy_evaluations(dict.fromkeys(range(4), 49), 16) == 2672
+    assert candidates.greedy_evaluations(dict.fromkeys(range(48), 49), 16) == 31888
+    table = candidates.measure_plans(
+        model,
+        blocks,
+        meta,
+        batches[:1],
+        criteria=["reap"],
+        ratios=[0.5],
+        protect_super=False,
+        random_seeds=(),
+        search_batches=batches[:1],
+        greedy_base="reap/balanced",
+        greedy_budget=needed - 1,
+    )
+    assert not [r for r in table["rows"] if r["policy"] == "greedy"]
+    assert any(n.startswith("greedy at ratio 0.5: skipped (the greedy search needs more") for n in table["notes"])
