@@ -356,6 +356,7 @@ def auto_plans(args, spec: str, samples: int, mode: str, seconds: float, model_d
     result["merge_seconds"] = candidates.get("merge_seconds")
     result["measure_seconds"] = candidates.get("seconds")
     result["chosen_by"] = meta["plan"].get("chosen_by")
+    result["notes"] = candidates.get("notes")  # e.g. why the greedy or the swap search was skipped
     return result
 
 
