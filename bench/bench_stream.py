@@ -263,17 +263,36 @@ TIMED = ("seconds", "greedy_seconds", "merge_seconds")
 def _max_rel(a, b) -> float:
     """The largest relative difference of the numbers of two JSON trees (timings left out); inf where their
     shapes differ (a key or a row in one only)."""
+    return _max_rel_at(a, b)[0]
+
+
+def _max_rel_at(a, b, path: str = "") -> tuple[float, str]:
+    """(_max_rel, where it is: a path of keys and list indices, e.g. rows[42].loss)."""
     if isinstance(a, dict):
         if not isinstance(b, dict) or set(a) - set(TIMED) != set(b) - set(TIMED):
-            return math.inf
-        return max((_max_rel(a[k], b[k]) for k in a if k not in TIMED), default=0.0)
+            return math.inf, path
+        parts = [_max_rel_at(a[k], b[k], f"{path}.{k}") for k in a if k not in TIMED]
+        return max(parts, default=(0.0, path))
     if isinstance(a, list):
         if not isinstance(b, list) or len(a) != len(b):
-            return math.inf
-        return max((_max_rel(x, y) for x, y in zip(a, b, strict=True)), default=0.0)
+            return math.inf, path
+        return max(
+            (_max_rel_at(x, y, f"{path}[{i}]") for i, (x, y) in enumerate(zip(a, b, strict=True))), default=(0.0, path)
+        )
     if isinstance(a, float) and isinstance(b, float) and math.isfinite(a) and math.isfinite(b):
-        return abs(a - b) / max(abs(a), abs(b), 1e-30)
-    return 0.0
+        return abs(a - b) / max(abs(a), abs(b), 1e-30), path
+    return 0.0, path
+
+
+def _differing_rows(a: dict, b: dict) -> list[str]:
+    """The candidate rows (criterion/policy at ratio) whose numbers differ by more than 1e-5 between the runs."""
+    out = []
+    for x, y in zip(a.get("rows", []), b.get("rows", []), strict=False):
+        if _max_rel(x, y) > 1e-5:
+            out.append(
+                f"{x['criterion']}/{x['policy']} at {x['ratio']}: {_max_rel_at(x, y)[0]:.2e} at {_max_rel_at(x, y)[1]}"
+            )
+    return out
 
 
 def main() -> None:
@@ -328,6 +347,10 @@ def main() -> None:
         "throughput_ratio": runs["stream"]["tokens_per_s"] / runs["memory"]["tokens_per_s"],
         "max_rel_diff_raw_sums": _max_rel(a["layers"], b["layers"]),
         "max_rel_diff_candidates": _max_rel(a.get("candidates", {}), b.get("candidates", {})),
+        "max_rel_diff_candidates_at": _max_rel_at(a.get("candidates", {}), b.get("candidates", {}))[1]
+        if _max_rel(a.get("candidates", {}), b.get("candidates", {})) > 0
+        else None,
+        "candidate_rows_differing": _differing_rows(a.get("candidates", {}), b.get("candidates", {})),
         "same_plan": a["plan"]["kept_per_block"] == b["plan"]["kept_per_block"]
         and all(a["layers"][k]["kept"] == b["layers"][k]["kept"] for k in a["layers"]),
         "merge_row": {m: "merge" in runs[m]["policies"] for m in runs},
