@@ -374,8 +374,9 @@ class ReapSettings(Settings):
             raise SettingsError("REAP_CHECKPOINT_EVERY and REAP_EVAL_SAMPLES must be >= 0", "", "Fix the value")
         if self.eval_per_task < 0 or self.eval_per_source < 0:
             raise SettingsError("REAP_EVAL_PER_TASK and REAP_EVAL_PER_SOURCE must be >= 0", "", "Fix the value")
-        if not self.search_slice > 0:
-            raise SettingsError("REAP_SEARCH_SLICE must be > 0", f"got {self.search_slice}", "Set e.g. 0.5")
+        if not 0 < self.search_slice < math.inf:
+            why = f"got {self.search_slice}"
+            raise SettingsError("REAP_SEARCH_SLICE must be a finite number > 0", why, "Set e.g. 0.5")
         if self.greedy_budget < 0:
             raise SettingsError("REAP_GREEDY_BUDGET must be >= 0", f"got {self.greedy_budget}", "Fix the value")
         if self.search_budget < 0:

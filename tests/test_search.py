@@ -220,6 +220,16 @@ def test_a_negative_budget_is_refused_in_one_line():
     assert load(ReapSettings, ["--model-path", "m", "--search-budget", "0"], {}).search_budget == 0
 
 
+@pytest.mark.parametrize("value", ["-1", "nan", "inf"])
+def test_a_search_slice_that_is_not_a_finite_positive_share_is_refused_in_one_line(value):
+    from reap_vlm.errors import SettingsError
+    from reap_vlm.settings import ReapSettings, load
+
+    with pytest.raises(SettingsError, match="REAP_SEARCH_SLICE must be a finite number > 0"):
+        load(ReapSettings, ["--model-path", "m", "--search-slice", value], {})
+    assert load(ReapSettings, ["--model-path", "m", "--search-slice", "1.0"], {}).search_slice == 1.0
+
+
 def test_the_swap_search_finds_the_same_plan_in_memory_and_streamed(tiny_vl_dir, tmp_path):
     """Streamed execution measures every plan one decoder layer at a time with the same rows: the swap search
     takes the same steps and ends at the same plan, within the same budget."""
@@ -285,7 +295,7 @@ def test_the_search_slice_is_a_share_of_the_selection_slice_from_the_calibration
     assert {counts[g] for g in ("code", "general", "math", "writing")} == {4}  # REAP_EVAL_PER_SOURCE
     selection = {s.id for s in candidates.heldout_samples(settings("--eval-samples", "500"))}
     assert selection and not selection & {s.id for s in whole}
-    with pytest.raises(SettingsError, match="REAP_SEARCH_SLICE must be > 0"):
+    with pytest.raises(SettingsError, match="REAP_SEARCH_SLICE must be a finite number > 0"):
         settings("--search-slice", "0")
 
 
