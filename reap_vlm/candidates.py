@@ -11,8 +11,8 @@ with equal weight per source within a modality and per modality — not token-we
 answers count as much as many text tokens), among the plans that lose no more on any held-out source
 than the median random plan of the same size (the floor); a plan within the bootstrap noise of the best
 goes to the simpler default (REAP's criterion with the REAP_MODALITY policy). When every plan fails the
-floor, only the plans that breach it by no more than the best one (largest KL / random median) can win that
-tie. Merge plans (REAP_EVAL_MERGE: the merged weights swapped into the live model) compete by the same
+floor, only the plans that breach it by no more than the best one (largest KL above the random median) can win
+that tie. Merge plans (REAP_EVAL_MERGE: the merged weights swapped into the live model) compete by the same
 objective, floor and noise rule, as the least simple option: merging is chosen only when every pruning plan is
 measurably worse.
 
@@ -1022,34 +1022,32 @@ def _random_medians(rows: list[dict]) -> dict[str, dict[str, float]]:
     return out
 
 
-FLOOR_EPS = 1e-12  # the breach ratio's smallest denominator (a random median of 0 stays finite in the metadata)
-
-
 def _floor(row: dict, medians: dict[str, float] | None) -> dict:
     """The per-source floor: does this plan lose more (higher KL to the original) on some held-out source
-    (or task) than the median random plan of the same size? Graded: `worst_ratio` is the largest
-    KL / random median over the sources (above 1 exactly when the floor fails), `worst_source` where."""
+    (or task) than the median random plan of the same size? Graded: `worst_excess` is the largest KL above the
+    random median over the sources (0 when the floor passes; in the objective's own units: a source's KL is one
+    term of its mean), `worst_source` where. An excess and not a ratio: some tasks' random medians are near 0
+    (a random plan at 25 % barely touches them), where a tiny KL is a large ratio."""
     if not medians:
         return {"ok": True, "checked": False, "worse_sources": {}}
-    measured = {
-        g: (row["by_group"][g]["fidelity_kl"], m)
+    worse = {
+        g: {"kl": row["by_group"][g]["fidelity_kl"], "random_median_kl": m}
         for g, m in medians.items()
-        if row["by_group"].get(g, {}).get("fidelity_kl") is not None
+        if row["by_group"].get(g, {}).get("fidelity_kl") is not None and row["by_group"][g]["fidelity_kl"] > m
     }
-    worse = {g: {"kl": kl, "random_median_kl": m} for g, (kl, m) in measured.items() if kl > m}
-    ratios = {g: kl / max(m, FLOOR_EPS) for g, (kl, m) in measured.items()}
-    worst = max(ratios, key=ratios.get) if ratios else None
+    excess = {g: v["kl"] - v["random_median_kl"] for g, v in worse.items()}
+    worst = max(excess, key=excess.get) if excess else None
     return {
         "ok": not worse,
         "checked": True,
         "worse_sources": worse,
-        "worst_ratio": ratios[worst] if worst else 0.0,
+        "worst_excess": excess[worst] if worst else 0.0,
         "worst_source": worst,
     }
 
 
-def _worst_ratio(row: dict) -> float:
-    return row["floor"].get("worst_ratio", 0.0)
+def _worst_excess(row: dict) -> float:
+    return row["floor"].get("worst_excess", 0.0)
 
 
 # ---- the choice ------------------------------------------------------------------------------------
@@ -1077,8 +1075,8 @@ def choose(table: dict, *, requested, default: tuple[str, str], fixed: tuple[str
     then the other criteria of the default policy, the other policies, the greedy search, the swap search,
     merging last — and keep the first that is not measurably worse than the best (paired, source-stratified
     bootstrap, 95 %). When no plan passes, the floor is graded: the walk only considers the plans whose
-    worst breach (the largest KL / random median over the sources) is at most the best plan's, so a simpler
-    plan that breaches more cannot win the tie.
+    worst breach (the largest KL above the random median over the sources) is at most the best plan's, so a
+    simpler plan that breaches more cannot win the tie.
     fixed: that (criterion, policy), with a note when another pruning plan is measurably better or it fails
     the floor (merge plans are not candidates then).
     The result's `method` is "merge" for a merge plan (then `policy` is its saliency's modality policy and
@@ -1104,7 +1102,7 @@ def choose(table: dict, *, requested, default: tuple[str, str], fixed: tuple[str
 
     if fixed is None:
         chosen, interval = None, (0.0, 0.0)
-        walk = pool if passing else [r for r in pool if _worst_ratio(r) <= _worst_ratio(best)]
+        walk = pool if passing else [r for r in pool if _worst_excess(r) <= _worst_excess(best)]
         for r in sorted(walk, key=lambda r: (tier(r), r["objective"])):
             worse, lo, hi = resampler.worse(per_plan[r["plan_id"]], per_plan[best["plan_id"]])
             if not worse:
@@ -1124,8 +1122,8 @@ def choose(table: dict, *, requested, default: tuple[str, str], fixed: tuple[str
             reason += "; WARNING: every plan loses more on some held-out source than the median random plan"
             reason += (
                 f"; graded floor: only the {len(walk)} plans whose worst breach is at most the best's "
-                f"({_worst_ratio(best):.3g}x the random median on {best['floor'].get('worst_source')}) could win "
-                f"the tie ({len(pool) - len(walk)} breach more)"
+                f"(KL {_worst_excess(best):.4f} above the random median on {best['floor'].get('worst_source')}) "
+                f"could win the tie ({len(pool) - len(walk)} breach more)"
             )
         elif len(passing) < len(rows):
             reason += f" passing the per-source floor ({len(rows) - len(passing)} refused)"

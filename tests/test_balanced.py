@@ -407,9 +407,11 @@ def test_floor_refuses_a_plan_worse_than_the_median_random_plan_on_a_source():
 
 def test_graded_floor_keeps_a_simpler_plan_with_a_larger_breach_from_winning_the_tie():
     """Every plan is below the floor. The default (reap/balanced) is within the bootstrap noise of the best
-    (frequency/joint) and simpler, but it loses 4x the random median's KL on charts where the best loses 1.2x:
-    the graded floor keeps the best. A simpler plan that breaches less (soft_reap/balanced, 1.17x) still wins."""
-    jitter = [0.0, 0.6] * 6  # text KL per sample: mean 0.3, paired differences of +-0.6 between the plans
+    (frequency/joint) and simpler, but it loses KL 0.75 above the random median on charts where the best's worst
+    breach is 0.05: the graded floor keeps the best. The best's breach on digits, whose random median is near 0,
+    is the larger ratio (20x against the default's 4x) but a KL of 0.019: the grade is the excess, not the ratio.
+    A simpler plan that breaches less (soft_reap/balanced, worst 0.04) still wins the tie."""
+    jitter = [0.0, 1.2] * 6  # text KL per sample: mean 0.6, paired differences of +-1.2 between the plans
 
     def plan(order, charts, digits):
         return _rows(
@@ -421,16 +423,17 @@ def test_graded_floor_keeps_a_simpler_plan_with_a_larger_breach_from_winning_the
         )
 
     base = plan([0.0] * 12, 0.0, 0.0)
-    default = plan(jitter, 1.0, 0.01)  # charts 1.0 / 0.25: 4x
-    best = plan(jitter[::-1], 0.30, 0.67)  # charts 1.2x, digits 0.67 / 0.6: 1.12x
-    milder = plan(jitter, 0.275, 0.70)  # charts 1.1x, digits 1.17x
-    randoms = [plan([0.4] * 12, c, d) for c, d in ((0.20, 0.5), (0.25, 0.6), (0.50, 0.9))]
+    default = plan(jitter, 1.0, 0.0)  # charts 1.0 - 0.25
+    best = plan(jitter[::-1], 0.30, 0.02)  # charts 0.30 - 0.25, digits 0.02 - 0.001
+    milder = plan(jitter, 0.29, 0.04)  # charts 0.04, digits 0.039
+    randoms = [plan([0.8] * 12, c, d) for c, d in ((0.20, 0.0005), (0.25, 0.001), (0.50, 0.002))]
     table = _table({"reap/balanced": default, "frequency/joint": best}, base, randoms)
     rows = {r["criterion"]: r for r in table["rows"]}
     assert not rows["reap"]["floor"]["ok"] and not rows["frequency"]["floor"]["ok"]
-    assert rows["reap"]["floor"]["worst_ratio"] == pytest.approx(4.0)
+    assert rows["reap"]["floor"]["worst_excess"] == pytest.approx(0.75)
     assert rows["reap"]["floor"]["worst_source"] == "charts"
-    assert rows["frequency"]["floor"]["worst_ratio"] == pytest.approx(1.2)
+    assert rows["frequency"]["floor"]["worst_excess"] == pytest.approx(0.05)
+    assert rows["frequency"]["floor"]["worst_source"] == "charts"
     assert rows["frequency"]["objective"] < rows["reap"]["objective"]
     resampler = candidates.Resampler(base, seed=0)
     assert not resampler.worse(default, best)[0]  # within the noise: the ungraded rule kept the default
@@ -440,7 +443,7 @@ def test_graded_floor_keeps_a_simpler_plan_with_a_larger_breach_from_winning_the
     # a simpler plan (the default policy's other criterion) within the noise that breaches less wins the tie
     table = _table({"reap/balanced": default, "frequency/joint": best, "soft_reap/balanced": milder}, base, randoms)
     rows = {r["criterion"]: r for r in table["rows"]}
-    assert rows["soft_reap"]["floor"]["worst_ratio"] == pytest.approx(0.70 / 0.6)
+    assert rows["soft_reap"]["floor"]["worst_excess"] == pytest.approx(0.04)
     assert rows["soft_reap"]["objective"] > rows["frequency"]["objective"]
     chosen = candidates.choose(table, requested=0.5, default=("reap", "balanced"), fixed=None, seed=0)
     assert chosen["criterion"] == "soft_reap" and "within the noise" in chosen["reason"]
