@@ -294,8 +294,13 @@ def child(args) -> None:
                 {"tokens": t, "seconds": round(s, 3), "passes": n, "tokens_per_s": round(t / s)} for t, s, n in windows
             ]
             extra["tokens_per_s_spread"] = [round(min(rates)), round(max(rates))]
+        # the scoring's peak; the checks below (the eager reference's fp32 temporaries) are not part of it
+        scoring_peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
         if args.profile:
             extra["profile"] = _profile(model, blocks, batches, args, cuda, name)
+        from reap_vlm.quantization import _TRITON_EXACT
+
+        extra["fp8_one_pass_kernel_exact"] = {f"{d} {t}": v for (d, t), v in _TRITON_EXACT.items()}
         if any(kept):
             extra["dequantized_peak_mib"] = DEQUANTIZED.peak / 2**20
             extra["dequantized_chunks"] = DEQUANTIZED.chunks
@@ -330,7 +335,10 @@ def child(args) -> None:
         "timed": timed,
         "tokens_timed": tokens,
         "tokens_per_s": tokens / seconds,
-        "gpu_peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        "gpu_peak_gib": scoring_peak
+        if args.child == "memory"
+        else (torch.cuda.max_memory_allocated() / 2**30 if cuda else None),
+        "gpu_peak_with_checks_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         "cpu_peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30,
         "stats": str(stats_file),
         **extra,

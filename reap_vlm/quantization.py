@@ -327,8 +327,9 @@ def dequantized_bytes(layout, quant: Quantization, itemsize: int = 2) -> int:
 # (gate_up_proj [E, 2I, H] and down_proj [E, H, I] in e4m3, `*_scale_inv` per [bm, bn] block): routed and
 # router modes run transformers' FP8 expert kernels when they load (its `finegrained-fp8` kernel), and
 # otherwise `dequantized_experts_forward`; everything that needs dense expert weights (full mode's
-# all-expert norms, the merge statistics) dequantizes them a chunk of experts at a time with transformers'
-# `Fp8Dequantize`, the op its loader dequantizes with, so the numbers equal the dequantized model's.
+# all-expert norms, the merge statistics) dequantizes them a chunk of experts at a time (`dequantize_fp8`:
+# transformers' `Fp8Dequantize`, the op its loader dequantizes with, bit for bit, computed in place), so the
+# numbers equal the dequantized model's.
 
 FP8_DEQUANTIZED_IMPL = "reap_fp8_dequantized"  # the experts implementation without transformers' FP8 kernels
 PACKED_DEQUANTIZED_IMPL = "reap_dequantized"  # PackedExperts' experts implementation
@@ -419,10 +420,42 @@ def dequantize_fp8(
         return out.copy_(result)
     if out is None:
         out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
+    if _triton_exact(weight, scale_inv, dtype):
+        from .fp8_triton import dequantize_into
+
+        return dequantize_into(weight, scale_inv, out)
     out.copy_(weight)
     (sr, sc), bm, bn = grid, rows // grid[0], cols // grid[1]
     out.view(-1, sr, bm, sc, bn).mul_(scale_inv.reshape(-1, sr, 1, sc, 1))
     return out
+
+
+_TRITON_EXACT: dict = {}  # (device, dtype) -> whether the one-pass kernel gave Fp8Dequantize's bits there
+
+
+def _triton_exact(weight: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether dequantize_fp8 takes the one-pass Triton kernel (reap_vlm.fp8_triton) for this device and dtype:
+    CUDA, bf16 or fp32 output, and on first use the kernel's result on the first matrix equal bit for bit to
+    transformers' Fp8Dequantize (else, or if Triton fails, the two-pass torch path, for the process). On the
+    H200 the two passes took 5.4 ms per Qwen3-VL-30B-A3B layer: the in-place product of mixed dtypes runs
+    torch's dynamically casting kernel (docs/benchmarks.md)."""
+    if weight.device.type != "cuda" or dtype not in (torch.bfloat16, torch.float32):
+        return False
+    key = (weight.device, dtype)
+    if key not in _TRITON_EXACT:
+        try:
+            from transformers.integrations.finegrained_fp8 import Fp8Dequantize
+
+            from .fp8_triton import dequantize_into
+
+            w = weight.reshape(-1, *weight.shape[-2:])[:1]
+            s = scale_inv.reshape(-1, *scale_inv.shape[-2:])[:1]
+            got = dequantize_into(w, s, torch.empty(w.shape, dtype=dtype, device=w.device))
+            ref = Fp8Dequantize(None)._dequantize_one(w, s, output_dtype=dtype)
+            _TRITON_EXACT[key] = bool(torch.equal(got.view(torch.uint8), ref.view(torch.uint8)))
+        except Exception:  # no Triton, no compiler for this GPU
+            _TRITON_EXACT[key] = False
+    return _TRITON_EXACT[key]
 
 
 def fp8_expert_weights(experts: torch.nn.Module):

@@ -676,3 +676,49 @@ def test_fp8_dequantization_in_place_equals_transformers_op_bit_for_bit(dtype):
     s16 = scales.to(torch.bfloat16)
     expect = reference(weight, s16, output_dtype=dtype)
     assert torch.equal(dequantize_fp8(weight, s16, dtype).view(torch.uint8), expect.view(torch.uint8))
+
+
+def test_fp8_one_pass_kernel_equals_transformers_op_bit_for_bit(tmp_path):
+    """reap_vlm.fp8_triton (the CUDA path of dequantize_fp8), run by Triton's interpreter on the CPU: every
+    finite e4m3 pattern, scales from 1e-30 to 1e4, experts stacked and one matrix, a row count that does not
+    fill the last tile, bf16 (rounded to nearest even in integers) and fp32: Fp8Dequantize's bits."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "check.py"
+    script.write_text(
+        "import torch\n"
+        "from transformers.integrations.finegrained_fp8 import Fp8Dequantize\n"
+        "from reap_vlm.fp8_triton import dequantize_into\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "bits = torch.randint(0, 256, (3, 36, 96), dtype=torch.uint8, generator=g)\n"
+        "bits[(bits & 0x7F) == 0x7F] = 0\n"
+        "finite = torch.arange(127, dtype=torch.uint8)\n"
+        "bits[0, :3].view(-1)[: 2 * 127] = torch.cat([finite, finite | 0x80])\n"
+        "w = bits.view(torch.float8_e4m3fn)\n"
+        "s = 10 ** (torch.rand((3, 3, 3), generator=g) * 34 - 30)\n"  # blocks [12, 32]
+        "for a, b in ((w, s), (w[2], s[2])):\n"
+        "    for dt in (torch.bfloat16, torch.float32):\n"
+        "        ref = Fp8Dequantize(None)._dequantize_one(a, b, output_dtype=dt)\n"
+        "        got = dequantize_into(a, b, torch.empty(a.shape, dtype=dt))\n"
+        "        assert torch.equal(got.view(torch.uint8), ref.view(torch.uint8)), dt\n"
+        "print('ok')\n"
+    )
+    env = {**__import__("os").environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_fp8_dequantization_without_an_exact_kernel_takes_the_torch_path(monkeypatch):
+    """dequantize_fp8 uses the one-pass kernel only where it was checked bit for bit on that device: a
+    check that failed (here: forced) leaves the torch path, with the same bits."""
+    from transformers.integrations.finegrained_fp8 import Fp8Dequantize
+
+    from reap_vlm import quantization
+
+    w = (torch.randn(2, 32, 64) * 50).to(torch.float8_e4m3fn)
+    s = torch.rand(2, 2, 2) + 0.01
+    assert not quantization._triton_exact(w, s, torch.bfloat16)  # a CPU tensor: never the kernel
+    monkeypatch.setattr(quantization, "_triton_exact", lambda *a: False)
+    ref = Fp8Dequantize(None)._dequantize_one(w, s, output_dtype=torch.bfloat16)
+    assert torch.equal(quantization.dequantize_fp8(w, s, torch.bfloat16).view(torch.uint8), ref.view(torch.uint8))
