@@ -393,11 +393,12 @@ def dequantize_fp8(
     written into `out` (a contiguous tensor of the weight's shape in `dtype`) when given.
 
     Fp8Dequantize computes fp32(q) * s in fp32 and casts the product: four passes over the weights, with an
-    fp32 copy and an fp32 product alive (19 bytes of traffic per weight). Here the e4m3 weights are cast
-    into the output first (exact: bf16, fp16 and fp32 hold every e4m3 value), then multiplied in place by
-    the fp32 scales: the product of mixed dtypes is formed in fp32 (the promoted dtype) and rounded once to
-    `dtype`: the same fp32 product rounded once, as in the reference, in two passes (7 bytes per
-    weight) and without temporaries. Other dtypes, or scales that are not one per block of a 2-d grid, take
+    fp32 copy and an fp32 product alive (19 bytes of traffic per weight). On CUDA (bf16 or fp32 out, where
+    `_triton_exact` checked it) one Triton pass does the same arithmetic (reap_vlm.fp8_triton: 3 bytes per
+    bf16 weight). Elsewhere the e4m3 weights are cast into the output first (exact: bf16, fp16 and fp32 hold
+    every e4m3 value), then multiplied in place by the fp32 scales: the product of mixed dtypes is formed
+    in fp32 (the promoted dtype) and rounded once to `dtype`, as in the reference, in two passes and
+    without temporaries. Other dtypes, or scales that are not one per block of a 2-d grid, take
     transformers' op itself."""
     rows, cols = weight.shape[-2:]
     grid = scale_inv.shape[-2:] if scale_inv.dim() >= 2 else None
