@@ -400,19 +400,7 @@ def dequantize_fp8(
     in fp32 (the promoted dtype) and rounded once to `dtype`, as in the reference, in two passes and
     without temporaries. Other dtypes, or scales that are not one per block of a 2-d grid, take
     transformers' op itself."""
-    rows, cols = weight.shape[-2:]
-    grid = scale_inv.shape[-2:] if scale_inv.dim() >= 2 else None
-    fast = (
-        weight.dtype == torch.float8_e4m3fn
-        and dtype in _FP8_EXACT_DTYPES
-        and scale_inv.dtype == torch.float32
-        and grid is not None
-        and scale_inv.shape[:-2] == weight.shape[:-2]
-        and rows % grid[0] == 0
-        and cols % grid[1] == 0
-        and weight.is_contiguous()
-    )
-    if not fast:
+    if not _fp8_in_place(weight, scale_inv, dtype):
         from transformers.integrations.finegrained_fp8 import Fp8Dequantize
 
         result = Fp8Dequantize(None)._dequantize_one(weight, scale_inv, output_dtype=dtype)
@@ -426,9 +414,28 @@ def dequantize_fp8(
 
         return dequantize_into(weight, scale_inv, out)
     out.copy_(weight)
-    (sr, sc), bm, bn = grid, rows // grid[0], cols // grid[1]
+    (rows, cols), (sr, sc) = weight.shape[-2:], scale_inv.shape[-2:]
+    bm, bn = rows // sr, cols // sc
     out.view(-1, sr, bm, sc, bn).mul_(scale_inv.reshape(-1, sr, 1, sc, 1))
     return out
+
+
+def _fp8_in_place(weight: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether dequantize_fp8 makes these weights without transformers' op (in place, or the one-pass kernel):
+    e4m3 contiguous weights [..., N, K], fp32 scales one per block of a 2-d grid, an output dtype that holds
+    every e4m3 value. Otherwise Fp8Dequantize's fp32 copy and product are alive while the weights are made."""
+    if scale_inv.dim() < 2:
+        return False
+    (rows, cols), (sr, sc) = weight.shape[-2:], scale_inv.shape[-2:]
+    return (
+        weight.dtype == torch.float8_e4m3fn
+        and dtype in _FP8_EXACT_DTYPES
+        and scale_inv.dtype == torch.float32
+        and scale_inv.shape[:-2] == weight.shape[:-2]
+        and rows % sr == 0
+        and cols % sc == 0
+        and weight.is_contiguous()
+    )
 
 
 _TRITON_EXACT: dict = {}  # (device, dtype) -> whether the one-pass kernel gave Fp8Dequantize's bits there
@@ -485,7 +492,11 @@ def fp8_expert_weights(experts: torch.nn.Module):
     # the dense weights (dequantize_fp8 writes them in place); transformers' op, where it is used instead,
     # also holds an fp32 copy and product while they are made
     per_expert = elements * torch.empty((), dtype=dtype).element_size()
-    if dtype not in _FP8_EXACT_DTYPES or gate_up.dtype != torch.float8_e4m3fn:
+    in_place = all(
+        _fp8_in_place(w[:1], getattr(experts, f"{n}_scale_inv")[:1], dtype)
+        for n, w in (("gate_up_proj", gate_up), ("down_proj", down))
+    )
+    if not in_place:
         per_expert += elements * 8
     return ExpertWeights(
         gate_up[:, :inter], gate_up[:, inter:], down, None, None, None, combine, gate_up, dense, dtype, per_expert

@@ -6,6 +6,7 @@ metadata, and pruned exactly. The tiny quantized checkpoints are made by the for
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -545,7 +546,7 @@ def test_experts_partly_quantized_are_all_dequantized_at_load(tiny_text_dir, tmp
 
 @pytest.mark.parametrize("fmt", ["ct-int4", "gptq-act-order"])
 def test_packed_experts_dequantize_within_the_chunk_budget(fmt, quantized):
-    """Full mode with merge statistics under a chunk budget of 0.15 MiB on experts kept as stored: the
+    """Full mode with merge statistics under a chunk budget of a quarter MiB on experts kept as stored: the
     dequantized expert weights alive at once (quantization.DEQUANTIZED) stay within the budget and below one
     layer's, in many chunks, every chunk is freed, and the statistics and merge statistics equal the whole-load
     model's; at the default budget each layer is dequantized once per batch."""
@@ -704,7 +705,7 @@ def test_fp8_one_pass_kernel_equals_transformers_op_bit_for_bit(tmp_path):
         "        assert torch.equal(got.view(torch.uint8), ref.view(torch.uint8)), dt\n"
         "print('ok')\n"
     )
-    env = {**__import__("os").environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
     done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
     assert done.stdout.strip() == "ok", done.stderr[-2000:]
 
